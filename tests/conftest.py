@@ -1,0 +1,1 @@
+"""Shared fixtures live in the harness plugin ``tests/mariadb.py`` (loaded with ``-p``)."""
