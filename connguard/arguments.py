@@ -1,0 +1,59 @@
+"""Arguments: which belong to the pool, which to PyMySQL, and the key that names a pool."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Hashable, Tuple
+
+from connguard.driver import PYMYSQL_ARGUMENTS
+
+#: Options the pool itself takes; everything else must be a ``pymysql.connect`` argument.
+POOL_OPTIONS = frozenset({
+    "max_size", "min_idle", "checkout_timeout", "leak_threshold",
+    "max_lifetime", "lifetime_jitter", "idle_timeout", "reset",
+})
+
+
+def split_arguments(kwargs: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Split ``kwargs`` into (pool options, connect arguments); reject unknown names.
+
+    Unknown names are an error rather than being passed on: a typo such as ``max_sise``
+    would otherwise surface as PyMySQL's TypeError on the first connect, far from its cause.
+    """
+    unknown = sorted(set(kwargs) - POOL_OPTIONS - PYMYSQL_ARGUMENTS)
+    if unknown:
+        raise TypeError(
+            f"{where}() got unknown argument{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; allowed are the pool options "
+            f"({', '.join(sorted(POOL_OPTIONS))}) and pymysql.connect's arguments "
+            f"({', '.join(sorted(PYMYSQL_ARGUMENTS))})")
+    if kwargs.get("defer_connect"):
+        raise ValueError(f"{where}(): defer_connect=True is not supported: pooled connections "
+                         "are connected when handed out")
+    options = {k: v for k, v in kwargs.items() if k in POOL_OPTIONS}
+    connect = {k: v for k, v in kwargs.items() if k not in POOL_OPTIONS}
+    return options, connect
+
+
+def _freeze(value: Any) -> Hashable:
+    """A hashable stand-in for an argument value (dicts and lists by content)."""
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((str(k), _freeze(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = tuple(_freeze(v) for v in value)
+        return (type(value).__name__, tuple(sorted(items, key=repr))
+                if isinstance(value, (set, frozenset)) else items)
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))  # unhashable and opaque: only the same object matches
+    return value
+
+
+def pool_key(kwargs: Dict[str, Any]) -> Hashable:
+    """The identity of a drop-in pool: every argument, credentials included.
+
+    Two calls share a pool only if they would have opened interchangeable connections, so a
+    pool never hands one user's session to another. The key lives only in memory and is
+    never printed.
+    """
+    return tuple(sorted((name, _freeze(value)) for name, value in kwargs.items()))

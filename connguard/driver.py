@@ -1,0 +1,122 @@
+"""The seam between connguard and PyMySQL: everything that knows PyMySQL's internals.
+
+The pool never touches a driver attribute directly; it asks this module whether a transaction
+is open, how to reset a session, which socket to check and how to drop a connection. A second
+driver would be a second module of the same shape.
+"""
+
+from __future__ import annotations
+
+import inspect
+import ssl
+import threading
+from typing import Any, Dict, FrozenSet, Hashable, Optional, Tuple
+
+import pymysql
+from pymysql.constants import SERVER_STATUS
+
+COM_RESET_CONNECTION = 0x1F
+
+#: Every keyword ``pymysql.connect`` accepts, read from its signature so it tracks the version.
+PYMYSQL_ARGUMENTS: FrozenSet[str] = frozenset(
+    name
+    for name, param in inspect.signature(pymysql.connections.Connection.__init__).parameters.items()
+    if name != "self" and param.kind is not inspect.Parameter.VAR_KEYWORD
+)
+
+_ssl_contexts: Dict[Hashable, ssl.SSLContext] = {}
+_ssl_lock = threading.Lock()
+
+
+def _ssl_cache_key(sslp: Dict[str, Any]) -> Optional[Hashable]:
+    """A key for a PyMySQL ssl parameter dict, or None when it holds something unhashable."""
+    try:
+        key = tuple(sorted(sslp.items()))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+class GuardedConnection(pymysql.connections.Connection):
+    """A PyMySQL connection that reuses one SSL context per TLS configuration.
+
+    PyMySQL >= 1.2 builds a fresh default context for every connection even when the user gave
+    no ssl option ("preferred" TLS); loading the system CA store makes that tens of ms per cold
+    connect. The context is a pure function of the parameters, so one per distinct parameter
+    set is shared; the TLS mode the user gets (preferred, required, verify) is unchanged
+    because PyMySQL still decides it from the same arguments.
+    """
+
+    def _create_ssl_ctx(self, sslp: Any) -> Any:
+        if isinstance(sslp, ssl.SSLContext):
+            return sslp
+        key = _ssl_cache_key(sslp)
+        if key is None:
+            return super()._create_ssl_ctx(sslp)
+        with _ssl_lock:
+            ctx = _ssl_contexts.get(key)
+        if ctx is None:
+            ctx = super()._create_ssl_ctx(sslp)
+            with _ssl_lock:
+                ctx = _ssl_contexts.setdefault(key, ctx)
+        return ctx
+
+
+def open_connection(kwargs: Dict[str, Any]) -> pymysql.connections.Connection:
+    """Open a PyMySQL connection (handshake included) with the cached SSL context."""
+    return GuardedConnection(**kwargs)
+
+
+def destination(kwargs: Dict[str, Any]) -> Tuple[str, int]:
+    """(host, port) a connection with these arguments goes to; the socket path for unix."""
+    if kwargs.get("unix_socket"):
+        return str(kwargs["unix_socket"]), 0
+    return str(kwargs.get("host") or "localhost"), int(kwargs.get("port") or 3306)
+
+
+def raw_socket(conn: pymysql.connections.Connection) -> Any:
+    """The connection's socket, or None once PyMySQL has dropped it."""
+    return conn._sock
+
+
+def is_open(conn: pymysql.connections.Connection) -> bool:
+    return conn._sock is not None and not conn._closed
+
+
+def in_transaction(conn: pymysql.connections.Connection) -> bool:
+    """Whether the server said a transaction is open, from the status flags of the last reply."""
+    return bool((conn.server_status or 0) & SERVER_STATUS.SERVER_STATUS_IN_TRANS)
+
+
+def autocommit(conn: pymysql.connections.Connection) -> bool:
+    return bool(conn.get_autocommit())
+
+
+def reset_connection(conn: pymysql.connections.Connection) -> None:
+    """COM_RESET_CONNECTION: drop session state (variables, temporary tables, locks)."""
+    conn._execute_command(COM_RESET_CONNECTION, b"")
+    conn._read_ok_packet()
+
+
+def thread_id(conn: pymysql.connections.Connection) -> Optional[int]:
+    return conn.server_thread_id[0] if conn.server_thread_id else None
+
+
+def close_gracefully(conn: pymysql.connections.Connection) -> None:
+    """COM_QUIT then close; never raises (the socket may already be dead)."""
+    try:
+        if not conn._closed:
+            conn.close()
+    except Exception:  # noqa: BLE001 - closing must not fail the caller
+        drop(conn)
+
+
+def drop(conn: pymysql.connections.Connection) -> None:
+    """Close our end of the socket without a word to the server.
+
+    Used for dead connections (nothing to say) and after fork (the parent's session must
+    survive: closing a duplicated fd sends no FIN while the parent still holds it).
+    """
+    conn._closed = True
+    conn._force_close()

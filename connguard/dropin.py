@@ -1,0 +1,98 @@
+"""Drop-in pooling: ``connguard.connect(...)`` and ``connguard.install()``.
+
+``connect`` takes exactly ``pymysql.connect``'s arguments and returns a pooled connection
+from a process-wide pool keyed by all of them (credentials included), so code that connects
+and closes per request reuses a handful of server connections instead of burning an
+ephemeral port (and a TIME_WAIT slot) per request. ``install()`` patches ``pymysql.connect``
+so unchanged code gets the same.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Dict, Hashable
+
+import pymysql
+import wrapt
+
+from connguard.arguments import POOL_OPTIONS, pool_key, split_arguments
+from connguard.pool import Pool, build_policies
+from connguard.proxy import PooledConnection
+
+_pools: Dict[Hashable, Pool] = {}
+_defaults: Dict[str, Any] = {}
+_lock = threading.Lock()
+_originals: Dict[str, Any] = {}
+
+
+def configure(**options: Any) -> None:
+    """Pool options (``max_size``, ``checkout_timeout``, …) for drop-in pools made from now on."""
+    unknown = sorted(set(options) - POOL_OPTIONS)
+    if unknown:
+        raise TypeError(f"configure() got unknown option(s) {', '.join(map(repr, unknown))}; "
+                        f"allowed: {', '.join(sorted(POOL_OPTIONS))}")
+    build_policies(options)  # validate values now, not at the first connect
+    with _lock:
+        _defaults.update(options)
+
+
+def pool_for(**kwargs: Any) -> Pool:
+    """The process-wide pool for these connect arguments (made on first use)."""
+    options, connect_kwargs = split_arguments(kwargs, where="connguard.connect")
+    key = pool_key(connect_kwargs)
+    with _lock:
+        pool = _pools.get(key)
+        if pool is None or pool.closed:
+            pool = Pool(**{**_defaults, **options}, **connect_kwargs)
+            _pools[key] = pool
+    return pool
+
+
+def connect(*args: Any, **kwargs: Any) -> PooledConnection:
+    """``pymysql.connect``'s arguments in, a pooled connection out; ``close()`` returns it."""
+    if args:
+        raise TypeError("connguard.connect() takes keyword arguments only, as pymysql.connect "
+                        f"does; got {len(args)} positional")
+    return pool_for(**kwargs).connect()
+
+
+def close_all() -> None:
+    """Close every drop-in pool (idle connections now, borrowed ones when returned)."""
+    with _lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        pool.close()
+
+
+def _patched_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    if args or kwargs.get("defer_connect"):
+        return wrapped(*args, **kwargs)  # nothing a pool can do for these: PyMySQL as is
+    return connect(**kwargs)
+
+
+def install() -> None:
+    """Make ``pymysql.connect`` / ``pymysql.Connect`` pooled; idempotent.
+
+    Code that did ``from pymysql import connect`` before this call keeps the original.
+    """
+    with _lock:
+        if _originals:
+            return
+        for name in ("connect", "Connect"):
+            _originals[name] = getattr(pymysql, name)
+            setattr(pymysql, name, wrapt.FunctionWrapper(_originals[name], _patched_connect))
+
+
+def uninstall() -> None:
+    """Undo :func:`install`; idempotent. Pools already made keep working."""
+    with _lock:
+        for name, original in _originals.items():
+            setattr(pymysql, name, original)
+        _originals.clear()
+
+
+def installed() -> bool:
+    return bool(_originals)
+
+

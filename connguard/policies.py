@@ -1,0 +1,95 @@
+"""Pool policies as small value objects: configured once, validated once, pure to evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Callable, Optional
+
+RESET_MODES = ("rollback", "full", "none")
+
+
+def _check_number(name: str, value: Any, minimum: float, allow_none: bool = False,
+                  integer: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+        kind = "an integer" if integer else "a number"
+        none = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be {kind} >= {minimum}{none}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResetPolicy:
+    """What happens to a connection's session when it returns to the pool.
+
+    ``rollback`` (default): roll back only if the server reports an open transaction, and
+    restore autocommit if the borrower changed it — zero round trips in the common case.
+    ``full``: also COM_RESET_CONNECTION (user variables, temporary tables, session settings
+    go back to defaults), one round trip per return. ``none``: trust the borrower.
+    """
+
+    mode: str = "rollback"
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESET_MODES:
+            raise ValueError(f"reset must be one of {', '.join(RESET_MODES)}; got {self.mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LifetimePolicy:
+    """When a pooled connection is retired.
+
+    ``max_lifetime`` seconds after it opened, shortened by a random fraction up to ``jitter``
+    so connections opened together (after a restart) do not all expire together and reconnect
+    as a herd. ``idle_timeout`` caps how long one may sit idle; the pool lowers it below the
+    server's ``wait_timeout`` so the server never gets to kill an idle connection first.
+    """
+
+    max_lifetime: Optional[float] = 1800.0
+    jitter: float = 0.2
+    idle_timeout: Optional[float] = 600.0
+
+    def __post_init__(self) -> None:
+        _check_number("max_lifetime", self.max_lifetime, 0.001, allow_none=True)
+        _check_number("idle_timeout", self.idle_timeout, 0.001, allow_none=True)
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)) \
+                or not 0 <= self.jitter < 1:
+            raise ValueError(f"lifetime_jitter must be a number in [0, 1), got {self.jitter!r}")
+
+    def expiry(self, opened_at: float, rand: Callable[[], float] = random.random) -> float:
+        """The monotonic time at which a connection opened at ``opened_at`` retires."""
+        if self.max_lifetime is None:
+            return float("inf")
+        return opened_at + self.max_lifetime * (1.0 - self.jitter * rand())
+
+    def for_server(self, wait_timeout: Optional[float]) -> LifetimePolicy:
+        """This policy with idle_timeout kept safely below the server's wait_timeout."""
+        if not wait_timeout:
+            return self
+        # Leave a margin of 10% (at least 1 s, at most 30 s) for clocks and the reaper's period.
+        margin = min(30.0, max(1.0, wait_timeout * 0.1))
+        limit = max(0.5, wait_timeout - margin)
+        if self.idle_timeout is not None and self.idle_timeout <= limit:
+            return self
+        return dataclasses.replace(self, idle_timeout=limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSettings:
+    """Sizing and waiting: how many connections, and how long a caller waits for one."""
+
+    max_size: int = 10
+    min_idle: int = 0
+    checkout_timeout: float = 30.0
+    leak_threshold: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _check_number("max_size", self.max_size, 1, integer=True)
+        _check_number("min_idle", self.min_idle, 0, integer=True)
+        if self.min_idle > self.max_size:
+            raise ValueError(f"min_idle ({self.min_idle}) must not exceed max_size "
+                             f"({self.max_size})")
+        _check_number("checkout_timeout", self.checkout_timeout, 0)
+        _check_number("leak_threshold", self.leak_threshold, 0.001, allow_none=True)

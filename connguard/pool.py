@@ -1,0 +1,401 @@
+"""The connection pool: hands out live connections, takes them back clean.
+
+Rules the code keeps (after httpcore and SQLAlchemy's pool):
+
+* decide under the lock, do I/O outside it: no connect, close, query or liveness check runs
+  while ``_lock`` is held, so a slow server never stalls callers that could be served;
+* every idle connection is checked for a peer close before it is handed out (one
+  non-blocking syscall, no round trip); dead ones are dropped and replaced silently;
+* a connection that saw a connection-level error is never returned to the idle set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import traceback
+from collections import Counter, deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+
+import pymysql
+
+from connguard import driver, errors, reaper
+from connguard.arguments import split_arguments
+from connguard.liveness import peer_closed
+from connguard.policies import LifetimePolicy, PoolSettings, ResetPolicy
+from connguard.proxy import PooledConnection
+
+log = logging.getLogger("connguard.pool")
+
+Clock = Callable[[], float]
+
+
+@dataclasses.dataclass(eq=False)
+class Entry:
+    """One pooled server connection and what the pool knows about it."""
+
+    conn: pymysql.connections.Connection
+    opened_at: float
+    expires_at: float
+    autocommit: bool
+    last_used: float = 0.0
+    uses: int = 0
+    checked_out_at: float = 0.0
+    checkout_stack: Optional[str] = None
+    leak_reported: bool = False
+    broken: bool = False
+
+
+def retire_reason(entry: Entry, now: float, lifetime: LifetimePolicy) -> Optional[str]:
+    """Why an idle entry must not be handed out any more, or None if it may be."""
+    if now >= entry.expires_at:
+        return "expired"
+    if lifetime.idle_timeout is not None and now - entry.last_used >= lifetime.idle_timeout:
+        return "idle_timeout"
+    sock = driver.raw_socket(entry.conn)
+    if sock is None or peer_closed(sock):
+        return "peer_closed"
+    return None
+
+
+def build_policies(options: Dict[str, Any]) -> Tuple[PoolSettings, LifetimePolicy, ResetPolicy]:
+    """The policy objects for a pool's options; raises ValueError naming a bad option."""
+    settings = PoolSettings(**{k: v for k, v in options.items()
+                               if k in PoolSettings.__dataclass_fields__})
+    lifetime = LifetimePolicy(
+        max_lifetime=options.get("max_lifetime", LifetimePolicy.max_lifetime),
+        jitter=options.get("lifetime_jitter", LifetimePolicy.jitter),
+        idle_timeout=options.get("idle_timeout", LifetimePolicy.idle_timeout))
+    return settings, lifetime, ResetPolicy(options.get("reset", ResetPolicy.mode))
+
+
+class Pool:
+    """A thread-safe pool of PyMySQL connections to one server with one set of credentials.
+
+    ``Pool(**pymysql_connect_arguments, max_size=10, ...)``; see ``docs/pool.md`` for every
+    option. ``pool.connect()`` returns a connection that behaves like PyMySQL's and whose
+    ``close()`` (or ``with`` block end) returns it to the pool.
+    """
+
+    def __init__(self, *, clock: Clock = time.monotonic, **kwargs: Any) -> None:
+        options, self._connect_kwargs = split_arguments(kwargs, where="connguard.Pool")
+        self._settings, self._lifetime, self._reset = build_policies(options)
+        self._clock = clock
+        self._host, self._port = driver.destination(self._connect_kwargs)
+        self._wait_timeout: Optional[int] = None
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._idle: Deque[Entry] = deque()
+        self._in_use: Set[Entry] = set()
+        self._lost: Deque[Entry] = deque()  # entries whose handle was garbage collected
+        self._opening = 0
+        self._waiting = 0
+        self._closed = False
+        self._stats: Counter = Counter()
+        reaper.register(self)
+
+    # -- checkout --------------------------------------------------------------------------
+    def connect(self) -> PooledConnection:
+        """A live connection from the pool; waits up to ``checkout_timeout`` for one."""
+        entry = self._acquire()
+        return PooledConnection(entry.conn, self, entry)
+
+    def _acquire(self) -> Entry:
+        if self._lost:
+            self._reclaim_lost()
+        deadline = self._clock() + self._settings.checkout_timeout
+        while True:
+            entry = self._take_or_reserve(deadline)
+            if entry is None:
+                return self._open_reserved()
+            reason = retire_reason(entry, self._clock(), self._lifetime)
+            if reason is None:
+                self._mark_checked_out(entry)
+                return entry
+            self._discard(entry, reason)
+
+    def _take_or_reserve(self, deadline: float) -> Optional[Entry]:
+        """Under the lock: an idle entry (now in use), or None with a connect slot reserved."""
+        with self._cond:
+            counted_wait = False
+            while True:
+                if self._closed:
+                    raise errors.PoolClosed(repr(self))
+                if self._idle:
+                    entry = self._idle.pop()  # most recently used: warmest, least likely dead
+                    self._in_use.add(entry)
+                    return entry
+                if len(self._in_use) + self._opening < self._settings.max_size:
+                    self._opening += 1
+                    return None
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    self._stats["timeouts"] += 1
+                    raise self._timeout_error()
+                if not counted_wait:
+                    self._stats["waits"] += 1
+                    counted_wait = True
+                self._waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
+
+    def _timeout_error(self) -> errors.PoolTimeout:
+        return errors.PoolTimeout(self._settings.max_size, len(self._in_use),
+                                  self._settings.checkout_timeout, host=self._host,
+                                  port=self._port or None)
+
+    def _mark_checked_out(self, entry: Entry) -> None:
+        entry.uses += 1
+        entry.checked_out_at = self._clock()
+        if self._settings.leak_threshold is not None:
+            entry.checkout_stack = "".join(traceback.format_stack(limit=12)[:-3])
+            entry.leak_reported = False
+
+    def _open_reserved(self) -> Entry:
+        """Open a connection in the slot reserved under the lock; the slot is freed on error."""
+        try:
+            conn = self._open_connection()
+        except BaseException:
+            with self._cond:
+                self._opening -= 1
+                self._cond.notify()
+            raise
+        now = self._clock()
+        entry = Entry(conn=conn, opened_at=now, expires_at=self._lifetime.expiry(now),
+                      autocommit=driver.autocommit(conn), last_used=now)
+        with self._cond:
+            self._opening -= 1
+            self._stats["opened"] += 1
+            closed = self._closed
+            if not closed:
+                self._in_use.add(entry)
+        if closed:
+            driver.close_gracefully(conn)
+            raise errors.PoolClosed(repr(self))
+        self._mark_checked_out(entry)
+        return entry
+
+    def _open_connection(self) -> pymysql.connections.Connection:
+        try:
+            conn = driver.open_connection(self._connect_kwargs)
+        except pymysql.err.Error as exc:
+            translated = self.translate(exc, during_connect=True)
+            if translated is exc:
+                raise
+            raise translated from exc
+        if self._wait_timeout is None:
+            self._learn_server_timeouts(conn)
+        return conn
+
+    def _learn_server_timeouts(self, conn: pymysql.connections.Connection) -> None:
+        """Read ``wait_timeout`` once per pool: idle connections retire before the server
+        would kill them (the session value, which the server sets from interactive_timeout
+        for interactive clients)."""
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT @@SESSION.wait_timeout")
+                row = cur.fetchone()
+            self._wait_timeout = int(row[0])
+        except (pymysql.err.Error, TypeError, ValueError) as exc:
+            log.debug("could not read wait_timeout: %s", exc)
+            self._wait_timeout = 0
+        self._lifetime = self._lifetime.for_server(self._wait_timeout)
+
+    # -- return ----------------------------------------------------------------------------
+    def _release(self, entry: Entry) -> None:
+        """Take a connection back: reset it outside the lock, then park or discard it."""
+        keep = not entry.broken and self._reset_session(entry)
+        now = self._clock()
+        with self._cond:
+            self._in_use.discard(entry)
+            keep = keep and not self._closed and now < entry.expires_at
+            if keep:
+                entry.last_used = now
+                entry.checkout_stack = None
+                self._idle.append(entry)
+            self._cond.notify()
+        if not keep:
+            self._close_entry(entry, "broken" if entry.broken else "discarded")
+
+    def _reset_session(self, entry: Entry) -> bool:
+        """Leave no transaction or changed autocommit behind; False if the connection is bad."""
+        conn = entry.conn
+        if not driver.is_open(conn):
+            return False
+        try:
+            if self._reset.mode == "none":
+                return True
+            if driver.in_transaction(conn):
+                conn.rollback()
+                self._stats["rollbacks"] += 1
+            if self._reset.mode == "full":
+                driver.reset_connection(conn)
+                conn.autocommit(entry.autocommit)
+            elif driver.autocommit(conn) != entry.autocommit:
+                conn.autocommit(entry.autocommit)
+        except (pymysql.err.Error, OSError) as exc:
+            log.debug("reset on return failed, discarding the connection: %s", exc)
+            return False
+        return True
+
+    def _discard(self, entry: Entry, reason: str) -> None:
+        """An entry taken for checkout turned out unusable: forget it, wake a waiter, close."""
+        with self._cond:
+            self._in_use.discard(entry)
+            self._cond.notify()
+        self._close_entry(entry, reason)
+
+    def _close_entry(self, entry: Entry, reason: str) -> None:
+        self._stats[reason] += 1
+        self._stats["closed"] += 1
+        log.debug("closing connection %s (%s)", driver.thread_id(entry.conn), reason)
+        if reason == "peer_closed" or entry.broken:
+            driver.drop(entry.conn)  # nobody is listening: no COM_QUIT
+        else:
+            driver.close_gracefully(entry.conn)
+
+    def _lost_handle(self, entry: Entry) -> None:
+        """Called from a handle's ``__del__``: no locks here, the reaper finishes the job."""
+        self._lost.append(entry)
+
+    def _reclaim_lost(self) -> None:
+        while self._lost:
+            try:
+                entry = self._lost.popleft()
+            except IndexError:
+                return
+            log.warning("a pooled connection was garbage collected without close(); "
+                        "closing it (call close() or use `with`)")
+            entry.broken = True  # its session state is unknown: do not reuse it
+            self._release(entry)
+            self._stats["lost"] += 1
+
+    # -- errors ----------------------------------------------------------------------------
+    def translate(self, exc: BaseException, during_connect: bool = False) -> BaseException:
+        """The actionable form of ``exc`` for this pool's destination."""
+        return errors.translate(exc, host=self._host, port=self._port or None,
+                                password=self._connect_kwargs.get("password"),
+                                during_connect=during_connect)
+
+    # -- housekeeping (called by the reaper thread) ----------------------------------------
+    def reap(self) -> None:
+        """Close idle connections that are dead, expired or idle too long; flag leaks."""
+        if self._lost:
+            self._reclaim_lost()
+        with self._lock:
+            snapshot = [(entry, entry.uses) for entry in self._idle]
+        now = self._clock()
+        doomed = [(entry, uses, reason) for entry, uses in snapshot
+                  if (reason := retire_reason(entry, now, self._lifetime)) is not None]
+        removed: List[Tuple[Entry, str]] = []
+        if doomed:
+            with self._cond:
+                for entry, uses, reason in doomed:
+                    # Skip entries checked out (and maybe returned) since the snapshot.
+                    if entry.uses == uses and entry in self._idle:
+                        self._idle.remove(entry)
+                        removed.append((entry, reason))
+                self._cond.notify(len(removed))
+        for entry, reason in removed:
+            self._close_entry(entry, reason)
+        self._report_leaks(now)
+        self._top_up()
+
+    def _report_leaks(self, now: float) -> None:
+        threshold = self._settings.leak_threshold
+        if threshold is None:
+            return
+        with self._lock:
+            leaked = [e for e in self._in_use
+                      if not e.leak_reported and now - e.checked_out_at > threshold]
+            for entry in leaked:
+                entry.leak_reported = True
+                self._stats["leaks"] += 1
+        for entry in leaked:
+            log.warning("connection %s held for %.1fs (leak_threshold %.1fs); checked out at:\n%s",
+                        driver.thread_id(entry.conn), now - entry.checked_out_at, threshold,
+                        entry.checkout_stack or "(stack not recorded)")
+
+    def _top_up(self) -> None:
+        """Open connections until ``min_idle`` are idle (one per reaper pass: no burst)."""
+        with self._cond:
+            want = (not self._closed and len(self._idle) + self._opening < self._settings.min_idle
+                    and len(self._in_use) + len(self._idle) + self._opening
+                    < self._settings.max_size)
+            if want:
+                self._opening += 1
+        if not want:
+            return
+        try:
+            entry = self._open_reserved()
+        except Exception as exc:  # noqa: BLE001 - background work: log, do not die
+            log.warning("could not open a min_idle connection: %s", exc)
+            return
+        self._release(entry)
+
+    # -- fork safety -----------------------------------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """The child must never talk on the parent's sockets: drop them without a word."""
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        inherited = list(self._idle) + list(self._in_use) + list(self._lost)
+        self._idle.clear()
+        self._in_use.clear()
+        self._lost.clear()
+        self._opening = 0
+        self._waiting = 0
+        for entry in inherited:
+            entry.broken = True
+            driver.drop(entry.conn)
+
+    # -- lifecycle and introspection -------------------------------------------------------
+    def close(self) -> None:
+        """Close idle connections now and in-use ones as they come back; refuse new checkouts."""
+        with self._cond:
+            self._closed = True
+            idle = list(self._idle)
+            self._idle.clear()
+            self._cond.notify_all()
+        for entry in idle:
+            self._close_entry(entry, "pool_closed")
+        reaper.unregister(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters and gauges: idle, in_use, opening, waiting, opened, closed, peer_closed, …"""
+        with self._lock:
+            stats: Dict[str, Any] = {
+                key: self._stats.get(key, 0)
+                for key in ("opened", "closed", "peer_closed", "expired", "idle_timeout",
+                            "broken", "discarded", "waits", "timeouts", "rollbacks", "leaks",
+                            "lost")}
+            stats.update(idle=len(self._idle), in_use=len(self._in_use),
+                         opening=self._opening, waiting=self._waiting,
+                         max_size=self._settings.max_size, wait_timeout=self._wait_timeout,
+                         idle_timeout=self._lifetime.idle_timeout)
+        return stats
+
+    def _describe_destination(self) -> str:
+        user = self._connect_kwargs.get("user") or ""
+        where = self._host if not self._port else f"{self._host}:{self._port}"
+        db = self._connect_kwargs.get("database") or self._connect_kwargs.get("db")
+        return f"{user}@{where}" + (f"/{db}" if db else "")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (f"<connguard.Pool {self._describe_destination()} {state} [Connections: "
+                f"{len(self._in_use)} in use, {len(self._idle)} idle, {self._opening} opening, "
+                f"max {self._settings.max_size} | Waiting: {self._waiting}]>")
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,149 @@
+"""What the caller holds: a PyMySQL connection whose ``close()`` returns it to the pool.
+
+``PooledConnection`` is a transparent proxy (wrapt), so attributes, ``isinstance`` checks and
+methods behave as PyMySQL's own. Only three things differ: ``close()`` and the context
+manager give the connection back; errors from queries come out translated (still catchable as
+PyMySQL's classes); and a connection-level error marks the server connection as broken so
+the pool discards it instead of handing it to the next caller.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
+
+import pymysql
+import wrapt
+
+from connguard import errors
+
+if TYPE_CHECKING:
+    from connguard.pool import Entry, Pool
+
+
+class _Returned:
+    """Stands in for the connection after the handle was closed: every use is an error."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)  # protocol probes (wrapt's, copy's) are not uses
+        raise pymysql.err.InterfaceError(0, "connection was closed (returned to the pool)")
+
+    def __repr__(self) -> str:
+        return "<returned connection>"
+
+
+_RETURNED = _Returned()
+
+
+class PooledConnection(wrapt.ObjectProxy):
+    """A pooled PyMySQL connection; ``close()`` gives it back to its pool."""
+
+    def __init__(self, conn: pymysql.connections.Connection, pool: Pool, entry: Entry) -> None:
+        super().__init__(conn)
+        self._self_pool = pool
+        self._self_entry: Optional[Entry] = entry
+
+    def close(self) -> None:
+        """Return the connection to the pool; a second close raises like PyMySQL's."""
+        entry = self._self_entry
+        if entry is None:
+            raise pymysql.err.Error("Already closed")
+        self._self_entry = None
+        self.__wrapped__ = _RETURNED
+        self._self_pool._release(entry)
+
+    @property
+    def open(self) -> bool:
+        return self._self_entry is not None and bool(self.__wrapped__.open)
+
+    def __enter__(self) -> PooledConnection:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._self_entry is not None:
+            self.close()
+
+    def __del__(self) -> None:
+        # Forgotten without close(): hand the entry back through a lock-free queue (a
+        # finalizer may run inside any thread, even one holding the pool's lock).
+        entry = self._self_entry
+        if entry is not None:
+            self._self_entry = None
+            self._self_pool._lost_handle(entry)
+
+    def _self_fail(self, exc: BaseException) -> NoReturn:
+        """Mark the server connection broken if ``exc`` is connection-level; raise it
+        translated."""
+        if self._self_entry is not None and errors.is_disconnect(exc):
+            self._self_entry.broken = True
+        translated = self._self_pool.translate(exc)
+        if translated is exc:
+            raise exc
+        raise translated from exc
+
+    def cursor(self, cursor: Any = None) -> GuardedCursor:
+        try:
+            raw = self.__wrapped__.cursor(cursor)
+        except pymysql.err.Error as exc:
+            self._self_fail(exc)
+        return GuardedCursor(raw, self)
+
+    def __repr__(self) -> str:
+        entry = self._self_entry
+        if entry is None:
+            return "<connguard.PooledConnection (returned)>"
+        tid = self.__wrapped__.server_thread_id
+        return f"<connguard.PooledConnection thread_id={tid[0] if tid else None}>"
+
+
+def _guarded(name: str) -> Any:
+    """A connection method that translates errors and flags connection-level ones."""
+
+    def method(self: PooledConnection, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.__wrapped__, name)(*args, **kwargs)
+        except (pymysql.err.Error, OSError) as exc:
+            self._self_fail(exc)
+
+    method.__name__ = name
+    method.__doc__ = f"PyMySQL's ``{name}``, with connguard's error translation."
+    return method
+
+
+for _name in ("query", "commit", "rollback", "begin", "ping", "select_db", "autocommit",
+              "show_warnings", "set_character_set", "kill"):
+    setattr(PooledConnection, _name, _guarded(_name))
+
+
+class GuardedCursor(wrapt.ObjectProxy):
+    """A PyMySQL cursor whose errors come out translated and flag a broken connection."""
+
+    def __init__(self, cursor: Any, owner: PooledConnection) -> None:
+        super().__init__(cursor)
+        self._self_owner = owner
+
+    def __enter__(self) -> GuardedCursor:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.__wrapped__.close()
+
+    def __iter__(self) -> Any:
+        return iter(self.__wrapped__)
+
+
+def _guarded_cursor(name: str) -> Any:
+    def method(self: GuardedCursor, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.__wrapped__, name)(*args, **kwargs)
+        except (pymysql.err.Error, OSError) as exc:
+            self._self_owner._self_fail(exc)
+
+    method.__name__ = name
+    method.__doc__ = f"PyMySQL's cursor ``{name}``, with connguard's error translation."
+    return method
+
+
+for _name in ("execute", "executemany", "callproc", "fetchone", "fetchmany", "fetchall",
+              "nextset"):
+    setattr(GuardedCursor, _name, _guarded_cursor(_name))

@@ -1,0 +1,89 @@
+"""One background thread per process that keeps every pool's idle connections honest.
+
+Every ``INTERVAL`` seconds it asks each live pool to ``reap()``: close idle connections whose
+peer has closed (so no socket lingers in CLOSE_WAIT while the application is idle), that
+outlived their lifetime or idle timeout, report leaked checkouts, and top up ``min_idle``.
+The thread starts with the first pool and exits when the last one is closed or collected.
+
+Fork safety lives here too: the child of ``os.fork()`` drops every inherited connection
+without a word to the server (the parent's sessions stay intact) and gets its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import TYPE_CHECKING, List, Optional
+
+if TYPE_CHECKING:
+    from connguard.pool import Pool
+
+log = logging.getLogger("connguard.pool")
+
+#: Seconds between passes: a peer-closed idle socket is closed within about this long.
+INTERVAL = 0.5
+
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_lock = threading.Lock()
+_wake = threading.Condition(_lock)
+_thread: Optional[threading.Thread] = None
+
+
+def register(pool: Pool) -> None:
+    """Start watching ``pool`` (starting the thread if needed)."""
+    global _thread
+    with _lock:
+        _pools.add(pool)
+        if _thread is None or not _thread.is_alive():
+            _thread = threading.Thread(target=_run, name="connguard-reaper", daemon=True)
+            _thread.start()
+
+
+def unregister(pool: Pool) -> None:
+    with _lock:
+        _pools.discard(pool)
+        _wake.notify_all()
+
+
+def running() -> bool:
+    """Whether the reaper thread is alive (tests use it to check nothing leaks)."""
+    thread = _thread
+    return thread is not None and thread.is_alive()
+
+
+def _run() -> None:
+    global _thread
+    while True:
+        with _lock:
+            pools: List[Pool] = list(_pools)
+            if not pools:
+                _thread = None
+                return
+        for pool in pools:
+            try:
+                pool.reap()
+            except Exception:  # noqa: BLE001 - the reaper must survive any one pool's failure
+                log.exception("reaper: %r failed", pool)
+        del pools  # do not keep pools alive between passes
+        with _lock:
+            if _pools:
+                _wake.wait(INTERVAL)
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _wake, _thread
+    _lock = threading.Lock()
+    _wake = threading.Condition(_lock)
+    _thread = None
+    pools = list(_pools)
+    for pool in pools:
+        pool._after_fork_in_child()
+    if pools:
+        for pool in pools:
+            register(pool)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
