@@ -1,3 +1,61 @@
-"""connguard: a client-side guard for MySQL/MariaDB connections."""
+"""connguard: a client-side guard for MySQL/MariaDB connections.
+
+Start here: :func:`connect` (drop-in for ``pymysql.connect``), :class:`Pool`, :func:`install`.
+"""
+
+from connguard.dropin import close_all, configure, connect, install, installed, uninstall
+from connguard.errors import (
+    AccessDenied,
+    CircuitOpen,
+    ConnectionLost,
+    ConnGuardError,
+    FdLimitReached,
+    HostBlocked,
+    LocalPortsExhausted,
+    PoolClosed,
+    PoolTimeout,
+    ResourceTemporarilyUnavailable,
+    ServerShuttingDown,
+    ServerThreadLimit,
+    ServerUnavailable,
+    TooManyConnections,
+    UserConnectionLimit,
+    translate,
+)
+from connguard.liveness import peer_closed
+from connguard.policies import LifetimePolicy, PoolSettings, ResetPolicy
+from connguard.pool import Pool
+from connguard.proxy import PooledConnection
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "CircuitOpen",
+    "ConnGuardError",
+    "ConnectionLost",
+    "FdLimitReached",
+    "HostBlocked",
+    "LifetimePolicy",
+    "LocalPortsExhausted",
+    "Pool",
+    "PoolClosed",
+    "PoolSettings",
+    "PoolTimeout",
+    "PooledConnection",
+    "ResetPolicy",
+    "ResourceTemporarilyUnavailable",
+    "ServerShuttingDown",
+    "ServerThreadLimit",
+    "ServerUnavailable",
+    "TooManyConnections",
+    "UserConnectionLimit",
+    "close_all",
+    "configure",
+    "connect",
+    "install",
+    "installed",
+    "peer_closed",
+    "translate",
+    "uninstall",
+]

@@ -89,6 +89,17 @@ def in_transaction(conn: pymysql.connections.Connection) -> bool:
     return bool((conn.server_status or 0) & SERVER_STATUS.SERVER_STATUS_IN_TRANS)
 
 
+_IN_TRANS = SERVER_STATUS.SERVER_STATUS_IN_TRANS
+_AUTOCOMMIT = SERVER_STATUS.SERVER_STATUS_AUTOCOMMIT
+
+
+def session_clean(conn: pymysql.connections.Connection, autocommit: bool) -> bool:
+    """No open transaction and autocommit as expected: nothing to reset (the common case,
+    answered from the status flags of the last reply, with no round trip)."""
+    status = conn.server_status or 0
+    return not status & _IN_TRANS and bool(status & _AUTOCOMMIT) == autocommit
+
+
 def autocommit(conn: pymysql.connections.Connection) -> bool:
     return bool(conn.get_autocommit())
 

@@ -23,7 +23,7 @@ import pymysql
 
 from connguard import driver, errors, reaper
 from connguard.arguments import split_arguments
-from connguard.liveness import peer_closed
+from connguard.liveness import Probe, peer_closed
 from connguard.policies import LifetimePolicy, PoolSettings, ResetPolicy
 from connguard.proxy import PooledConnection
 
@@ -46,16 +46,22 @@ class Entry:
     checkout_stack: Optional[str] = None
     leak_reported: bool = False
     broken: bool = False
+    probe: Probe = dataclasses.field(default_factory=Probe)
 
 
-def retire_reason(entry: Entry, now: float, lifetime: LifetimePolicy) -> Optional[str]:
-    """Why an idle entry must not be handed out any more, or None if it may be."""
+def retire_reason(entry: Entry, now: float, lifetime: LifetimePolicy,
+                  owner: bool = True) -> Optional[str]:
+    """Why an idle entry must not be handed out any more, or None if it may be.
+
+    ``owner``: the caller holds the entry (checkout) and may use its cached probe; the
+    reaper, which does not, uses the stateless check.
+    """
     if now >= entry.expires_at:
         return "expired"
     if lifetime.idle_timeout is not None and now - entry.last_used >= lifetime.idle_timeout:
         return "idle_timeout"
     sock = driver.raw_socket(entry.conn)
-    if sock is None or peer_closed(sock):
+    if sock is None or (entry.probe.dead(sock) if owner else peer_closed(sock)):
         return "peer_closed"
     return None
 
@@ -105,20 +111,24 @@ class Pool:
     def _acquire(self) -> Entry:
         if self._lost:
             self._reclaim_lost()
-        deadline = self._clock() + self._settings.checkout_timeout
+        now = self._clock()
+        deadline = now + self._settings.checkout_timeout
         while True:
             entry = self._take_or_reserve(deadline)
             if entry is None:
                 return self._open_reserved()
-            reason = retire_reason(entry, self._clock(), self._lifetime)
+            reason = retire_reason(entry, now, self._lifetime)
             if reason is None:
-                self._mark_checked_out(entry)
+                self._mark_checked_out(entry, now)
                 return entry
             self._discard(entry, reason)
+            now = self._clock()
 
     def _take_or_reserve(self, deadline: float) -> Optional[Entry]:
         """Under the lock: an idle entry (now in use), or None with a connect slot reserved."""
-        with self._cond:
+        # ``with self._lock`` rather than the Condition: same lock, without the Python-level
+        # __enter__/__exit__ of threading.Condition on the hot path.
+        with self._lock:
             counted_wait = False
             while True:
                 if self._closed:
@@ -148,9 +158,9 @@ class Pool:
                                   self._settings.checkout_timeout, host=self._host,
                                   port=self._port or None)
 
-    def _mark_checked_out(self, entry: Entry) -> None:
+    def _mark_checked_out(self, entry: Entry, now: float) -> None:
         entry.uses += 1
-        entry.checked_out_at = self._clock()
+        entry.checked_out_at = now
         if self._settings.leak_threshold is not None:
             entry.checkout_stack = "".join(traceback.format_stack(limit=12)[:-3])
             entry.leak_reported = False
@@ -176,7 +186,7 @@ class Pool:
         if closed:
             driver.close_gracefully(conn)
             raise errors.PoolClosed(repr(self))
-        self._mark_checked_out(entry)
+        self._mark_checked_out(entry, now)
         return entry
 
     def _open_connection(self) -> pymysql.connections.Connection:
@@ -210,14 +220,15 @@ class Pool:
         """Take a connection back: reset it outside the lock, then park or discard it."""
         keep = not entry.broken and self._reset_session(entry)
         now = self._clock()
-        with self._cond:
+        with self._lock:
             self._in_use.discard(entry)
             keep = keep and not self._closed and now < entry.expires_at
             if keep:
                 entry.last_used = now
                 entry.checkout_stack = None
                 self._idle.append(entry)
-            self._cond.notify()
+            if self._waiting:
+                self._cond.notify()
         if not keep:
             self._close_entry(entry, "broken" if entry.broken else "discarded")
 
@@ -226,9 +237,10 @@ class Pool:
         conn = entry.conn
         if not driver.is_open(conn):
             return False
+        mode = self._reset.mode
+        if mode == "none" or (mode == "rollback" and driver.session_clean(conn, entry.autocommit)):
+            return True
         try:
-            if self._reset.mode == "none":
-                return True
             if driver.in_transaction(conn):
                 conn.rollback()
                 self._stats["rollbacks"] += 1
@@ -290,7 +302,8 @@ class Pool:
             snapshot = [(entry, entry.uses) for entry in self._idle]
         now = self._clock()
         doomed = [(entry, uses, reason) for entry, uses in snapshot
-                  if (reason := retire_reason(entry, now, self._lifetime)) is not None]
+                  if (reason := retire_reason(entry, now, self._lifetime, owner=False))
+                  is not None]
         removed: List[Tuple[Entry, str]] = []
         if doomed:
             with self._cond:

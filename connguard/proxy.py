@@ -34,12 +34,25 @@ class _Returned:
 
 _RETURNED = _Returned()
 
+# wrapt 2's ObjectProxy re-derives special methods on every ``__wrapped__`` assignment (a few
+# µs, on each return to the pool); BaseObjectProxy is the plain C proxy. wrapt 1 has only
+# ObjectProxy, which is that plain proxy.
+_ProxyBase: Any = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)
 
-class PooledConnection(wrapt.ObjectProxy):
+
+def _no_fixups() -> None:
+    return None
+
+
+class PooledConnection(_ProxyBase):
     """A pooled PyMySQL connection; ``close()`` gives it back to its pool."""
 
+    # wrapt looks this up on every ``__wrapped__`` assignment (each close); found on the
+    # class it costs a trivial call instead of a miss delegated to the wrapped object.
+    __wrapped_setattr_fixups__ = staticmethod(_no_fixups)
+
     def __init__(self, conn: pymysql.connections.Connection, pool: Pool, entry: Entry) -> None:
-        super().__init__(conn)
+        _ProxyBase.__init__(self, conn)
         self._self_pool = pool
         self._self_entry: Optional[Entry] = entry
 
@@ -115,7 +128,7 @@ for _name in ("query", "commit", "rollback", "begin", "ping", "select_db", "auto
     setattr(PooledConnection, _name, _guarded(_name))
 
 
-class GuardedCursor(wrapt.ObjectProxy):
+class GuardedCursor(_ProxyBase):
     """A PyMySQL cursor whose errors come out translated and flag a broken connection."""
 
     def __init__(self, cursor: Any, owner: PooledConnection) -> None:

@@ -1,0 +1,1301 @@
+"""Turn PyMySQL and socket errors into exceptions that say why they happened and what to do.
+
+One table, :data:`TABLE`, maps an error's identity to a connguard exception class, whether
+retrying can help, the remedies and a docs page.  The identity is the MySQL code
+(``exc.args[0]``) and, where it matters, the errno of the ``OSError`` underneath: PyMySQL
+reports every failed ``connect()`` as ``OperationalError(2003, ...)`` whether the cause is a
+refused port, exhausted local ports (errno 99) or the open-file limit (errno 24).  Raw
+``OSError``s are identified by errno alone.
+
+:func:`translate` builds the exception.  The result subclasses both :class:`ConnGuardError`
+and the PyMySQL class of the original, keeps the original ``args`` (``e.args[0]`` is still
+the MySQL code), chains the original as ``__cause__`` and carries a ``diagnosis`` of the
+local resources involved, so existing ``except pymysql.err.OperationalError`` clauses keep
+working while the message now names the numbers.  :func:`classify`, :func:`is_transient`
+and :func:`is_disconnect` answer the questions the pool and reconnect logic ask.
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import importlib
+import ipaddress
+import os
+import re
+import socket
+import string
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, Union
+
+import pymysql
+from pymysql.constants import CR, ER
+
+__all__ = [
+    "TABLE",
+    "AccessDenied",
+    "CircuitOpen",
+    "CommandsOutOfSync",
+    "ConnGuardError",
+    "ConnectionLost",
+    "FdLimitReached",
+    "HandshakeLost",
+    "HostBlocked",
+    "LocalPortsExhausted",
+    "PoolTimeout",
+    "ResourceTemporarilyUnavailable",
+    "PoolClosed",
+    "Row",
+    "ServerShuttingDown",
+    "ServerThreadLimit",
+    "ServerUnavailable",
+    "TooManyConnections",
+    "UserConnectionLimit",
+    "classify",
+    "is_disconnect",
+    "is_transient",
+    "redact",
+    "translate",
+]
+
+# Server codes PyMySQL has no constant for.
+ER_ACCESS_DENIED_NO_PASSWORD_ERROR = 1698  # auth_socket / unix_socket account, no password
+ER_MUST_CHANGE_PASSWORD_LOGIN = 1862  # password expired
+ER_CONNECTION_KILLED = 1927  # MariaDB: "Connection was killed"
+ER_CLIENT_INTERACTION_TIMEOUT = 4031  # MySQL >= 8.0.24: disconnected after wait_timeout
+ER_USER_IS_BLOCKED = 4150  # MariaDB: max_password_errors reached
+ER_ACCOUNT_HAS_BEEN_LOCKED = 4151  # MariaDB: ACCOUNT LOCK
+
+# MySQL and MariaDB give some numbers to different errors.  For each: a pattern of the
+# server's text, and whether a match means the error we mean (True) or the other vendor's
+# (False).  Server text may be translated (lc_messages), so a miss should fail safe:
+# MariaDB's 4031 is a trigger error, MySQL's the inactivity disconnect we must not miss.
+_SHARED_CODES = {
+    ER_CLIENT_INTERACTION_TIMEOUT: (re.compile(r"trigger", re.IGNORECASE), False),
+    ER_USER_IS_BLOCKED: (re.compile(r"credential errors"), True),
+    ER_ACCOUNT_HAS_BEEN_LOCKED: (re.compile(r"account is locked"), True),
+}
+
+# Codes PyMySQL (and libmysqlclient) use for a failed connect(); their wrapped errno decides
+# which row applies.  ``None`` stands for a raw OSError, which has no MySQL code at all.
+_CONNECT_CODES: Tuple[Optional[int], ...] = (CR.CR_CONNECTION_ERROR, CR.CR_CONN_HOST_ERROR, None)
+
+# Connection-level codes after which the connection must be thrown away; the same list
+# SQLAlchemy's MySQL dialect uses, so both agree on what a disconnect is.
+DISCONNECT_CODES = frozenset(
+    {
+        CR.CR_SERVER_GONE_ERROR,
+        CR.CR_SERVER_LOST,
+        CR.CR_COMMANDS_OUT_OF_SYNC,
+        CR.CR_SHARED_MEMORY_CONNECT_ABANDONED_ERROR,
+        CR.CR_SERVER_LOST_EXTENDED,
+        ER_CLIENT_INTERACTION_TIMEOUT,
+        ER_CONNECTION_KILLED,
+    }
+)
+
+Password = Union[str, bytes, None]
+
+# --- exception classes --------------------------------------------------------------------
+
+
+class ConnGuardError(Exception):
+    """Base of every exception connguard raises.
+
+    Attributes: ``transient`` (a later retry, with backoff, can succeed), ``diagnosis``
+    (facts gathered when the error was translated), ``remedies`` (most useful first),
+    ``cause`` (one-line explanation), ``docs`` (page under ``docs/``, e.g.
+    ``"errors/local-ports-exhausted.md"``) and ``original`` (the exception translated, or
+    ``None``).  ``str()`` gives the full multi-line message.
+    """
+
+    transient: bool = False
+    docs: str = "errors/index.md"
+    # Set on the classes translate() combines with the original's class (see _combined()).
+    _static: Optional[Type[ConnGuardError]] = None
+    _origin: Optional[Type[BaseException]] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.transient = type(self).transient
+        self.diagnosis: Dict[str, Any] = {}
+        self.remedies: List[str] = []
+        self.cause = ""
+        self.original: Optional[BaseException] = None
+        self._message = ""
+
+    def __str__(self) -> str:
+        return self._message or super().__str__()
+
+    def __repr__(self) -> str:
+        first = str(self).split("\n", 1)[0]
+        code = self.args[0] if self.args else None
+        if isinstance(code, int) and not isinstance(code, bool):
+            return f"{type(self).__name__}({code!r}, {first!r})"
+        return f"{type(self).__name__}({first!r})"
+
+    def __reduce__(self) -> Any:
+        # Combined classes are made at run time and cannot be pickled by name, and the
+        # constructors of PoolTimeout/CircuitOpen do not take ``args``; rebuild from parts.
+        static = self._static or type(self)
+        return (_restore, (static, self._origin, self.args, dict(self.__dict__)))
+
+
+class LocalPortsExhausted(ConnGuardError, pymysql.err.OperationalError):
+    """No free local port for a new connection (EADDRNOTAVAIL, errno 99)."""
+
+    transient = True
+    docs = "errors/local-ports-exhausted.md"
+
+
+class FdLimitReached(ConnGuardError, pymysql.err.OperationalError):
+    """The open-file limit stopped a new socket (EMFILE 24 per process, ENFILE 23 system)."""
+
+    transient = True
+    docs = "errors/fd-limit-reached.md"
+
+
+class ResourceTemporarilyUnavailable(ConnGuardError, pymysql.err.OperationalError):
+    """connect() returned EAGAIN (errno 11): typically a full Unix-socket listen backlog."""
+
+    transient = True
+    docs = "errors/resource-temporarily-unavailable.md"
+
+
+class ServerUnavailable(ConnGuardError, pymysql.err.OperationalError):
+    """The server could not be reached: refused, unreachable, timed out or unknown host."""
+
+    transient = True
+    docs = "errors/server-unavailable.md"
+
+
+class TooManyConnections(ConnGuardError, pymysql.err.OperationalError):
+    """The server is at ``max_connections`` (1040)."""
+
+    transient = True
+    docs = "errors/too-many-connections.md"
+
+
+class ServerThreadLimit(ConnGuardError, pymysql.err.OperationalError):
+    """The server could not create a thread for the connection (1135, errno 11)."""
+
+    transient = True
+    docs = "errors/server-thread-limit.md"
+
+
+class HostBlocked(ConnGuardError, pymysql.err.OperationalError):
+    """The server blocked this client host after ``max_connect_errors`` (1129). Permanent."""
+
+    docs = "errors/host-blocked.md"
+
+
+class UserConnectionLimit(ConnGuardError, pymysql.err.OperationalError):
+    """The account hit ``max_user_connections`` or a per-account resource limit (1203, 1226)."""
+
+    transient = True
+    docs = "errors/user-connection-limit.md"
+
+
+class AccessDenied(ConnGuardError, pymysql.err.OperationalError):
+    """Wrong credentials, host or database grant (1044, 1045, 1130, 1698). Permanent."""
+
+    docs = "errors/access-denied.md"
+
+
+class ConnectionLost(ConnGuardError, pymysql.err.OperationalError):
+    """An established connection died (2006, 2013, 2055, 4031, 1927, reset, broken pipe)."""
+
+    transient = True
+    docs = "errors/connection-lost.md"
+
+
+class HandshakeLost(ConnectionLost):
+    """The connection died during login, before it was usable (2013/2006 while connecting)."""
+
+    docs = "errors/handshake-lost.md"
+
+
+class CommandsOutOfSync(ConnectionLost):
+    """PyMySQL's "Commands out of sync" (2014).
+
+    A :class:`ConnectionLost` because the connection must be discarded, but not transient:
+    it comes from the program (an unread result, or a connection shared between threads),
+    so retrying the same code fails the same way.
+    """
+
+    docs = "errors/commands-out-of-sync.md"
+
+
+class ServerShuttingDown(ConnGuardError, pymysql.err.OperationalError):
+    """The server is shutting down (1053)."""
+
+    transient = True
+    docs = "errors/server-shutting-down.md"
+
+
+class PoolTimeout(ConnGuardError, pymysql.err.OperationalError):
+    """No pooled connection became free in time.
+
+    ``destination`` (e.g. ``"app@10.0.0.5:3306/app"``) or ``host``/``port`` name the
+    server in the message.  ``args`` is ``(first line of the message,)``: no MySQL code.
+    """
+
+    transient = True
+    docs = "errors/pool-timeout.md"
+
+    def __init__(
+        self,
+        max_size: int,
+        in_use: int,
+        waited: float,
+        *,
+        destination: Optional[str] = None,
+        host: Optional[str] = None,
+        port: Optional[int] = None,
+    ) -> None:
+        diagnosis: Dict[str, Any] = {
+            "max_size": max_size,
+            "in_use": in_use,
+            "waited": waited,
+            "destination": destination,
+            "host": host,
+            "port": port,
+        }
+        cause = _render(_POOL_TIMEOUT_CAUSE, _facts(diagnosis))
+        super().__init__(cause)
+        self.max_size = max_size
+        self.in_use = in_use
+        self.waited = waited
+        _describe(self, cause, _POOL_TIMEOUT_REMEDIES, diagnosis, None)
+
+
+class PoolClosed(ConnGuardError, pymysql.err.InterfaceError):
+    """The pool was closed; no connection can be taken from it. Permanent.
+
+    An ``InterfaceError`` like PyMySQL's for a closed connection: it is a use-after-close
+    in the program, not a database condition.  ``args`` is ``(first line,)``.
+    """
+
+    docs = "errors/pool-closed.md"
+
+    def __init__(self, pool: str = "") -> None:
+        diagnosis: Dict[str, Any] = {"pool": pool or None}
+        cause = _render(_POOL_CLOSED_CAUSE, _facts(diagnosis))
+        super().__init__(cause)
+        _describe(self, cause, _POOL_CLOSED_REMEDIES, diagnosis, None)
+
+
+class CircuitOpen(ConnGuardError, pymysql.err.OperationalError):
+    """Connecting is paused after repeated failures; fails fast until ``retry_after`` passes.
+
+    ``last_cause`` is the last failure (usually a translated error, also chained as
+    ``__cause__``); ``retry_after`` is in seconds.  ``args`` is ``(first line,)``.
+    """
+
+    transient = True
+    docs = "errors/circuit-open.md"
+
+    def __init__(
+        self,
+        last_cause: Optional[BaseException],
+        retry_after: float,
+        *,
+        host: Optional[str] = None,
+        port: Optional[int] = None,
+        failures: Optional[int] = None,
+    ) -> None:
+        diagnosis: Dict[str, Any] = {
+            "retry_after": retry_after,
+            "failures": failures,
+            "host": host,
+            "port": port,
+            "last_cause": _summary(last_cause),
+            "last_docs": getattr(last_cause, "docs", None),
+        }
+        cause = _render(_CIRCUIT_CAUSE, _facts(diagnosis))
+        super().__init__(cause)
+        self.last_cause = last_cause
+        self.retry_after = retry_after
+        self.failures = failures
+        _describe(self, cause, _CIRCUIT_REMEDIES, diagnosis, None)
+        self.__cause__ = last_cause
+
+
+_POOL_TIMEOUT_CAUSE = (
+    "no free connection in the pool[ for {destination}| for {target}] after waiting "
+    "{waited} s: {in_use} of {max_size} in use"
+)
+_POOL_TIMEOUT_REMEDIES = (
+    "return connections promptly: release them in a `with` block or `finally`, also on errors",
+    "look for slow queries or open transactions holding connections (SHOW PROCESSLIST)",
+    "raise the pool size only if the server's max_connections leaves room for it",
+    "wait longer only if callers can afford to; a queue that never drains just hides a leak",
+)
+_POOL_CLOSED_CAUSE = "the pool is closed[: {pool}]"
+_POOL_CLOSED_REMEDIES = (
+    "take connections only from an open pool: close() it once, at shutdown, after the last "
+    "user is done",
+)
+_CIRCUIT_CAUSE = (
+    "connecting[ to {target}] paused for {retry_after} s[ after {failures} failures in a row]"
+    "[; last: {last_cause}]"
+)
+_CIRCUIT_REMEDIES = (
+    "[fix the last failure (see {last_docs})|fix the last failure]; new connections are "
+    "allowed again after {retry_after} s",
+    "until then calls fail fast on purpose: a reconnect storm would make the server's load "
+    "and this host's port and descriptor use worse",
+)
+
+
+def _summary(exc: Optional[BaseException]) -> Optional[str]:
+    """``ClassName: cause`` of an exception (its first line if it has no cause)."""
+    if exc is None:
+        return None
+    try:
+        first = getattr(exc, "cause", "") or str(exc).split("\n", 1)[0]
+    except Exception:
+        first = ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _restore(
+    static: Type[ConnGuardError],
+    origin: Optional[Type[BaseException]],
+    args: Tuple[Any, ...],
+    state: Dict[str, Any],
+) -> ConnGuardError:
+    """Unpickle a ConnGuardError without calling constructors whose signatures differ."""
+    klass = _combined(static, origin) if origin is not None else static
+    inst = klass.__new__(klass, *args)
+    if isinstance(inst, OSError):
+        OSError.__init__(inst, *args)  # sets errno/strerror, which OSError parses from args
+    inst.args = args
+    inst.__dict__.update(state)
+    return inst
+
+
+# --- the table ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What identifies an error: MySQL code (None for a raw OSError), errno, flags."""
+
+    code: Optional[int]
+    errno: Optional[int]
+    timed_out: bool = False
+    during_connect: bool = False
+
+
+@dataclass(frozen=True)
+class Row:
+    """One entry of :data:`TABLE`: which errors it matches and what to tell the user.
+
+    A row matches when the MySQL code is in ``codes`` (``None`` = a raw ``OSError``) and,
+    when given, the errno is in ``errnos``, the timed-out flag equals ``timed_out`` and the
+    during-connect flag equals ``during_connect``.  The first matching row wins, so specific
+    rows come before general ones.  ``cause`` and ``remedies`` are templates: ``{name}`` is a
+    diagnosis fact; ``[a|b]`` renders the first alternative whose facts are all known, or
+    nothing.  ``census`` asks for a count of sockets toward the server at translate time.
+    """
+
+    cls: Type[ConnGuardError]
+    codes: Tuple[Optional[int], ...]
+    cause: str
+    remedies: Tuple[str, ...]
+    transient: bool = True
+    errnos: Tuple[int, ...] = ()
+    timed_out: Optional[bool] = None
+    during_connect: Optional[bool] = None
+    census: bool = False
+
+    @property
+    def docs(self) -> str:
+        """The docs page, relative to ``docs/`` (one page per class)."""
+        return self.cls.docs
+
+    def matches(self, ident: Identity) -> bool:
+        """Whether this row describes an error with identity ``ident``."""
+        return (
+            ident.code in self.codes
+            and (not self.errnos or ident.errno in self.errnos)
+            and (self.timed_out is None or self.timed_out == ident.timed_out)
+            and (self.during_connect is None or self.during_connect == ident.during_connect)
+        )
+
+
+_RETRY_WITH_BACKOFF = "retry with backoff (connguard does), not in a tight reconnect loop"
+_POOL_INSTEAD = "reuse connections instead of opening one per query (connguard pool)"
+_SERVER_UNREACHABLE_CAUSE = "cannot reach the MySQL server[ at {target}][ ({reason})]"
+_SERVER_UNREACHABLE_REMEDIES = (
+    "check that the server is running and listening[ on {target}] (`ss -ltn` on the server)",
+    "check routes and firewalls between this host and the server",
+    _RETRY_WITH_BACKOFF,
+)
+_CONNECTION_LOST_REMEDIES = (
+    "discard the connection and reconnect; retry only statements that are safe to repeat",
+    "check connections before reuse (the connguard pool does) and keep idle time below the "
+    "server's wait_timeout[ ({wait_timeout} s)]",
+    "[{close_wait} sockets toward {target} are in CLOSE_WAIT: the server closed them (KILL, "
+    "wait_timeout) and this host has not; close them|sockets the server closed (KILL, "
+    "wait_timeout) stay in CLOSE_WAIT until the client closes them]",
+    "check the server's error log for a crash or restart",
+)
+
+TABLE: Tuple[Row, ...] = (
+    Row(
+        LocalPortsExhausted,
+        _CONNECT_CODES,
+        errnos=(errno_codes.EADDRNOTAVAIL,),
+        census=True,
+        cause="local ephemeral ports exhausted[ toward {target}][: {ports_in_use} of "
+        "{ports_total} in use|: range {port_range_text}, {ports_total} ports]"
+        "[ (TIME_WAIT {time_wait})]",
+        remedies=(
+            _POOL_INSTEAD,
+            "[stay below about {max_rate} new connections/s per server address: each closed "
+            "connection holds its port in TIME_WAIT for 60 s|each closed connection holds its "
+            "port in TIME_WAIT for 60 s: connect less often]",
+            "widen net.ipv4.ip_local_port_range[ (now {port_range_text})]",
+            "set net.ipv4.tcp_tw_reuse=1[ (now {tcp_tw_reuse})]; tcp_tw_recycle is gone and was "
+            "unsafe behind NAT",
+            "spread connections over more client IPs or server addresses",
+        ),
+    ),
+    Row(
+        FdLimitReached,
+        _CONNECT_CODES,
+        errnos=(errno_codes.EMFILE,),
+        census=True,
+        cause="this process's open-file limit is reached[: {fd_in_use} of {fd_soft} descriptors "
+        "open (soft limit; hard {fd_hard})|: soft limit {fd_soft} descriptors (hard {fd_hard})]",
+        remedies=(
+            "close connections no longer used and discard dead ones (connguard pool)[; "
+            "{close_wait} sockets toward {target} are in CLOSE_WAIT]",
+            "raise the soft limit[ toward the hard limit {fd_hard}]: LimitNOFILE= in systemd, "
+            "`ulimit -n` in the start script, or resource.setrlimit()",
+            "check the process's real limit in /proc/PID/limits: a shell's `ulimit -n` may show "
+            "a different value",
+        ),
+    ),
+    Row(
+        FdLimitReached,
+        _CONNECT_CODES,
+        errnos=(errno_codes.ENFILE,),
+        cause="the system-wide open-file table is full (ENFILE)",
+        remedies=(
+            "close connections no longer used (connguard pool)",
+            "find the process holding most descriptors (`ls /proc/*/fd | wc -l` per process)",
+            "raise fs.file-max[ (now {file_max})]",
+        ),
+    ),
+    Row(
+        ResourceTemporarilyUnavailable,
+        _CONNECT_CODES,
+        errnos=(errno_codes.EAGAIN,),
+        cause="the server's listen queue is full[ at {target}] (EAGAIN): it is not accepting "
+        "connections as fast as they arrive",
+        remedies=(
+            _POOL_INSTEAD,
+            _RETRY_WITH_BACKOFF,
+            "check whether the server is stalled or overloaded; raise its back_log and "
+            "net.core.somaxconn[ (now {somaxconn})]",
+        ),
+    ),
+    Row(
+        ServerUnavailable,
+        (CR.CR_UNKNOWN_HOST,),
+        transient=False,
+        cause="cannot resolve the MySQL server's host name[ {host}]",
+        remedies=(
+            "check the host name in the connection settings",
+            "check DNS and /etc/hosts on this machine (`getent hosts NAME`)",
+        ),
+    ),
+    Row(
+        ServerUnavailable,
+        _CONNECT_CODES,
+        errnos=(socket.EAI_NONAME,),
+        transient=False,
+        cause="cannot resolve the MySQL server's host name[ {host}]",
+        remedies=(
+            "check the host name in the connection settings",
+            "check DNS and /etc/hosts on this machine (`getent hosts NAME`)",
+        ),
+    ),
+    Row(
+        ServerUnavailable,
+        _CONNECT_CODES,
+        errnos=(
+            errno_codes.ECONNREFUSED,
+            errno_codes.EHOSTUNREACH,
+            errno_codes.ENETUNREACH,
+            errno_codes.ETIMEDOUT,
+        ),
+        cause=_SERVER_UNREACHABLE_CAUSE,
+        remedies=_SERVER_UNREACHABLE_REMEDIES,
+    ),
+    Row(
+        ServerUnavailable,
+        _CONNECT_CODES,
+        timed_out=True,
+        cause="no answer from the MySQL server[ at {target}] within the connect timeout"
+        "[ ({connect_timeout} s)]",
+        remedies=(
+            "check that the server host is up and reachable: a firewall that drops packets "
+            "looks like this",
+            "a stalled or overloaded server answers late: check its load and listen backlog",
+            _RETRY_WITH_BACKOFF,
+        ),
+    ),
+    Row(
+        ServerUnavailable,
+        (CR.CR_CONNECTION_ERROR, CR.CR_CONN_HOST_ERROR),
+        cause=_SERVER_UNREACHABLE_CAUSE,
+        remedies=_SERVER_UNREACHABLE_REMEDIES,
+    ),
+    Row(
+        TooManyConnections,
+        (ER.CON_COUNT_ERROR,),
+        census=True,
+        cause="too many connections: server at max_connections[ ({threads_connected} of "
+        "{max_connections} connected)| ({max_connections})]",
+        remedies=(
+            "pool and cap connections so that all clients together stay below max_connections "
+            "(connguard pool)",
+            "close idle and leaked connections[ ({established} established from this host to "
+            "{target})]; look for long Sleep rows in SHOW PROCESSLIST",
+            "raise max_connections if the server has memory for more threads",
+            "back off before reconnecting: every refused attempt still costs the server work",
+        ),
+    ),
+    Row(
+        ServerThreadLimit,
+        (ER.CANT_CREATE_THREAD,),
+        census=True,
+        cause="the server cannot create a thread for a new connection (ER_CANT_CREATE_THREAD)"
+        "[: {threads_connected} connected]",
+        remedies=(
+            "stop opening connections without closing them; pool them (connguard pool)[ - "
+            "{established} established from this host to {target}]",
+            "raise the process/thread limit of the user mysqld runs as (`ulimit -u`, "
+            "LimitNPROC=): every thread of that user counts",
+            "check free memory and vm.max_map_count on the server host",
+            _RETRY_WITH_BACKOFF,
+        ),
+    ),
+    Row(
+        HostBlocked,
+        (ER.HOST_IS_BLOCKED,),
+        transient=False,
+        cause="the server blocked this client host after too many interrupted connection "
+        "attempts (max_connect_errors[ = {max_connect_errors}])",
+        remedies=(
+            "on the server run FLUSH HOSTS (`mysqladmin flush-hosts`; MySQL 8: TRUNCATE TABLE "
+            "performance_schema.host_cache)",
+            "find what interrupts handshakes from this host: probes that connect and close, "
+            "connect timeouts, resets",
+            "raise max_connect_errors",
+            "do not retry: the block stays until it is flushed",
+        ),
+    ),
+    Row(
+        UserConnectionLimit,
+        (ER.TOO_MANY_USER_CONNECTIONS, ER.USER_LIMIT_REACHED),
+        cause="the account's connection limit is reached[: {server_message}]",
+        remedies=(
+            "cap the pool so that all processes using this account stay below its limit "
+            "(connguard pool)",
+            "close idle and leaked connections of this account",
+            "raise max_user_connections, or the account's MAX_USER_CONNECTIONS / "
+            "MAX_CONNECTIONS_PER_HOUR (ALTER USER ... WITH ...)",
+        ),
+    ),
+    Row(
+        AccessDenied,
+        (
+            ER.DBACCESS_DENIED_ERROR,
+            ER.ACCESS_DENIED_ERROR,
+            ER.HOST_NOT_PRIVILEGED,
+            ER_ACCESS_DENIED_NO_PASSWORD_ERROR,
+            ER_MUST_CHANGE_PASSWORD_LOGIN,
+            ER_USER_IS_BLOCKED,
+            ER_ACCOUNT_HAS_BEEN_LOCKED,
+        ),
+        transient=False,
+        cause="access denied[: {server_message}]",
+        remedies=(
+            "check the user name, the password and the account's host part "
+            "(SELECT user, host FROM mysql.user; SHOW GRANTS FOR ...)",
+            "1044: grant the account the database; 1130: create the account for this client "
+            "host; 1862: change the expired password; 4150/4151: unblock or unlock the account",
+            "do not retry: credentials and grants do not change by themselves, and MariaDB "
+            "blocks the account after max_password_errors failed logins (4150)",
+        ),
+    ),
+    Row(
+        ServerShuttingDown,
+        (ER.SERVER_SHUTDOWN,),
+        cause="the server is shutting down[ ({target})]",
+        remedies=(
+            "reconnect with backoff once it is back or failed over (connguard discards these "
+            "connections)",
+            "drain traffic away from a server before a planned restart",
+        ),
+    ),
+    Row(
+        HandshakeLost,
+        (CR.CR_SERVER_GONE_ERROR, CR.CR_SERVER_LOST),
+        during_connect=True,
+        cause="connection lost during login (handshake)[ to {target}][ ({reason})]",
+        remedies=(
+            "check whether logins are slow on the server: busy thread-pool workers "
+            "(thread_handling, thread_pool_size, thread_pool_oversubscribe) or an overloaded "
+            "server keep new logins waiting",
+            "the server drops logins that take longer than connect_timeout"
+            "[ ({connect_timeout} s)] (default 10 s)",
+            "open fewer connections (connguard pool) and back off before reconnecting",
+        ),
+    ),
+    Row(
+        ConnectionLost,
+        (CR.CR_SERVER_LOST,),
+        timed_out=True,
+        cause="no reply[ from {target}] within read_timeout[ ({read_timeout} s)]: PyMySQL "
+        "closed the connection",
+        remedies=(
+            "raise read_timeout or make the statement faster",
+            "retry only statements that are safe to repeat: the server may still be running it",
+        ),
+    ),
+    Row(
+        CommandsOutOfSync,
+        (CR.CR_COMMANDS_OUT_OF_SYNC,),
+        transient=False,
+        cause="connection out of sync: a previous result was not fully read, or two threads "
+        "use the connection at once",
+        remedies=(
+            "discard this connection (the connguard pool does)",
+            "fetch or close every cursor before the next query; never share a connection "
+            "between threads",
+        ),
+    ),
+    Row(
+        ConnectionLost,
+        (
+            CR.CR_SERVER_GONE_ERROR,
+            CR.CR_SERVER_LOST,
+            CR.CR_SHARED_MEMORY_CONNECT_ABANDONED_ERROR,
+            CR.CR_SERVER_LOST_EXTENDED,
+        ),
+        census=True,
+        cause="connection[ to {target}] lost[ ({reason})]",
+        remedies=_CONNECTION_LOST_REMEDIES,
+    ),
+    Row(
+        ConnectionLost,
+        (ER_CLIENT_INTERACTION_TIMEOUT, ER_CONNECTION_KILLED),
+        census=True,
+        cause="the server closed the connection[ to {target}][: {server_message}]",
+        remedies=_CONNECTION_LOST_REMEDIES,
+    ),
+    Row(
+        ConnectionLost,
+        (0,),  # PyMySQL raises InterfaceError(0, "") when a closed connection is used
+        cause="the connection was already closed (an earlier error or close() ended it)",
+        remedies=(
+            "discard it and open a new one (the connguard pool does)",
+            "look for the earlier error that closed it",
+        ),
+    ),
+    Row(
+        ConnectionLost,
+        (None,),
+        errnos=(errno_codes.ECONNRESET, errno_codes.EPIPE, errno_codes.ECONNABORTED),
+        census=True,
+        cause="connection[ to {target}] lost[ ({reason})]",
+        remedies=_CONNECTION_LOST_REMEDIES,
+    ),
+)
+
+# --- identity -----------------------------------------------------------------------------
+
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (-?\d+)\]|\((-?\d+)\)\s*$")
+_TIMED_OUT_TEXT = re.compile(r"\(timed out\)\s*$")
+# libmysqlclient's wording for a connection lost during login; PyMySQL has no such text,
+# so its callers say so with translate(..., during_connect=True).
+_HANDSHAKE_TEXT = re.compile(r"reading (initial communication|authorization) packet|handshake")
+_HOST_IN_TEXT = re.compile(r"MySQL server on '([^']*)'")
+
+
+def _mysql_code(exc: BaseException) -> Optional[int]:
+    """``args[0]`` of a PyMySQL error when it is an int we can trust; None otherwise."""
+    if not isinstance(exc, pymysql.err.MySQLError):
+        return None
+    args = getattr(exc, "args", ())
+    code = args[0] if isinstance(args, tuple) and args else None
+    if not isinstance(code, int) or isinstance(code, bool):
+        return None
+    if code in _SHARED_CODES:
+        pattern, match_means_ours = _SHARED_CODES[code]
+        if bool(pattern.search(_server_message(exc))) != match_means_ours:
+            return None  # the other vendor's error with the same number
+    return code
+
+
+def _server_message(exc: BaseException) -> str:
+    """The text part of an error: ``args[1]`` for PyMySQL, ``strerror`` for OSError."""
+    if isinstance(exc, OSError):
+        return exc.strerror if isinstance(exc.strerror, str) else ""
+    args = getattr(exc, "args", ())
+    if isinstance(args, tuple) and len(args) > 1 and isinstance(args[1], str):
+        return args[1]
+    return ""
+
+
+def _wrapped_oserror(exc: BaseException) -> Optional[OSError]:
+    """The OSError under a PyMySQL error: ``original_exception``, ``__cause__``, ``__context__``."""
+    for candidate in (
+        getattr(exc, "original_exception", None),
+        exc.__cause__,
+        exc.__context__,
+    ):
+        if isinstance(candidate, OSError):
+            return candidate
+    return None
+
+
+def _is_timeout(exc: OSError) -> bool:
+    """A Python-level socket timeout (no errno), as opposed to the kernel's ETIMEDOUT."""
+    return exc.errno is None and isinstance(exc, (socket.timeout, TimeoutError))
+
+
+def _errno_from_text(text: str) -> Optional[int]:
+    """Last resort: "(99)" or "[Errno 99]" in the message."""
+    match = _ERRNO_IN_TEXT.search(text)
+    if match is None:
+        return None
+    return int(match.group(1) or match.group(2))
+
+
+def _identify(exc: BaseException, during_connect: bool) -> Optional[Identity]:
+    """The identity of ``exc``, or None if it is neither a coded PyMySQL error nor an OSError."""
+    if isinstance(exc, OSError):
+        errno = exc.errno if isinstance(exc.errno, int) else None
+        return Identity(None, errno, _is_timeout(exc), during_connect)
+    code = _mysql_code(exc)
+    if code is None:
+        return None
+    text = _server_message(exc)
+    wrapped = _wrapped_oserror(exc)
+    if wrapped is not None:
+        errno = wrapped.errno if isinstance(wrapped.errno, int) else None
+        timed_out = _is_timeout(wrapped)
+    else:
+        # The message only says which errno for connect failures; elsewhere a number in
+        # parentheses may be anything.
+        errno = _errno_from_text(text) if code in _CONNECT_CODES else None
+        timed_out = bool(_TIMED_OUT_TEXT.search(text))
+    connecting = during_connect or bool(_HANDSHAKE_TEXT.search(text))
+    return Identity(code, errno, timed_out, connecting)
+
+
+def _match(ident: Identity) -> Optional[Row]:
+    return next((row for row in TABLE if row.matches(ident)), None)
+
+
+def classify(exc: BaseException, *, during_connect: bool = False) -> Optional[Row]:
+    """The :data:`TABLE` row describing ``exc``, or None if the table does not know it.
+
+    A translated error is classified by its original.  Never raises.
+    """
+    try:
+        if isinstance(exc, ConnGuardError):
+            return None if exc.original is None else classify(exc.original)
+        ident = _identify(exc, during_connect)
+        return None if ident is None else _match(ident)
+    except Exception:
+        return None
+
+
+def is_transient(exc: BaseException) -> Optional[bool]:
+    """Whether a later retry (with backoff) can succeed; None if we do not know the error."""
+    if isinstance(exc, ConnGuardError):
+        return exc.transient
+    row = classify(exc)
+    return None if row is None else row.transient
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether the connection that raised ``exc`` is unusable and must be discarded.
+
+    True for the connection-level codes in :data:`DISCONNECT_CODES`, for PyMySQL's errors
+    about an already closed connection, and for any raw ``OSError`` (a socket error on the
+    connection).  A translated error answers for its original.  Never raises.
+    """
+    try:
+        if isinstance(exc, ConnGuardError):
+            return exc.original is not None and is_disconnect(exc.original)
+        if isinstance(exc, OSError):
+            return True
+        if not isinstance(exc, pymysql.err.MySQLError):
+            return False
+        if _mysql_code(exc) in DISCONNECT_CODES:
+            return True
+        # PyMySQL's wording for using a connection that is already closed.
+        return exc.args in ((0, ""), ("Already closed",))
+    except Exception:
+        return False
+
+
+# --- secrets ------------------------------------------------------------------------------
+
+_MASK = "***"
+_SECRET_ASSIGNMENT = re.compile(r"(?i)\b(password|passwd|pwd)=('[^']*'|\"[^\"]*\"|[^\s,;)]+)")
+_URL_USERINFO = re.compile(r"(://[^/\s:@]+:)[^/\s@]+@")
+
+
+def _password_text(password: Password) -> str:
+    if isinstance(password, bytes):
+        try:
+            return password.decode("utf-8")
+        except UnicodeDecodeError:
+            return password.decode("latin-1")
+    return password or ""
+
+
+def redact(text: str, password: Password = None) -> str:
+    """``text`` with ``password`` and anything that looks like a credential masked.
+
+    Masks every occurrence of ``password`` (str or bytes), ``password=...``-style
+    assignments and the password in ``scheme://user:password@`` URLs.
+    """
+    secret = _password_text(password)
+    if secret:
+        text = text.replace(secret, _MASK)
+    text = _SECRET_ASSIGNMENT.sub(rf"\1={_MASK}", text)
+    return _URL_USERINFO.sub(rf"\1{_MASK}@", text)
+
+
+def _redact_args(args: Tuple[Any, ...], password: Password) -> Tuple[Any, ...]:
+    return tuple(redact(a, password) if isinstance(a, str) else a for a in args)
+
+
+def _scrub_original(exc: BaseException, password: Password) -> None:
+    """Mask secrets in the original too: it is chained as ``__cause__`` and printed with us.
+
+    (Source lines shown in a traceback are beyond reach.)
+    """
+    args = getattr(exc, "args", ())
+    if isinstance(args, tuple):
+        clean = _redact_args(args, password)
+        if clean != args:
+            exc.args = clean
+    trace = getattr(exc, "traceback", None)  # PyMySQL keeps format_exc() of connect errors
+    if isinstance(trace, str):
+        clean_trace = redact(trace, password)
+        if clean_trace != trace:
+            setattr(exc, "traceback", clean_trace)  # noqa: B010 - not an attribute mypy knows
+
+
+# --- diagnosis ----------------------------------------------------------------------------
+
+_LIMIT_KEYS = ("fd_in_use", "fd_soft", "fd_hard", "port_range", "tcp_tw_reuse")
+_RLIM_INFINITY = -1  # resource.RLIM_INFINITY on Linux; resource is absent on Windows
+
+
+def _optional(module: str, name: str) -> Any:
+    """``module.name`` from a sibling module that may not exist (yet); None if unavailable."""
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except Exception:
+        return None
+
+
+def _read_first_line(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.readline().strip()
+    except (OSError, ValueError):
+        return None
+
+
+def _count_fds() -> Optional[int]:
+    """Open descriptors of this process, not counting the one used to list them."""
+    for fd_dir in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(fd_dir)) - 1
+        except OSError:
+            continue  # e.g. EMFILE: listing needs a descriptor of its own
+    return None
+
+
+def _nofile() -> Tuple[Optional[int], Optional[int]]:
+    """(soft, hard) RLIMIT_NOFILE."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return soft, hard
+    except Exception:
+        return None, None
+
+
+def _port_range(value: Any) -> Optional[Tuple[int, int]]:
+    """Normalize "32768 60999", (32768, 60999) or [..] to a tuple; None if unusable."""
+    try:
+        low, high = value.split() if isinstance(value, str) else value
+        return int(low), int(high)
+    except Exception:
+        return None
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    try:
+        return int(value)
+    except Exception:
+        return None
+
+
+def _own_limits() -> Dict[str, Any]:
+    """The few limits we read ourselves when connguard.limits is not there."""
+    soft, hard = _nofile()
+    return {
+        "fd_in_use": _count_fds(),
+        "fd_soft": soft,
+        "fd_hard": hard,
+        "port_range": _read_first_line("/proc/sys/net/ipv4/ip_local_port_range"),
+        "tcp_tw_reuse": _read_first_line("/proc/sys/net/ipv4/tcp_tw_reuse"),
+    }
+
+
+def _limits() -> Dict[str, Any]:
+    """Local limits: connguard.limits.limits() if available, our own reads for the gaps."""
+    found: Dict[str, Any] = {}
+    limits = _optional("connguard.limits", "limits")
+    if limits is not None:
+        try:
+            found = dict(limits())
+        except Exception:
+            found = {}
+    if any(found.get(key) is None for key in _LIMIT_KEYS):
+        found.update({k: v for k, v in _own_limits().items() if found.get(k) is None})
+    found["port_range"] = _port_range(found.get("port_range"))
+    found["tcp_tw_reuse"] = _int_or_none(found.get("tcp_tw_reuse"))
+    return found
+
+
+def _resolves_locally(host: str) -> bool:
+    """IP literals and localhost: names we can count sockets for without DNS.
+
+    Errors are often translated while DNS or the network is what is failing, and a
+    translation must not hang, so other names get no census.
+    """
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _census(host: Optional[str], port: Optional[int]) -> Optional[Dict[str, int]]:
+    """Sockets toward host:port by state, from connguard.census; None if unavailable."""
+    if not host or port is None or not _resolves_locally(host):
+        return None
+    census = _optional("connguard.census", "census")
+    if census is None:
+        return None
+    try:
+        return {str(state): int(count) for state, count in census(host, port).items()}
+    except Exception:
+        return None
+
+
+# getaddrinfo errors carry negative numbers that errno.errorcode does not name.
+_EAI_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("EAI_")}
+
+
+def _errno_name(ident: Identity) -> Optional[str]:
+    if ident.errno is None:
+        return "timeout" if ident.timed_out else None
+    if ident.errno < 0:
+        return _EAI_NAMES.get(ident.errno)
+    return errno_codes.errorcode.get(ident.errno)
+
+
+def _endpoint(host: Optional[str], port: Optional[int], text: str) -> Tuple[Any, Any]:
+    """host and port as given, else as named in "Can't connect to MySQL server on 'h[:p]'"."""
+    if host is not None:
+        return host, port
+    match = _HOST_IN_TEXT.search(text)
+    if match is None:
+        return None, port
+    found = match.group(1)
+    name, sep, maybe_port = found.rpartition(":")
+    if sep and name.count(":") == 0 and maybe_port.isdigit():  # not an IPv6 address
+        return name, port if port is not None else int(maybe_port)
+    return found, port
+
+
+def _diagnose(
+    ident: Identity, row: Row, host: Optional[str], port: Optional[int], deep: bool
+) -> Dict[str, Any]:
+    """Facts about the error and this host's resources; never raises, no DNS, no server I/O."""
+    diagnosis: Dict[str, Any] = {
+        "mysql_code": ident.code,
+        "errno": ident.errno,
+        "errno_name": _errno_name(ident),
+        "host": host,
+        "port": port,
+    }
+    if deep:
+        diagnosis.update(_limits())
+        diagnosis["census"] = _census(host, port) if row.census else None
+    return diagnosis
+
+
+# --- messages -----------------------------------------------------------------------------
+
+_SEGMENT = re.compile(r"\[([^\[\]]*)\]")
+_FORMATTER = string.Formatter()
+
+
+def _fields(template: str) -> List[str]:
+    return [name for _, name, _, _ in _FORMATTER.parse(template) if name]
+
+
+def _fill(template: str, facts: Mapping[str, str]) -> str:
+    try:
+        return template.format_map(facts)
+    except (KeyError, ValueError, IndexError):
+        return template  # a template bug; tests render every template with no facts
+
+
+def _first_known(alternatives: str, facts: Mapping[str, str]) -> str:
+    for alternative in alternatives.split("|"):
+        if all(name in facts for name in _fields(alternative)):
+            return _fill(alternative, facts)
+    return ""
+
+
+def _render(template: str, facts: Mapping[str, str]) -> str:
+    """Fill ``template``; each ``[a|b]`` becomes its first alternative with all facts known."""
+    parts: List[str] = []
+    position = 0
+    for segment in _SEGMENT.finditer(template):
+        parts.append(_fill(template[position : segment.start()], facts))
+        parts.append(_first_known(segment.group(1), facts))
+        position = segment.end()
+    parts.append(_fill(template[position:], facts))
+    return "".join(parts)
+
+
+def _number(value: Any) -> str:
+    """Thousands separators; whole floats without decimals, others with one."""
+    if isinstance(value, float):
+        if value.is_integer():
+            return f"{value:,.0f}"
+        # Short waits need two decimals (0.25 s); long ones read better with one.
+        text = f"{value:,.2f}" if abs(value) < 10 else f"{value:,.1f}"
+        return text.rstrip("0").rstrip(".")
+    return f"{value:,}"
+
+
+def _target(host: Any, port: Any) -> Optional[str]:
+    if not host:
+        return None
+    if port is None:
+        return str(host)
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _derived(diagnosis: Mapping[str, Any]) -> Dict[str, Any]:
+    """Facts computed from the diagnosis for messages: totals, rates, readable forms."""
+    facts: Dict[str, Any] = {"target": _target(diagnosis.get("host"), diagnosis.get("port"))}
+    port_range = diagnosis.get("port_range")
+    if isinstance(port_range, tuple):
+        total = port_range[1] - port_range[0] + 1
+        facts.update(
+            port_range_text=f"{port_range[0]}-{port_range[1]}",
+            ports_total=total,
+            max_rate=total // 60,  # ports ÷ 60 s of TIME_WAIT
+        )
+    census = diagnosis.get("census")
+    if isinstance(census, dict):
+        facts.update(census)
+        facts["ports_in_use"] = sum(census.values())
+    errno, name = diagnosis.get("errno"), diagnosis.get("errno_name")
+    if name and isinstance(errno, int) and errno > 0:
+        facts["reason"] = f"{name}: {os.strerror(errno)}"
+    elif name:
+        facts["reason"] = name
+    for key in ("fd_soft", "fd_hard"):
+        if diagnosis.get(key) == _RLIM_INFINITY:
+            facts[key] = "unlimited"
+    return facts
+
+
+# Identifiers, not quantities: no thousands separators.
+_PLAIN_NUMBERS = ("port", "errno", "mysql_code")
+
+
+def _facts(diagnosis: Mapping[str, Any], server_message: str = "") -> Dict[str, str]:
+    """Known facts as display strings, for templates; unknown ones are left out."""
+    merged: Dict[str, Any] = {**diagnosis, **_derived(diagnosis)}
+    if server_message:
+        merged["server_message"] = server_message
+    facts: Dict[str, str] = {}
+    for key, value in merged.items():
+        if value is None or isinstance(value, (dict, tuple, list)):
+            continue
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        facts[key] = _number(value) if numeric and key not in _PLAIN_NUMBERS else str(value)
+    return facts
+
+
+def _original_text(exc: Optional[BaseException]) -> str:
+    if exc is None:
+        return ""
+    if isinstance(exc, pymysql.err.MySQLError):
+        return str(exc.args)  # PyMySQL's own str(): (2003, "Can't connect ...")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _compose(cause: str, remedies: List[str], original: str, docs: str) -> str:
+    """First line: cause and top remedy; then the other remedies, the original, the page."""
+    lines = [f"{cause} — {remedies[0]}" if remedies else cause]
+    lines.extend(f"  - {remedy}" for remedy in remedies[1:])
+    if original:
+        lines.append(f"original: {original}")
+    lines.append(f"docs: {docs}")
+    return "\n".join(lines)
+
+
+def _describe(
+    err: ConnGuardError,
+    cause: str,
+    remedy_templates: Tuple[str, ...],
+    diagnosis: Dict[str, Any],
+    original: Optional[BaseException],
+    password: Password = None,
+    server_message: str = "",
+) -> None:
+    """Fill in cause, remedies, diagnosis and message of ``err``."""
+    facts = _facts(diagnosis, server_message)
+    remedies = [r for r in (_render(t, facts) for t in remedy_templates) if r]
+    err.cause = redact(cause, password)
+    err.remedies = [redact(r, password) for r in remedies]
+    err.diagnosis = diagnosis
+    err.original = original
+    original_text = redact(_original_text(original), password)
+    err._message = _compose(err.cause, err.remedies, original_text, err.docs)
+
+
+# --- translate ----------------------------------------------------------------------------
+
+_COMBINED: Dict[Tuple[Type[ConnGuardError], Type[BaseException]], Type[ConnGuardError]] = {}
+
+
+def _combined(static: Type[ConnGuardError], origin: Type[BaseException]) -> Type[ConnGuardError]:
+    """``static`` plus the original's class, so ``except`` clauses for the latter still match.
+
+    Cached: one class per pair, so ``type(a) is type(b)`` for errors alike.
+    """
+    if issubclass(static, origin):
+        return static
+    key = (static, origin)
+    klass = _COMBINED.get(key)
+    if klass is None:
+        attrs = {
+            "__module__": static.__module__,
+            "__qualname__": static.__qualname__,
+            "__doc__": static.__doc__,
+            "_static": static,
+            "_origin": origin,
+        }
+        klass = _COMBINED.setdefault(key, type(static.__name__, (static, origin), attrs))
+    return klass
+
+
+def _instantiate(
+    static: Type[ConnGuardError], exc: BaseException, args: Tuple[Any, ...]
+) -> ConnGuardError:
+    """An instance of ``static`` combined with ``type(exc)``, carrying ``args``."""
+    try:
+        new = _combined(static, type(exc))(*args)
+    except Exception:
+        # The original's class cannot be combined or built from its args (odd signature or
+        # layout): the table's class still subclasses PyMySQL's OperationalError.
+        new = static(*args)
+    for attr in ("sqlstate", "original_exception"):
+        if hasattr(exc, attr):
+            setattr(new, attr, getattr(exc, attr))
+    return new
+
+
+def _translate(
+    exc: BaseException,
+    host: Optional[str],
+    port: Optional[int],
+    diagnose: bool,
+    extra: Optional[Mapping[str, Any]],
+    password: Password,
+    during_connect: bool,
+) -> BaseException:
+    if isinstance(exc, ConnGuardError) or not isinstance(exc, BaseException):
+        return exc
+    ident = _identify(exc, during_connect)
+    row = None if ident is None else _match(ident)
+    if ident is None or row is None:
+        return exc
+    if password:
+        _scrub_original(exc, password)
+    server_message = redact(_server_message(exc), password)
+    host, port = _endpoint(host, port, server_message)
+    diagnosis = _diagnose(ident, row, host, port, diagnose)
+    diagnosis.update(extra or {})
+    new = _instantiate(row.cls, exc, _redact_args(tuple(exc.args), password))
+    new.transient = row.transient
+    cause = _render(row.cause, _facts(diagnosis, server_message))
+    _describe(new, cause, row.remedies, diagnosis, exc, password, server_message)
+    new.__cause__ = exc  # also sets __suppress_context__
+    return new
+
+
+def translate(
+    exc: BaseException,
+    *,
+    host: Optional[str] = None,
+    port: Optional[int] = None,
+    diagnose: bool = True,
+    extra: Optional[Mapping[str, Any]] = None,
+    password: Password = None,
+    during_connect: bool = False,
+) -> BaseException:
+    """Return ``exc`` as the connguard exception the table names for it.
+
+    Returns ``exc`` itself when it already is a :class:`ConnGuardError` or the table does
+    not know it, and never raises: on any internal failure the original is the answer.
+    The result is meant to be raised (``raise translate(e) from e``).
+
+    ``host``/``port`` name the server (default: the host in PyMySQL's message, no port);
+    they appear in the message and select the socket census.  ``diagnose=False`` skips
+    reading local limits and counting sockets (cheap identity only).  ``extra`` adds facts
+    to the diagnosis and the message, e.g. ``{"max_connections": 151,
+    "threads_connected": 150}``; also used: ``connect_timeout``, ``read_timeout``,
+    ``wait_timeout``, ``max_connect_errors``.  ``password`` is masked wherever it would
+    appear, including the original's ``args``, which are rewritten in place if they
+    contain it.  ``during_connect=True`` says the error happened while connecting, which
+    turns a lost connection (2013, 2006) into :class:`HandshakeLost`.
+
+    Time is bounded: the census (sockets toward the server) is taken only for rows that
+    use it and only for IP literals or ``localhost``, so no DNS lookup happens here.
+    """
+    try:
+        return _translate(exc, host, port, diagnose, extra, password, during_connect)
+    except Exception:
+        # Translating is a courtesy: the original error is always a correct answer.
+        return exc
+
