@@ -10,6 +10,7 @@ from connguard.driver import PYMYSQL_ARGUMENTS
 POOL_OPTIONS = frozenset({
     "max_size", "min_idle", "checkout_timeout", "leak_threshold",
     "max_lifetime", "lifetime_jitter", "idle_timeout", "reset",
+    "resource_guard", "fd_reserve", "port_reserve",
 })
 
 

@@ -110,6 +110,31 @@ def reset_connection(conn: pymysql.connections.Connection) -> None:
     conn._read_ok_packet()
 
 
+def server_capacity(conn: pymysql.connections.Connection, timeout: float) -> Dict[str, Any]:
+    """The server's max_connections, Threads_connected and Max_used_connections, asked on
+    ``conn`` with the socket timeout lowered to ``timeout`` for the duration: a diagnosis
+    must stay cheap. Empty on any failure (the caller then discards ``conn``)."""
+    sock = conn._sock
+    if sock is None:
+        return {}
+    previous = sock.gettimeout()
+    try:
+        sock.settimeout(timeout)
+        with conn.cursor() as cur:
+            cur.execute("SELECT @@GLOBAL.max_connections, @@GLOBAL.max_user_connections")
+            max_connections, max_user = cur.fetchone()
+            cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN "
+                        "('Threads_connected', 'Max_used_connections')")
+            status = {name.lower(): int(value) for name, value in cur.fetchall()}
+        return {"max_connections": int(max_connections),
+                "max_user_connections": int(max_user), **status}
+    except (pymysql.err.Error, OSError, TypeError, ValueError):
+        return {}
+    finally:
+        if conn._sock is not None:
+            conn._sock.settimeout(previous)
+
+
 def thread_id(conn: pymysql.connections.Connection) -> Optional[int]:
     return conn.server_thread_id[0] if conn.server_thread_id else None
 

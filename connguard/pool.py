@@ -23,6 +23,8 @@ import pymysql
 
 from connguard import driver, errors, reaper
 from connguard.arguments import split_arguments
+from connguard.connector import Connector
+from connguard.guard import ResourceGuard
 from connguard.liveness import Probe, peer_closed
 from connguard.policies import LifetimePolicy, PoolSettings, ResetPolicy
 from connguard.proxy import PooledConnection
@@ -90,6 +92,8 @@ class Pool:
         self._settings, self._lifetime, self._reset = build_policies(options)
         self._clock = clock
         self._host, self._port = driver.destination(self._connect_kwargs)
+        self._connector = Connector(self._connect_kwargs, guard=self._make_guard(options),
+                                    server_facts=self._server_facts)
         self._wait_timeout: Optional[int] = None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -101,6 +105,12 @@ class Pool:
         self._closed = False
         self._stats: Counter = Counter()
         reaper.register(self)
+
+    def _make_guard(self, options: Dict[str, Any]) -> Optional[ResourceGuard]:
+        if not options.get("resource_guard", True) or not self._port:
+            return None  # opted out, or a unix socket: no ephemeral port to run out of
+        reserves = {k: options[k] for k in ("fd_reserve", "port_reserve") if k in options}
+        return ResourceGuard(self._host, self._port, **reserves)
 
     # -- checkout --------------------------------------------------------------------------
     def connect(self) -> PooledConnection:
@@ -190,13 +200,7 @@ class Pool:
         return entry
 
     def _open_connection(self) -> pymysql.connections.Connection:
-        try:
-            conn = driver.open_connection(self._connect_kwargs)
-        except pymysql.err.Error as exc:
-            translated = self.translate(exc, during_connect=True)
-            if translated is exc:
-                raise
-            raise translated from exc
+        conn = self._connector.open()
         if self._wait_timeout is None:
             self._learn_server_timeouts(conn)
         return conn
@@ -287,11 +291,24 @@ class Pool:
             self._stats["lost"] += 1
 
     # -- errors ----------------------------------------------------------------------------
-    def translate(self, exc: BaseException, during_connect: bool = False) -> BaseException:
+    def translate(self, exc: BaseException) -> BaseException:
         """The actionable form of ``exc`` for this pool's destination."""
-        return errors.translate(exc, host=self._host, port=self._port or None,
-                                password=self._connect_kwargs.get("password"),
-                                during_connect=during_connect)
+        return self._connector.translate(exc)
+
+    def _server_facts(self) -> Dict[str, Any]:
+        """max_connections and Threads_connected, asked through an idle pooled connection
+        (never a new one: the server is refusing those). Empty when none is idle."""
+        with self._lock:
+            entry = self._idle.pop() if self._idle else None
+            if entry is not None:
+                self._in_use.add(entry)
+        if entry is None:
+            return {}
+        facts = driver.server_capacity(entry.conn, timeout=1.0)
+        if not facts:
+            entry.broken = True
+        self._release(entry)
+        return facts
 
     # -- housekeeping (called by the reaper thread) ----------------------------------------
     def reap(self) -> None:

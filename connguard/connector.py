@@ -1,0 +1,53 @@
+"""The one path every new server connection takes: guard, connect, translate.
+
+Order matters: the OS resource guard refuses *before* the kernel is asked for a port or an
+fd (so the caller gets numbers and remedies instead of errno 99/24), then PyMySQL connects
+with the cached SSL context, and any failure leaves here translated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import pymysql
+
+from connguard import driver, errors
+from connguard.guard import ResourceGuard
+
+#: MySQL codes whose message is worth the server's own numbers (max_connections, ...).
+SERVER_FACT_CODES = frozenset({1040, 1135, 1203, 1226})
+
+FactSource = Callable[[], Dict[str, Any]]
+
+
+class Connector:
+    """Opens connections for one pool (one destination, one set of credentials)."""
+
+    def __init__(self, connect_kwargs: Dict[str, Any], guard: Optional[ResourceGuard] = None,
+                 server_facts: Optional[FactSource] = None) -> None:
+        self.kwargs = connect_kwargs
+        self.host, self.port = driver.destination(connect_kwargs)
+        self.guard = guard
+        self.server_facts = server_facts
+
+    def open(self) -> pymysql.connections.Connection:
+        if self.guard is not None:
+            self.guard.preflight()
+        try:
+            return driver.open_connection(self.kwargs)
+        except pymysql.err.Error as exc:
+            translated = self.translate(exc, during_connect=True)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def translate(self, exc: BaseException, during_connect: bool = False) -> BaseException:
+        """The actionable form of ``exc`` for this destination, with server numbers when the
+        error is about server capacity and another pooled connection can still ask."""
+        extra = None
+        code = exc.args[0] if getattr(exc, "args", None) else None
+        if self.server_facts is not None and code in SERVER_FACT_CODES:
+            extra = self.server_facts()
+        return errors.translate(exc, host=self.host, port=self.port or None, extra=extra,
+                                password=self.kwargs.get("password"),
+                                during_connect=during_connect)
