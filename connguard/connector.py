@@ -13,9 +13,10 @@ import pymysql
 
 from connguard import driver, errors
 from connguard.guard import ResourceGuard
+from connguard.storm import ConnectGate
 
 #: MySQL codes whose message is worth the server's own numbers (max_connections, ...).
-SERVER_FACT_CODES = frozenset({1040, 1135, 1203, 1226})
+SERVER_FACT_CODES = frozenset({1040, 1129, 1135, 1203, 1226})
 
 FactSource = Callable[[], Dict[str, Any]]
 
@@ -24,30 +25,44 @@ class Connector:
     """Opens connections for one pool (one destination, one set of credentials)."""
 
     def __init__(self, connect_kwargs: Dict[str, Any], guard: Optional[ResourceGuard] = None,
+                 gate: Optional[ConnectGate] = None,
                  server_facts: Optional[FactSource] = None) -> None:
         self.kwargs = connect_kwargs
         self.host, self.port = driver.destination(connect_kwargs)
         self.guard = guard
+        self.gate = gate
         self.server_facts = server_facts
 
-    def open(self) -> pymysql.connections.Connection:
+    def open(self, deadline: float = float("inf")) -> pymysql.connections.Connection:
+        """Open a connection, waiting for the gate until ``deadline`` (monotonic) at most."""
         if self.guard is not None:
             self.guard.preflight()
+        if self.gate is not None:
+            self.gate.admit(deadline)
         try:
-            return driver.open_connection(self.kwargs)
+            conn = driver.open_connection(self.kwargs)
         except pymysql.err.Error as exc:
             translated = self.translate(exc, during_connect=True)
+            if self.gate is not None:
+                self.gate.failed(translated)
             if translated is exc:
                 raise
             raise translated from exc
+        except BaseException:
+            if self.gate is not None:
+                self.gate.abandoned()
+            raise
+        if self.gate is not None:
+            self.gate.succeeded()
+        return conn
 
-    def translate(self, exc: BaseException, during_connect: bool = False) -> BaseException:
+    def translate(self, exc: BaseException, during_connect: bool = False,
+                  extra: Optional[Dict[str, Any]] = None) -> BaseException:
         """The actionable form of ``exc`` for this destination, with server numbers when the
         error is about server capacity and another pooled connection can still ask."""
-        extra = None
         code = exc.args[0] if getattr(exc, "args", None) else None
         if self.server_facts is not None and code in SERVER_FACT_CODES:
-            extra = self.server_facts()
+            extra = {**self.server_facts(), **(extra or {})}
         return errors.translate(exc, host=self.host, port=self.port or None, extra=extra,
                                 password=self.kwargs.get("password"),
                                 during_connect=during_connect)

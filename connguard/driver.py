@@ -8,12 +8,13 @@ driver would be a second module of the same shape.
 from __future__ import annotations
 
 import inspect
+import socket
 import ssl
 import threading
 from typing import Any, Dict, FrozenSet, Hashable, Optional, Tuple
 
 import pymysql
-from pymysql.constants import SERVER_STATUS
+from pymysql.constants import CR, SERVER_STATUS
 
 COM_RESET_CONNECTION = 0x1F
 
@@ -61,6 +62,30 @@ class GuardedConnection(pymysql.connections.Connection):
             with _ssl_lock:
                 ctx = _ssl_contexts.setdefault(key, ctx)
         return ctx
+
+
+    def connect(self, sock: Any = None) -> None:
+        """Connect; for a unix socket, open it here so a failed connect closes it.
+
+        PyMySQL creates the unix socket before ``connect()`` and never closes it when that
+        fails (a full backlog, a missing file): each failed attempt would leak a descriptor
+        until the garbage collector finds it. The failure is raised exactly as PyMySQL
+        raises it (2003 with ``original_exception``).
+        """
+        if sock is None and self.unix_socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.connect_timeout)
+                sock.connect(self.unix_socket)
+            except OSError as exc:
+                sock.close()
+                text = f"Can't connect to MySQL server on {self.host!r} ({exc})"
+                error = pymysql.err.OperationalError(CR.CR_CONN_HOST_ERROR, text)
+                error.original_exception = exc
+                raise error from None
+            self.host_info = "Localhost via UNIX socket"
+            self._secure = True
+        super().connect(sock)
 
 
 def open_connection(kwargs: Dict[str, Any]) -> pymysql.connections.Connection:
@@ -133,6 +158,20 @@ def server_capacity(conn: pymysql.connections.Connection, timeout: float) -> Dic
     finally:
         if conn._sock is not None:
             conn._sock.settimeout(previous)
+
+
+def server_limits(conn: pymysql.connections.Connection) -> Dict[str, Any]:
+    """wait_timeout, max_connections, max_user_connections, max_connect_errors: one query.
+    Empty on failure (a server that hides variables must not break connecting)."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT @@SESSION.wait_timeout, @@GLOBAL.max_connections, "
+                        "@@GLOBAL.max_user_connections, @@GLOBAL.max_connect_errors")
+            row = cur.fetchone()
+    except pymysql.err.Error:
+        return {}
+    names = ("wait_timeout", "max_connections", "max_user_connections", "max_connect_errors")
+    return {name: int(value) for name, value in zip(names, row or ()) if value is not None}
 
 
 def thread_id(conn: pymysql.connections.Connection) -> Optional[int]:

@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import string
+import struct
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, Union
 
@@ -53,6 +54,7 @@ __all__ = [
     "classify",
     "is_disconnect",
     "is_transient",
+    "preflight_error",
     "redact",
     "translate",
 ]
@@ -236,7 +238,10 @@ class PoolTimeout(ConnGuardError, pymysql.err.OperationalError):
     """No pooled connection became free in time.
 
     ``destination`` (e.g. ``"app@10.0.0.5:3306/app"``) or ``host``/``port`` name the
-    server in the message.  ``args`` is ``(first line of the message,)``: no MySQL code.
+    server in the message.  ``last_cause`` is the server's refusal that kept the pool from
+    growing while the caller waited (a translated 1040, 1203, 1135, ...), if any: it is
+    named in the first line, kept as ``.last_cause`` and chained as ``__cause__``.
+    ``args`` is ``(first line of the message,)``: no MySQL code.
     """
 
     transient = True
@@ -251,6 +256,7 @@ class PoolTimeout(ConnGuardError, pymysql.err.OperationalError):
         destination: Optional[str] = None,
         host: Optional[str] = None,
         port: Optional[int] = None,
+        last_cause: Optional[BaseException] = None,
     ) -> None:
         diagnosis: Dict[str, Any] = {
             "max_size": max_size,
@@ -259,13 +265,18 @@ class PoolTimeout(ConnGuardError, pymysql.err.OperationalError):
             "destination": destination,
             "host": host,
             "port": port,
+            "last_cause": _summary(last_cause),
+            "last_docs": getattr(last_cause, "docs", None),
         }
         cause = _render(_POOL_TIMEOUT_CAUSE, _facts(diagnosis))
         super().__init__(cause)
         self.max_size = max_size
         self.in_use = in_use
         self.waited = waited
+        self.last_cause = last_cause
         _describe(self, cause, _POOL_TIMEOUT_REMEDIES, diagnosis, None)
+        if last_cause is not None:
+            self.__cause__ = last_cause
 
 
 class PoolClosed(ConnGuardError, pymysql.err.InterfaceError):
@@ -322,9 +333,11 @@ class CircuitOpen(ConnGuardError, pymysql.err.OperationalError):
 
 _POOL_TIMEOUT_CAUSE = (
     "no free connection in the pool[ for {destination}| for {target}] after waiting "
-    "{waited} s: {in_use} of {max_size} in use"
+    "{waited} s: {in_use} of {max_size} in use[; the server refused more: {last_cause}]"
 )
 _POOL_TIMEOUT_REMEDIES = (
+    "[the pool cannot grow because the server refuses new connections: fix that first "
+    "(see {last_docs})]",
     "return connections promptly: release them in a `with` block or `finally`, also on errors",
     "look for slow queries or open transactions holding connections (SHOW PROCESSLIST)",
     "raise the pool size only if the server's max_connections leaves room for it",
@@ -436,8 +449,8 @@ _CONNECTION_LOST_REMEDIES = (
     "discard the connection and reconnect; retry only statements that are safe to repeat",
     "check connections before reuse (the connguard pool does) and keep idle time below the "
     "server's wait_timeout[ ({wait_timeout} s)]",
-    "[{close_wait} sockets toward {target} are in CLOSE_WAIT: the server closed them (KILL, "
-    "wait_timeout) and this host has not; close them|sockets the server closed (KILL, "
+    "[{stuck_close_wait} sockets toward {target} are in CLOSE_WAIT: the server closed them "
+    "(KILL, wait_timeout) and this host has not; close them|sockets the server closed (KILL, "
     "wait_timeout) stay in CLOSE_WAIT until the client closes them]",
     "check the server's error log for a crash or restart",
 )
@@ -450,8 +463,10 @@ TABLE: Tuple[Row, ...] = (
         census=True,
         cause="local ephemeral ports exhausted[ toward {target}][: {ports_in_use} of "
         "{ports_total} in use|: range {port_range_text}, {ports_total} ports]"
-        "[ (TIME_WAIT {time_wait})]",
+        "[ ({socket_states})]",
         remedies=(
+            "[{mostly_established} of them are open connections (ESTABLISHED), not TIME_WAIT: "
+            "close idle and leaked connections and cap pool sizes across all processes]",
             _POOL_INSTEAD,
             "[stay below about {max_rate} new connections/s per server address: each closed "
             "connection holds its port in TIME_WAIT for 60 s|each closed connection holds its "
@@ -468,10 +483,11 @@ TABLE: Tuple[Row, ...] = (
         errnos=(errno_codes.EMFILE,),
         census=True,
         cause="this process's open-file limit is reached[: {fd_in_use} of {fd_soft} descriptors "
-        "open (soft limit; hard {fd_hard})|: soft limit {fd_soft} descriptors (hard {fd_hard})]",
+        "open (soft limit; hard {fd_hard})|: all {fd_soft} descriptors the soft limit allows "
+        "are open (hard limit {fd_hard})]",
         remedies=(
             "close connections no longer used and discard dead ones (connguard pool)[; "
-            "{close_wait} sockets toward {target} are in CLOSE_WAIT]",
+            "{stuck_close_wait} sockets toward {target} are in CLOSE_WAIT]",
             "raise the soft limit[ toward the hard limit {fd_hard}]: LimitNOFILE= in systemd, "
             "`ulimit -n` in the start script, or resource.setrlimit()",
             "check the process's real limit in /proc/PID/limits: a shell's `ulimit -n` may show "
@@ -493,13 +509,15 @@ TABLE: Tuple[Row, ...] = (
         ResourceTemporarilyUnavailable,
         _CONNECT_CODES,
         errnos=(errno_codes.EAGAIN,),
-        cause="the server's listen queue is full[ at {target}] (EAGAIN): it is not accepting "
+        cause="the server's listen queue is full[ at {target}] (errno 11 EAGAIN)"
+        "[: {listen_queue} waiting, backlog {listen_backlog}]: it is not accepting "
         "connections as fast as they arrive",
         remedies=(
             _POOL_INSTEAD,
             _RETRY_WITH_BACKOFF,
-            "check whether the server is stalled or overloaded; raise its back_log and "
-            "net.core.somaxconn[ (now {somaxconn})]",
+            "check whether the server is stalled or overloaded (`ss -xl` shows the queue); "
+            "raise its back_log[ (now {listen_backlog})] and net.core.somaxconn"
+            "[ (now {somaxconn})]",
         ),
     ),
     Row(
@@ -558,11 +576,17 @@ TABLE: Tuple[Row, ...] = (
         TooManyConnections,
         (ER.CON_COUNT_ERROR,),
         census=True,
-        cause="too many connections: server at max_connections[ ({threads_connected} of "
-        "{max_connections} connected)| ({max_connections})]",
+        cause="too many connections[ to {target}]: server at max_connections"
+        "[ ({admin_slot_used} connected, max_connections {max_connections} + 1 kept for "
+        "SUPER / CONNECTION ADMIN)| ({threads_connected} of {max_connections} connected)"
+        "| ({max_connections})]",
         remedies=(
             "pool and cap connections so that all clients together stay below max_connections "
             "(connguard pool)",
+            "[{admin_slot_used} connected is past max_connections: an application account with "
+            "SUPER or CONNECTION ADMIN takes the connection kept for administrators, and then "
+            "no one can log in to fix this; give application accounts only the privileges "
+            "they need]",
             "close idle and leaked connections[ ({established} established from this host to "
             "{target})]; look for long Sleep rows in SHOW PROCESSLIST",
             "raise max_connections if the server has memory for more threads",
@@ -573,11 +597,14 @@ TABLE: Tuple[Row, ...] = (
         ServerThreadLimit,
         (ER.CANT_CREATE_THREAD,),
         census=True,
-        cause="the server cannot create a thread for a new connection (ER_CANT_CREATE_THREAD)"
-        "[: {threads_connected} connected]",
+        cause="the server[ at {target}] cannot create a thread for a new connection "
+        "(ER_CANT_CREATE_THREAD[, server errno {server_errno_text}])"
+        "[: {threads_below_max} connected, below max_connections {max_connections}, so an OS "
+        "limit of the server stopped it|: {threads_connected} connected, max_connections "
+        "{max_connections}|: {threads_connected} connected]",
         remedies=(
-            "stop opening connections without closing them; pool them (connguard pool)[ - "
-            "{established} established from this host to {target}]",
+            "stop opening connections without closing them; pool them (connguard pool)[ ("
+            "{established} established from this host to {target})]",
             "raise the process/thread limit of the user mysqld runs as (`ulimit -u`, "
             "LimitNPROC=): every thread of that user counts",
             "check free memory and vm.max_map_count on the server host",
@@ -588,11 +615,11 @@ TABLE: Tuple[Row, ...] = (
         HostBlocked,
         (ER.HOST_IS_BLOCKED,),
         transient=False,
-        cause="the server blocked this client host after too many interrupted connection "
-        "attempts (max_connect_errors[ = {max_connect_errors}])",
+        cause="the server[ at {target}] blocked this client host[ {blocked_host}] after too "
+        "many interrupted connection attempts (max_connect_errors[ = {max_connect_errors}])",
         remedies=(
-            "on the server run FLUSH HOSTS (`mysqladmin flush-hosts`; MySQL 8: TRUNCATE TABLE "
-            "performance_schema.host_cache)",
+            "on the server run FLUSH HOSTS (`mariadb-admin flush-hosts`, `mysqladmin "
+            "flush-hosts`; MySQL 8: TRUNCATE TABLE performance_schema.host_cache)",
             "find what interrupts handshakes from this host: probes that connect and close, "
             "connect timeouts, resets",
             "raise max_connect_errors",
@@ -602,7 +629,8 @@ TABLE: Tuple[Row, ...] = (
     Row(
         UserConnectionLimit,
         (ER.TOO_MANY_USER_CONNECTIONS, ER.USER_LIMIT_REACHED),
-        cause="the account's connection limit is reached[: {server_message}]",
+        cause="the account's connection limit is reached[ at {target}]"
+        "[ (max_user_connections = {user_limit})][: {server_message}]",
         remedies=(
             "cap the pool so that all processes using this account stay below its limit "
             "(connguard pool)",
@@ -682,14 +710,25 @@ TABLE: Tuple[Row, ...] = (
     ),
     Row(
         ConnectionLost,
-        (
-            CR.CR_SERVER_GONE_ERROR,
-            CR.CR_SERVER_LOST,
-            CR.CR_SHARED_MEMORY_CONNECT_ABANDONED_ERROR,
-            CR.CR_SERVER_LOST_EXTENDED,
-        ),
+        (CR.CR_SERVER_GONE_ERROR,),
         census=True,
-        cause="connection[ to {target}] lost[ ({reason})]",
+        cause="connection[ to {target}][ (server thread {thread_id})] lost: sending to the "
+        "server failed[ ({reason})], it had already closed the connection",
+        remedies=_CONNECTION_LOST_REMEDIES,
+    ),
+    Row(
+        ConnectionLost,
+        (CR.CR_SERVER_LOST,),
+        census=True,
+        cause="connection[ to {target}][ (server thread {thread_id})] lost while waiting for "
+        "the server's reply[ ({reason})]",
+        remedies=_CONNECTION_LOST_REMEDIES,
+    ),
+    Row(
+        ConnectionLost,
+        (CR.CR_SHARED_MEMORY_CONNECT_ABANDONED_ERROR, CR.CR_SERVER_LOST_EXTENDED),
+        census=True,
+        cause="connection[ to {target}][ (server thread {thread_id})] lost[ ({reason})]",
         remedies=_CONNECTION_LOST_REMEDIES,
     ),
     Row(
@@ -1053,7 +1092,95 @@ def _diagnose(
     if deep:
         diagnosis.update(_limits())
         diagnosis["census"] = _census(host, port) if row.census else None
+        if ident.errno == errno_codes.EAGAIN and host and host.startswith("/"):
+            queue = _unix_listen_queue(host)
+            if queue is not None:
+                diagnosis["listen_queue"], diagnosis["listen_backlog"] = queue
     return diagnosis
+
+
+# Facts only the server's own text carries.
+# 1135: MySQL "(errno 11)", MariaDB '(errno 11 "Resource temporarily unavailable")'.
+_SERVER_ERRNO_TEXT = re.compile(r"\(errno:? (\d+)")
+_BLOCKED_HOST_TEXT = re.compile(r"Host '([^']*)' is blocked")
+
+
+def _message_facts(code: Optional[int], text: str) -> Dict[str, Any]:
+    """The server's errno behind a 1135, the client host a 1129 names."""
+    facts: Dict[str, Any] = {}
+    if code == ER.CANT_CREATE_THREAD:
+        match = _SERVER_ERRNO_TEXT.search(text)
+        if match:
+            facts["server_errno"] = int(match.group(1))
+            facts["server_errno_name"] = errno_codes.errorcode.get(int(match.group(1)))
+    elif code == ER.HOST_IS_BLOCKED:
+        match = _BLOCKED_HOST_TEXT.search(text)
+        if match:
+            facts["blocked_host"] = match.group(1)
+    return facts
+
+
+# sock_diag for AF_UNIX (include/uapi/linux/unix_diag.h): what `ss -xl` shows as Recv-Q
+# (connections waiting to be accepted) and Send-Q (the backlog) of a listening socket.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLMSGHDR = struct.Struct("=IHHII")
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")  # family, protocol, pad, states, ino, show, cookie
+_UNIX_DIAG_MSG_SIZE = 16  # family, type, state, pad, ino, cookie[2]
+_RTATTR = struct.Struct("=HH")
+_UDIAG_SHOW_NAME, _UDIAG_SHOW_RQLEN = 0x01, 0x10
+_UNIX_DIAG_NAME, _UNIX_DIAG_RQLEN = 0, 4
+_TCP_LISTEN = 10
+_UNIX_DIAG_TIMEOUT = 0.5  # seconds; a translation must stay cheap
+
+
+def _unix_listen_queue(path: str) -> Optional[Tuple[int, int]]:
+    """(waiting, backlog) of the Unix socket listening on ``path``; None if unknown."""
+    try:
+        wanted = {os.fsencode(path), os.fsencode(os.path.realpath(path))}
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as sock:
+            sock.settimeout(_UNIX_DIAG_TIMEOUT)
+            body = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, 0,
+                                       _UDIAG_SHOW_NAME | _UDIAG_SHOW_RQLEN, 0, 0)
+            sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), _SOCK_DIAG_BY_FAMILY,
+                                     _NLM_F_REQUEST_DUMP, 1, 0) + body)
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return None
+                found, done = _scan_unix_diag(data, wanted)
+                if found is not None or done:
+                    return found
+    except Exception:  # no netlink, a sandbox, a timeout: the message goes without it
+        return None
+
+
+def _scan_unix_diag(data: bytes, wanted: Any) -> Tuple[Optional[Tuple[int, int]], bool]:
+    """Look through one batch of replies: (queue of the wanted socket, dump finished)."""
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, kind = _NLMSGHDR.unpack_from(data, offset)[:2]
+        if length < _NLMSGHDR.size or kind in (_NLMSG_DONE, _NLMSG_ERROR):
+            return None, True
+        name, queue = None, None
+        attr = offset + _NLMSGHDR.size + _UNIX_DIAG_MSG_SIZE
+        while attr + _RTATTR.size <= offset + length:
+            attr_len, attr_type = _RTATTR.unpack_from(data, attr)
+            if attr_len < _RTATTR.size:
+                break
+            value = data[attr + _RTATTR.size : attr + attr_len]
+            if attr_type == _UNIX_DIAG_NAME:
+                name = value.rstrip(b"\0")
+            elif attr_type == _UNIX_DIAG_RQLEN and len(value) >= 8:
+                waiting, backlog = struct.unpack_from("=II", value)
+                queue = (int(waiting), int(backlog))
+            attr += (attr_len + 3) & ~3
+        if name in wanted and queue is not None:
+            return queue, True
+        offset += (length + 3) & ~3
+    return None, False
 
 
 # --- messages -----------------------------------------------------------------------------
@@ -1120,25 +1247,61 @@ def _derived(diagnosis: Mapping[str, Any]) -> Dict[str, Any]:
         facts.update(
             port_range_text=f"{port_range[0]}-{port_range[1]}",
             ports_total=total,
-            max_rate=total // 60,  # ports ÷ 60 s of TIME_WAIT
+            # ports ÷ 60 s of TIME_WAIT; a narrow range needs the fraction ("0.13/s").
+            max_rate=total // 60 if total >= 600 else round(total / 60, 2),
         )
     census = diagnosis.get("census")
     if isinstance(census, dict):
         facts.update(census)
-        facts["ports_in_use"] = sum(census.values())
+        facts.update(_census_facts(census))
     errno, name = diagnosis.get("errno"), diagnosis.get("errno_name")
     if name and isinstance(errno, int) and errno > 0:
-        facts["reason"] = f"{name}: {os.strerror(errno)}"
+        facts["reason"] = f"errno {errno} {name}: {os.strerror(errno)}"
     elif name:
         facts["reason"] = name
     for key in ("fd_soft", "fd_hard"):
         if diagnosis.get(key) == _RLIM_INFINITY:
             facts[key] = "unlimited"
+    facts.update(_server_facts(diagnosis))
+    return facts
+
+
+def _census_facts(census: Mapping[str, Any]) -> Dict[str, Any]:
+    """Totals and the states worth naming: "TIME_WAIT 27,904, ESTABLISHED 286"."""
+    counts = {str(k): v for k, v in census.items() if isinstance(v, int) and v > 0}
+    top = sorted(counts.items(), key=lambda item: -item[1])[:3]
+    facts: Dict[str, Any] = {"ports_in_use": sum(counts.values())}
+    if top:
+        facts["socket_states"] = ", ".join(f"{k.upper()} {_number(v)}" for k, v in top)
+    established = counts.get("established", 0)
+    if established and established >= counts.get("time_wait", 0):
+        facts["mostly_established"] = established
+    if counts.get("close_wait"):
+        facts["stuck_close_wait"] = counts["close_wait"]
+    return facts
+
+
+def _server_facts(diagnosis: Mapping[str, Any]) -> Dict[str, Any]:
+    """Readings of the server's numbers (from ``extra`` or its message) worth a phrase."""
+    facts: Dict[str, Any] = {}
+    threads, most = diagnosis.get("threads_connected"), diagnosis.get("max_connections")
+    if isinstance(threads, int) and isinstance(most, int):
+        if threads > most:  # the connection reserved for SUPER / CONNECTION ADMIN is in use
+            facts["admin_slot_used"] = threads
+        elif threads < most:
+            facts["threads_below_max"] = threads
+    user_limit = diagnosis.get("max_user_connections")
+    if isinstance(user_limit, int) and user_limit > 0:  # 0 means "no global limit"
+        facts["user_limit"] = user_limit
+    server_errno = diagnosis.get("server_errno")
+    if isinstance(server_errno, int):
+        name = errno_codes.errorcode.get(server_errno)
+        facts["server_errno_text"] = f"{server_errno} {name}" if name else str(server_errno)
     return facts
 
 
 # Identifiers, not quantities: no thousands separators.
-_PLAIN_NUMBERS = ("port", "errno", "mysql_code")
+_PLAIN_NUMBERS = ("port", "errno", "mysql_code", "server_errno", "thread_id")
 
 
 def _facts(diagnosis: Mapping[str, Any], server_message: str = "") -> Dict[str, str]:
@@ -1255,6 +1418,7 @@ def _translate(
     server_message = redact(_server_message(exc), password)
     host, port = _endpoint(host, port, server_message)
     diagnosis = _diagnose(ident, row, host, port, diagnose)
+    diagnosis.update(_message_facts(ident.code, server_message))
     diagnosis.update(extra or {})
     new = _instantiate(row.cls, exc, _redact_args(tuple(exc.args), password))
     new.transient = row.transient
@@ -1299,3 +1463,23 @@ def translate(
         # Translating is a courtesy: the original error is always a correct answer.
         return exc
 
+
+
+def preflight_error(
+    cls: Type[ConnGuardError],
+    cause: str,
+    remedies: Tuple[str, ...],
+    diagnosis: Dict[str, Any],
+) -> ConnGuardError:
+    """``cls`` for a connection refused *before* connect() (the OS resource guard).
+
+    Nothing failed yet, so there is no original; ``cause`` and ``remedies`` are templates
+    like the table's, filled from ``diagnosis`` (which becomes ``err.diagnosis``).
+    ``args`` is ``(2003, first line)``, the code PyMySQL uses for a failed connect, so
+    handlers that look at ``args[0]`` treat it like the kernel's refusal.
+    """
+    facts = _facts(diagnosis)
+    text = _render(cause, facts)
+    err = cls(CR.CR_CONN_HOST_ERROR, text)
+    _describe(err, text, remedies, diagnosis, None)
+    return err

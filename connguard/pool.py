@@ -21,13 +21,15 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import pymysql
 
-from connguard import driver, errors, reaper
+from connguard import driver, errors, reaper, storm
 from connguard.arguments import split_arguments
 from connguard.connector import Connector
 from connguard.guard import ResourceGuard
+from connguard.hostgate import HostGate, gate_path
 from connguard.liveness import Probe, peer_closed
 from connguard.policies import LifetimePolicy, PoolSettings, ResetPolicy
 from connguard.proxy import PooledConnection
+from connguard.storm import Ceiling, StormPolicy
 
 log = logging.getLogger("connguard.pool")
 
@@ -70,6 +72,7 @@ def retire_reason(entry: Entry, now: float, lifetime: LifetimePolicy,
 
 def build_policies(options: Dict[str, Any]) -> Tuple[PoolSettings, LifetimePolicy, ResetPolicy]:
     """The policy objects for a pool's options; raises ValueError naming a bad option."""
+    storm.policy_from_options(options)  # validated here too, before anything is started
     settings = PoolSettings(**{k: v for k, v in options.items()
                                if k in PoolSettings.__dataclass_fields__})
     lifetime = LifetimePolicy(
@@ -92,9 +95,16 @@ class Pool:
         self._settings, self._lifetime, self._reset = build_policies(options)
         self._clock = clock
         self._host, self._port = driver.destination(self._connect_kwargs)
+        self._storm: Optional[StormPolicy] = (
+            storm.policy_from_options(options) if options.get("storm_control", True) else None)
+        self._max_handshakes = (self._storm.max_handshakes if self._storm
+                                else self._settings.max_size)
+        self._ceiling = Ceiling(self._storm.ceiling_probe if self._storm else 1.0)
         self._connector = Connector(self._connect_kwargs, guard=self._make_guard(options),
+                                    gate=self._make_gate(options),
                                     server_facts=self._server_facts)
         self._wait_timeout: Optional[int] = None
+        self._server_limits: Dict[str, Any] = {}
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._idle: Deque[Entry] = deque()
@@ -103,6 +113,7 @@ class Pool:
         self._opening = 0
         self._waiting = 0
         self._closed = False
+        self._last_refusal: Optional[BaseException] = None  # the server's last "full" answer
         self._stats: Counter = Counter()
         reaper.register(self)
 
@@ -111,6 +122,17 @@ class Pool:
             return None  # opted out, or a unix socket: no ephemeral port to run out of
         reserves = {k: options[k] for k in ("fd_reserve", "port_reserve") if k in options}
         return ResourceGuard(self._host, self._port, **reserves)
+
+    def _make_gate(self, options: Dict[str, Any]) -> Optional[storm.ConnectGate]:
+        if self._storm is None:
+            return None
+        host_gate = None
+        shared = options.get("host_gate", False)
+        if shared:
+            directory = shared if isinstance(shared, str) else None
+            host_gate = HostGate(gate_path(self._host, self._port, directory), self._storm.rate,
+                                 self._storm.burst, self._storm.max_handshakes)
+        return storm.gate_for(self._host, self._port, self._storm, host_gate)
 
     # -- checkout --------------------------------------------------------------------------
     def connect(self) -> PooledConnection:
@@ -126,7 +148,13 @@ class Pool:
         while True:
             entry = self._take_or_reserve(deadline)
             if entry is None:
-                return self._open_reserved()
+                try:
+                    return self._open_reserved(deadline)
+                except errors.ConnGuardError as exc:
+                    if not self._wait_instead(exc):
+                        raise
+                now = self._clock()
+                continue
             reason = retire_reason(entry, now, self._lifetime)
             if reason is None:
                 self._mark_checked_out(entry, now)
@@ -147,26 +175,48 @@ class Pool:
                     entry = self._idle.pop()  # most recently used: warmest, least likely dead
                     self._in_use.add(entry)
                     return entry
-                if len(self._in_use) + self._opening < self._settings.max_size:
+                now = self._clock()
+                if self._may_open(now):
                     self._opening += 1
                     return None
-                remaining = deadline - self._clock()
+                remaining = deadline - now
                 if remaining <= 0:
                     self._stats["timeouts"] += 1
                     raise self._timeout_error()
                 if not counted_wait:
                     self._stats["waits"] += 1
                     counted_wait = True
+                probe_in = self._ceiling.seconds_to_probe(now)
                 self._waiting += 1
                 try:
-                    self._cond.wait(remaining)
+                    self._cond.wait(remaining if probe_in is None else min(remaining, probe_in))
                 finally:
                     self._waiting -= 1
 
+    def _may_open(self, now: float) -> bool:
+        """Under the lock: may one more connection be opened now? Bounded by max_size, the
+        handshakes already running, and the ceiling the server taught us."""
+        count = len(self._in_use) + len(self._idle) + self._opening
+        return (count < self._settings.max_size and self._opening < self._max_handshakes
+                and self._ceiling.allows(count, now))
+
+    def _wait_instead(self, exc: errors.ConnGuardError) -> bool:
+        """After a failed connect: wait for a returned connection rather than fail?
+
+        Yes when the server said it is full (1040, 1203, 1226, 1135): the ceiling is now
+        lowered, and the connections this pool holds will come back to the waiting callers.
+        """
+        code = exc.args[0] if exc.args else None
+        if code in storm.CAPACITY_CODES:
+            self._stats["capacity_waits"] += 1
+            return True
+        return False
+
     def _timeout_error(self) -> errors.PoolTimeout:
+        # Name the server's refusal when that is why nothing could be opened.
         return errors.PoolTimeout(self._settings.max_size, len(self._in_use),
                                   self._settings.checkout_timeout, host=self._host,
-                                  port=self._port or None)
+                                  port=self._port or None, last_cause=self._last_refusal)
 
     def _mark_checked_out(self, entry: Entry, now: float) -> None:
         entry.uses += 1
@@ -175,48 +225,58 @@ class Pool:
             entry.checkout_stack = "".join(traceback.format_stack(limit=12)[:-3])
             entry.leak_reported = False
 
-    def _open_reserved(self) -> Entry:
+    def _open_reserved(self, deadline: float = float("inf")) -> Entry:
         """Open a connection in the slot reserved under the lock; the slot is freed on error."""
         try:
-            conn = self._open_connection()
-        except BaseException:
-            with self._cond:
+            conn = self._open_connection(deadline)
+        except BaseException as exc:
+            with self._lock:
                 self._opening -= 1
+                code = exc.args[0] if isinstance(exc, errors.ConnGuardError) and exc.args else None
+                if code in storm.CAPACITY_CODES:
+                    self._last_refusal = exc
+                    held = len(self._in_use) + len(self._idle) + self._opening
+                    self._ceiling.hit(held, self._clock())
+                    log.warning("server refused connection %d (%s): holding at %d until the "
+                                "next probe in %.1fs", held + 1, code, held,
+                                self._ceiling.probe_interval)
                 self._cond.notify()
             raise
         now = self._clock()
         entry = Entry(conn=conn, opened_at=now, expires_at=self._lifetime.expiry(now),
                       autocommit=driver.autocommit(conn), last_used=now)
-        with self._cond:
+        with self._lock:
             self._opening -= 1
             self._stats["opened"] += 1
             closed = self._closed
             if not closed:
                 self._in_use.add(entry)
+                self._last_refusal = None
+                self._ceiling.grew(len(self._in_use) + len(self._idle) + self._opening,
+                                   self._settings.max_size)
         if closed:
             driver.close_gracefully(conn)
             raise errors.PoolClosed(repr(self))
         self._mark_checked_out(entry, now)
         return entry
 
-    def _open_connection(self) -> pymysql.connections.Connection:
-        conn = self._connector.open()
+    def _open_connection(self, deadline: float) -> pymysql.connections.Connection:
+        conn = self._connector.open(deadline)
         if self._wait_timeout is None:
             self._learn_server_timeouts(conn)
         return conn
 
     def _learn_server_timeouts(self, conn: pymysql.connections.Connection) -> None:
-        """Read ``wait_timeout`` once per pool: idle connections retire before the server
-        would kill them (the session value, which the server sets from interactive_timeout
-        for interactive clients)."""
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT @@SESSION.wait_timeout")
-                row = cur.fetchone()
-            self._wait_timeout = int(row[0])
-        except (pymysql.err.Error, TypeError, ValueError) as exc:
-            log.debug("could not read wait_timeout: %s", exc)
-            self._wait_timeout = 0
+        """Read the server's limits once per pool, on its first connection.
+
+        ``wait_timeout`` (the session value, which the server sets from interactive_timeout
+        for interactive clients): idle connections retire before the server would kill
+        them. ``max_connections`` and friends: kept for error messages when the server
+        later refuses and no idle connection is left to ask.
+        """
+        limits = driver.server_limits(conn)
+        self._wait_timeout = int(limits.pop("wait_timeout", 0) or 0)
+        self._server_limits = limits
         self._lifetime = self._lifetime.for_server(self._wait_timeout)
 
     # -- return ----------------------------------------------------------------------------
@@ -291,9 +351,10 @@ class Pool:
             self._stats["lost"] += 1
 
     # -- errors ----------------------------------------------------------------------------
-    def translate(self, exc: BaseException) -> BaseException:
+    def translate(self, exc: BaseException, extra: Optional[Dict[str, Any]] = None
+                  ) -> BaseException:
         """The actionable form of ``exc`` for this pool's destination."""
-        return self._connector.translate(exc)
+        return self._connector.translate(exc, extra=extra)
 
     def _server_facts(self) -> Dict[str, Any]:
         """max_connections and Threads_connected, asked through an idle pooled connection
@@ -303,8 +364,8 @@ class Pool:
             if entry is not None:
                 self._in_use.add(entry)
         if entry is None:
-            return {}
-        facts = driver.server_capacity(entry.conn, timeout=1.0)
+            return dict(self._server_limits)  # read at the first connect: better than nothing
+        facts = {**self._server_limits, **driver.server_capacity(entry.conn, timeout=1.0)}
         if not facts:
             entry.broken = True
         self._release(entry)
@@ -352,10 +413,9 @@ class Pool:
 
     def _top_up(self) -> None:
         """Open connections until ``min_idle`` are idle (one per reaper pass: no burst)."""
-        with self._cond:
+        with self._lock:
             want = (not self._closed and len(self._idle) + self._opening < self._settings.min_idle
-                    and len(self._in_use) + len(self._idle) + self._opening
-                    < self._settings.max_size)
+                    and self._may_open(self._clock()))
             if want:
                 self._opening += 1
         if not want:
@@ -409,7 +469,11 @@ class Pool:
             stats.update(idle=len(self._idle), in_use=len(self._in_use),
                          opening=self._opening, waiting=self._waiting,
                          max_size=self._settings.max_size, wait_timeout=self._wait_timeout,
-                         idle_timeout=self._lifetime.idle_timeout)
+                         idle_timeout=self._lifetime.idle_timeout, ceiling=self._ceiling.value,
+                         capacity_waits=self._stats.get("capacity_waits", 0))
+        gate = self._connector.gate
+        if gate is not None:
+            stats.update(gate.stats())
         return stats
 
     def _describe_destination(self) -> str:

@@ -87,9 +87,11 @@ class PooledConnection(_ProxyBase):
     def _self_fail(self, exc: BaseException) -> NoReturn:
         """Mark the server connection broken if ``exc`` is connection-level; raise it
         translated."""
-        if self._self_entry is not None and errors.is_disconnect(exc):
-            self._self_entry.broken = True
-        translated = self._self_pool.translate(exc)
+        entry = self._self_entry
+        if entry is not None and errors.is_disconnect(exc):
+            entry.broken = True
+        tid = entry.conn.server_thread_id if entry is not None else None
+        translated = self._self_pool.translate(exc, extra={"thread_id": tid[0]} if tid else None)
         if translated is exc:
             raise exc
         raise translated from exc

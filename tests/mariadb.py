@@ -132,10 +132,15 @@ class Template:
         install = find_binary("mariadb-install-db") or find_binary("mysql_install_db")
         if install is None:
             raise RuntimeError(INSTALL_HINT)
+        tmpdir = os.path.join(self.root, "install-tmp")
+        os.makedirs(tmpdir, exist_ok=True)
+        uid = _server_uid()
+        if uid is not None:
+            os.chown(tmpdir, uid, -1)
         cmd = [install, "--no-defaults", f"--datadir={self.datadir}",
                "--auth-root-authentication-method=normal", "--skip-test-db",
-               "--innodb-log-file-size=4M"]
-        if _server_uid() is not None:
+               "--innodb-log-file-size=4M", f"--tmpdir={tmpdir}"]
+        if uid is not None:
             cmd.append(f"--user={SERVER_USER}")
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if out.returncode != 0:
@@ -147,7 +152,11 @@ class Template:
                 for host in ("%%", "localhost"):
                     cur.execute(f"CREATE USER '{APP_USER}'@'{host}' IDENTIFIED BY %s",
                                 (APP_PASSWORD,))
-                    cur.execute(f"GRANT ALL ON *.* TO '{APP_USER}'@'{host}'".replace("%%", "%"))
+                    # Like a production application account: no SUPER, so the server's
+                    # extra admin slot above max_connections is not the app's to take.
+                    account = f"'{APP_USER}'@'{host}'".replace("%%", "%")
+                    cur.execute(f"GRANT ALL ON {APP_DATABASE}.* TO {account}")
+                    cur.execute(f"GRANT PROCESS ON *.* TO {account}")
                 cur.execute(f"CREATE DATABASE {APP_DATABASE}")
         finally:
             server.stop()
@@ -182,7 +191,10 @@ class MariaDB:
             raise RuntimeError(INSTALL_HINT)
         cmd = [mariadbd, "--no-defaults", f"--datadir={self.datadir}", f"--port={self.port}",
                f"--socket={self.socket_path}", f"--log-error={self.error_log}",
-               f"--pid-file={os.path.join(self.workdir, 'mysqld.pid')}"]
+               f"--pid-file={os.path.join(self.workdir, 'mysqld.pid')}",
+               # A private tmpdir: servers started in parallel (other test runs, namespaces)
+               # must not collide on temporary table names in a shared /tmp.
+               f"--tmpdir={self.workdir}"]
         if _server_uid() is not None:
             cmd.append(f"--user={SERVER_USER}")
         cmd += option_args({**BASE_OPTIONS, **self.options})

@@ -405,9 +405,10 @@ def test_first_line_names_the_numbers() -> None:
     lines = str(new).split("\n")
     assert lines[0] == (
         "local ephemeral ports exhausted toward 10.0.0.5:3306: 28,190 of 28,232 in use "
-        "(TIME_WAIT 27,904) — reuse connections instead of opening one per query "
-        "(connguard pool)"
+        "(TIME_WAIT 27,904, ESTABLISHED 286) — reuse connections instead of opening one per "
+        "query (connguard pool)"
     )
+    assert "CLOSE_WAIT" not in str(new)  # a zero count is not a fact worth a line
     assert any("470 new connections/s" in line for line in lines)
     assert any("ip_local_port_range (now 32768-60999)" in line for line in lines)
     assert any("tcp_tw_reuse=1 (now 2)" in line for line in lines)
@@ -427,6 +428,111 @@ def test_too_many_connections_uses_caller_facts() -> None:
     assert new.diagnosis["max_connections"] == 151
 
 
+def test_ports_held_by_open_connections_are_named() -> None:
+    """A narrow range filled by open connections: the advice is to close them, not TIME_WAIT."""
+    new = translate(
+        connect_error(oserror(errno.EADDRNOTAVAIL)),
+        host="127.0.0.1",
+        port=3306,
+        extra={"census": {"established": 8, "time_wait": 0}, "port_range": (40000, 40007)},
+    )
+    assert new.cause.endswith(": 8 of 8 in use (ESTABLISHED 8)")
+    assert new.remedies[0].startswith("8 of them are open connections (ESTABLISHED)")
+    assert "about 0.13 new connections/s" in str(new)
+
+
+def test_too_many_connections_with_the_admin_connection_taken() -> None:
+    """MySQL and MariaDB let one more SUPER / CONNECTION ADMIN session in past the limit."""
+    new = translate(
+        server_error(1040, "Too many connections"),
+        host="127.0.0.1",
+        port=3306,
+        extra={"max_connections": 10, "threads_connected": 11},
+    )
+    assert new.cause == (
+        "too many connections to 127.0.0.1:3306: server at max_connections (11 connected, "
+        "max_connections 10 + 1 kept for SUPER / CONNECTION ADMIN)"
+    )
+    assert any("give application accounts only the privileges" in r for r in new.remedies)
+    plain = translate(server_error(1040, "Too many connections"), extra={
+        "max_connections": 10, "threads_connected": 10})
+    assert "(10 of 10 connected)" in plain.cause
+    assert not any("privileges" in r for r in plain.remedies)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        THREAD_MSG,  # MySQL
+        "Can't create a new thread (errno 11 \"Resource temporarily unavailable\"); if you "
+        "are not out of available memory, you can consult the manual for a possible "
+        "OS-dependent bug",  # MariaDB 10.11
+    ],
+)
+def test_thread_limit_names_the_server_errno(message: str) -> None:
+    new = translate(
+        server_error(1135, message), extra={"max_connections": 151, "threads_connected": 24}
+    )
+    assert new.diagnosis["server_errno"] == errno.EAGAIN
+    assert new.cause == (
+        "the server cannot create a thread for a new connection (ER_CANT_CREATE_THREAD, server "
+        "errno 11 EAGAIN): 24 connected, below max_connections 151, so an OS limit of the "
+        "server stopped it"
+    )
+
+
+def test_host_blocked_names_the_host() -> None:
+    new = translate(
+        server_error(1129, "Host '10.0.0.7' is blocked because of many connection errors; "
+                           "unblock with 'mariadb-admin flush-hosts'"),
+        host="10.0.0.5",
+        port=3306,
+        extra={"max_connect_errors": 100},
+    )
+    assert new.diagnosis["blocked_host"] == "10.0.0.7"
+    assert new.cause == (
+        "the server at 10.0.0.5:3306 blocked this client host 10.0.0.7 after too many "
+        "interrupted connection attempts (max_connect_errors = 100)"
+    )
+
+
+def test_user_connection_limit_names_the_limit() -> None:
+    msg = "User app already has more than 'max_user_connections' active connections"
+    new = translate(server_error(1203, msg), extra={"max_user_connections": 3})
+    assert new.cause == (
+        f"the account's connection limit is reached (max_user_connections = 3): {msg}"
+    )
+    unlimited = translate(server_error(1203, msg), extra={"max_user_connections": 0})
+    assert "max_user_connections =" not in unlimited.cause  # 0: a per-account limit applies
+
+
+def test_unix_listen_queue_is_read_from_the_kernel() -> None:
+    """A listener that never accepts: the diagnosis has what `ss -xl` shows for it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "mysqld.sock")
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(path)
+            listener.listen(2)
+            clients = []
+            try:
+                for _ in range(3):
+                    client = socket.socket(socket.AF_UNIX)
+                    clients.append(client)
+                    client.setblocking(False)
+                    client.connect(path)
+                assert errors._unix_listen_queue(path) == (3, 2)
+                new = translate(connect_error(oserror(errno.EAGAIN), host="localhost"), host=path)
+            finally:
+                for client in clients:
+                    client.close()
+    assert (new.diagnosis["listen_queue"], new.diagnosis["listen_backlog"]) == (3, 2)
+    assert new.cause == (
+        f"the server's listen queue is full at {path} (errno 11 EAGAIN): 3 waiting, backlog 2: "
+        "it is not accepting connections as fast as they arrive"
+    )
+    assert errors._unix_listen_queue("/nonexistent/mysqld.sock") is None
+
+
 def test_fd_limit_message() -> None:
     new = translate(
         connect_error(oserror(errno.EMFILE)),
@@ -442,7 +548,9 @@ def test_unlimited_hard_limit_reads_well() -> None:
         connect_error(oserror(errno.EMFILE)),
         extra={"fd_in_use": None, "fd_soft": 1024, "fd_hard": resource.RLIM_INFINITY},
     )
-    assert "soft limit 1,024 descriptors (hard unlimited)" in str(new)
+    assert "all 1,024 descriptors the soft limit allows are open (hard limit unlimited)" in str(
+        new
+    )
 
 
 def test_thread_limit_message_keeps_server_text_in_original() -> None:
@@ -581,6 +689,26 @@ def test_pool_timeout() -> None:
     )
 
 
+def test_pool_timeout_names_the_servers_refusal() -> None:
+    refusal = translate(
+        server_error(1040, "Too many connections"),
+        host="10.0.0.5",
+        port=3306,
+        extra={"max_connections": 151, "threads_connected": 151},
+    )
+    err = PoolTimeout(10, 4, 5.0, host="10.0.0.5", port=3306, last_cause=refusal)
+    first = str(err).split("\n", 1)[0]
+    assert first.startswith(
+        "no free connection in the pool for 10.0.0.5:3306 after waiting 5 s: 4 of 10 in use; "
+        "the server refused more: TooManyConnections: too many connections to 10.0.0.5:3306: "
+        "server at max_connections (151 of 151 connected) — the pool cannot grow because the "
+        "server refuses new connections: fix that first (see errors/too-many-connections.md)"
+    )
+    assert err.last_cause is refusal and err.__cause__ is refusal
+    back = pickle.loads(pickle.dumps(err))
+    assert str(back) == str(err) and type(back.last_cause) is TooManyConnections
+
+
 def test_circuit_open() -> None:
     last = translate(server_error(1040, "Too many connections"), diagnose=False)
     err = CircuitOpen(last, 4.2, host="10.0.0.5", port=3306, failures=5)
@@ -622,7 +750,7 @@ def test_real_refused_connect() -> None:
     port = _closed_port()
     new = translate(_connect_error(host="127.0.0.1", port=port), host="127.0.0.1", port=port)
     assert isinstance(new, ServerUnavailable)
-    assert f"at 127.0.0.1:{port} (ECONNREFUSED: Connection refused)" in new.cause
+    assert f"at 127.0.0.1:{port} (errno 111 ECONNREFUSED: Connection refused)" in new.cause
 
 
 @pytest.mark.skipif(

@@ -1,0 +1,151 @@
+"""The ``connguard`` command.  Subcommands: ``doctor`` (more, e.g. ``bench``, plug in here).
+
+Only argument parsing and printing live here; the report itself is :mod:`connguard.doctor`.
+Exit status: 0 when nothing is red, 1 when a check is red, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import getpass
+import json
+import os
+import sys
+from typing import Any, Callable, List, Optional, Sequence, TextIO
+
+from connguard import doctor
+from connguard.doctor import RED, Check, Report, Target
+
+EXIT_OK, EXIT_RED, EXIT_USAGE = 0, 1, 2
+
+Handler = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="connguard", description="Client-side guard for MySQL/MariaDB connections.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    add_doctor(commands)
+    return parser
+
+
+def add_doctor(commands: Any) -> None:
+    """Register ``connguard doctor`` on the subparsers object ``commands``."""
+    parser = commands.add_parser(
+        "doctor", help="check this host's limits and a server's connection settings",
+        description="Report fd limits, ephemeral ports, sockets toward the server and the "
+        "server's connection settings, each with a verdict (green/yellow/red). Exit status "
+        "1 when a check is red. The password is never printed.")
+    parser.add_argument("--dsn", help="mysql://user[:password]@host[:port][/db]; the password "
+                        "may instead come from MYSQL_PWD or --password-prompt")
+    parser.add_argument("--socket", metavar="PATH", help="connect over this unix socket")
+    parser.add_argument("--password-prompt", action="store_true",
+                        help="ask for the password on the terminal")
+    parser.add_argument("--pid", type=int, help="report the fd limits of this process (e.g. "
+                        "your service) instead of the doctor's own")
+    parser.add_argument("--json", action="store_true", help="print JSON (see docs/doctor.md)")
+    parser.set_defaults(handler=run_doctor, parser=parser)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        handler: Handler = args.handler
+        return handler(args, args.parser)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except BrokenPipeError:
+        # `connguard doctor | head`: the reader left; stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_RED
+
+
+# --- doctor ---------------------------------------------------------------------------------
+
+
+def run_doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    target = _target(args, parser)
+    report = doctor.diagnose(target, pid=args.pid)
+    out = sys.stdout
+    if args.json:
+        json.dump(report.as_json(), out, indent=2)
+        out.write("\n")
+    else:
+        write_report(report, out)
+    return EXIT_RED if report.worst == RED else EXIT_OK
+
+
+def _target(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optional[Target]:
+    """The server to examine from --dsn/--socket, with the password from its sources."""
+    if not args.dsn and not args.socket:
+        return None
+    try:
+        target = doctor.parse_dsn(args.dsn) if args.dsn else Target()
+    except ValueError as exc:
+        parser.error(f"--dsn: {exc}")
+    if args.socket:
+        target = dataclasses.replace(target, unix_socket=args.socket)
+    return dataclasses.replace(target, password=_password(args, target))
+
+
+def _password(args: argparse.Namespace, target: Target) -> Optional[str]:
+    """--password-prompt, else the DSN's, else MYSQL_PWD (as the mysql client reads it)."""
+    if args.password_prompt:
+        return getpass.getpass(f"Password for {target.describe()}: ")
+    if target.password is not None:
+        return target.password
+    return os.environ.get("MYSQL_PWD")
+
+
+# --- plain-text tables ------------------------------------------------------------------------
+
+_TITLES = {"host": "Host (fd limits of {process}; --pid PID for a service's)",
+           "sockets": "Sockets toward {address} (every process on this host)",
+           "server": "Server {target}"}
+
+
+def write_report(report: Report, out: TextIO) -> None:
+    target = report.target
+    where = target.describe() if target else "this host"
+    names = {"target": where, "process": f"pid {report.process.get('pid')}",
+             "address": target.address() if target else ""}
+    out.write(f"connguard doctor: {where}\n")
+    for section, title in _TITLES.items():
+        rows = [c for c in report.checks if c.section == section]
+        if rows:
+            out.write("\n" + title.format(**names) + "\n")
+            out.writelines(line + "\n" for line in table(rows))
+    out.write("\n" + summary(report.checks) + "\n")
+
+
+def table(rows: List[Check]) -> List[str]:
+    """Aligned columns: check, value, verdict, note."""
+    cells = [(c.name, _text(c.value), c.verdict.upper(), c.note) for c in rows]
+    header = ("check", "value", "verdict", "note")
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(3)]
+    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3]
+            for row in [header, *cells]]
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def summary(checks: List[Check]) -> str:
+    counts = {v: sum(1 for c in checks if c.verdict == v) for v in doctor.VERDICTS}
+    status = EXIT_RED if counts[RED] else EXIT_OK
+    return (f"{counts[RED]} red, {counts['yellow']} yellow, {counts['green']} green "
+            f"(exit status {status})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

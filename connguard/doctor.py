@@ -1,0 +1,572 @@
+"""``connguard doctor``: the numbers that decide whether connections will fail, with verdicts.
+
+A report has two halves.  The host: fd limits, the ephemeral port range and the connect rate
+it sustains (ports ÷ 60 s of TIME_WAIT), ``tcp_tw_reuse``, the system file table, and the
+sockets toward the server by state.  The server (with a DSN): ``max_connections`` against
+``Threads_connected`` and ``Max_used_connections``, timeouts, ``max_connect_errors``, the
+thread pool, ``back_log``, ``Aborted_connects`` and ``Connection_errors_*``.
+
+Every line is a :class:`Check` with a verdict: ``green`` (fine), ``yellow`` (worth a look, or
+trouble in the past) or ``red`` (failing now or about to).  The rules are small pure functions
+of the numbers, so they are tested without a host or a server; :func:`diagnose` does the I/O.
+The password is never part of a report: :class:`Target` keeps it out of ``repr`` and JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pymysql
+
+from connguard import errors
+from connguard.census import census
+from connguard.guard import DEFAULT_FD_RESERVE, default_port_reserve
+from connguard.limits import TIME_WAIT_SECONDS, limits
+
+GREEN, YELLOW, RED = "green", "yellow", "red"
+VERDICTS = (GREEN, YELLOW, RED)  # in order of severity
+
+#: Server variables the report reads (plus every ``thread_pool_*``).
+SERVER_VARIABLES = (
+    "version", "max_connections", "max_user_connections", "wait_timeout",
+    "interactive_timeout", "connect_timeout", "max_connect_errors", "thread_handling",
+    "back_log",
+)
+#: Server status counters the report reads (plus ``Connection_errors_*``, ``Threadpool_*``).
+SERVER_STATUS = ("Threads_connected", "Threads_running", "Max_used_connections",
+                 "Aborted_connects", "Connections")
+DSN_SCHEMES = ("mysql", "mysql+pymysql", "mariadb", "mariadb+pymysql")
+CONNECT_TIMEOUT = 5  # seconds: a doctor must answer even when the server does not
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    section: str  # "host", "sockets" or "server"
+    name: str
+    value: Any  # JSON-serialisable
+    verdict: str
+    note: str = ""
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def worst(checks: Sequence[Check]) -> str:
+    """The most severe verdict among ``checks`` (green for none)."""
+    return max((c.verdict for c in checks), key=VERDICTS.index, default=GREEN)
+
+
+# --- the server to examine ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where the server is and how to log in.  ``password`` never shows in repr or JSON."""
+
+    host: str = "localhost"
+    port: int = 3306
+    user: Optional[str] = None
+    database: Optional[str] = None
+    unix_socket: Optional[str] = None
+    password: Optional[str] = dataclasses.field(default=None, repr=False)
+
+    def address(self) -> str:
+        """``host:port``, or the unix socket path."""
+        return self.unix_socket or _host_port(self.host, self.port)
+
+    def describe(self) -> str:
+        where = self.address()
+        user = f"{self.user}@" if self.user else ""
+        return f"{user}{where}" + (f"/{self.database}" if self.database else "")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"host": self.host, "port": self.port, "user": self.user,
+                "database": self.database, "unix_socket": self.unix_socket}
+
+    def connect_kwargs(self) -> Dict[str, Any]:
+        kwargs: Dict[str, Any] = {"host": self.host, "port": self.port, "user": self.user,
+                                  "password": self.password or "", "database": self.database,
+                                  "connect_timeout": CONNECT_TIMEOUT}
+        if self.unix_socket:
+            kwargs["unix_socket"] = self.unix_socket
+        return kwargs
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_dsn(dsn: str) -> Target:
+    """``mysql://user[:password]@host[:port][/database][?unix_socket=PATH]`` as a Target.
+
+    Raises ValueError, with a message that never contains the password.
+    """
+    parts = urlsplit(dsn)
+    if parts.scheme not in DSN_SCHEMES:
+        raise ValueError(f"DSN scheme must be one of {', '.join(DSN_SCHEMES)}: "
+                         f"mysql://user@host:port/db")
+    try:
+        port = parts.port or 3306
+    except ValueError:
+        raise ValueError("DSN port must be a number in 1..65535") from None
+    query = parse_qs(parts.query)
+    socket_path = query.get("unix_socket", [None])[0]
+    return Target(host=unquote(parts.hostname or "localhost"), port=port,
+                  user=unquote(parts.username) if parts.username else None,
+                  database=unquote(parts.path.lstrip("/")) or None,
+                  unix_socket=socket_path,
+                  password=unquote(parts.password) if parts.password is not None else None)
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN as it may be shown: any password replaced by ``***``."""
+    return errors.redact(dsn)
+
+
+# --- verdict rules: host ------------------------------------------------------------------------
+
+
+def _ratio_verdict(used: float, limit: float, yellow: float, red: float) -> str:
+    if limit <= 0:
+        return GREEN
+    share = used / limit
+    return RED if share >= red else YELLOW if share >= yellow else GREEN
+
+
+def _n(value: Optional[float]) -> str:
+    """A number for a note: thousands separators; ``?`` when unknown."""
+    if value is None:
+        return "?"
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:,.1f}"
+    return f"{int(value):,}"
+
+
+def check_fd_soft_limit(soft: Optional[int], hard: Optional[int]) -> Check:
+    """A soft limit below the hard one is the trap of incident 2: it stops the process early."""
+    value = f"{_limit_text(soft)} / {_limit_text(hard)}"
+    if soft is not None and hard != soft:
+        return Check("host", "open files soft / hard", value, YELLOW,
+                     f"the soft limit stops the process at {_n(soft)} descriptors; raise it "
+                     "toward the hard limit (LimitNOFILE=, ulimit -n, "
+                     "connguard.limits.raise_fd_soft_limit())")
+    return Check("host", "open files soft / hard", value, GREEN)
+
+
+def _limit_text(value: Optional[int]) -> str:
+    return "unlimited" if value is None else f"{value:,}"
+
+
+def check_fd_headroom(in_use: Optional[int], soft: Optional[int],
+                      reserve: int = DEFAULT_FD_RESERVE) -> Check:
+    """Descriptors left under the soft limit: red below the guard's reserve."""
+    if in_use is None or soft is None:
+        return Check("host", "open files in use", in_use, GREEN, "limit unknown or unlimited")
+    left = soft - in_use
+    value = f"{in_use:,} of {soft:,}"
+    if left < reserve:
+        return Check("host", "open files in use", value, RED,
+                     f"only {_n(left)} left: new sockets fail with errno 24 (EMFILE)")
+    if left < soft * 0.2:
+        return Check("host", "open files in use", value, YELLOW,
+                     f"{_n(left)} left under the soft limit")
+    return Check("host", "open files in use", value, GREEN)
+
+
+def check_port_range(port_range: Optional[Tuple[int, int]]) -> Check:
+    """The ephemeral range and the connect rate toward one server it sustains."""
+    if port_range is None:
+        return Check("host", "ephemeral port range", None, GREEN, "unknown (no /proc)")
+    size = port_range[1] - port_range[0] + 1
+    rate = size / TIME_WAIT_SECONDS
+    value = f"{port_range[0]}-{port_range[1]} ({size:,} ports)"
+    note = (f"sustains about {_n(rate)} new connections/s per server address "
+            f"(each close holds a port {TIME_WAIT_SECONDS} s in TIME_WAIT)")
+    if size < 10_000:
+        return Check("host", "ephemeral port range", value, YELLOW,
+                     note + "; widen net.ipv4.ip_local_port_range")
+    return Check("host", "ephemeral port range", value, GREEN, note)
+
+
+def check_tw_reuse(value: Optional[int]) -> Check:
+    meaning = {0: "TIME_WAIT ports are never reused early",
+               1: "connect() may reuse TIME_WAIT ports after 1 s",
+               2: "TIME_WAIT ports are reused early on loopback only"}
+    return Check("host", "net.ipv4.tcp_tw_reuse", value, GREEN,
+                 meaning.get(value, "") if value is not None else "unknown")
+
+
+def check_file_table(file_nr: Optional[Tuple[int, int]]) -> Check:
+    """The system-wide file table (ENFILE, errno 23, when full)."""
+    if file_nr is None:
+        return Check("host", "system file table", None, GREEN, "unknown")
+    allocated, maximum = file_nr
+    verdict = _ratio_verdict(allocated, maximum, 0.7, 0.9)
+    note = "" if verdict == GREEN else "raise fs.file-max; find the process holding most fds"
+    return Check("host", "system file table", f"{allocated:,} of {maximum:,}", verdict, note)
+
+
+def check_somaxconn(value: Optional[int]) -> Check:
+    return Check("host", "net.core.somaxconn", value, GREEN,
+                 "caps the listen backlog (back_log) of a server on this host")
+
+
+# --- verdict rules: sockets toward the server -----------------------------------------------------
+
+
+def check_ports_toward(counts: Mapping[str, int], port_range: Optional[Tuple[int, int]],
+                       target: str) -> Check:
+    """Local ports held toward the server (every state but LISTEN) against the range."""
+    used = sum(n for state, n in counts.items() if state != "listen")
+    if port_range is None:
+        return Check("sockets", "ports in use toward server", used, GREEN, "range unknown")
+    size = port_range[1] - port_range[0] + 1
+    reserve = default_port_reserve(size)
+    value = f"{used:,} of {size:,}"
+    if size - used <= reserve:
+        return Check("sockets", "ports in use toward server", value, RED,
+                     f"{_n(size - used)} free toward {target}: new connections fail with "
+                     "errno 99 soon (the connguard guard refuses them now)")
+    if used >= size / 2:
+        return Check("sockets", "ports in use toward server", value, YELLOW,
+                     "half the range is taken: reuse connections")
+    return Check("sockets", "ports in use toward server", value, GREEN)
+
+
+def check_time_wait(counts: Mapping[str, int], port_range: Optional[Tuple[int, int]],
+                    tw_reuse: Optional[int]) -> Check:
+    """Many TIME_WAIT sockets mean connect/close churn (incident 4)."""
+    tw = counts.get("time_wait", 0)
+    size = port_range[1] - port_range[0] + 1 if port_range else None
+    if size and tw >= size / 4:
+        return Check("sockets", "TIME_WAIT toward server", tw, YELLOW,
+                     f"connect/close churn: about {_n(tw / TIME_WAIT_SECONDS)} new "
+                     "connections/s; pool connections, or set net.ipv4.tcp_tw_reuse=1 "
+                     f"(now {_n(tw_reuse)})")
+    return Check("sockets", "TIME_WAIT toward server", tw, GREEN)
+
+
+def check_close_wait(counts: Mapping[str, int]) -> Check:
+    """CLOSE_WAIT has no timer: the server closed, a client here never did (incident 2)."""
+    cw = counts.get("close_wait", 0)
+    if cw:
+        return Check("sockets", "CLOSE_WAIT toward server", cw, YELLOW,
+                     "the server closed these (KILL, wait_timeout, 1040) and a process here "
+                     "never closed its end: they hold an fd and a port until it does")
+    return Check("sockets", "CLOSE_WAIT toward server", cw, GREEN)
+
+
+def check_established(counts: Mapping[str, int]) -> Check:
+    return Check("sockets", "ESTABLISHED toward server", counts.get("established", 0), GREEN,
+                 "from every process on this host")
+
+
+# --- verdict rules: server -----------------------------------------------------------------------
+
+
+def _int(values: Mapping[str, Any], name: str) -> Optional[int]:
+    try:
+        return int(values[name])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def check_connections(threads_connected: Optional[int], max_connections: Optional[int]
+                      ) -> Check:
+    if threads_connected is None or not max_connections:
+        return Check("server", "Threads_connected", threads_connected, GREEN, "unknown")
+    verdict = _ratio_verdict(threads_connected, max_connections, 0.75, 0.9)
+    note = "includes this check's own connection"
+    if verdict != GREEN:
+        note = (f"{threads_connected / max_connections:.0%} of max_connections: new "
+                "connections will get 1040 Too many connections; " + note)
+    return Check("server", "Threads_connected", f"{threads_connected:,} of {max_connections:,}",
+                 verdict, note)
+
+
+def check_max_used(max_used: Optional[int], max_connections: Optional[int]) -> Check:
+    if max_used is None or not max_connections:
+        return Check("server", "Max_used_connections", max_used, GREEN, "unknown")
+    value = f"{max_used:,} of {max_connections:,}"
+    if max_used >= max_connections:
+        return Check("server", "Max_used_connections", value, YELLOW,
+                     "the server was full at some point since it started: cap client pools")
+    return Check("server", "Max_used_connections", value, GREEN, "peak since the server started")
+
+
+def check_wait_timeout(name: str, seconds: Optional[int]) -> Check:
+    if seconds is not None and seconds < 60:
+        return Check("server", name, seconds, YELLOW,
+                     "idle connections are killed within a minute: pools reconnect often "
+                     "(connguard retires them first)")
+    return Check("server", name, seconds, GREEN, "idle connections are closed after this")
+
+
+def check_connect_timeout(seconds: Optional[int]) -> Check:
+    if seconds is not None and seconds < 5:
+        return Check("server", "connect_timeout", seconds, YELLOW,
+                     "slow logins on a busy server are dropped (2013 during handshake)")
+    return Check("server", "connect_timeout", seconds, GREEN, "seconds a login may take")
+
+
+def check_max_connect_errors(value: Optional[int]) -> Check:
+    if value is not None and value < 100:
+        return Check("server", "max_connect_errors", value, YELLOW,
+                     "a few interrupted handshakes block a client host (1129) until FLUSH HOSTS")
+    return Check("server", "max_connect_errors", value, GREEN)
+
+
+def check_max_user_connections(value: Optional[int]) -> Check:
+    note = "unlimited" if value == 0 else "per account: more gives 1203"
+    return Check("server", "max_user_connections", value, GREEN, note)
+
+
+def check_back_log(value: Optional[int]) -> Check:
+    if value is not None and value < 50:
+        return Check("server", "back_log", value, YELLOW,
+                     "connect bursts overflow the listen queue (errno 11, timeouts)")
+    return Check("server", "back_log", value, GREEN, "listen queue for connects not yet accepted")
+
+
+def check_aborted_connects(aborted: Optional[int], connections: Optional[int]) -> Check:
+    if aborted is None or not connections:
+        return Check("server", "Aborted_connects", aborted, GREEN)
+    if aborted >= 10 and aborted / connections >= 0.05:
+        return Check("server", "Aborted_connects", f"{aborted:,} of {connections:,}", YELLOW,
+                     "many failed logins or handshakes: wrong passwords, timeouts, probes")
+    return Check("server", "Aborted_connects", f"{aborted:,} of {connections:,}", GREEN)
+
+
+def check_connection_errors(status: Mapping[str, Any]) -> List[Check]:
+    """One line per ``Connection_errors_*`` counter: yellow when it is not zero."""
+    checks = []
+    for name in sorted(k for k in status if k.startswith("Connection_errors_")):
+        count = _int(status, name)
+        if count:
+            note = ("connections refused at max_connections (1040) since start"
+                    if name.endswith("max_connections") else "errors since the server started")
+            checks.append(Check("server", name, count, YELLOW, note))
+        else:
+            checks.append(Check("server", name, count, GREEN))
+    return checks
+
+
+def check_thread_pool(variables: Mapping[str, Any], status: Mapping[str, Any]) -> List[Check]:
+    """thread_handling, and with a thread pool its settings (incidents 3 and 5)."""
+    handling = variables.get("thread_handling")
+    checks = [Check("server", "thread_handling", handling, GREEN,
+                    "a thread per connection" if handling == "one-thread-per-connection"
+                    else "logins wait for a free worker when all are busy")]
+    if handling != "pool-of-threads":
+        return checks
+    stall = _int(variables, "thread_pool_stall_limit")
+    if stall is not None and stall >= 500:
+        checks.append(Check("server", "thread_pool_stall_limit", stall, YELLOW,
+                            "ms before a blocked worker is replaced: queries queued behind it "
+                            "wait that long (lowering it to 10 ms fixed incident 5)"))
+    for name in ("thread_pool_size", "thread_pool_oversubscribe", "thread_pool_max_threads",
+                 "thread_pool_idle_timeout"):
+        if name in variables:
+            checks.append(Check("server", name, _int(variables, name), GREEN))
+    threads, maximum = _int(status, "Threadpool_threads"), _int(variables,
+                                                                 "thread_pool_max_threads")
+    if threads is not None and maximum:
+        verdict = _ratio_verdict(threads, maximum, 0.75, 0.9)
+        checks.append(Check("server", "Threadpool_threads", f"{threads:,} of {maximum:,}",
+                            verdict, "" if verdict == GREEN else "new logins will queue"))
+    return checks
+
+
+def server_checks(variables: Mapping[str, Any], status: Mapping[str, Any]) -> List[Check]:
+    """Every server line, from SHOW GLOBAL VARIABLES and SHOW GLOBAL STATUS values."""
+    max_connections = _int(variables, "max_connections")
+    checks = [
+        Check("server", "max_connections", max_connections, GREEN),
+        check_connections(_int(status, "Threads_connected"), max_connections),
+        check_max_used(_int(status, "Max_used_connections"), max_connections),
+        check_max_user_connections(_int(variables, "max_user_connections")),
+        check_wait_timeout("wait_timeout", _int(variables, "wait_timeout")),
+        check_wait_timeout("interactive_timeout", _int(variables, "interactive_timeout")),
+        check_connect_timeout(_int(variables, "connect_timeout")),
+        check_max_connect_errors(_int(variables, "max_connect_errors")),
+        check_back_log(_int(variables, "back_log")),
+        check_aborted_connects(_int(status, "Aborted_connects"), _int(status, "Connections")),
+    ]
+    return checks + check_thread_pool(variables, status) + check_connection_errors(status)
+
+
+# --- gathering (I/O) ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Report:
+    """Everything ``connguard doctor`` found; :meth:`as_json` is the ``--json`` document."""
+
+    target: Optional[Target]
+    process: Dict[str, Any]
+    limits: Dict[str, Any]
+    census: Optional[Dict[str, int]]
+    server: Optional[Dict[str, Any]]
+    checks: List[Check]
+
+    @property
+    def worst(self) -> str:
+        return worst(self.checks)
+
+    def as_json(self) -> Dict[str, Any]:
+        from connguard import __version__
+
+        return {"connguard_version": __version__, "worst": self.worst,
+                "target": self.target.as_dict() if self.target else None,
+                "host": {"process": self.process, "limits": _jsonable(self.limits),
+                         "census": self.census,
+                         "max_connect_rate": self.limits.get("max_connect_rate")},
+                "server": self.server,
+                "checks": [c.as_dict() for c in self.checks]}
+
+
+def _jsonable(values: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def process_limits(pid: Optional[int] = None) -> Dict[str, Any]:
+    """fd soft/hard limits and fds in use of ``pid`` (default: this process), None if hidden.
+
+    A service's limits are its own (systemd's LimitNOFILE=, its start script's ulimit),
+    not those of the shell running the doctor: hence ``--pid``.
+    """
+    if pid is None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return {"pid": os.getpid(), "fd_soft": _finite(soft), "fd_hard": _finite(hard),
+                "fd_in_use": _count_dir("/proc/self/fd", own=True)}
+    soft_hard = _read_nofile(f"/proc/{pid}/limits")
+    return {"pid": pid, "fd_soft": soft_hard[0], "fd_hard": soft_hard[1],
+            "fd_in_use": _count_dir(f"/proc/{pid}/fd")}
+
+
+def _finite(value: int) -> Optional[int]:
+    return None if value == resource.RLIM_INFINITY else value
+
+
+def _count_dir(path: str, own: bool = False) -> Optional[int]:
+    try:
+        return len(os.listdir(path)) - (1 if own else 0)  # our listing's own descriptor
+    except OSError:
+        return None
+
+
+def _read_nofile(path: str) -> Tuple[Optional[int], Optional[int]]:
+    """(soft, hard) from a /proc/PID/limits "Max open files" line."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Max open files"):
+                    soft, hard = line.split()[3:5]
+                    return _parse_limit(soft), _parse_limit(hard)
+    except (OSError, ValueError):
+        pass
+    return None, None
+
+
+def _parse_limit(text: str) -> Optional[int]:
+    return None if text == "unlimited" else int(text)
+
+
+def host_checks(process: Mapping[str, Any], found: Mapping[str, Any]) -> List[Check]:
+    return [
+        check_fd_soft_limit(process.get("fd_soft"), process.get("fd_hard")),
+        check_fd_headroom(process.get("fd_in_use"), process.get("fd_soft")),
+        check_port_range(found.get("port_range")),
+        check_tw_reuse(found.get("tcp_tw_reuse")),
+        check_file_table(found.get("file_nr")),
+        check_somaxconn(found.get("somaxconn")),
+    ]
+
+
+def socket_checks(counts: Mapping[str, int], found: Mapping[str, Any], target: str
+                  ) -> List[Check]:
+    return [
+        check_ports_toward(counts, found.get("port_range"), target),
+        check_established(counts),
+        check_time_wait(counts, found.get("port_range"), found.get("tcp_tw_reuse")),
+        check_close_wait(counts),
+    ]
+
+
+def _census(target: Target) -> Optional[Dict[str, int]]:
+    """Sockets toward the target by state; None for a unix socket or when it fails."""
+    if target.unix_socket:
+        return None
+    try:
+        return {k: int(v) for k, v in census(target.host, target.port).items()}
+    except (OSError, ValueError) as exc:
+        raise DoctorError(f"cannot count sockets toward {target.describe()}: {exc}") from exc
+
+
+class DoctorError(Exception):
+    """A part of the report could not be gathered (its message names which)."""
+
+
+Connect = Callable[..., Any]
+
+
+def read_server(target: Target, connect: Connect = pymysql.connect) -> Dict[str, Any]:
+    """Variables and status of the server, over one short-lived connection."""
+    conn = connect(**target.connect_kwargs())
+    try:
+        with conn.cursor() as cur:
+            names = ", ".join(f"'{n}'" for n in SERVER_VARIABLES)
+            cur.execute(f"SHOW GLOBAL VARIABLES WHERE Variable_name IN ({names}) "
+                        "OR Variable_name LIKE 'thread\\_pool\\_%'")
+            variables = {str(k): str(v) for k, v in cur.fetchall()}
+            names = ", ".join(f"'{n}'" for n in SERVER_STATUS)
+            cur.execute(f"SHOW GLOBAL STATUS WHERE Variable_name IN ({names}) "
+                        "OR Variable_name LIKE 'Connection\\_errors\\_%' "
+                        "OR Variable_name LIKE 'Threadpool\\_%'")
+            status = {str(k): str(v) for k, v in cur.fetchall()}
+    finally:
+        conn.close()
+    return {"reachable": True, "error": None, "version": variables.get("version"),
+            "variables": variables, "status": status}
+
+
+def _server(target: Target, connect: Connect) -> Tuple[Dict[str, Any], List[Check]]:
+    try:
+        server = read_server(target, connect)
+    except (pymysql.err.Error, OSError) as exc:
+        translated = errors.translate(exc, host=target.host, port=target.port,
+                                      password=target.password, during_connect=True)
+        text = getattr(translated, "cause", "") or str(translated).split("\n", 1)[0]
+        text = errors.redact(text, target.password)
+        check = Check("server", "reachable", False, RED, text)
+        return {"reachable": False, "error": text, "version": None, "variables": {},
+                "status": {}}, [check]
+    checks = [Check("server", "reachable", True, GREEN, server["version"] or "")]
+    return server, checks + server_checks(server["variables"], server["status"])
+
+
+def diagnose(target: Optional[Target], pid: Optional[int] = None,
+             connect: Connect = pymysql.connect) -> Report:
+    """Gather the report: host always, sockets and server when a target is given."""
+    found = limits()
+    process = process_limits(pid)
+    checks = host_checks(process, found)
+    counts: Optional[Dict[str, int]] = None
+    server: Optional[Dict[str, Any]] = None
+    if target is not None:
+        try:
+            counts = _census(target)
+        except DoctorError as exc:
+            checks.append(Check("sockets", "census", None, YELLOW, str(exc)))
+        if counts is not None:
+            checks += socket_checks(counts, found, target.address())
+        server, server_lines = _server(target, connect)
+        checks += server_lines
+    return Report(target, process, found, counts, server, checks)
+

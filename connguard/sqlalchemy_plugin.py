@@ -1,0 +1,644 @@
+"""SQLAlchemy engine plugin: ``create_engine(url + "?plugin=connguard")``.
+
+What it does to an engine on the ``mysql+pymysql`` (or ``mariadb+pymysql``) dialect:
+
+* every new DBAPI connection is opened by :meth:`connguard.connector.Connector.open` (OS
+  resource guard, reconnect-storm gate, cached SSL context, translated errors), hooked in
+  through the dialect's ``do_connect`` event;
+* on checkout, :func:`connguard.liveness.peer_closed` replaces ``pool_pre_ping``'s round trip: a
+  connection whose server end is gone raises ``DisconnectionError`` from the ``checkout`` event,
+  which is SQLAlchemy's documented way to have the pool invalidate it and connect again;
+* connguard's reaper thread closes idle pooled connections whose peer closed (no CLOSE_WAIT)
+  and, unless ``pool_recycle`` was given, those idle longer than the server's ``wait_timeout``
+  allows (read once, on the first connect);
+* ``handle_error`` puts connguard's translated exception in ``.orig`` and decides
+  ``is_disconnect`` with :func:`connguard.errors.is_disconnect`.
+
+Other MySQL drivers get the part that does not depend on PyMySQL (recycling below
+``wait_timeout``) and a warning; other databases get a warning only. ``docs/sqlalchemy.md`` is
+the guide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import warnings
+import weakref
+from collections import Counter
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import pymysql
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import CreateEnginePlugin
+from sqlalchemy.pool import QueuePool
+
+from connguard import driver, errors, reaper, storm
+from connguard.connector import Connector
+from connguard.guard import ResourceGuard
+from connguard.liveness import Probe, peer_closed
+from connguard.policies import LifetimePolicy
+
+__all__ = ["ConnGuardPlugin", "ConnGuardPluginWarning", "PluginOptions", "stats"]
+
+log = logging.getLogger("connguard.sqlalchemy")
+
+PREFIX = "connguard_"
+
+# record.info key: monotonic time the connection was last checked in (idle since).
+_IDLE_SINCE = "connguard_idle_since"
+# record.info key: the connection's Probe (a cached poll object) for the checkout check.
+_PROBE = "connguard_probe"
+
+
+class ConnGuardPluginWarning(UserWarning):
+    """The plugin cannot apply all of itself to this engine (another driver or database)."""
+
+
+# --- options ------------------------------------------------------------------------------
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise sa_exc.ArgumentError(f"{name} must be true or false (1/0, yes/no, on/off); "
+                               f"got {value!r}")
+
+
+def _as_number(name: str, value: Any, integer: bool, minimum: float) -> Any:
+    kind = int if integer else float
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < minimum:
+        what = "an integer" if integer else "a number"
+        raise sa_exc.ArgumentError(f"{name} must be {what} >= {minimum}; got {value!r}")
+    return number
+
+
+def _parser(integer: bool = False, minimum: float = 0) -> Callable[[str, Any], Any]:
+    return lambda name, value: _as_number(name, value, integer, minimum)
+
+
+def _option(default: Any, parse: Callable[[str, Any], Any], doc: str) -> Any:
+    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginOptions:
+    """The plugin's settings; each field ``x`` is given as ``connguard_x`` in the URL query
+    or as a ``create_engine`` keyword (``docs/sqlalchemy.md`` has the table)."""
+
+    reaper: bool = _option(
+        True, _as_bool,
+        "close idle pooled connections whose server end closed (background thread, every "
+        "0.5 s), and idle ones past idle_timeout")
+    idle_timeout: Optional[float] = _option(
+        None, _parser(),
+        "seconds a pooled connection may stay idle before the reaper closes it; default: "
+        "derived from the server's wait_timeout unless pool_recycle is set; 0 disables")
+    resource_guard: bool = _option(
+        True, _as_bool, "refuse a connect before the OS runs out of fds or local ports")
+    fd_reserve: Optional[int] = _option(
+        None, _parser(integer=True), "fds the resource guard keeps free")
+    port_reserve: Optional[int] = _option(
+        None, _parser(integer=True), "local ports the resource guard keeps free")
+    storm_control: bool = _option(
+        True, _as_bool,
+        "pass new connections through connguard's reconnect-storm gate (rate limit, backoff, "
+        "breaker), shared per server by every pool and engine of the process")
+    invalidate_pool: bool = _option(
+        False, _as_bool,
+        "on a disconnect error, also invalidate every other pooled connection (SQLAlchemy's "
+        "default); off because each checkout already checks its own connection")
+    storm_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict, metadata={
+        "doc": "the gate's settings, given as connguard_<name> for each of STORM_OPTIONS"})
+
+
+#: The storm gate's settings the plugin takes (connguard_<name>), with the StormPolicy field
+#: each sets. The handshake cap and adaptive ceiling belong to connguard's own Pool, which a
+#: SQLAlchemy engine does not use.
+STORM_OPTIONS = {name: field for name, field in storm.POOL_OPTION_FIELDS.items()
+                 if name not in ("max_handshakes", "ceiling_probe")}
+
+OPTION_NAMES: Tuple[str, ...] = tuple(
+    PREFIX + f.name for f in dataclasses.fields(PluginOptions) if f.name != "storm_settings"
+) + tuple(PREFIX + name for name in STORM_OPTIONS)
+
+
+def _reject_unknown(names: List[str]) -> None:
+    unknown = sorted(set(names) - set(OPTION_NAMES))
+    if unknown:
+        raise sa_exc.ArgumentError(
+            f"unknown connguard plugin option{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(unknown)}; the options are {', '.join(OPTION_NAMES)} "
+            "(see docs/sqlalchemy.md)")
+
+
+def _single(name: str, value: Any) -> Any:
+    """A URL query value; repeated parameters arrive as a tuple."""
+    if isinstance(value, tuple):
+        raise sa_exc.ArgumentError(f"{name} is given more than once in the URL")
+    return value
+
+
+def _merge(from_url: Mapping[str, Any], from_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """URL and keyword values together; the same option given twice must agree."""
+    merged = {name: _single(name, value) for name, value in from_url.items()}
+    for name, value in from_kwargs.items():
+        if name in merged and str(merged[name]).lower() != str(value).lower():
+            raise sa_exc.ArgumentError(
+                f"{name} is given both in the URL ({merged[name]!r}) and as a create_engine "
+                f"argument ({value!r}); give it once")
+        merged[name] = value
+    return merged
+
+
+def _storm_settings(given: Mapping[str, Any]) -> Dict[str, Any]:
+    """The storm gate's settings, typed like StormPolicy's defaults and validated by it."""
+    settings = {}
+    for name, field in STORM_OPTIONS.items():
+        raw = given.get(PREFIX + name)
+        if raw is not None:
+            integer = type(getattr(storm.StormPolicy, field)) is int
+            settings[name] = _as_number(PREFIX + name, raw, integer, 0)
+    try:
+        storm.policy_from_options(settings)
+    except ValueError as exc:
+        raise sa_exc.ArgumentError(_with_option_name(str(exc))) from exc
+    return settings
+
+
+def _with_option_name(message: str) -> str:
+    """StormPolicy names its fields ("burst must be ..."); say the plugin option instead."""
+    for name, field in STORM_OPTIONS.items():
+        if message.startswith(field + " "):
+            return PREFIX + name + message[len(field):]
+    return f"connguard plugin: {message}"
+
+
+def parse_options(query: Mapping[str, Any], kwargs: Dict[str, Any]) -> PluginOptions:
+    """The plugin's options from a URL query and ``create_engine`` kwargs.
+
+    Removes (consumes) the ``connguard_*`` entries from ``kwargs``, as SQLAlchemy requires;
+    the URL's are removed by :meth:`ConnGuardPlugin.update_url`. Raises ``ArgumentError``
+    naming an unknown option (and listing the known ones) or a bad value.
+    """
+    from_url = {k: v for k, v in query.items() if k.startswith(PREFIX)}
+    from_kwargs = {k: kwargs.pop(k) for k in [k for k in kwargs if k.startswith(PREFIX)]}
+    _reject_unknown(list(from_url) + list(from_kwargs))
+    given = _merge(from_url, from_kwargs)
+    values: Dict[str, Any] = {"storm_settings": _storm_settings(given)}
+    for field in dataclasses.fields(PluginOptions):
+        raw = given.get(PREFIX + field.name)
+        if raw is not None and field.name != "storm_settings":
+            values[field.name] = field.metadata["parse"](PREFIX + field.name, raw)
+    return PluginOptions(**values)
+
+
+# --- the plugin ---------------------------------------------------------------------------
+
+
+class ConnGuardPlugin(CreateEnginePlugin):
+    """Registered as the ``connguard`` entry point of ``sqlalchemy.plugins``.
+
+    SQLAlchemy makes one per ``create_engine`` call: ``__init__`` consumes the options,
+    ``handle_pool_kwargs`` notes what the user set on the pool, ``engine_created`` installs
+    the listeners.
+    """
+
+    def __init__(self, url: Any, kwargs: Dict[str, Any]) -> None:
+        super().__init__(url, kwargs)
+        self.options = parse_options(url.query, kwargs)
+        self._password = url.password  # only to mask it in translated errors
+        self._custom_creator = "creator" in kwargs
+        self._user_recycle = False
+
+    def update_url(self, url: Any) -> Any:
+        return url.difference_update_query([k for k in url.query if k.startswith(PREFIX)])
+
+    def handle_pool_kwargs(self, pool_cls: Any, pool_args: Dict[str, Any]) -> None:
+        # create_engine copies only what the user passed: presence means "set by the user".
+        self._user_recycle = "recycle" in pool_args
+
+    def engine_created(self, engine: Any) -> None:
+        guard = EngineGuard(engine, self.options, user_recycle=self._user_recycle,
+                            password=self._password)
+        guard.install(custom_creator=self._custom_creator)
+
+
+# --- per-engine state and listeners -------------------------------------------------------
+
+_guards: weakref.WeakKeyDictionary[Any, EngineGuard] = weakref.WeakKeyDictionary()
+
+FULL, PARTIAL, NONE = "full", "partial", "none"
+
+#: Seconds the storm gate may hold a connect for pools without a checkout timeout.
+_DEFAULT_CONNECT_WAIT = 30.0
+
+
+def _support(dialect: Any) -> str:
+    if dialect.name not in ("mysql", "mariadb"):
+        return NONE
+    return FULL if dialect.driver == "pymysql" else PARTIAL
+
+
+def _idle_queue(pool: Any) -> Any:
+    """The locked queue of idle records of a QueuePool, or None for other pools.
+
+    ``pool._pool`` is SQLAlchemy's ``util.queue.Queue`` (same shape in 1.4 and 2.x): a
+    ``deque`` in ``.queue`` guarded by the ``RLock`` ``.mutex``. Async pools use another
+    queue class and are skipped.
+    """
+    queue = getattr(pool, "_pool", None)
+    if not isinstance(pool, QueuePool) or not hasattr(queue, "mutex") \
+            or not hasattr(queue, "queue"):
+        return None
+    return queue
+
+
+def _probe(record: Any) -> Probe:
+    """The record's cached poll object: only the thread that checks a record out uses it
+    (Probe is not thread-safe; the reaper uses the stateless peer_closed). ``record.info``
+    is cleared when the connection is replaced, and a Probe follows a new descriptor anyway."""
+    probe = record.info.get(_PROBE)
+    if probe is None:
+        probe = record.info[_PROBE] = Probe()
+    return probe
+
+
+class _Reaped(sa_exc.DisconnectionError):
+    """The reason given to ``invalidate`` listeners for a connection the reaper closed."""
+
+
+class EngineGuard:
+    """What the plugin keeps per engine: options, counters, the connector, the listeners.
+
+    Holds the engine weakly (the reaper must not keep an engine alive); the engine's pool and
+    dialect hold this object through their listeners, so it lives as long as the engine.
+    """
+
+    def __init__(self, engine: Any, options: PluginOptions, user_recycle: bool,
+                 password: Any) -> None:
+        self._engine = weakref.ref(engine)
+        self.options = options
+        self.support = _support(engine.dialect)
+        self._user_recycle = user_recycle
+        self._password = password
+        self._lock = threading.Lock()
+        self._counts: Counter = Counter()
+        self._connector: Optional[Connector] = None
+        self._resource_guard: Optional[ResourceGuard] = None
+        self.wait_timeout: Optional[int] = None
+        self.idle_timeout: Optional[float] = options.idle_timeout or None
+
+    # -- installation ----------------------------------------------------------------------
+    def install(self, custom_creator: bool) -> None:
+        engine = self._engine()
+        assert engine is not None
+        _guards[engine.dialect] = self
+        if self.support == NONE:
+            _warn(f"connguard: the {engine.dialect.name} dialect is not MySQL/MariaDB; the "
+                  "plugin does nothing for this engine")
+            return
+        event.listen(engine.pool, "connect", self._on_connect)
+        if self.support == PARTIAL:
+            _warn(f"connguard: driver {engine.dialect.driver!r} is not PyMySQL; only "
+                  "recycling below the server's wait_timeout applies. Not applied: guarded "
+                  "connects (resource guard, storm gate), the peer-closed check on checkout, "
+                  "the reaper, error translation. Use mysql+pymysql for all of it.")
+            return
+        if custom_creator:
+            _warn("connguard: create_engine(creator=...) bypasses do_connect, so new "
+                  "connections do not go through connguard's connect path (resource guard, "
+                  "storm gate, cached TLS context); the other protections apply")
+        self._install_full(engine)
+
+    def _install_full(self, engine: Any) -> None:
+        event.listen(engine, "do_connect", self._make_do_connect())
+        event.listen(engine.pool, "checkout", self._on_checkout)
+        event.listen(engine.pool, "checkin", self._on_checkin)
+        event.listen(engine.pool, "invalidate", self._on_invalidate)
+        event.listen(engine, "handle_error", self._handle_error, retval=True)
+        if self.options.reaper:
+            reaper.register(self)  # type: ignore[arg-type]  # duck-typed: reap() and fork
+
+    # -- counters --------------------------------------------------------------------------
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] += n
+
+    # -- connect ---------------------------------------------------------------------------
+    def _make_do_connect(self) -> Callable[..., Any]:
+        # A plain function marked with its owner, so that _do_connect can find it among the
+        # dialect's listeners (a bound method is a new object on every access). The guard
+        # does not keep it: no cycle, so the guard goes with its engine without a gc pass.
+        def connguard_do_connect(dialect: Any, record: Any, cargs: List[Any],
+                                 cparams: Dict[str, Any]) -> Any:
+            return self._do_connect(dialect, record, cargs, cparams)
+        connguard_do_connect.connguard_owner = self  # type: ignore[attr-defined]
+        return connguard_do_connect
+
+    def _later_listeners(self, dialect: Any) -> List[Callable[..., Any]]:
+        listeners = list(dialect.dispatch.do_connect)
+        for position, fn in enumerate(listeners):
+            if getattr(fn, "connguard_owner", None) is self:
+                return listeners[position + 1:]
+        return []
+
+    def _do_connect(self, dialect: Any, record: Any, cargs: List[Any],
+                    cparams: Dict[str, Any]) -> Any:
+        """Open a new DBAPI connection through connguard's connect path.
+
+        Listeners registered after ours (users typically add theirs after create_engine,
+        e.g. to put a fresh token in ``cparams["password"]``) run first, since returning a
+        connection ends SQLAlchemy's loop over the listeners; one that returns a connection
+        of its own wins.
+        """
+        for fn in self._later_listeners(dialect):
+            conn = fn(dialect, record, cargs, cparams)
+            if conn is not None:
+                return conn
+        if cargs:  # positional connect arguments: not something Connector takes
+            return dialect.connect(*cargs, **cparams)
+        try:
+            conn = self._connector_for(cparams).open(self._connect_deadline())
+        except BaseException:
+            self._count("connect_errors")
+            raise
+        self._count("connects")
+        return conn
+
+    def _connect_deadline(self) -> float:
+        """How long the storm gate may hold this connect: the pool's checkout timeout, the
+        wait a caller of this engine already accepts."""
+        engine = self._engine()
+        pool = None if engine is None else engine.pool
+        timeout = pool.timeout() if isinstance(pool, QueuePool) else _DEFAULT_CONNECT_WAIT
+        return time.monotonic() + timeout
+
+    def _connector_for(self, cparams: Dict[str, Any]) -> Connector:
+        """One Connector per engine, kept while the connect arguments stay the same.
+
+        A do_connect listener that rotates a token changes them; the Connector is then
+        replaced (the resource guard, per destination, is kept).
+        """
+        connector = self._connector
+        if connector is None or connector.kwargs != cparams:
+            kwargs = dict(cparams)
+            connector = Connector(kwargs, guard=self._guard_for(kwargs),
+                                  gate=self._gate_for(kwargs))
+            self._connector = connector
+        return connector
+
+    def _guard_for(self, kwargs: Dict[str, Any]) -> Optional[ResourceGuard]:
+        host, port = driver.destination(kwargs)
+        if not self.options.resource_guard or not port:
+            return None  # opted out, or a unix socket: no ephemeral port to run out of
+        guard = self._resource_guard
+        if guard is None or (guard.host, guard.port) != (host, port):
+            reserves = {name: getattr(self.options, name)
+                        for name in ("fd_reserve", "port_reserve")
+                        if getattr(self.options, name) is not None}
+            guard = self._resource_guard = ResourceGuard(host, port, **reserves)
+        return guard
+
+    def _gate_for(self, kwargs: Dict[str, Any]) -> Optional[storm.ConnectGate]:
+        """The process-wide gate toward this destination (shared with connguard pools that
+        have the same settings): one bucket and one breaker per server."""
+        if not self.options.storm_control:
+            return None
+        host, port = driver.destination(kwargs)
+        policy = storm.policy_from_options(dict(self.options.storm_settings))
+        return storm.gate_for(host, port, policy)
+
+    def _on_connect(self, dbapi_conn: Any, record: Any) -> None:
+        if self.wait_timeout is None:
+            self._learn_wait_timeout(dbapi_conn)
+
+    def _learn_wait_timeout(self, dbapi_conn: Any) -> None:
+        """Read the server's wait_timeout once and derive the idle limit from it.
+
+        The session value: the server sets it from interactive_timeout for interactive
+        clients. Left alone when the user set ``pool_recycle`` (they manage lifetimes) or
+        ``connguard_idle_timeout``.
+        """
+        try:
+            cursor = dbapi_conn.cursor()
+            try:
+                cursor.execute("SELECT @@SESSION.wait_timeout")
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+            wait_timeout = int(row[0])
+        except Exception as exc:  # noqa: BLE001 - any driver's error: just do without
+            log.debug("could not read wait_timeout: %s", errors.redact(str(exc), self._password))
+            wait_timeout = 0
+        derived = LifetimePolicy(max_lifetime=None, idle_timeout=None).for_server(wait_timeout)
+        with self._lock:
+            if self.wait_timeout is not None:
+                return  # another thread's first connect won
+            self.wait_timeout = wait_timeout
+            if self.options.idle_timeout is None and not self._user_recycle:
+                self.idle_timeout = derived.idle_timeout
+        self._apply_recycle()
+
+    def _apply_recycle(self) -> None:
+        """Without the reaper (or another driver), SQLAlchemy's own age-based recycle keeps
+        connections from outliving wait_timeout; ``pool.recreate()`` on dispose copies it."""
+        engine = self._engine()
+        limit = self.idle_timeout
+        if engine is None or limit is None or self._user_recycle:
+            return
+        if self.support == PARTIAL or not self.options.reaper:
+            engine.pool._recycle = int(limit)
+
+    # -- checkout / checkin ----------------------------------------------------------------
+    def _on_checkout(self, dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        """Refuse a connection whose server end is gone; SQLAlchemy then invalidates it and
+        connects again (at most once more per checkout), and the caller never sees it."""
+        self._count("checkouts")
+        sock = driver.raw_socket(dbapi_conn)
+        if sock is not None and not _probe(record).dead(sock):
+            return
+        self._count("peer_closed")
+        raise sa_exc.DisconnectionError(
+            f"connguard: connection {driver.thread_id(dbapi_conn)} was closed by the server "
+            "while idle in the pool (peer closed)")
+
+    def _on_checkin(self, dbapi_conn: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    def _on_invalidate(self, dbapi_conn: Any, record: Any, exception: Any) -> None:
+        self._count("invalidated")
+
+    # -- errors ----------------------------------------------------------------------------
+    def _handle_error(self, ctx: Any) -> Any:
+        """Decide is_disconnect with connguard's table and put the translated error in
+        ``.orig``; returning the new exception is SQLAlchemy's chaining protocol."""
+        original = ctx.original_exception
+        if not isinstance(original, (pymysql.err.Error, OSError)):
+            return None  # KeyboardInterrupt and friends: SQLAlchemy's own rules apply
+        disconnect = errors.is_disconnect(original)
+        if disconnect != ctx.is_disconnect:
+            ctx.is_disconnect = disconnect
+        if disconnect:
+            self._count("disconnects")
+            if not self.options.invalidate_pool:
+                ctx.invalidate_pool_on_disconnect = False
+        translated = self._translate(original)
+        if translated is original or ctx.sqlalchemy_exception is None:
+            return None
+        self._count("translated")
+        return _rewrapped(ctx, translated)
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        connector = self._connector
+        if connector is not None:
+            return connector.translate(exc)
+        return errors.translate(exc, password=self._password)
+
+    # -- the reaper's pass -----------------------------------------------------------------
+    def reap(self) -> None:
+        """Close idle pooled connections that are dead or idle too long (reaper thread).
+
+        Decide under the queue's lock, close outside it: records are taken out of the idle
+        queue under the lock (so no checkout can have them), closed, and given back empty;
+        an empty record connects again on its next checkout.
+        """
+        engine = self._engine()
+        if engine is None:
+            reaper.unregister(self)  # type: ignore[arg-type]  # engine collected: done
+            return
+        pool = engine.pool
+        queue = _idle_queue(pool)
+        if queue is None:
+            return
+        now = time.monotonic()
+        with queue.mutex:
+            snapshot = [(rec, rec.dbapi_connection) for rec in queue.queue]
+        doomed = [(rec, conn, reason) for rec, conn in snapshot
+                  if (reason := self._retire_reason(rec, conn, now)) is not None]
+        if doomed:
+            self._close_idle(pool, queue, doomed, now)
+
+    def _retire_reason(self, record: Any, conn: Any, now: float) -> Optional[str]:
+        if conn is None:
+            return None  # already invalidated: connects again on checkout
+        sock = driver.raw_socket(conn)
+        if sock is None or peer_closed(sock):
+            return "reaped"
+        if self._idle_too_long(record, now):
+            return "idle_evicted"
+        return None
+
+    def _idle_too_long(self, record: Any, now: float) -> bool:
+        limit = self.idle_timeout
+        since = record.info.get(_IDLE_SINCE)
+        return limit is not None and since is not None and now - since >= limit
+
+    def _close_idle(self, pool: Any, queue: Any, doomed: List[Tuple[Any, Any, str]],
+                    now: float) -> None:
+        taken = []
+        with queue.mutex:
+            for rec, conn, reason in doomed:
+                # Checked out (and maybe back) since the snapshot? A dead socket stays dead,
+                # but an idle one may have been used: check its idle time again.
+                still = rec.dbapi_connection is conn and rec in queue.queue and (
+                    reason == "reaped" or self._idle_too_long(rec, now))
+                if still:
+                    queue.queue.remove(rec)
+                    taken.append((rec, reason))
+        for rec, reason in taken:
+            try:
+                if reason == "reaped":
+                    rec.invalidate(_Reaped("connguard: the server closed this idle "
+                                           "connection (peer closed)"))
+                else:
+                    rec.close()  # healthy: a graceful COM_QUIT before wait_timeout
+            finally:
+                pool._do_return_conn(rec)  # back in the queue, or closed if it is full now
+            self._count(reason)
+
+    # -- fork safety -----------------------------------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """The child must not talk on the parent's sockets: drop the idle ones without a word
+        (the parent's sessions survive) and give the engine a new pool."""
+        self._lock = threading.Lock()
+        engine = self._engine()
+        if engine is None:
+            return
+        queue = _idle_queue(engine.pool)
+        for rec in list(queue.queue) if queue is not None else []:
+            if rec.dbapi_connection is not None:
+                driver.drop(rec.dbapi_connection)
+        engine.dispose(close=False)
+
+    # -- introspection ---------------------------------------------------------------------
+    def stats(self) -> Dict[str, Any]:
+        with self._lock:
+            counts = dict(self._counts)
+        result: Dict[str, Any] = {key: counts.get(key, 0) for key in _COUNTERS}
+        result.update(support=self.support, wait_timeout=self.wait_timeout,
+                      idle_timeout=self.idle_timeout, reaper=self.options.reaper and
+                      self.support == FULL)
+        engine = self._engine()
+        if engine is not None and isinstance(engine.pool, QueuePool):
+            pool = engine.pool
+            result.update(pool_size=pool.size(), checked_in=pool.checkedin(),
+                          checked_out=pool.checkedout(), overflow=pool.overflow())
+        return result
+
+    def __repr__(self) -> str:
+        engine = self._engine()
+        url = "(gone)" if engine is None else repr(engine.url)  # SQLAlchemy masks the password
+        return f"<connguard EngineGuard {url} support={self.support}>"
+
+
+_COUNTERS = ("checkouts", "peer_closed", "reaped", "idle_evicted", "connects",
+             "connect_errors", "invalidated", "disconnects", "translated")
+
+
+def _rewrapped(ctx: Any, translated: BaseException) -> Any:
+    """SQLAlchemy's exception for ``translated``, like the one it built for the original."""
+    old = ctx.sqlalchemy_exception
+    dialect = getattr(ctx, "dialect", None) or ctx.engine.dialect
+    return sa_exc.DBAPIError.instance(
+        ctx.statement, ctx.parameters, translated, pymysql.err.Error,
+        hide_parameters=getattr(old, "hide_parameters", False),
+        connection_invalidated=ctx.is_disconnect, dialect=dialect,
+        ismulti=getattr(old, "ismulti", None))
+
+
+def _warn(message: str) -> None:
+    # stacklevel: point past SQLAlchemy's create_engine at the caller's line, roughly.
+    warnings.warn(message, ConnGuardPluginWarning, stacklevel=5)
+
+
+def stats(engine: Any) -> Dict[str, Any]:
+    """Counters and gauges of an engine created with the plugin.
+
+    ``checkouts``, ``peer_closed`` (dead connections refused on checkout), ``reaped`` (dead
+    idle ones the reaper closed), ``idle_evicted``, ``connects``, ``connect_errors``,
+    ``invalidated`` (every invalidation, SQLAlchemy's included), ``disconnects``,
+    ``translated``, ``wait_timeout``, ``idle_timeout``, ``support`` (full / partial / none),
+    and for a QueuePool ``pool_size``, ``checked_in``, ``checked_out``, ``overflow``.
+    """
+    dialect = getattr(engine, "dialect", None)
+    guard = None if dialect is None else _guards.get(dialect)
+    if guard is None:
+        raise ValueError(f"{engine!r} was not created with the connguard plugin: add "
+                         "?plugin=connguard to the URL or plugins=['connguard']")
+    return guard.stats()

@@ -1,0 +1,343 @@
+"""Reconnect-storm control: a connect gate per destination (token bucket, backoff, breaker).
+
+After a restart or a mass KILL every thread of every worker reconnects at once; a server at
+``max_connections`` answers each try with 1040 and the client retries in a tight loop. The
+gate sits in front of every new connection a pool opens and keeps that loop bounded:
+
+* a **token bucket** caps the connect rate toward one destination (``rate``/s, ``burst``);
+* after a transient failure the next attempt waits a **backoff with jitter** (tenacity's
+  exponential wait plus random jitter);
+* after ``breaker_threshold`` outage failures in a row the **breaker** opens: callers fail fast
+  with :class:`~connguard.errors.CircuitOpen` without touching the network, until one probe
+  (half-open) gets through and closes it again;
+* errors that retrying cannot fix (1045 access denied, 1129 host blocked) pass straight
+  through and never count: one attempt, one answer.
+
+The pool keeps the other half (handshake cap, adaptive ceiling): see ``connguard/pool.py``.
+Clock and sleep are injectable so the policies are tested with a fake clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Hashable, Optional, Tuple
+
+import tenacity
+
+from connguard import errors
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+
+#: MySQL codes that say "the server is full", not "the server is gone": the pool answers them
+#: by holding what it has (adaptive ceiling) rather than by tripping the breaker.
+CAPACITY_CODES = frozenset({1040, 1135, 1203, 1226})
+
+
+@dataclasses.dataclass(frozen=True)
+class StormPolicy:
+    """How hard a process may knock on one server. Defaults protect a user who sets nothing.
+
+    ``rate``/``burst``: connects per second toward one destination and how many may go at
+    once after a quiet spell. ``max_handshakes``: connects one pool runs concurrently.
+    ``backoff_initial``/``backoff_max``: the wait after consecutive failures grows from the
+    first to the second, plus up to ``backoff_jitter`` seconds at random so processes do not
+    retry in step. ``breaker_threshold``: outage failures in a row that open the breaker; it
+    stays open for the current backoff, then lets one probe through. ``backoff_max`` also
+    bounds how long after a server comes back the first probe finds it. ``ceiling_probe``:
+    seconds between attempts to grow past a ceiling learnt from 1040.
+    """
+
+    rate: float = 10.0
+    burst: int = 5
+    max_handshakes: int = 4
+    backoff_initial: float = 0.1
+    backoff_max: float = 0.8
+    backoff_jitter: float = 0.2
+    breaker_threshold: int = 3
+    ceiling_probe: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("rate", "backoff_initial", "backoff_max", "ceiling_probe"):
+            _positive(name, getattr(self, name))
+        for name in ("burst", "max_handshakes", "breaker_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.backoff_jitter, bool) or not isinstance(
+                self.backoff_jitter, (int, float)) or self.backoff_jitter < 0:
+            raise ValueError(f"backoff_jitter must be a number >= 0, got {self.backoff_jitter!r}")
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` consecutive failures (>= 1), jitter included."""
+        # wait_exponential + wait_random rather than wait_exponential_jitter, whose
+        # arguments changed between tenacity releases.
+        wait = (tenacity.wait_exponential(multiplier=self.backoff_initial, max=self.backoff_max)
+                + tenacity.wait_random(0, self.backoff_jitter))
+        state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        state.attempt_number = max(1, failures)
+        return float(wait(state))
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+#: Pool options that configure the storm policy, and the StormPolicy field each one sets.
+POOL_OPTION_FIELDS = {
+    "max_connect_rate": "rate",
+    "connect_burst": "burst",
+    "max_handshakes": "max_handshakes",
+    "backoff_initial": "backoff_initial",
+    "backoff_max": "backoff_max",
+    "breaker_threshold": "breaker_threshold",
+    "ceiling_probe": "ceiling_probe",
+}
+
+
+def policy_from_options(options: Dict[str, Any]) -> StormPolicy:
+    """A StormPolicy from pool options (``max_connect_rate=20`` ...), defaults elsewhere."""
+    return StormPolicy(**{field: options[name] for name, field in POOL_OPTION_FIELDS.items()
+                          if name in options})
+
+
+@dataclasses.dataclass
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up. Pure: the caller passes now."""
+
+    rate: float
+    burst: int
+    tokens: float = -1.0
+    stamp: float = 0.0
+
+    def take(self, now: float) -> float:
+        """Take a token; return 0, or the seconds until one is due (nothing taken then)."""
+        if self.tokens < 0:  # first use: a full bucket
+            self.tokens, self.stamp = float(self.burst), now
+        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        # The epsilon absorbs float rounding: a refill computed as 0.9999999999 must count
+        # as a token, or a caller would sleep for 1e-17 s that the clock cannot even show.
+        if self.tokens >= 1.0 - 1e-9:
+            self.tokens = max(0.0, self.tokens - 1.0)
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+@dataclasses.dataclass
+class Ceiling:
+    """How many connections the server lets one pool hold, learnt from "too many connections".
+
+    After a 1040/1203 the pool stops growing past what it holds (``value``) and serves
+    waiting callers with the connections that come back, so demand above the server's
+    capacity turns into waits instead of errors. Every ``probe_interval`` seconds one
+    attempt may go one past the ceiling; when it succeeds the ceiling rises by one.
+    """
+
+    probe_interval: float
+    value: Optional[int] = None
+    probe_at: float = 0.0
+
+    def allows(self, count: int, now: float) -> bool:
+        """May the pool open one more when it holds/opens ``count``? Consumes a probe."""
+        if self.value is None or count < self.value:
+            return True
+        if count == self.value and now >= self.probe_at:
+            self.probe_at = now + self.probe_interval
+            return True
+        return False
+
+    def hit(self, held: int, now: float) -> None:
+        """The server refused one more: hold at ``held`` until the next probe."""
+        self.value = held
+        self.probe_at = now + self.probe_interval
+
+    def grew(self, held: int, max_size: int) -> None:
+        """A connect succeeded with ``held`` now open: lift the ceiling with it."""
+        if self.value is not None and held > self.value:
+            self.value = None if held >= max_size else held
+
+    def seconds_to_probe(self, now: float) -> Optional[float]:
+        return None if self.value is None else max(0.0, self.probe_at - now)
+
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+@dataclasses.dataclass
+class Breaker:
+    """Consecutive-failure circuit breaker; pure state, the gate supplies clock and lock."""
+
+    threshold: int
+    state: str = CLOSED
+    failures: int = 0
+    open_until: float = 0.0
+    probing: bool = False
+    last_error: Optional[BaseException] = None
+
+    def admit(self, now: float) -> Tuple[bool, bool]:
+        """(allowed, is_probe). When open and the wait is over, one caller probes."""
+        if self.state == OPEN and now >= self.open_until:
+            self.state = HALF_OPEN
+        if self.state == CLOSED:
+            return True, False
+        if self.state == HALF_OPEN and not self.probing:
+            self.probing = True
+            return True, True
+        return False, False
+
+    def succeeded(self) -> None:
+        self.state, self.failures, self.probing, self.last_error = CLOSED, 0, False, None
+
+    def failed(self, now: float, wait: float, error: BaseException) -> None:
+        self.failures += 1
+        self.last_error = error
+        self.probing = False
+        if self.state == HALF_OPEN or self.failures >= self.threshold:
+            self.state, self.open_until = OPEN, now + wait
+
+    def retry_after(self, now: float) -> float:
+        return max(0.0, self.open_until - now)
+
+
+class ConnectGate:
+    """The gate for one destination, shared by every pool of the process that goes there."""
+
+    def __init__(self, policy: StormPolicy, host: str = "", port: int = 0,
+                 clock: Clock = time.monotonic, sleep: Sleep = time.sleep,
+                 host_gate: Any = None) -> None:
+        self.policy = policy
+        self.host, self.port = host, port
+        self._clock, self._sleep = clock, sleep
+        self._lock = threading.Lock()
+        self._bucket = TokenBucket(policy.rate, policy.burst)
+        self._breaker = Breaker(policy.breaker_threshold)
+        self._not_before = 0.0  # backoff after a failure: no attempt before this time
+        self._host_gate = host_gate
+        self.attempts = 0
+        self.failures = 0
+        self.fast_failures = 0
+        # Monotonic times of recent attempts: how a storm (or its absence) looks over time.
+        self.attempt_times: Deque[float] = deque(maxlen=1024)
+
+    # -- the protocol the connector follows: admit(), then succeeded() or failed() ----------
+    def admit(self, deadline: float) -> bool:
+        """Wait for permission to connect; return whether this attempt is the breaker's probe.
+
+        Raises CircuitOpen while the breaker is open (fail fast, no network), or at
+        ``deadline`` if no token came in time.
+        """
+        while True:
+            with self._lock:
+                now = self._clock()
+                allowed, probe = self._breaker.admit(now)
+                if not allowed:
+                    self.fast_failures += 1
+                    raise self._circuit_open(now)
+                wait = max(self._not_before - now, 0.0) or self._bucket.take(now)
+            if wait <= 0:
+                if self._host_gate is not None:
+                    try:
+                        self._host_gate.admit(deadline, self._clock, self._sleep)
+                    except BaseException:
+                        with self._lock:  # no slot was taken: only the probe goes back
+                            self._breaker.probing = False
+                        raise
+                with self._lock:
+                    self.attempts += 1
+                    self.attempt_times.append(self._clock())
+                return probe
+            if probe:
+                with self._lock:
+                    self._breaker.probing = False  # give the probe back while we wait
+            if now + wait > deadline:
+                raise self._gate_timeout(wait)
+            self._sleep(wait)
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._breaker.succeeded()
+            self._not_before = 0.0
+        self._release_host_slot()
+
+    def abandoned(self) -> None:
+        """The attempt ended without an answer from the server (e.g. KeyboardInterrupt)."""
+        with self._lock:
+            self._breaker.probing = False
+        self._release_host_slot()
+
+    def _release_host_slot(self) -> None:
+        if self._host_gate is not None:
+            self._host_gate.release()
+
+    def failed(self, error: BaseException) -> None:
+        """Record a failed attempt (``error`` translated). Permanent errors do not count."""
+        self._release_host_slot()
+        if errors.is_transient(error) is False:
+            with self._lock:
+                self._breaker.probing = False
+            return
+        code = error.args[0] if error.args else None
+        with self._lock:
+            self.failures += 1
+            now = self._clock()
+            wait = self.policy.backoff(self._breaker.failures + 1)
+            self._not_before = now + wait
+            if code in CAPACITY_CODES:
+                self._breaker.probing = False  # the server is up, only full: no breaker
+                self._breaker.failures += 1
+            else:
+                self._breaker.failed(now, wait, error)
+
+    # -- introspection ---------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        return self._breaker.state
+
+    def stats(self) -> Dict[str, Any]:
+        with self._lock:
+            return {"breaker": self._breaker.state, "consecutive_failures": self._breaker.failures,
+                    "connect_attempts": self.attempts, "connect_failures": self.failures,
+                    "fast_failures": self.fast_failures}
+
+    def _circuit_open(self, now: float) -> errors.CircuitOpen:
+        return errors.CircuitOpen(self._breaker.last_error, self._breaker.retry_after(now),
+                                  host=self.host, port=self.port or None,
+                                  failures=self._breaker.failures)
+
+    def _gate_timeout(self, wait: float) -> errors.CircuitOpen:
+        # No token before the caller's deadline: same meaning for the caller as an open
+        # breaker (connecting is paused), with the time until the next attempt.
+        return errors.CircuitOpen(self._breaker.last_error, wait, host=self.host,
+                                  port=self.port or None, failures=self._breaker.failures)
+
+
+_gates: Dict[Hashable, ConnectGate] = {}
+_gates_lock = threading.Lock()
+
+
+def gate_for(host: str, port: int, policy: StormPolicy, host_gate: Any = None) -> ConnectGate:
+    """The process-wide gate for (destination, policy): pools with the same policy toward
+    the same server share one bucket and one breaker."""
+    key = (host, port, policy, host_gate.path if host_gate is not None else None)
+    with _gates_lock:
+        gate = _gates.get(key)
+        if gate is None:
+            gate = _gates[key] = ConnectGate(policy, host, port, host_gate=host_gate)
+        return gate
+
+
+def _after_fork_in_child() -> None:
+    global _gates_lock
+    _gates_lock = threading.Lock()
+    for gate in _gates.values():
+        gate._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,195 @@
+"""Storm-control policies with a fake clock: bucket, backoff, breaker, ceiling, gate."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from typing import Any, List
+
+import pymysql
+import pytest
+
+import connguard
+from connguard.hostgate import HostGate
+from connguard.storm import Breaker, Ceiling, ConnectGate, StormPolicy, TokenBucket
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: List[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def _refused() -> BaseException:
+    exc = pymysql.err.OperationalError(
+        2003, "Can't connect to MySQL server on '127.0.0.1' ([Errno 111] Connection refused)")
+    exc.original_exception = ConnectionRefusedError(111, "Connection refused")  # type: ignore
+    return connguard.translate(exc, host="127.0.0.1", port=3306, diagnose=False)
+
+
+def _code(code: int, text: str) -> BaseException:
+    return connguard.translate(pymysql.err.OperationalError(code, text), diagnose=False)
+
+
+def test_token_bucket_rate_and_burst() -> None:
+    bucket = TokenBucket(rate=10.0, burst=3)
+    assert [bucket.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = bucket.take(0.0)
+    assert wait == pytest.approx(0.1)
+    assert bucket.take(0.1) == 0.0  # one token refilled after 1/rate
+    assert bucket.take(10.0) == 0.0 and bucket.tokens == pytest.approx(2.0)  # capped at burst
+
+
+def test_backoff_grows_and_is_bounded() -> None:
+    policy = StormPolicy(backoff_initial=0.1, backoff_max=0.8, backoff_jitter=0.0)
+    waits = [policy.backoff(n) for n in range(1, 8)]
+    assert waits[:4] == pytest.approx([0.1, 0.2, 0.4, 0.8])
+    assert max(waits) == pytest.approx(0.8)
+    jittered = StormPolicy(backoff_jitter=0.2)
+    assert len({round(jittered.backoff(2), 6) for _ in range(20)}) > 1  # jitter spreads retries
+
+
+def test_breaker_opens_after_threshold_and_probes_once() -> None:
+    breaker = Breaker(threshold=3)
+    err = RuntimeError("down")
+    for _ in range(2):
+        breaker.failed(0.0, 1.0, err)
+    assert breaker.admit(0.0) == (True, False)
+    breaker.failed(0.0, 1.0, err)
+    assert breaker.admit(0.5) == (False, False)  # open: fail fast
+    assert breaker.admit(1.0) == (True, True)  # half-open: one probe
+    assert breaker.admit(1.0) == (False, False)  # the others still fail fast
+    breaker.failed(1.0, 2.0, err)
+    assert breaker.state == "open" and breaker.retry_after(1.5) == pytest.approx(1.5)
+    assert breaker.admit(3.0) == (True, True)
+    breaker.succeeded()
+    assert breaker.admit(3.0) == (True, False) and breaker.failures == 0
+
+
+def test_gate_fails_fast_with_circuit_open_after_outage_failures() -> None:
+    clock = FakeClock()
+    gate = ConnectGate(StormPolicy(breaker_threshold=3, backoff_jitter=0.0), "127.0.0.1", 3306,
+                       clock=clock, sleep=clock.sleep)
+    for _ in range(3):
+        gate.admit(clock.now + 60)
+        gate.failed(_refused())
+    with pytest.raises(connguard.CircuitOpen) as info:
+        gate.admit(clock.now + 60)
+    assert isinstance(info.value, pymysql.err.OperationalError)
+    assert info.value.retry_after > 0
+    assert isinstance(info.value.last_cause, connguard.ServerUnavailable)
+    assert gate.attempts == 3 and gate.fast_failures == 1
+    clock.now += 1.0  # past the backoff: one probe goes through and closes the breaker
+    assert gate.admit(clock.now + 60) is True
+    gate.succeeded()
+    assert gate.state == "closed"
+
+
+def test_gate_backs_off_between_failures() -> None:
+    clock = FakeClock()
+    gate = ConnectGate(StormPolicy(backoff_initial=0.1, backoff_jitter=0.0, rate=1000, burst=100),
+                       clock=clock, sleep=clock.sleep)
+    gate.admit(clock.now + 60)
+    gate.failed(_refused())
+    gate.admit(clock.now + 60)
+    assert clock.slept == pytest.approx([0.1])
+
+
+def test_gate_rate_limits_attempts() -> None:
+    clock = FakeClock()
+    gate = ConnectGate(StormPolicy(rate=5.0, burst=2), clock=clock, sleep=clock.sleep)
+    start = clock.now
+    for _ in range(12):
+        gate.admit(clock.now + 60)
+        gate.succeeded()
+    # 2 from the burst, then 5/s: 10 more take 2 s.
+    assert clock.now - start == pytest.approx(2.0)
+
+
+def test_permanent_errors_never_count() -> None:
+    clock = FakeClock()
+    gate = ConnectGate(StormPolicy(breaker_threshold=1), clock=clock, sleep=clock.sleep)
+    for _ in range(5):
+        gate.admit(clock.now + 60)
+        gate.failed(_code(1045, "Access denied for user 'app'@'localhost' (using password: YES)"))
+    assert gate.state == "closed" and clock.slept == []
+
+
+def test_capacity_errors_back_off_without_opening_the_breaker() -> None:
+    clock = FakeClock()
+    gate = ConnectGate(StormPolicy(breaker_threshold=1, backoff_jitter=0.0), clock=clock,
+                       sleep=clock.sleep)
+    gate.admit(clock.now + 60)
+    gate.failed(_code(1040, "Too many connections"))
+    assert gate.state == "closed"
+    gate.admit(clock.now + 60)
+    assert clock.slept and clock.slept[0] > 0
+
+
+def test_gate_gives_up_at_the_deadline() -> None:
+    clock = FakeClock()
+    gate = ConnectGate(StormPolicy(rate=1.0, burst=1), clock=clock, sleep=clock.sleep)
+    gate.admit(clock.now + 60)
+    with pytest.raises(connguard.CircuitOpen):
+        gate.admit(clock.now + 0.5)  # the next token is 1 s away
+
+
+def test_ceiling_holds_then_probes_upward() -> None:
+    ceiling = Ceiling(probe_interval=2.0)
+    assert ceiling.allows(100, 0.0)
+    ceiling.hit(15, now=0.0)
+    assert ceiling.allows(14, 0.5) and not ceiling.allows(15, 0.5)
+    assert ceiling.seconds_to_probe(0.5) == pytest.approx(1.5)
+    assert ceiling.allows(15, 2.0)  # one probe per interval ...
+    assert not ceiling.allows(15, 2.1)  # ... not two
+    ceiling.grew(16, max_size=64)
+    assert ceiling.value == 16
+    ceiling.grew(64, max_size=64)
+    assert ceiling.value is None
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"rate": 0}, "rate"), ({"burst": 0}, "burst"), ({"max_handshakes": 1.5}, "max_handshakes"),
+    ({"backoff_jitter": -1}, "backoff_jitter"), ({"breaker_threshold": True}, "breaker_threshold"),
+])
+def test_bad_policy_values_are_named(kwargs: Any, word: str) -> None:
+    with pytest.raises(ValueError) as info:
+        StormPolicy(**kwargs)
+    assert word in str(info.value)
+
+
+def _hammer(path: str, seconds: float, out: Any) -> None:
+    gate = HostGate(path, rate=20.0, burst=5, max_handshakes=2)
+    stamps = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            gate.admit(end, time.monotonic, time.sleep)
+        except connguard.CircuitOpen:
+            break
+        stamps.append(time.monotonic())
+        gate.release()
+    out.put(stamps)
+
+
+def test_host_gate_holds_the_rate_across_processes(tmp_path: Any) -> None:
+    path = str(tmp_path / "gate.json")
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_hammer, args=(path, 2.0, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    stamps = sorted(t for _ in procs for t in out.get(timeout=60))
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    # 4 processes, one shared bucket of 20/s with a burst of 5: about 5 + 20 * 2 = 45 in all,
+    # where 4 separate gates would have let 4 times that through.
+    assert 20 <= len(stamps) <= 5 + 20 * 2 + 5

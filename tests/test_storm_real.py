@@ -1,0 +1,203 @@
+"""Reconnect storms against a real MariaDB: outage, saturation, mass KILL, bad password."""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, List, Tuple
+
+import pymysql
+import pytest
+
+import connguard
+from tests.mariadb import APP_PASSWORD, MariaDB, socket_states, wait_until
+
+
+@dataclass
+class Load:
+    """Threads running a query through a pool until stopped; every call's outcome recorded."""
+
+    pool: connguard.Pool
+    threads: int
+    sql: str = "SELECT 1"
+    calls: List[Tuple[float, bool, float]] = field(default_factory=list)  # (start, ok, secs)
+    errors: List[BaseException] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _workers: List[threading.Thread] = field(default_factory=list)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                with self.pool.connect() as conn, conn.cursor() as cur:
+                    cur.execute(self.sql)
+                    cur.fetchall()
+                ok = True
+            except pymysql.err.Error as exc:
+                ok = False
+                self.errors.append(exc)
+            self.calls.append((began, ok, time.monotonic() - began))
+            if not ok:
+                self._stop.wait(0.01)  # an application pacing its retries a little
+
+    def start(self) -> Load:
+        self._workers = [threading.Thread(target=self._work) for _ in range(self.threads)]
+        for t in self._workers:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._workers:
+            t.join(120)
+        assert not any(t.is_alive() for t in self._workers)
+
+    def ok_rate(self, start: float, end: float) -> float:
+        return sum(1 for t, ok, _ in self.calls if ok and start <= t < end) / (end - start)
+
+
+def _run_for(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.05)
+
+
+def test_outage_is_bounded_and_recovers(mariadb_factory: Any) -> None:
+    server = mariadb_factory()
+    pool = connguard.Pool(**server.connect_kwargs(connect_timeout=2), max_size=16,
+                          checkout_timeout=5)
+    load = Load(pool, threads=64).start()
+    try:
+        wait_until(lambda: load.ok_rate(time.monotonic() - 1, time.monotonic()) > 0, 60,
+                   message="the load to run")
+        _run_for(2)
+        before = pool.stats()["connect_attempts"]
+        stopped = time.monotonic()
+        server.stop()
+        _run_for(4)
+        during = pool.stats()["connect_attempts"] - before
+        outage = time.monotonic() - stopped
+        server.start()
+        started = time.monotonic()
+        _run_for(5)
+    finally:
+        load.stop()
+        pool.close()
+    pre_rate = load.ok_rate(stopped - 2, stopped)
+    first_ok = min(t + d for t, ok, d in load.calls if ok and t + d >= started)
+    post_rate = load.ok_rate(started + 3, started + 5)
+    failures = [d for t, ok, d in load.calls if not ok and stopped + 1 <= t < started]
+    assert during <= 5 * outage, f"{during} connect attempts in a {outage:.1f}s outage"
+    assert first_ok - started < 1.0, f"first success {first_ok - started:.2f}s after restart"
+    assert failures and statistics.median(failures) < 0.5  # callers fail fast
+    assert post_rate >= 0.8 * pre_rate, (pre_rate, post_rate)
+
+
+def _saturate(server: MariaDB, max_size: int, seconds: float
+              ) -> Tuple[float, List[BaseException], connguard.Pool, int]:
+    pool = connguard.Pool(**server.connect_kwargs(), max_size=max_size, checkout_timeout=60)
+    load = Load(pool, threads=64, sql="SELECT SLEEP(0.005)").start()
+    try:
+        _run_for(2)  # the first seconds: growing until the server says no
+        attempts_after_start = pool.stats()["connect_attempts"]
+        measured_from = time.monotonic()
+        _run_for(seconds)
+        rate = load.ok_rate(measured_from, time.monotonic())
+        late_attempts = pool.stats()["connect_attempts"] - attempts_after_start
+    finally:
+        load.stop()
+    return rate, load.errors, pool, late_attempts
+
+
+def test_saturation_means_waits_not_errors(mariadb_factory: Any) -> None:
+    server = mariadb_factory(max_connections=16)
+    exact_rate, exact_errors, exact_pool, _ = _saturate(server, 16, 4)
+    exact_pool.close()
+    wait_until(lambda: server.status("Threads_connected") <= 1, 30,
+               message="the exact-size pool's connections to go")
+    rate, errors, pool, late_attempts = _saturate(server, 64, 6)
+    try:
+        assert not exact_errors, exact_errors[:3]
+        assert not errors, errors[:3]
+        assert rate >= 0.8 * exact_rate, (rate, exact_rate)
+        assert late_attempts <= 2 * 6, late_attempts  # at most 2 connect attempts/s
+        assert pool.stats()["ceiling"] is not None and pool.stats()["ceiling"] <= 16
+        assert socket_states(server.port).get("close_wait", 0) == 0
+    finally:
+        pool.close()
+
+
+def test_mass_kill_replacements_are_spread(mariadb_factory: Any) -> None:
+    server = mariadb_factory(max_connections=20)
+    errors_before = server.status("Connection_errors_max_connections")
+    pool = connguard.Pool(**server.connect_kwargs(), max_size=16, checkout_timeout=30)
+    load = Load(pool, threads=16, sql="SELECT SLEEP(0.01)").start()
+    try:
+        wait_until(lambda: pool.stats()["opened"] >= 16, 60, message="16 pooled connections")
+        gate = pool._connector.gate
+        assert gate is not None
+        killed_at = time.monotonic()
+        assert server.kill_app_connections() >= 16
+        wait_until(lambda: pool.stats()["opened"] >= 32, 60, message="16 replacements")
+    finally:
+        load.stop()
+        pool.close()
+    replacements = sorted(t for t in gate.attempt_times if t >= killed_at)[:16]
+    assert len(replacements) == 16
+    # Not all at once: the bucket lets a burst of 5 through, then 10/s.
+    assert replacements[-1] - replacements[0] >= 0.8
+    assert max(sum(1 for u in replacements if t <= u < t + 0.1) for t in replacements) <= 6
+    assert not any(isinstance(e, connguard.TooManyConnections) for e in load.errors)
+    assert server.status("Connection_errors_max_connections") == errors_before
+
+
+def test_bad_password_is_one_attempt(mariadb: MariaDB) -> None:
+    pool = connguard.Pool(**mariadb.connect_kwargs(password="wrong-" + APP_PASSWORD[:3]),
+                          max_size=4)
+    try:
+        for _ in range(3):
+            began = time.monotonic()
+            with pytest.raises(connguard.AccessDenied) as info:
+                pool.connect()
+            assert time.monotonic() - began < 5
+            assert info.value.transient is False
+        assert pool.stats()["connect_attempts"] == 3  # one per call, no retries
+        assert pool.stats()["breaker"] == "closed"
+    finally:
+        pool.close()
+
+
+def _open_many(kwargs: Any, host_gate: Any, n: int, out: Any) -> None:
+    pool = connguard.Pool(**kwargs, max_size=n, host_gate=host_gate, checkout_timeout=120)
+    conns = []
+    try:
+        for _ in range(n):
+            conns.append(pool.connect())
+        gate = pool._connector.gate
+        out.put(list(gate.attempt_times))
+    finally:
+        for c in conns:
+            c.close()
+        pool.close()
+
+
+def test_host_gate_holds_for_four_processes(mariadb: MariaDB, tmp_path: Any) -> None:
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters, like gunicorn workers
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_open_many,
+                         args=(mariadb.connect_kwargs(), str(tmp_path), 8, out))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    stamps = sorted(t for _ in procs for t in out.get(timeout=120))
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(stamps) == 32
+    # One bucket for the host: burst 5, then 10/s, so 32 connects need at least 2.7 s;
+    # four separate gates would have needed 0.3 s.
+    assert stamps[-1] - stamps[0] >= 2.5
+    assert max(sum(1 for u in stamps if t <= u < t + 1.0) for t in stamps) <= 5 + 10 + 1
