@@ -29,6 +29,16 @@ from connguard.proxy import PooledConnection
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # The SQLAlchemy plugin's helpers load on first use: SQLAlchemy is an optional extra,
+    # and `import connguard` must not require it.
+    if name in ("stats", "ConnGuardPluginWarning"):
+        from connguard import sqlalchemy_plugin
+
+        return getattr(sqlalchemy_plugin, name)
+    raise AttributeError(f"module 'connguard' has no attribute {name!r}")
+
 __all__ = [
     "AccessDenied",
     "CircuitOpen",

@@ -15,23 +15,28 @@ import logging
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional, Protocol
 
-if TYPE_CHECKING:
-    from connguard.pool import Pool
+
+class Reapable(Protocol):
+    """What the reaper needs: a pass of housekeeping, and a way to drop inherited sockets."""
+
+    def reap(self) -> None: ...
+
+    def _after_fork_in_child(self) -> None: ...
 
 log = logging.getLogger("connguard.pool")
 
 #: Seconds between passes: a peer-closed idle socket is closed within about this long.
 INTERVAL = 0.5
 
-_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_pools: weakref.WeakSet[Reapable] = weakref.WeakSet()
 _lock = threading.Lock()
 _wake = threading.Condition(_lock)
 _thread: Optional[threading.Thread] = None
 
 
-def register(pool: Pool) -> None:
+def register(pool: Reapable) -> None:
     """Start watching ``pool`` (starting the thread if needed)."""
     global _thread
     with _lock:
@@ -41,7 +46,7 @@ def register(pool: Pool) -> None:
             _thread.start()
 
 
-def unregister(pool: Pool) -> None:
+def unregister(pool: Reapable) -> None:
     with _lock:
         _pools.discard(pool)
         _wake.notify_all()
@@ -57,19 +62,23 @@ def _run() -> None:
     global _thread
     while True:
         with _lock:
-            pools: List[Pool] = list(_pools)
-            if not pools:
+            if not _pools:
                 _thread = None
                 return
-        for pool in pools:
-            try:
-                pool.reap()
-            except Exception:  # noqa: BLE001 - the reaper must survive any one pool's failure
-                log.exception("reaper: %r failed", pool)
-        del pools  # do not keep pools alive between passes
+        _reap_all()  # a function of its own: no reference to a pool outlives the pass
         with _lock:
             if _pools:
                 _wake.wait(INTERVAL)
+
+
+def _reap_all() -> None:
+    with _lock:
+        pools: List[Reapable] = list(_pools)
+    for pool in pools:
+        try:
+            pool.reap()
+        except Exception:  # noqa: BLE001 - the reaper must survive any one pool's failure
+            log.exception("reaper: %r failed", pool)
 
 
 def _after_fork_in_child() -> None:

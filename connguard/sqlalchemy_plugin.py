@@ -333,7 +333,7 @@ class EngineGuard:
         event.listen(engine.pool, "invalidate", self._on_invalidate)
         event.listen(engine, "handle_error", self._handle_error, retval=True)
         if self.options.reaper:
-            reaper.register(self)  # type: ignore[arg-type]  # duck-typed: reap() and fork
+            reaper.register(self)
 
     # -- counters --------------------------------------------------------------------------
     def _count(self, key: str, n: int = 1) -> None:
@@ -520,7 +520,7 @@ class EngineGuard:
         """
         engine = self._engine()
         if engine is None:
-            reaper.unregister(self)  # type: ignore[arg-type]  # engine collected: done
+            reaper.unregister(self)  # engine collected: done
             return
         pool = engine.pool
         queue = _idle_queue(pool)
