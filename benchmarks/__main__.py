@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-results", help="directory for the report")
     args = parser.parse_args(argv)
 
-    from tests.mariadb import MariaDB, Template
+    from connguard.sandbox import MariaDB, Template
 
     root = tempfile.mkdtemp(prefix="connguard-bench-")
     try:

@@ -12,11 +12,14 @@ What it does to an engine on the ``mysql+pymysql`` (or ``mariadb+pymysql``) dial
   and, unless ``pool_recycle`` was given, those idle longer than the server's ``wait_timeout``
   allows (read once, on the first connect);
 * ``handle_error`` puts connguard's translated exception in ``.orig`` and decides
-  ``is_disconnect`` with :func:`connguard.errors.is_disconnect`.
+  ``is_disconnect`` with :func:`connguard.errors.is_disconnect`;
+* the engine's ``QueuePool`` becomes a :class:`connguard.sqlalchemy_pool.GuardedQueuePool`:
+  when the server is full it holds what it has and makes callers wait (adaptive ceiling), and
+  it opens at most ``max_handshakes`` connections at once.
 
-Other MySQL drivers get the part that does not depend on PyMySQL (recycling below
-``wait_timeout``) and a warning; other databases get a warning only. ``docs/sqlalchemy.md`` is
-the guide.
+Other MySQL drivers get the parts that do not depend on PyMySQL (recycling below
+``wait_timeout``, the guarded pool) and a warning; other databases get a warning only.
+``docs/sqlalchemy.md`` is the guide.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from connguard.connector import Connector
 from connguard.guard import ResourceGuard
 from connguard.liveness import Probe, peer_closed
 from connguard.policies import LifetimePolicy
+from connguard.sqlalchemy_pool import GuardedQueuePool
 
 __all__ = ["ConnGuardPlugin", "ConnGuardPluginWarning", "PluginOptions", "stats"]
 
@@ -127,11 +131,10 @@ class PluginOptions:
         "doc": "the gate's settings, given as connguard_<name> for each of STORM_OPTIONS"})
 
 
-#: The storm gate's settings the plugin takes (connguard_<name>), with the StormPolicy field
-#: each sets. The handshake cap and adaptive ceiling belong to connguard's own Pool, which a
-#: SQLAlchemy engine does not use.
-STORM_OPTIONS = {name: field for name, field in storm.POOL_OPTION_FIELDS.items()
-                 if name not in ("max_handshakes", "ceiling_probe")}
+#: The storm settings the plugin takes (connguard_<name>), with the StormPolicy field each
+#: sets: the gate's (rate, burst, backoff, breaker) and the guarded pool's (max_handshakes,
+#: ceiling_probe).
+STORM_OPTIONS = dict(storm.POOL_OPTION_FIELDS)
 
 OPTION_NAMES: Tuple[str, ...] = tuple(
     PREFIX + f.name for f in dataclasses.fields(PluginOptions) if f.name != "storm_settings"
@@ -225,6 +228,10 @@ class ConnGuardPlugin(CreateEnginePlugin):
         self._password = url.password  # only to mask it in translated errors
         self._custom_creator = "creator" in kwargs
         self._user_recycle = False
+        # The pool class is chosen here: handle_pool_kwargs sees the class but cannot change
+        # it (create_engine keeps it in a local variable), while the kwargs it reads next
+        # are this dict.
+        _choose_pool_class(url, kwargs)
 
     def update_url(self, url: Any) -> Any:
         return url.difference_update_query([k for k in url.query if k.startswith(PREFIX)])
@@ -232,11 +239,38 @@ class ConnGuardPlugin(CreateEnginePlugin):
     def handle_pool_kwargs(self, pool_cls: Any, pool_args: Dict[str, Any]) -> None:
         # create_engine copies only what the user passed: presence means "set by the user".
         self._user_recycle = "recycle" in pool_args
+        if isinstance(pool_cls, type) and issubclass(pool_cls, GuardedQueuePool):
+            pool_args["connguard_policy"] = (
+                storm.policy_from_options(dict(self.options.storm_settings))
+                if self.options.storm_control else None)
 
     def engine_created(self, engine: Any) -> None:
         guard = EngineGuard(engine, self.options, user_recycle=self._user_recycle,
                             password=self._password)
         guard.install(custom_creator=self._custom_creator)
+
+
+def _choose_pool_class(url: Any, kwargs: Dict[str, Any]) -> None:
+    """Put GuardedQueuePool in place of QueuePool (exactly that class, chosen by the user or
+    the dialect's default) for a MySQL engine; leave any other pool alone, with a warning."""
+    try:
+        dialect_cls = url.get_dialect()
+    except Exception:  # noqa: BLE001 - create_engine reports an unknown dialect itself
+        return
+    if _support(dialect_cls) == NONE or kwargs.get("_is_async"):
+        return  # nothing to guard, or async engines (not supported)
+    if kwargs.get("pool") is not None:
+        chosen = type(kwargs["pool"])
+    else:
+        chosen = kwargs.get("poolclass") or dialect_cls.get_pool_class(url)
+        if chosen is QueuePool:
+            kwargs["poolclass"] = GuardedQueuePool
+            return
+    if not (isinstance(chosen, type) and issubclass(chosen, GuardedQueuePool)):
+        name = getattr(chosen, "__name__", repr(chosen))
+        _warn(f"connguard: the engine's pool ({name}) is used as it is; the adaptive ceiling "
+              "and the handshake cap apply to SQLAlchemy's QueuePool only, so a server at "
+              "max_connections reaches callers as TooManyConnections")
 
 
 # --- per-engine state and listeners -------------------------------------------------------
@@ -316,9 +350,10 @@ class EngineGuard:
         event.listen(engine.pool, "connect", self._on_connect)
         if self.support == PARTIAL:
             _warn(f"connguard: driver {engine.dialect.driver!r} is not PyMySQL; only "
-                  "recycling below the server's wait_timeout applies. Not applied: guarded "
-                  "connects (resource guard, storm gate), the peer-closed check on checkout, "
-                  "the reaper, error translation. Use mysql+pymysql for all of it.")
+                  "recycling below the server's wait_timeout and the guarded pool (adaptive "
+                  "ceiling, handshake cap) apply. Not applied: guarded connects (resource "
+                  "guard, storm gate), the peer-closed check on checkout, the reaper, error "
+                  "translation. Use mysql+pymysql for all of it.")
             return
         if custom_creator:
             _warn("connguard: create_engine(creator=...) bypasses do_connect, so new "
@@ -382,12 +417,17 @@ class EngineGuard:
         return conn
 
     def _connect_deadline(self) -> float:
-        """How long the storm gate may hold this connect: the pool's checkout timeout, the
-        wait a caller of this engine already accepts."""
+        """How long the storm gate may hold this connect: what is left of the checkout's
+        ``pool_timeout`` (the wait a caller of this engine already accepts), or the whole
+        timeout for a connect the guarded pool did not start."""
         engine = self._engine()
         pool = None if engine is None else engine.pool
+        if isinstance(pool, GuardedQueuePool):
+            deadline = pool.connect_deadline()
+            if deadline is not None:
+                return deadline
         timeout = pool.timeout() if isinstance(pool, QueuePool) else _DEFAULT_CONNECT_WAIT
-        return time.monotonic() + timeout
+        return time.monotonic() + (_DEFAULT_CONNECT_WAIT if timeout is None else timeout)
 
     def _connector_for(self, cparams: Dict[str, Any]) -> Connector:
         """One Connector per engine, kept while the connect arguments stay the same.
@@ -599,6 +639,8 @@ class EngineGuard:
             pool = engine.pool
             result.update(pool_size=pool.size(), checked_in=pool.checkedin(),
                           checked_out=pool.checkedout(), overflow=pool.overflow())
+        if engine is not None and isinstance(engine.pool, GuardedQueuePool):
+            result.update(engine.pool.guard_stats())
         return result
 
     def __repr__(self) -> str:
@@ -634,7 +676,9 @@ def stats(engine: Any) -> Dict[str, Any]:
     idle ones the reaper closed), ``idle_evicted``, ``connects``, ``connect_errors``,
     ``invalidated`` (every invalidation, SQLAlchemy's included), ``disconnects``,
     ``translated``, ``wait_timeout``, ``idle_timeout``, ``support`` (full / partial / none),
-    and for a QueuePool ``pool_size``, ``checked_in``, ``checked_out``, ``overflow``.
+    for a QueuePool ``pool_size``, ``checked_in``, ``checked_out``, ``overflow``, and for the
+    guarded pool ``ceiling``, ``opening``, ``waiting``, ``waits``, ``capacity_waits``,
+    ``timeouts``, ``dropped_empty`` (:meth:`GuardedQueuePool.guard_stats`).
     """
     dialect = getattr(engine, "dialect", None)
     guard = None if dialect is None else _guards.get(dialect)

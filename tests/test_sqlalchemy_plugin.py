@@ -417,7 +417,6 @@ def test_forked_child_never_uses_the_parents_connections(
 # --- saturation ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(reason="needs the storm gate (issue 6)", strict=False)
 def test_saturation_pool_larger_than_the_server_allows(mariadb_factory: Any) -> None:
     server = mariadb_factory(max_connections=16)
     engine = sa.create_engine(server.url() + "?plugin=connguard", pool_size=32,
