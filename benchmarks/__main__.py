@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 
-from benchmarks import pool_overhead
+from benchmarks import census_cost, pool_overhead, sqlalchemy_plugin
 from benchmarks.common import write_report
 
 
@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         server = MariaDB(template, {"max_connections": 500}).start()
         try:
             version = server.variable("version")
-            results = pool_overhead.run_all(server.connect_kwargs(), args.quick)
+            kwargs = server.connect_kwargs()
+            results = pool_overhead.run_all(kwargs, args.quick)
+            results += census_cost.run_all(kwargs, args.quick)
+            results += sqlalchemy_plugin.run_all(kwargs, args.quick)
         finally:
             server.destroy()
     finally:

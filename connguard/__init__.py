@@ -3,6 +3,7 @@
 Start here: :func:`connect` (drop-in for ``pymysql.connect``), :class:`Pool`, :func:`install`.
 """
 
+from connguard.census import census
 from connguard.dropin import close_all, configure, connect, install, installed, uninstall
 from connguard.errors import (
     AccessDenied,
@@ -22,6 +23,7 @@ from connguard.errors import (
     UserConnectionLimit,
     translate,
 )
+from connguard.limits import limits, raise_fd_soft_limit
 from connguard.liveness import peer_closed
 from connguard.policies import LifetimePolicy, PoolSettings, ResetPolicy
 from connguard.pool import Pool
@@ -60,12 +62,15 @@ __all__ = [
     "ServerUnavailable",
     "TooManyConnections",
     "UserConnectionLimit",
+    "census",
     "close_all",
     "configure",
     "connect",
     "install",
     "installed",
+    "limits",
     "peer_closed",
+    "raise_fd_soft_limit",
     "translate",
     "uninstall",
 ]

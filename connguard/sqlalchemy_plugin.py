@@ -641,6 +641,9 @@ class EngineGuard:
                           checked_out=pool.checkedout(), overflow=pool.overflow())
         if engine is not None and isinstance(engine.pool, GuardedQueuePool):
             result.update(engine.pool.guard_stats())
+        connector = self._connector
+        if connector is not None and connector.gate is not None:
+            result.update(connector.gate.stats())  # the process-wide gate toward this server
         return result
 
     def __repr__(self) -> str:
@@ -678,7 +681,10 @@ def stats(engine: Any) -> Dict[str, Any]:
     ``translated``, ``wait_timeout``, ``idle_timeout``, ``support`` (full / partial / none),
     for a QueuePool ``pool_size``, ``checked_in``, ``checked_out``, ``overflow``, and for the
     guarded pool ``ceiling``, ``opening``, ``waiting``, ``waits``, ``capacity_waits``,
-    ``timeouts``, ``dropped_empty`` (:meth:`GuardedQueuePool.guard_stats`).
+    ``timeouts``, ``dropped_empty`` (:meth:`GuardedQueuePool.guard_stats`); once a connection
+    went through the storm gate, the gate's ``breaker``, ``consecutive_failures``,
+    ``connect_attempts``, ``connect_failures``, ``fast_failures`` (one gate per server and
+    process: shared with other engines and pools that have the same settings).
     """
     dialect = getattr(engine, "dialect", None)
     guard = None if dialect is None else _guards.get(dialect)

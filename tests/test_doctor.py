@@ -147,8 +147,10 @@ def test_nearly_full_server_is_red_with_exit_1(
     code, out, err = run_doctor(capsys, "--dsn", dsn(server), "--json")
     report = json.loads(out)
     lines = by_name(report["checks"])
-    # 8 held + the doctor's own = 9 of 10.
-    assert lines["Threads_connected"]["value"] == "9 of 10"
+    # 8 held + the doctor's own = 9 of 10 (a closed connection may not have left yet).
+    threads = int(report["server"]["status"]["Threads_connected"])
+    assert threads >= 9
+    assert lines["Threads_connected"]["value"] == f"{threads} of 10"
     assert lines["Threads_connected"]["verdict"] == RED
     assert report["worst"] == RED and code == cli.EXIT_RED
     assert report["server"]["variables"]["max_connections"] == "10"
@@ -158,7 +160,7 @@ def test_nearly_full_server_is_red_with_exit_1(
     # The human form says the same, in a table.
     code, text, err = run_doctor(capsys, "--dsn", dsn(server))
     assert code == cli.EXIT_RED
-    assert re.search(r"Threads_connected\s+9 of 10\s+RED", text)
+    assert re.search(r"Threads_connected\s+\d+ of 10\s+RED", text)
     assert APP_PASSWORD not in text + err
 
 
