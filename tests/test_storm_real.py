@@ -24,7 +24,8 @@ class Load:
     threads: int
     sql: str = "SELECT 1"
     calls: List[Tuple[float, bool, float]] = field(default_factory=list)  # (start, ok, secs)
-    errors: List[BaseException] = field(default_factory=list)
+    errors: List[BaseException] = field(default_factory=list)  # the first few, for reports
+    error_count: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _workers: List[threading.Thread] = field(default_factory=list)
 
@@ -38,7 +39,9 @@ class Load:
                 ok = True
             except pymysql.err.Error as exc:
                 ok = False
-                self.errors.append(exc)
+                self.error_count += 1
+                if len(self.errors) < 20:  # each holds a traceback: keep memory bounded
+                    self.errors.append(exc)
             self.calls.append((began, ok, time.monotonic() - began))
             if not ok:
                 self._stop.wait(0.01)  # an application pacing its retries a little
@@ -121,7 +124,7 @@ def test_saturation_means_waits_not_errors(mariadb_factory: Any) -> None:
     rate, errors, pool, late_attempts = _saturate(server, 64, 6)
     try:
         assert not exact_errors, exact_errors[:3]
-        assert not errors, errors[:3]
+        assert not errors, errors[:3]  # (only the first 20 are kept; none is the point)
         assert rate >= 0.8 * exact_rate, (rate, exact_rate)
         assert late_attempts <= 2 * 6, late_attempts  # at most 2 connect attempts/s
         assert pool.stats()["ceiling"] is not None and pool.stats()["ceiling"] <= 16
