@@ -4,6 +4,7 @@ Start here: :func:`connect` (drop-in for ``pymysql.connect``), :class:`Pool`, :f
 """
 
 from connguard.census import census
+from connguard.coordination import CoordinatorUnavailable, LeaseUnavailable
 from connguard.dropin import close_all, configure, connect, install, installed, uninstall
 from connguard.errors import (
     AccessDenied,
@@ -46,8 +47,10 @@ __all__ = [
     "CircuitOpen",
     "ConnGuardError",
     "ConnectionLost",
+    "CoordinatorUnavailable",
     "FdLimitReached",
     "HostBlocked",
+    "LeaseUnavailable",
     "LifetimePolicy",
     "LocalPortsExhausted",
     "Pool",

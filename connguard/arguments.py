@@ -13,6 +13,7 @@ POOL_OPTIONS = frozenset({
     "resource_guard", "fd_reserve", "port_reserve",
     "storm_control", "host_gate", "max_connect_rate", "connect_burst", "max_handshakes",
     "backoff_initial", "backoff_max", "breaker_threshold", "ceiling_probe",
+    "coordinator", "global_max", "coordinator_fail", "lease_ttl", "coordinator_key",
 })
 
 

@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Hashable, Optional
 
 from connguard import errors
 
@@ -51,6 +51,10 @@ class HostGate:
     def __init__(self, path: str, rate: float, burst: int, max_handshakes: int) -> None:
         self.path = path
         self.rate, self.burst, self.max_handshakes = rate, burst, max_handshakes
+
+    @property
+    def key(self) -> Hashable:
+        return ("host", self.path)
 
     def _update(self, change: Callable[[Dict[str, Any], float], float]) -> float:
         """Apply ``change`` to the shared state under an exclusive lock; return its result."""
@@ -109,3 +113,8 @@ class HostGate:
     def release(self) -> None:
         """The handshake this process started is over (either way)."""
         self._update(self._give_back)
+
+    def finished(self, outcome: str, error: Optional[BaseException] = None) -> None:
+        """The shared-gate protocol (:class:`connguard.storm.SharedGate`): however the
+        attempt ended, its handshake slot goes back."""
+        self.release()

@@ -21,7 +21,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import pymysql
 
-from connguard import driver, errors, reaper, storm
+from connguard import coordination, driver, errors, reaper, storm
 from connguard.arguments import split_arguments
 from connguard.connector import Connector
 from connguard.guard import ResourceGuard
@@ -73,6 +73,7 @@ def retire_reason(entry: Entry, now: float, lifetime: LifetimePolicy,
 def build_policies(options: Dict[str, Any]) -> Tuple[PoolSettings, LifetimePolicy, ResetPolicy]:
     """The policy objects for a pool's options; raises ValueError naming a bad option."""
     storm.policy_from_options(options)  # validated here too, before anything is started
+    coordination.settings_from_options(options)
     settings = PoolSettings(**{k: v for k, v in options.items()
                                if k in PoolSettings.__dataclass_fields__})
     lifetime = LifetimePolicy(
@@ -100,6 +101,14 @@ class Pool:
         self._max_handshakes = (self._storm.max_handshakes if self._storm
                                 else self._settings.max_size)
         self._ceiling = Ceiling(self._storm.ceiling_probe if self._storm else 1.0)
+        self._coordination = coordination.settings_from_options(options)
+        self._coordinator = (coordination.coordinator_for(self._coordination.coordinator)
+                             if self._coordination.coordinator is not None else None)
+        self._destination = coordination.destination_key(self._host, self._port,
+                                                          self._coordination.key)
+        self._budget = self._make_budget()
+        # Like the server's ceiling, for the global budget: held while no lease is to be had.
+        self._lease_ceiling = Ceiling(coordination.LEASE_PROBE)
         self._connector = Connector(self._connect_kwargs, guard=self._make_guard(options),
                                     gate=self._make_gate(options),
                                     server_facts=self._server_facts)
@@ -132,7 +141,23 @@ class Pool:
             directory = shared if isinstance(shared, str) else None
             host_gate = HostGate(gate_path(self._host, self._port, directory), self._storm.rate,
                                  self._storm.burst, self._storm.max_handshakes)
-        return storm.gate_for(self._host, self._port, self._storm, host_gate)
+        shared = []
+        if self._coordinator is not None:
+            # The probe slot lapses a little after the longest a handshake may take.
+            probe_timeout = float(self._connect_kwargs.get("connect_timeout") or 10) + 1.0
+            shared.append(coordination.CoordinatedGate(
+                self._coordinator, self._destination, self._storm,
+                fail=self._coordination.fail, probe_timeout=probe_timeout))
+        return storm.gate_for(self._host, self._port, self._storm, host_gate, shared=shared)
+
+    def _make_budget(self) -> Optional[coordination.Budget]:
+        settings = self._coordination
+        if self._coordinator is None or settings.global_max is None:
+            return None
+        return coordination.Budget(self._coordinator, self._destination,
+                                   cap=settings.global_max, ttl=settings.lease_ttl,
+                                   fail=settings.fail, max_size=self._settings.max_size,
+                                   clock=self._clock)
 
     # -- checkout --------------------------------------------------------------------------
     def connect(self) -> PooledConnection:
@@ -186,7 +211,7 @@ class Pool:
                 if not counted_wait:
                     self._stats["waits"] += 1
                     counted_wait = True
-                probe_in = self._ceiling.seconds_to_probe(now)
+                probe_in = self._next_probe(now)
                 self._waiting += 1
                 try:
                     self._cond.wait(remaining if probe_in is None else min(remaining, probe_in))
@@ -195,21 +220,41 @@ class Pool:
 
     def _may_open(self, now: float) -> bool:
         """Under the lock: may one more connection be opened now? Bounded by max_size, the
-        handshakes already running, and the ceiling the server taught us."""
+        handshakes already running, the ceiling the server taught us and, with a global
+        budget, the ceiling at which no lease was to be had."""
         count = len(self._in_use) + len(self._idle) + self._opening
         return (count < self._settings.max_size and self._opening < self._max_handshakes
+                and (self._budget is None or self._lease_ceiling.allows(count, now))
                 and self._ceiling.allows(count, now))
+
+    def _next_probe(self, now: float) -> Optional[float]:
+        """Under the lock: seconds until a ceiling lets one more connect try, if one holds."""
+        times = [t for t in (self._ceiling.seconds_to_probe(now),
+                             self._lease_ceiling.seconds_to_probe(now)) if t is not None]
+        return min(times) if times else None
 
     def _wait_instead(self, exc: errors.ConnGuardError) -> bool:
         """After a failed connect: wait for a returned connection rather than fail?
 
         Yes when the server said it is full (1040, 1203, 1226, 1135): the ceiling is now
         lowered, and the connections this pool holds will come back to the waiting callers.
+        Yes when the global budget has no lease: the pool waits for its own connections,
+        or, holding none, for a lease to free (asking again now and then). When the
+        coordinator is down and the pool fails closed: only if it holds connections.
         """
         code = exc.args[0] if exc.args else None
         if code in storm.CAPACITY_CODES:
             self._stats["capacity_waits"] += 1
             return True
+        if isinstance(exc, coordination.LeaseUnavailable):
+            self._stats["lease_waits"] += 1
+            return True
+        if isinstance(exc, coordination.CoordinatorUnavailable):
+            with self._lock:
+                holds = bool(self._in_use or self._idle or self._opening)
+            if holds:
+                self._stats["lease_waits"] += 1
+            return holds
         return False
 
     def _timeout_error(self) -> errors.PoolTimeout:
@@ -226,14 +271,29 @@ class Pool:
             entry.leak_reported = False
 
     def _open_reserved(self, deadline: float = float("inf")) -> Entry:
-        """Open a connection in the slot reserved under the lock; the slot is freed on error."""
+        """Open a connection in the slot reserved under the lock; the slot is freed on error.
+
+        With a global budget the lease comes first (outside the lock, like the connect)."""
+        budget = self._budget
+        leased = False
         try:
+            if budget is not None:
+                budget.acquire()
+                leased = True
             conn = self._open_connection(deadline)
         except BaseException as exc:
+            if leased and budget is not None:
+                budget.release()
             with self._lock:
                 self._opening -= 1
                 code = exc.args[0] if isinstance(exc, errors.ConnGuardError) and exc.args else None
-                if code in storm.CAPACITY_CODES:
+                if isinstance(exc, (coordination.LeaseUnavailable,
+                                    coordination.CoordinatorUnavailable)):
+                    # Hold at what the pool has; ask again after the coordinator's hint.
+                    self._last_refusal = exc
+                    held = len(self._in_use) + len(self._idle) + self._opening
+                    self._lease_ceiling.hit(held, self._clock(), max(exc.retry_after, 0.05))
+                elif code in storm.CAPACITY_CODES:
                     self._last_refusal = exc
                     held = len(self._in_use) + len(self._idle) + self._opening
                     self._ceiling.hit(held, self._clock())
@@ -254,8 +314,13 @@ class Pool:
                 self._last_refusal = None
                 self._ceiling.grew(len(self._in_use) + len(self._idle) + self._opening,
                                    self._settings.max_size)
+                if leased:
+                    self._lease_ceiling.lift()
         if closed:
             driver.close_gracefully(conn)
+            if budget is not None:
+                budget.release()
+                budget.close()
             raise errors.PoolClosed(repr(self))
         self._mark_checked_out(entry, now)
         return entry
@@ -284,17 +349,30 @@ class Pool:
         """Take a connection back: reset it outside the lock, then park or discard it."""
         keep = not entry.broken and self._reset_session(entry)
         now = self._clock()
+        rebalance = False
         with self._lock:
             self._in_use.discard(entry)
             keep = keep and not self._closed and now < entry.expires_at
+            if keep and self._budget is not None and self._budget.surplus:
+                # Another pool below its fair share waits for a lease: give this one back
+                # (closed below; the coordinator hears of it from the reaper, not from here).
+                rebalance = self._budget.take_surplus()
+                if rebalance:
+                    keep = False
+                    held = len(self._in_use) + len(self._idle) + self._opening
+                    self._lease_ceiling.hit(held, now, coordination.LEASE_PROBE_MAX)
             if keep:
                 entry.last_used = now
                 entry.checkout_stack = None
                 self._idle.append(entry)
             if self._waiting:
                 self._cond.notify()
+            closed = self._closed
         if not keep:
-            self._close_entry(entry, "broken" if entry.broken else "discarded")
+            self._close_entry(entry, "rebalanced" if rebalance else
+                              "broken" if entry.broken else "discarded")
+            if closed and self._budget is not None:
+                self._budget.close()  # send the release now: the reaper no longer runs
 
     def _reset_session(self, entry: Entry) -> bool:
         """Leave no transaction or changed autocommit behind; False if the connection is bad."""
@@ -333,6 +411,8 @@ class Pool:
             driver.drop(entry.conn)  # nobody is listening: no COM_QUIT
         else:
             driver.close_gracefully(entry.conn)
+        if self._budget is not None:
+            self._budget.release()  # counted now; the coordinator hears at the next refresh
 
     def _lost_handle(self, entry: Entry) -> None:
         """Called from a handle's ``__del__``: no locks here, the reaper finishes the job."""
@@ -391,10 +471,26 @@ class Pool:
                         self._idle.remove(entry)
                         removed.append((entry, reason))
                 self._cond.notify(len(removed))
+        if self._budget is not None and self._budget.surplus:
+            removed += self._surplus_idle(now)
         for entry, reason in removed:
             self._close_entry(entry, reason)
         self._report_leaks(now)
         self._top_up()
+        if self._budget is not None:
+            self._budget.refresh()  # on this thread, never under the pool's lock
+
+    def _surplus_idle(self, now: float) -> List[Tuple[Entry, str]]:
+        """Idle connections to close so their leases go to pools below their share."""
+        assert self._budget is not None
+        removed: List[Tuple[Entry, str]] = []
+        with self._lock:
+            while self._idle and self._budget.take_surplus():
+                removed.append((self._idle.popleft(), "rebalanced"))  # the coldest first
+            if removed:
+                held = len(self._in_use) + len(self._idle) + self._opening
+                self._lease_ceiling.hit(held, now, coordination.LEASE_PROBE_MAX)
+        return removed
 
     def _report_leaks(self, now: float) -> None:
         threshold = self._settings.leak_threshold
@@ -422,6 +518,8 @@ class Pool:
             return
         try:
             entry = self._open_reserved()
+        except (coordination.LeaseUnavailable, coordination.CoordinatorUnavailable):
+            return  # no lease: the next pass asks again (the lease ceiling paces it)
         except Exception as exc:  # noqa: BLE001 - background work: log, do not die
             log.warning("could not open a min_idle connection: %s", exc)
             return
@@ -441,6 +539,9 @@ class Pool:
         for entry in inherited:
             entry.broken = True
             driver.drop(entry.conn)
+        if self._budget is not None:
+            self._budget.after_fork()  # the parent's leases stay the parent's
+        self._lease_ceiling = Ceiling(coordination.LEASE_PROBE)
 
     # -- lifecycle and introspection -------------------------------------------------------
     def close(self) -> None:
@@ -452,6 +553,8 @@ class Pool:
             self._cond.notify_all()
         for entry in idle:
             self._close_entry(entry, "pool_closed")
+        if self._budget is not None:
+            self._budget.close()
         reaper.unregister(self)
 
     @property
@@ -471,9 +574,21 @@ class Pool:
                          max_size=self._settings.max_size, wait_timeout=self._wait_timeout,
                          idle_timeout=self._lifetime.idle_timeout, ceiling=self._ceiling.value,
                          capacity_waits=self._stats.get("capacity_waits", 0))
+            if self._budget is not None:
+                stats.update(lease_waits=self._stats.get("lease_waits", 0),
+                             lease_ceiling=self._lease_ceiling.value,
+                             rebalanced=self._stats.get("rebalanced", 0))
         gate = self._connector.gate
         if gate is not None:
             stats.update(gate.stats())
+        if self._budget is not None:
+            stats.update(self._budget.stats())
+        elif self._coordinator is not None:
+            health = self._coordinator.health
+            stats.update(coordinator=self._coordinator.address,
+                         coordinator_state="ok" if health.up else (
+                             "fallback" if self._coordination.fail == "open" else "refusing"),
+                         coordinator_outages=health.outages)
         return stats
 
     def _describe_destination(self) -> str:

@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Hashable, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Hashable, Iterable, Optional, Protocol, Tuple
 
 import tenacity
 
@@ -152,10 +152,15 @@ class Ceiling:
             return True
         return False
 
-    def hit(self, held: int, now: float) -> None:
-        """The server refused one more: hold at ``held`` until the next probe."""
+    def hit(self, held: int, now: float, interval: Optional[float] = None) -> None:
+        """The server refused one more: hold at ``held`` until the next probe (in
+        ``interval`` seconds, default ``probe_interval``)."""
         self.value = held
-        self.probe_at = now + self.probe_interval
+        self.probe_at = now + (self.probe_interval if interval is None else interval)
+
+    def lift(self) -> None:
+        """The limit is gone (e.g. a lease was granted): grow freely again."""
+        self.value = None
 
     def grew(self, held: int, max_size: int) -> None:
         """A connect succeeded with ``held`` now open: lift the ceiling with it."""
@@ -201,8 +206,44 @@ class Breaker:
         if self.state == HALF_OPEN or self.failures >= self.threshold:
             self.state, self.open_until = OPEN, now + wait
 
+    def hold_open(self, now: float, wait: float, failures: int,
+                  error: Optional[BaseException]) -> None:
+        """Another process found the server down (a shared breaker is open): stay open for
+        ``wait`` seconds too, without an attempt of our own."""
+        self.state, self.probing = OPEN, False
+        self.open_until = max(self.open_until, now + wait)
+        self.failures = max(self.failures, failures)
+        if self.last_error is None:
+            self.last_error = error
+
     def retry_after(self, now: float) -> float:
         return max(0.0, self.open_until - now)
+
+
+class ReportedFailure(Exception):
+    """A connect failure another process reported through a shared breaker (the breaker's
+    ``last_cause`` when this process saw none itself)."""
+
+    def __init__(self, summary: str) -> None:
+        super().__init__(summary)
+        self.cause = summary
+
+
+class SharedGate(Protocol):
+    """The shared half of a gate (host-wide file, cluster-wide coordinator).
+
+    ``admit`` blocks for a shared token until ``deadline`` (then raises CircuitOpen) and
+    returns None to go, or an object with ``retry_after``, ``failures`` and ``cause`` when
+    a shared breaker is open. ``finished`` is told how an admitted attempt ended
+    (``"succeeded"``, ``"outage"``, ``"capacity"``, ``"permanent"``, ``"abandoned"``).
+    ``key`` tells backends apart (gates are shared per backend).
+    """
+
+    key: Hashable
+
+    def admit(self, deadline: float, clock: Clock, sleep: Sleep) -> Any: ...
+
+    def finished(self, outcome: str, error: Optional[BaseException] = None) -> None: ...
 
 
 class ConnectGate:
@@ -210,7 +251,7 @@ class ConnectGate:
 
     def __init__(self, policy: StormPolicy, host: str = "", port: int = 0,
                  clock: Clock = time.monotonic, sleep: Sleep = time.sleep,
-                 host_gate: Any = None) -> None:
+                 host_gate: Any = None, shared: Iterable[SharedGate] = ()) -> None:
         self.policy = policy
         self.host, self.port = host, port
         self._clock, self._sleep = clock, sleep
@@ -218,10 +259,14 @@ class ConnectGate:
         self._bucket = TokenBucket(policy.rate, policy.burst)
         self._breaker = Breaker(policy.breaker_threshold)
         self._not_before = 0.0  # backoff after a failure: no attempt before this time
-        self._host_gate = host_gate
+        # Shared halves, asked in this order after the local gate: the host-wide file, then
+        # the cluster-wide coordinator.
+        self._shared: Tuple[SharedGate, ...] = tuple(
+            b for b in (host_gate, *shared) if b is not None)
         self.attempts = 0
         self.failures = 0
         self.fast_failures = 0
+        self.shared_refusals = 0  # fast failures because a shared breaker was open
         # Monotonic times of recent attempts: how a storm (or its absence) looks over time.
         self.attempt_times: Deque[float] = deque(maxlen=1024)
 
@@ -241,13 +286,7 @@ class ConnectGate:
                     raise self._circuit_open(now)
                 wait = max(self._not_before - now, 0.0) or self._bucket.take(now)
             if wait <= 0:
-                if self._host_gate is not None:
-                    try:
-                        self._host_gate.admit(deadline, self._clock, self._sleep)
-                    except BaseException:
-                        with self._lock:  # no slot was taken: only the probe goes back
-                            self._breaker.probing = False
-                        raise
+                self._admit_shared(deadline)
                 with self._lock:
                     self.attempts += 1
                     self.attempt_times.append(self._clock())
@@ -259,30 +298,58 @@ class ConnectGate:
                 raise self._gate_timeout(wait)
             self._sleep(wait)
 
+    def _admit_shared(self, deadline: float) -> None:
+        """Ask the shared halves in turn; fail fast when a shared breaker is open."""
+        admitted = []
+        try:
+            for backend in self._shared:
+                refusal = backend.admit(deadline, self._clock, self._sleep)
+                if refusal is not None:
+                    raise self._shared_open(refusal)
+                admitted.append(backend)
+        except BaseException:
+            for backend in admitted:
+                backend.finished("abandoned")
+            with self._lock:  # this attempt never started: only the probe goes back
+                self._breaker.probing = False
+            raise
+
+    def _shared_open(self, refusal: Any) -> errors.CircuitOpen:
+        """Another process found the server down: fail fast, and stay open locally for as
+        long, so this process does not ask again before then."""
+        with self._lock:
+            now = self._clock()
+            cause = ReportedFailure(refusal.cause) if refusal.cause else None
+            self._breaker.hold_open(now, refusal.retry_after, refusal.failures, cause)
+            self.fast_failures += 1
+            self.shared_refusals += 1
+            return self._circuit_open(now)
+
+    def _finish_shared(self, outcome: str, error: Optional[BaseException] = None) -> None:
+        for backend in self._shared:
+            backend.finished(outcome, error)
+
     def succeeded(self) -> None:
         with self._lock:
             self._breaker.succeeded()
             self._not_before = 0.0
-        self._release_host_slot()
+        self._finish_shared("succeeded")
 
     def abandoned(self) -> None:
         """The attempt ended without an answer from the server (e.g. KeyboardInterrupt)."""
         with self._lock:
             self._breaker.probing = False
-        self._release_host_slot()
-
-    def _release_host_slot(self) -> None:
-        if self._host_gate is not None:
-            self._host_gate.release()
+        self._finish_shared("abandoned")
 
     def failed(self, error: BaseException) -> None:
         """Record a failed attempt (``error`` translated). Permanent errors do not count."""
-        self._release_host_slot()
+        code = error.args[0] if error.args else None
         if errors.is_transient(error) is False:
+            self._finish_shared("permanent", error)
             with self._lock:
                 self._breaker.probing = False
             return
-        code = error.args[0] if error.args else None
+        self._finish_shared("capacity" if code in CAPACITY_CODES else "outage", error)
         with self._lock:
             self.failures += 1
             now = self._clock()
@@ -303,7 +370,8 @@ class ConnectGate:
         with self._lock:
             return {"breaker": self._breaker.state, "consecutive_failures": self._breaker.failures,
                     "connect_attempts": self.attempts, "connect_failures": self.failures,
-                    "fast_failures": self.fast_failures}
+                    "fast_failures": self.fast_failures,
+                    "shared_refusals": self.shared_refusals}
 
     def _circuit_open(self, now: float) -> errors.CircuitOpen:
         return errors.CircuitOpen(self._breaker.last_error, self._breaker.retry_after(now),
@@ -321,14 +389,18 @@ _gates: Dict[Hashable, ConnectGate] = {}
 _gates_lock = threading.Lock()
 
 
-def gate_for(host: str, port: int, policy: StormPolicy, host_gate: Any = None) -> ConnectGate:
-    """The process-wide gate for (destination, policy): pools with the same policy toward
-    the same server share one bucket and one breaker."""
-    key = (host, port, policy, host_gate.path if host_gate is not None else None)
+def gate_for(host: str, port: int, policy: StormPolicy, host_gate: Any = None,
+             shared: Iterable[SharedGate] = ()) -> ConnectGate:
+    """The process-wide gate for (destination, policy, shared backends): pools with the same
+    policy toward the same server share one bucket and one breaker."""
+    shared = tuple(shared)
+    key = (host, port, policy, host_gate.path if host_gate is not None else None,
+           tuple(b.key for b in shared))
     with _gates_lock:
         gate = _gates.get(key)
         if gate is None:
-            gate = _gates[key] = ConnectGate(policy, host, port, host_gate=host_gate)
+            gate = _gates[key] = ConnectGate(policy, host, port, host_gate=host_gate,
+                                             shared=shared)
         return gate
 
 

@@ -1,0 +1,734 @@
+"""State that the pools of many processes share: a global connection budget and connect gate.
+
+A pool on its own sees one process. The limit that matters once a service runs on several
+hosts is the server's ``max_connections``, shared by every worker of every host, and a
+reconnect storm is the sum of all of them. With ``coordinator=`` a pool keeps that shared
+state in a backend (Redis: :mod:`connguard.redis_coordination`):
+
+* **the budget** (``global_max``): a lease per open server connection per destination. A pool
+  takes one before it connects and gives it back when it closes the connection; its leases
+  live in the coordinator under a TTL that the process refreshes from the reaper thread, so a
+  process that dies (even ``kill -9``) loses them within the TTL. A pool that gets no lease
+  waits for one of its own connections, as under the adaptive ceiling, instead of failing.
+* **the gate**: one token bucket and one breaker per destination for all processes
+  (:class:`CoordinatedGate`, the shared half of a :class:`~connguard.storm.ConnectGate`).
+
+The coordinator is asked on the connect path only (and by the reaper thread): never on the
+checkout of an idle connection, never on its return. When it does not answer, pools fall back
+to their local gate and budget and the process logs it once (``coordinator_fail="open"``, the
+default) or refuses new connections (``"closed"``); it is asked again, one caller at a time,
+with a growing interval, and picked up again without a restart.
+
+Without ``coordinator`` nothing here is used: the in-process gate and the pool's own
+``max_size`` apply as before. ``host_gate`` (:mod:`connguard.hostgate`) is the other shared
+backend of the gate, for the processes of one host.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import itertools
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import urllib.parse
+import weakref
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple, TypeVar, Union
+
+import pymysql
+
+from connguard import errors
+from connguard.storm import StormPolicy
+
+log = logging.getLogger("connguard.coordination")
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+T = TypeVar("T")
+
+FAIL_MODES = ("open", "closed")
+#: Schemes a ``coordinator`` URL may have, and the backend module for each.
+SCHEMES = {"redis": "redis", "rediss": "redis", "unix": "redis"}
+
+# How a connect attempt ended, as the gate's shared backends are told.
+SUCCEEDED, OUTAGE, CAPACITY, PERMANENT, ABANDONED = (
+    "succeeded", "outage", "capacity", "permanent", "abandoned")
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class LeaseUnavailable(errors.ConnGuardError, pymysql.err.OperationalError):
+    """The destination's global connection budget is spent (``global_max`` leases held).
+
+    The pool waits for one of its own connections (or, holding none, for a lease to free)
+    rather than raise it; a caller sees it only as the ``last_cause`` of a ``PoolTimeout``.
+    ``retry_after``: seconds until the pool asks again.
+    """
+
+    transient = True
+    docs = "deployment.md"
+
+    def __init__(self, destination: str, global_max: int, census: Optional[Census],
+                 retry_after: float, fallback: bool = False) -> None:
+        diagnosis: Dict[str, Any] = {"destination": destination, "global_max": global_max,
+                                     "retry_after": retry_after}
+        if census is not None:
+            diagnosis.update(total=census.total, mine=census.mine, holders=census.holders,
+                             share=census.share)
+            cause = (f"the global connection budget for {destination} is spent: "
+                     f"{census.total} of global_max {global_max} leases held by "
+                     f"{census.holders} pools (this one {census.mine}, fair share "
+                     f"{census.share})")
+        else:
+            cause = (f"the coordinator is unreachable and this pool is at its fallback budget "
+                     f"for {destination} (its share of global_max {global_max})")
+        super().__init__(cause)
+        errors._describe(self, cause, (
+            "the pool waits for one of its own connections to come back; raise global_max "
+            "if the server has room (max_connections minus a reserve for admins)",
+            "or give each pool a smaller max_size so the cap is shared by more processes",
+        ), diagnosis, None)
+        self.retry_after = retry_after
+        self.fallback = fallback
+
+
+class CoordinatorUnavailable(errors.ConnGuardError, pymysql.err.OperationalError):
+    """The coordinator does not answer and the pool was told to refuse new connections then
+    (``coordinator_fail="closed"``). Idle pooled connections are still handed out."""
+
+    transient = True
+    docs = "deployment.md"
+
+    def __init__(self, address: str, last_error: str, retry_after: float) -> None:
+        diagnosis = {"coordinator": address, "last_error": last_error,
+                     "retry_after": retry_after}
+        cause = (f"coordinator {address} is unreachable ({last_error or 'no answer'}) and "
+                 "coordinator_fail='closed': no new server connection is opened until it "
+                 "answers")
+        super().__init__(cause)
+        errors._describe(self, cause, (
+            "bring the coordinator back: pools pick it up again without a restart",
+            "or use coordinator_fail='open' to fall back to each pool's local gate and "
+            "budget while it is away",
+        ), diagnosis, None)
+        self.retry_after = retry_after
+
+
+class BackendDown(Exception):
+    """Raised by a coordinator backend that could not be reached (internal signal)."""
+
+
+def summary(exc: Optional[BaseException], limit: int = 300) -> str:
+    """``ClassName: first line`` of an exception, bounded (it goes over the wire)."""
+    if exc is None:
+        return ""
+    try:
+        first = getattr(exc, "cause", "") or str(exc).split("\n", 1)[0]
+    except Exception:  # noqa: BLE001 - a broken __str__ must not break error handling
+        first = ""
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text[:limit]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: the only form that is ever shown."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable coordinator URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hostpart = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0] if ":" in userinfo else userinfo
+        shown = f"{user}:***" if ":" in userinfo else ("***" if user else "")
+        netloc = f"{shown}@{hostpart}"
+    query = urllib.parse.urlencode(
+        [(k, "***" if k.lower() == "password" else v)
+         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)])
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CoordinationSettings:
+    """The pool options of this module, validated. ``coordinator=None``: nothing shared.
+
+    ``global_max``: leases (open server connections) all pools toward the destination may
+    hold together; without it only the gate is shared. ``fail``: ``"open"`` (fall back to the
+    local gate and budget) or ``"closed"`` (refuse new connections) while the coordinator is
+    unreachable. ``lease_ttl``: seconds a process's leases outlive its last refresh (it
+    refreshes every third of that from the reaper thread). ``key``: the name the budget and
+    the gate are kept under; by default ``host:port`` as the pool connects, so every process
+    must name the server the same way (or all set the same ``coordinator_key``).
+    """
+
+    coordinator: Union[None, str, Coordinator] = None
+    global_max: Optional[int] = None
+    fail: str = "open"
+    lease_ttl: float = 15.0
+    key: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        spec = self.coordinator
+        if spec is not None and not isinstance(spec, Coordinator):
+            if not isinstance(spec, str):
+                raise ValueError("coordinator must be a URL such as 'redis://host:6379/0' or "
+                                 f"None, got {type(spec).__name__}")
+            scheme = spec.split("://", 1)[0].lower() if "://" in spec else ""
+            if scheme not in SCHEMES:
+                raise ValueError(f"coordinator must be a URL with scheme "
+                                 f"{', '.join(sorted(SCHEMES))}, got {redact_url(spec)!r}")
+        if self.global_max is not None:
+            if (isinstance(self.global_max, bool) or not isinstance(self.global_max, int)
+                    or self.global_max < 1):
+                raise ValueError(f"global_max must be an integer >= 1, got {self.global_max!r}")
+            if spec is None:
+                raise ValueError("global_max needs a coordinator (coordinator='redis://...'): "
+                                 "without one no process can see the others' connections")
+        if self.fail not in FAIL_MODES:
+            raise ValueError(f"coordinator_fail must be one of {', '.join(FAIL_MODES)}, "
+                             f"got {self.fail!r}")
+        ttl = self.lease_ttl
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl < 1.5:
+            raise ValueError(f"lease_ttl must be a number of seconds >= 1.5 (three reaper "
+                             f"passes), got {ttl!r}")
+        if self.key is not None and (not isinstance(self.key, str) or not self.key):
+            raise ValueError(f"coordinator_key must be a non-empty string, got {self.key!r}")
+
+
+#: Pool options of this module and the CoordinationSettings field each one sets.
+POOL_OPTION_FIELDS = {
+    "coordinator": "coordinator",
+    "global_max": "global_max",
+    "coordinator_fail": "fail",
+    "lease_ttl": "lease_ttl",
+    "coordinator_key": "key",
+}
+
+
+def settings_from_options(options: Dict[str, Any]) -> CoordinationSettings:
+    """CoordinationSettings from pool options; raises ValueError naming a bad one."""
+    return CoordinationSettings(**{field: options[name]
+                                   for name, field in POOL_OPTION_FIELDS.items()
+                                   if name in options and options[name] is not None})
+
+
+def destination_key(host: str, port: int, override: Optional[str] = None) -> str:
+    """The name a destination's shared state is kept under."""
+    if override:
+        return override
+    if not port:  # a unix socket names a server of this host only
+        return f"unix:{socket.gethostname()}:{host}"
+    return f"{host}:{port}"
+
+
+# --- reachability ---------------------------------------------------------------------------
+
+
+class Health:
+    """Whether a coordinator answers, as one process sees it; the fallback decision.
+
+    While it answers every caller uses it. After a failure the process falls back and logs
+    that once; from then on one caller at a time tries again, first after ``retry_initial``
+    seconds, the interval doubling up to ``retry_max``; the first answer ends the fallback
+    (logged once too). Pure state plus a lock: clock injectable, no I/O under the lock.
+    """
+
+    def __init__(self, address: str, clock: Clock = time.monotonic,
+                 retry_initial: float = 0.25, retry_max: float = 2.0) -> None:
+        self.address = address
+        self._clock = clock
+        self.retry_initial, self.retry_max = retry_initial, retry_max
+        self._lock = threading.Lock()
+        self.up = True
+        self.outages = 0  # times it went from answering to not
+        self.errors = 0
+        self.last_error = ""
+        self._retry_at = 0.0
+        self._interval = retry_initial
+        self._probing = False
+
+    def usable(self) -> bool:
+        """May this caller ask the coordinator now? While it is down, one caller per retry
+        interval may (it must then report :meth:`ok` or :meth:`down`, or :meth:`abandon`)."""
+        with self._lock:
+            if self.up:
+                return True
+            if self._probing or self._clock() < self._retry_at:
+                return False
+            self._probing = True
+            return True
+
+    def retry_in(self) -> float:
+        with self._lock:
+            return 0.0 if self.up else max(0.0, self._retry_at - self._clock())
+
+    def ok(self) -> None:
+        with self._lock:
+            recovered = not self.up
+            self.up, self._probing, self._interval = True, False, self.retry_initial
+        if recovered:
+            log.warning("coordinator %s answers again: pools coordinate through it again",
+                        self.address)
+
+    def down(self, error: str) -> None:
+        with self._lock:
+            first, retried = self.up, self._probing
+            self.errors += 1
+            self.last_error = error
+            if first:  # calls in flight when it went away fail too: only the first counts
+                self.outages += 1
+                self._interval = self.retry_initial
+                self._retry_at = self._clock() + self._interval
+            elif retried:  # the one caller let through found it still down: wait longer
+                self._interval = min(self.retry_max, self._interval * 2)
+                self._retry_at = self._clock() + self._interval
+            self.up, self._probing = False, False
+        if first:
+            log.warning("coordinator %s unreachable (%s): pools fall back to their local gate "
+                        "and budget (coordinator_fail='open') or refuse new connections "
+                        "('closed') until it answers; asking again from time to time",
+                        self.address, error)
+
+    def abandon(self) -> None:
+        """The caller that was let through while down stopped without an answer."""
+        with self._lock:
+            self._probing = False
+
+    def call(self, operation: Callable[[], T]) -> Tuple[bool, Optional[T]]:
+        """``(True, result)`` of ``operation`` against the coordinator, or ``(False, None)``
+        when it is down (now, or not to be asked yet)."""
+        if not self.usable():
+            return False, None
+        try:
+            result = operation()
+        except BackendDown as exc:
+            self.down(str(exc))
+            return False, None
+        except BaseException:
+            self.abandon()
+            raise
+        self.ok()
+        return True, result
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._probing = False
+
+
+# --- the backend interface ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Census:
+    """A destination's budget as the coordinator saw it at one lease call.
+
+    ``granted``: the lease asked for was given. ``total``: leases held by all pools, this
+    one's included; ``mine``: by this pool (after the call); ``holders``: live pools of
+    the destination; ``share``: ``max(1, global_max // holders)``; ``needy``: other pools
+    below their share that were refused a lease recently.
+    """
+
+    granted: bool
+    total: int
+    mine: int
+    holders: int
+    share: int
+    needy: int
+
+    def surplus(self, cap: int) -> int:
+        """Leases this pool should give back: those above its share while another pool
+        below its share waits, or while the total is above the cap (after a fallback)."""
+        if self.mine > self.share and (self.needy > 0 or self.total > cap):
+            return min(self.mine - self.share, max(self.needy, self.total - cap, 1))
+        return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GateVerdict:
+    """The shared gate's answer to a connect attempt.
+
+    ``action``: ``"go"``; ``"probe"`` (the breaker is half-open and this attempt is its one
+    probe); ``"wait"`` (no token: ``wait`` seconds until one); ``"open"`` (the breaker is
+    open for ``wait`` more seconds); ``"busy"`` (half-open, another process is probing).
+    ``failures``: outage failures in a row, all processes together; ``cause``: the last one.
+    """
+
+    action: str
+    wait: float
+    failures: int
+    cause: str = ""
+
+
+class Coordinator(abc.ABC):
+    """Where the state that pools of many processes share is kept (one per address per
+    process). Operations are atomic in the backend and raise :class:`BackendDown` when it
+    cannot be reached; times are the backend's own clock, one for every host."""
+
+    #: How the coordinator is shown (never with a password).
+    address: str = "coordinator"
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.health = Health(self.address, clock=clock)
+        self._budgets: weakref.WeakSet[Budget] = weakref.WeakSet()
+
+    # -- budget ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def lease(self, destination: str, holder: str, *, want: bool, held: int, released: int,
+              resync: bool, cap: int, ttl: float, needy_ttl: float) -> Census:
+        """Refresh ``holder``'s registration (expiring ``ttl`` s from now) and count; with
+        ``want``, also take one lease if the cap and fairness allow.
+
+        The holder's count becomes ``held`` when ``resync`` or when the coordinator does not
+        know the holder (new, expired, or the coordinator lost its data), else its count
+        less ``released``. Holders whose registration expired are dropped first, with their
+        leases. A lease is granted while the total is below ``cap`` and either the holder is
+        below its fair share or no other holder below its share is waiting; a holder below
+        its share that is refused is marked needy for ``needy_ttl`` s.
+        """
+
+    @abc.abstractmethod
+    def drop(self, destination: str, holder: str) -> None:
+        """Forget ``holder`` and its leases (the pool closed)."""
+
+    # -- gate ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def gate_admit(self, destination: str, rate: float, burst: int,
+                   probe_timeout: float) -> GateVerdict:
+        """One connect attempt asks the shared breaker, then the shared token bucket. When
+        the breaker's open time is over the first asker becomes the probe; the probe slot
+        lapses after ``probe_timeout`` s if its process never reports."""
+
+    @abc.abstractmethod
+    def gate_failed(self, destination: str, threshold: int, wait: float, cause: str) -> None:
+        """An outage failure: count it; open the breaker for ``wait`` s when the count
+        reaches ``threshold`` or the breaker was open or half-open (a failed probe)."""
+
+    @abc.abstractmethod
+    def gate_succeeded(self, destination: str) -> None:
+        """The server answered: close the breaker, reset the count."""
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def register(self, budget: Budget) -> None:
+        self._budgets.add(budget)
+
+    def process_leases(self, destination: str) -> int:
+        """Leases all pools of this process hold toward ``destination``."""
+        return sum(b.held for b in list(self._budgets) if b.destination == destination)
+
+    def _after_fork_in_child(self) -> None:
+        self.health._after_fork_in_child()
+
+
+_coordinators: Dict[str, Coordinator] = {}
+_coordinators_lock = threading.Lock()
+
+
+def coordinator_for(spec: Union[str, Coordinator]) -> Coordinator:
+    """The process-wide coordinator for a URL (made on first use), or ``spec`` itself."""
+    if isinstance(spec, Coordinator):
+        return spec
+    with _coordinators_lock:
+        found = _coordinators.get(spec)
+        if found is None:
+            from connguard.redis_coordination import RedisCoordinator
+
+            found = _coordinators[spec] = RedisCoordinator(spec)
+        return found
+
+
+# --- the shared half of the connect gate ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedOpen:
+    """A shared backend's answer that the breaker is open (the gate fails fast with it)."""
+
+    retry_after: float
+    failures: int
+    cause: str = ""
+
+
+class CoordinatedGate:
+    """The cluster-wide half of a :class:`~connguard.storm.ConnectGate`: one token bucket and
+    one breaker per destination for every process, kept in a coordinator.
+
+    The local gate decides first (its own bucket, backoff and breaker, no I/O); then this
+    asks the coordinator once per attempt. A process that sees the shared breaker open fails
+    fast and holds its local breaker open for the same time, so it asks again only then.
+    """
+
+    def __init__(self, coordinator: Coordinator, destination: str, policy: StormPolicy,
+                 fail: str = "open", probe_timeout: float = 11.0) -> None:
+        self.coordinator = coordinator
+        self.destination = destination
+        self.policy = policy
+        self.fail = fail
+        self.probe_timeout = probe_timeout
+        self.key: Hashable = ("coordinated", id(coordinator), destination, fail, probe_timeout)
+        self._attempt = threading.local()  # what admit() saw, for finished() on this thread
+        self.refusals = 0
+
+    @property
+    def health(self) -> Health:
+        return self.coordinator.health
+
+    def admit(self, deadline: float, clock: Clock, sleep: Sleep) -> Optional[SharedOpen]:
+        """None: go. A :class:`SharedOpen`: the shared breaker is open. Waits for a shared
+        token until ``deadline`` (then CircuitOpen); raises CoordinatorUnavailable when the
+        coordinator is down and the pool fails closed."""
+        self._attempt.report = False
+        while True:
+            reached, verdict = self.health.call(lambda: self.coordinator.gate_admit(
+                self.destination, self.policy.rate, self.policy.burst, self.probe_timeout))
+            if not reached or verdict is None:
+                if self.fail == "closed":
+                    raise CoordinatorUnavailable(self.coordinator.address,
+                                                 self.health.last_error, self.health.retry_in())
+                return None  # fail open: the local gate alone decides
+            if verdict.action in ("go", "probe"):
+                self._attempt.report = verdict.failures > 0 or verdict.action == "probe"
+                self._attempt.failures = verdict.failures
+                return None
+            if verdict.action in ("open", "busy"):
+                self.refusals += 1
+                wait = verdict.wait if verdict.action == "open" else min(
+                    verdict.wait, self.policy.backoff_max)
+                return SharedOpen(wait, verdict.failures, verdict.cause)
+            now = clock()
+            if now + verdict.wait > deadline:
+                raise errors.CircuitOpen(None, verdict.wait)
+            sleep(verdict.wait)
+
+    def finished(self, outcome: str, error: Optional[BaseException] = None) -> None:
+        """Tell the shared breaker how the attempt ended (outage failures, and a success
+        only when the breaker had counted failures or this was its probe)."""
+        report = getattr(self._attempt, "report", False)
+        self._attempt.report = False
+        if outcome == OUTAGE:
+            seen = getattr(self._attempt, "failures", 0)
+            wait = self.policy.backoff(seen + 1)
+            self.health.call(lambda: self.coordinator.gate_failed(
+                self.destination, self.policy.breaker_threshold, wait, summary(error)))
+        elif outcome in (SUCCEEDED, CAPACITY, PERMANENT) and report:
+            # The server answered (even "full" or "access denied"): it is not down.
+            self.health.call(lambda: self.coordinator.gate_succeeded(self.destination))
+        # ABANDONED: a probe slot this attempt held lapses after probe_timeout.
+
+
+# --- the budget -----------------------------------------------------------------------------
+
+_serial = itertools.count(1)
+
+#: Seconds between lease requests of a pool below its fair share that was refused: short,
+#: so a freed lease finds it soon. A pool at or above its share backs off to LEASE_PROBE_MAX.
+LEASE_PROBE = 0.1
+LEASE_PROBE_MAX = 1.0
+#: Seconds a refused pool below its share stays marked needy without asking again.
+NEEDY_TTL = 1.5
+
+
+class Budget:
+    """One pool's part of a destination's global connection budget.
+
+    ``held`` counts the leases the pool holds (one per open server connection or handshake
+    under way). :meth:`acquire` runs on the connect path; :meth:`release` only counts (no
+    I/O: it runs wherever a connection is closed, return included); the coordinator hears of
+    releases, and of the pool being alive, from :meth:`refresh` on the reaper thread (every
+    ``ttl / 3`` s, or at the next pass after a release) or with the next lease request.
+
+    A pool's calls to the coordinator are serialized by a lock of their own (never the
+    pool's lock), so the count the coordinator keeps for the pool is exactly ``held`` plus
+    the releases not sent yet, and a count sent afresh (after an error) is never overtaken
+    by an older one. Connects of one pool are few and rate-limited: the wait is short.
+
+    While the coordinator is down a fail-open pool allows itself its *fallback budget*: the
+    larger of what it held at the last answer and its fair share then (``global_max`` if it
+    never had an answer), at most ``max_size``. When it answers again the pool's count is
+    sent afresh (it may have opened connections meanwhile) and pools above their share give
+    connections back until the total is under the cap again.
+    """
+
+    def __init__(self, coordinator: Coordinator, destination: str, *, cap: int, ttl: float,
+                 fail: str = "open", max_size: int = 10, clock: Clock = time.monotonic) -> None:
+        self.coordinator = coordinator
+        self.destination = destination
+        self.cap, self.ttl, self.fail, self.max_size = cap, ttl, fail, max_size
+        self._clock = clock
+        self._lock = threading.Lock()  # the counters; never held across I/O
+        self._io = threading.Lock()  # one coordinator call at a time for this pool
+        self.held = 0
+        self._unsent = 0  # releases the coordinator has not heard of yet
+        self._resync = True  # send the absolute count: first contact, or after an error
+        self.census: Optional[Census] = None
+        self.surplus = 0
+        self.denied = 0
+        self._denied_in_row = 0
+        self._next_refresh = 0.0
+        self._closed = False
+        self._holder: Optional[str] = None
+        coordinator.register(self)
+
+    @property
+    def holder(self) -> str:
+        """This pool's name in the coordinator: host, pid, a serial and a random tag."""
+        if self._holder is None:
+            self._holder = (f"{socket.gethostname()}:{os.getpid()}:{next(_serial)}:"
+                            f"{random.getrandbits(24):06x}")
+        return self._holder
+
+    @property
+    def health(self) -> Health:
+        return self.coordinator.health
+
+    def state(self) -> str:
+        """``"ok"``, ``"fallback"`` (down, fail open) or ``"refusing"`` (down, fail closed)."""
+        if self.health.up:
+            return "ok"
+        return "fallback" if self.fail == "open" else "refusing"
+
+    # -- connect path ----------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Take a lease for one new connection, or raise LeaseUnavailable (the pool waits)
+        or CoordinatorUnavailable (down and failing closed)."""
+        census = self._call(want=True)
+        if census is not None:
+            if census.granted:
+                return
+            raise LeaseUnavailable(self.destination, self.cap, census,
+                                   self._probe_interval(census))
+        if self.fail == "closed":
+            raise CoordinatorUnavailable(self.coordinator.address, self.health.last_error,
+                                         self.health.retry_in())
+        with self._lock:
+            if self.held < self.fallback_cap():
+                self.held += 1
+                return
+        raise LeaseUnavailable(self.destination, self.cap, None, 0.5, fallback=True)
+
+    def fallback_cap(self) -> int:
+        census = self.census
+        if census is None:
+            return min(self.max_size, self.cap)
+        return min(self.max_size, max(census.mine, census.share))
+
+    def _probe_interval(self, census: Census) -> float:
+        if census.mine < census.share:
+            base = LEASE_PROBE
+        else:
+            base = min(LEASE_PROBE_MAX, LEASE_PROBE * 2 ** max(0, self._denied_in_row - 1))
+        return base * random.uniform(0.5, 1.5)  # processes must not ask in step
+
+    def _call(self, want: bool, drop: bool = False) -> Optional[Census]:
+        """One lease call (or the drop), or None when the coordinator is down."""
+        with self._io:
+            if not self.health.usable():
+                return None
+            with self._lock:
+                held = self.held
+                released, self._unsent = self._unsent, 0
+                resync, self._resync = self._resync, False
+            try:
+                if drop:
+                    self.coordinator.drop(self.destination, self.holder)
+                    census = None
+                else:
+                    census = self.coordinator.lease(
+                        self.destination, self.holder, want=want, held=held,
+                        released=released, resync=resync, cap=self.cap, ttl=self.ttl,
+                        needy_ttl=NEEDY_TTL)
+            except BaseException as exc:
+                with self._lock:
+                    # Whether it was applied is unknown: the next call sends the count afresh.
+                    self._unsent += released
+                    self._resync = True
+                if isinstance(exc, BackendDown):
+                    self.health.down(str(exc))
+                    return None
+                self.health.abandon()
+                raise
+            self.health.ok()
+            with self._lock:
+                if census is None:
+                    return None
+                self.census = census
+                self.surplus = census.surplus(self.cap)
+                self._next_refresh = self._clock() + self.ttl / 3
+                if want and census.granted:
+                    self.held += 1
+                    self._denied_in_row = 0
+                elif want:
+                    self.denied += 1
+                    self._denied_in_row += 1
+            return census
+
+    # -- release and housekeeping (no I/O but on the reaper thread and at close) -----------
+    def release(self) -> None:
+        """One leased connection was closed (counted now, sent at the next refresh)."""
+        with self._lock:
+            if self.held > 0:
+                self.held -= 1
+                self._unsent += 1
+
+    def take_surplus(self) -> bool:
+        """Should the pool close one more connection to give its lease to another pool?"""
+        with self._lock:
+            if self.surplus > 0 and self.health.up:
+                self.surplus -= 1
+                return True
+            return False
+
+    def refresh(self) -> None:
+        """From the reaper: keep the registration alive (every ``ttl / 3`` s) and send
+        releases (at the next pass after one)."""
+        with self._lock:
+            due = not self._closed and (self._clock() >= self._next_refresh or self._unsent > 0)
+        if due:
+            self._call(want=False)
+
+    def close(self) -> None:
+        """The pool closed: send its releases, and forget it once it holds nothing."""
+        with self._lock:
+            self._closed = True
+            held = self.held
+        self._call(want=False, drop=held == 0)
+
+    def after_fork(self) -> None:
+        """In a forked child: it holds none of the parent's leases and is a new holder."""
+        self._lock = threading.Lock()
+        self._io = threading.Lock()
+        self.held = self._unsent = self.surplus = self._denied_in_row = 0
+        self._resync = True
+        self.census = None
+        self._holder = None
+        self._next_refresh = 0.0
+
+    def stats(self) -> Dict[str, Any]:
+        census = self.census
+        return {"coordinator": self.coordinator.address, "coordinator_state": self.state(),
+                "coordinator_outages": self.health.outages, "global_max": self.cap,
+                "leases_held": self.held,
+                "leases_process": self.coordinator.process_leases(self.destination),
+                "leases_global": None if census is None else census.total,
+                "lease_holders": None if census is None else census.holders,
+                "lease_share": None if census is None else census.share,
+                "lease_denied": self.denied}
+
+
+def _after_fork_in_child() -> None:
+    global _coordinators_lock
+    _coordinators_lock = threading.Lock()
+    for coordinator in _coordinators.values():
+        coordinator._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
