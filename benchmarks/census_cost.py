@@ -161,11 +161,12 @@ def census_scenario(total: int, rounds: int) -> ScenarioResult:
     try:
         result = _run_child(total, established, rounds)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        return ScenarioResult(title, description, False, [], notes=[f"skipped: {exc}"])
+        return ScenarioResult(title, description, False, [], notes=[f"skipped: {exc}"],
+                              params={"sockets": total})
     measurements = [Measurement(name, "ms", rounds=values)
                     for name, values in result["timings"].items() if values]
     return ScenarioResult(title, description, False, measurements,
-                          notes=_census_notes(result))
+                          notes=_census_notes(result), params={"sockets": total})
 
 
 def _census_notes(result: Dict[str, Any]) -> List[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import platform
 import statistics
@@ -32,27 +32,68 @@ class Measurement:
 
 @dataclass
 class ScenarioResult:
+    """One metric of one scenario, every client side by side.
+
+    ``group`` names the registry scenario that produced it (``outage``, ``census``, ...; the
+    runner fills it in); ``params`` holds the sizes that shaped it (sockets, threads, ...);
+    ``series`` optional raw data for a chart (see docs/bench.md). No measurements means the
+    scenario was skipped: the notes say why.
+    """
+
     name: str
     description: str
     higher_is_better: bool
     measurements: List[Measurement]
     notes: List[str] = field(default_factory=list)
+    group: str = ""
+    params: Dict[str, Any] = field(default_factory=dict)
+    series: Optional[Dict[str, Any]] = None
+
+    @property
+    def skipped(self) -> bool:
+        return not self.measurements
+
+    def best_alternative(self) -> Optional[str]:
+        """The best client that is not connguard's, or None if every client is connguard's."""
+        others = [m for m in self.measurements if not is_connguard(m.client)]
+        if not others:
+            return None
+        pick = max if self.higher_is_better else min
+        return pick(others, key=lambda m: m.median).client
 
     def ratios(self, baseline: Optional[str] = None) -> Dict[str, float]:
-        """Each client's median relative to ``baseline`` (default: the best alternative)."""
+        """Each client's median relative to ``baseline`` (default: the best alternative; the
+        best client overall when every client is connguard's)."""
         medians = {m.client: m.median for m in self.measurements}
+        if not medians:
+            return {}
         if baseline is None:
-            others = [v for k, v in medians.items() if not k.startswith("connguard")]
+            baseline = self.best_alternative()
+        if baseline is None:
             pick = max if self.higher_is_better else min
-            base = pick(others) if others else 1.0
+            base = pick(medians.values())
         else:
             base = medians[baseline]
         return {k: (v / base if base else float("nan")) for k, v in medians.items()}
 
     def as_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "description": self.description,
-                "higher_is_better": self.higher_is_better, "notes": self.notes,
-                "measurements": [m.as_dict() for m in self.measurements]}
+        ratios = self.ratios()
+        return {"name": self.name, "group": self.group, "description": self.description,
+                "higher_is_better": self.higher_is_better, "skipped": self.skipped,
+                "notes": self.notes, "params": self.params,
+                "best_alternative": self.best_alternative(),
+                "measurements": [dict(m.as_dict(), ratio=_finite(ratios[m.client]))
+                                 for m in self.measurements],
+                "series": self.series}
+
+
+def is_connguard(client: str) -> bool:
+    """Whether a client name stands for connguard (its pool, drop-in, plugin or census)."""
+    return client.startswith("connguard")
+
+
+def _finite(value: float) -> Optional[float]:
+    return value if value == value and value not in (float("inf"), float("-inf")) else None
 
 
 def time_per_op(op: Callable[[], Any], ops: int) -> float:
@@ -64,7 +105,7 @@ def time_per_op(op: Callable[[], Any], ops: int) -> float:
 
 
 def machine() -> Dict[str, Any]:
-    """A description of where the numbers came from."""
+    """A description of where the numbers came from (no host name, no user)."""
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -72,31 +113,38 @@ def machine() -> Dict[str, Any]:
                           if line.startswith("model name")), "")
     except OSError:
         pass
+    memory_gib: Optional[float] = None
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    load: Optional[float] = None
+    with contextlib.suppress(OSError, AttributeError):
+        load = round(os.getloadavg()[0], 2)
     return {"python": platform.python_version(), "platform": platform.platform(),
-            "cpus": os.cpu_count(), "cpu_model": model, "pymysql": pymysql.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+            "cpus": os.cpu_count(), "cpu_model": model, "memory_gib": memory_gib,
+            "load_avg_1m": load,
+            "pymysql": _version("PyMySQL") or pymysql.VERSION_STRING,
+            "sqlalchemy": _version("sqlalchemy"),
+            "dbutils": _version("DBUtils"), "connguard": _version("connguard"),
+            "date": time.strftime("%Y-%m-%d"),
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _version(distribution: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def write_report(results: List[ScenarioResult], out_dir: str, server_version: str) -> str:
-    """results.json plus a Markdown table; returns the Markdown."""
-    os.makedirs(out_dir, exist_ok=True)
-    doc = {"machine": machine(), "server": server_version,
-           "scenarios": [r.as_dict() for r in results]}
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(doc, f, indent=2)
-    lines = [f"Machine: {doc['machine']['cpus']} CPUs, {doc['machine']['cpu_model']}, "
-             f"Python {doc['machine']['python']}, PyMySQL {doc['machine']['pymysql']}, "
-             f"server {server_version}, {doc['machine']['date']}", ""]
-    for r in results:
-        ratios = r.ratios()
-        lines += [f"### {r.name}", "", r.description, "",
-                  "| client | median | min | max | ratio vs best alternative |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
-        for m in r.measurements:
-            lines.append(f"| {m.client} | {m.median:,.1f} {m.unit} | {min(m.rounds):,.1f} | "
-                         f"{max(m.rounds):,.1f} | {ratios[m.client]:.3f}× |")
-        lines += [f"- {n}" for n in r.notes] + [""]
-    text = "\n".join(lines)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(text)
-    return text
+    """results.json, report.md and charts (see :mod:`benchmarks.report`); returns the Markdown.
+
+    Kept for the per-module ``main()`` entry points; ``connguard bench`` goes through
+    :func:`benchmarks.runner.run`.
+    """
+    from benchmarks import report
+
+    doc = report.results_document(results, server_version)
+    return report.write_all(doc, out_dir)

@@ -17,6 +17,7 @@ connects as a stopped server does.
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import shutil
 import socket
@@ -119,12 +120,14 @@ def cold_connect(kwargs: Dict[str, Any], redis: _Redis, rounds: int, ops: int
 
     def op(pool: connguard.Pool) -> None:
         conn = pool.connect()  # nothing idle: opens a connection ...
-        conn._self_entry.expires_at = 0.0  # ... which is past its lifetime when returned,
+        entry = conn._self_entry
+        assert entry is not None
+        entry.expires_at = 0.0  # ... which is past its lifetime when returned,
         conn.close()  # so the return closes it (COM_QUIT)
 
     try:
         measurements = _round_robin(rounds, {
-            name: (lambda p=pool: time_per_op(lambda: op(p), ops))
+            name: functools.partial(_time_ops, op, pool, ops)
             for name, pool in pools.items()}, "µs/op")
         opened = {name: pool.stats()["opened"] for name, pool in pools.items()}
     finally:
@@ -155,7 +158,7 @@ def idle_checkout(kwargs: Dict[str, Any], redis: _Redis, rounds: int, ops: int
                 c.close()
         before = redis.commands()
         measurements = _round_robin(rounds, {
-            name: (lambda p=pool: time_per_op(lambda: op(p), ops))
+            name: functools.partial(_time_ops, op, pool, ops)
             for name, pool in pools.items()}, "µs/op")
         sent = redis.commands() - before
         total_ops = rounds * ops
@@ -252,7 +255,7 @@ def outage(redis: _Redis, sizes: Tuple[int, ...], rounds: int, seconds: float, t
         workers.run(max(sizes), {}, 1, 0.2)  # warm: every worker imported and answering
         for size in sizes:
             measurements = _round_robin(rounds, {
-                name: (lambda o=options, n=size: workers.run(n, o, threads, seconds) / seconds)
+                name: functools.partial(_attempt_rate, workers, size, options, threads, seconds)
                 for name, options in clients.items()}, "attempts/s")
             medians = {m.client: m.median for m in measurements}
             results.append(ScenarioResult(
@@ -312,3 +315,12 @@ if __name__ == "__main__":  # python -m benchmarks.coordination [--quick]
             server.destroy()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _time_ops(op: Callable[[connguard.Pool], None], pool: connguard.Pool, ops: int) -> float:
+    return time_per_op(lambda: op(pool), ops)
+
+
+def _attempt_rate(workers: Any, size: int, options: Dict[str, Any], threads: int,
+                  seconds: float) -> float:
+    return float(workers.run(size, options, threads, seconds)) / seconds

@@ -6,6 +6,7 @@ so a noisy neighbour hurts them all alike.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any, Callable, Dict, List, Tuple
@@ -70,7 +71,7 @@ def _with_pools(kwargs: Dict[str, Any], size: int, body: Callable[[Callable[[], 
             conns = [checkout() for _ in range(size)]
             for conn in conns:
                 conn.close()
-        return _round_robin(rounds, {name: (lambda c=checkout: body(c))
+        return _round_robin(rounds, {name: functools.partial(body, checkout)
                                      for name, (checkout, _) in made.items()}, unit)
     finally:
         for _, dispose in made.values():

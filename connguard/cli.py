@@ -1,4 +1,4 @@
-"""The ``connguard`` command.  Subcommands: ``doctor`` (more, e.g. ``bench``, plug in here).
+"""The ``connguard`` command.  Subcommands: ``doctor`` and ``bench`` (more plug in here).
 
 Only argument parsing and printing live here; the report itself is :mod:`connguard.doctor`.
 Exit status: 0 when nothing is red, 1 when a check is red, 2 on a usage error.
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     add_doctor(commands)
+    add_bench(commands)
     return parser
 
 
@@ -47,6 +48,25 @@ def add_doctor(commands: Any) -> None:
                         "your service) instead of the doctor's own")
     parser.add_argument("--json", action="store_true", help="print JSON (see docs/doctor.md)")
     parser.set_defaults(handler=run_doctor, parser=parser)
+
+
+def add_bench(commands: Any) -> None:
+    """Register ``connguard bench`` (the runner lives in :mod:`benchmarks.runner`)."""
+    try:
+        from benchmarks import runner
+    except ImportError as exc:  # an install without the benchmarks package: say so on use
+        reason = f"the benchmarks package is not importable ({exc}); reinstall connguard"
+        missing = commands.add_parser("bench", help="(unavailable: benchmarks not installed)")
+        missing.set_defaults(handler=lambda args, parser: parser.error(reason), parser=missing)
+        return
+    parser = commands.add_parser(
+        "bench", help="compare connguard with plain PyMySQL, SQLAlchemy and DBUtils here",
+        description="Run the benchmark scenarios, every client side by side, against a "
+        "throwaway MariaDB (the mariadbd on PATH) or --dsn; write results.json, report.md "
+        "and PNG charts into --out and print a summary table. See docs/bench.md. Exit "
+        "status 1 when a scenario failed, 2 on a usage error or when there is no server.")
+    runner.add_arguments(parser)
+    parser.set_defaults(handler=runner.run_from_args, parser=parser)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
