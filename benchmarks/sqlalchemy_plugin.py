@@ -1,15 +1,27 @@
 """SQLAlchemy engine scenarios: the connguard plugin vs ``pool_pre_ping=True`` vs no pre-ping.
 
-The plugin's claim is that its socket-level check costs a small fraction of pre_ping's round
-trip (target: a checkout at most 0.5x the pre_ping engine's). Every engine runs against the
-same server in the same run; rounds alternate between them so a noisy neighbour hurts all.
+Two claims. Its socket-level check costs a small fraction of pre_ping's round trip (target:
+a checkout at most 0.5x the pre_ping engine's): every engine runs against the same server in
+the same run, rounds alternating between them so a noisy neighbour hurts all. And through an
+engine, the outage and saturation scenarios of issue 6 stay bounded: those run on throwaway
+servers of their own (``connguard.sandbox``), since they stop the server or cap it at 16
+connections.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Union
+import contextlib
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from benchmarks.common import Measurement, ScenarioResult, time_per_op
+from connguard.census import own_sockets
+from connguard.sandbox import MariaDB, Template, wait_until
 
 PLUGIN = "connguard plugin"
 PRE_PING = "pool_pre_ping=True"
@@ -96,40 +108,280 @@ def engine_select_one(url: Any, rounds: int, ops: int) -> ScenarioResult:
         "rollback on close included (µs/op).", False, _measure(url, body, rounds, "µs")))
 
 
-def run_all(kwargs_or_url: Union[str, Mapping[str, Any]], quick: bool) -> List[ScenarioResult]:
-    """Every scenario; ``kwargs_or_url`` is a SQLAlchemy URL or ``pymysql.connect`` arguments."""
-    url = _url(kwargs_or_url)
-    rounds = 3 if quick else 7
-    return [
-        engine_checkout(url, rounds, 2000 if quick else 20000),
-        engine_select_one(url, rounds, 500 if quick else 5000),
-    ]
+# --- outage and saturation through the engine --------------------------------------------
+
+EXACT = "exact-size pool, no plugin"
+THREADS = 64
+SERVER_CAP = 16  # max_connections of the saturation server
 
 
-def main() -> None:
-    """``python -m benchmarks.sqlalchemy_plugin [--quick]``: these scenarios alone, on a
-    throwaway MariaDB started by the test harness."""
-    import os
-    import shutil
-    import sys
-    import tempfile
+class _Load:
+    """Threads running a query through an engine until stopped; every call's outcome kept."""
 
-    from benchmarks.common import write_report
-    from tests.mariadb import MariaDB, Template
+    def __init__(self, engine: Any, threads: int, sql: str) -> None:
+        from sqlalchemy import text
 
-    root = tempfile.mkdtemp(prefix="connguard-bench-")
+        self.engine, self.statement = engine, text(sql)
+        self.calls: List[Tuple[float, bool, float]] = []  # (start, ok, seconds)
+        self._stop = threading.Event()
+        self._workers = [threading.Thread(target=self._work) for _ in range(threads)]
+
+    def _work(self) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                with self.engine.connect() as conn:
+                    conn.execute(self.statement).fetchall()
+                ok = True
+            except SQLAlchemyError:
+                ok = False
+            self.calls.append((began, ok, time.monotonic() - began))
+            if not ok:
+                self._stop.wait(0.01)  # an application pacing its retries a little
+
+    def __enter__(self) -> _Load:
+        for t in self._workers:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for t in self._workers:
+            t.join(120)
+
+    def rate(self, start: float, end: float, ok: bool = True) -> float:
+        return sum(1 for t, good, _ in self.calls if good is ok and start <= t < end) / (
+            end - start)
+
+    def first_success_after(self, moment: float) -> Optional[float]:
+        ends = [t + d for t, ok, d in self.calls if ok and t + d >= moment]
+        return min(ends) - moment if ends else None
+
+
+def _run_for(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.05)
+
+
+def _storm_engine(url: Any, client: str, **options: Any) -> Tuple[Any, Callable[[], int]]:
+    """An engine for ``client`` and a function counting the connects it has tried: the
+    storm gate's admitted attempts for the plugin (a call refused by the open breaker does
+    not touch the network), every ``do_connect`` otherwise."""
+    from sqlalchemy import create_engine, event
+
+    if client == PLUGIN:
+        from connguard.sqlalchemy_plugin import stats
+
+        engine = create_engine(url, plugins=["connguard"], **options)
+        return engine, lambda: int(stats(engine).get("connect_attempts", 0))
+    engine = create_engine(url, pool_pre_ping=client == PRE_PING, **options)
+    lock, count = threading.Lock(), [0]
+
+    def counted(*args: Any) -> None:
+        with lock:
+            count[0] += 1
+    event.listen(engine, "do_connect", counted)
+    return engine, lambda: count[0]
+
+
+def _close_wait(port: int) -> int:
+    return own_sockets(port, "127.0.0.1").get("close_wait", 0)
+
+
+def _saturation_round(server: Any, client: str, warm: float, seconds: float
+                      ) -> Dict[str, float]:
+    sizes = ({"pool_size": SERVER_CAP, "max_overflow": 0} if client == EXACT
+             else {"pool_size": 32, "max_overflow": 32})
+    kind = NO_PRE_PING if client == EXACT else client
+    engine, attempts = _storm_engine(server.url(), kind, pool_timeout=60, **sizes)
+    try:
+        with _Load(engine, THREADS, "SELECT SLEEP(0.005)") as load:
+            if client == PLUGIN:  # growing until the server says no
+                from connguard.sqlalchemy_plugin import stats
+
+                wait_until(lambda: stats(engine)["ceiling"] is not None, 60,
+                           message="the server to refuse a connection")
+            _run_for(warm)  # and the connects under way then
+            before, began = attempts(), time.monotonic()
+            _run_for(seconds)
+            ended = time.monotonic()
+            tried = attempts() - before
+            close_wait = _close_wait(server.port)
+    finally:
+        engine.dispose()
+    wait_until(lambda: server.status("Threads_connected") <= 1, 60,
+               message="the engine's connections to go")
+    return {"throughput": load.rate(began, ended), "errors": load.rate(began, ended, ok=False),
+            "attempts": tried / (ended - began), "close_wait": close_wait}
+
+
+def _outage_round(server: Any, client: str, before: float, outage: float, after: float
+                  ) -> Dict[str, float]:
+    engine, attempts = _storm_engine(server.url(), client, pool_size=16, max_overflow=0,
+                                     pool_timeout=5, connect_args={"connect_timeout": 2})
+    try:
+        with _Load(engine, THREADS, "SELECT 1") as load:
+            wait_until(lambda: load.first_success_after(0.0) is not None, 60,
+                       message="the load to run")
+            _run_for(before)
+            attempts_before, stopped = attempts(), time.monotonic()
+            server.stop()
+            _run_for(outage)
+            down = time.monotonic() - stopped
+            tried = attempts() - attempts_before
+            close_wait = _close_wait(server.port)
+            server.start()
+            started = time.monotonic()
+            _run_for(after)
+    finally:
+        engine.dispose()
+    failed = [d for t, ok, d in load.calls if not ok and stopped + 1.0 <= t < started]
+    recovery = load.first_success_after(started)
+    return {"attempts": tried / down, "recovery": after if recovery is None else recovery,
+            "fail_ms": statistics.median(failed) * 1000 if failed else 0.0,
+            "late_errors": float(sum(1 for t, ok, _ in load.calls
+                                     if not ok and t >= started + 1.0)),
+            "close_wait": close_wait}
+
+
+#: (metric, scenario name, description, unit, higher is better)
+_SATURATION_METRICS = (
+    ("throughput", "engine saturation: throughput",
+     f"{THREADS} threads, `SELECT SLEEP(0.005)`, server max_connections {SERVER_CAP}; pools "
+     f"of 32 + 32 overflow, and a plain pool of exactly {SERVER_CAP} for reference "
+     "(queries/s after the first seconds; for the plugin, after it learnt the ceiling).",
+     "q/s", True),
+    ("errors", "engine saturation: application errors",
+     "Failed calls per second in the same window (1040 Too many connections, timeouts).",
+     "err/s", False),
+    ("attempts", "engine saturation: connect attempts",
+     "Connects tried per second after the first seconds (the plugin: the storm gate's "
+     "admitted attempts; the others: every do_connect).", "/s", False),
+    ("close_wait", "engine saturation: CLOSE_WAIT left",
+     "Sockets of this process in CLOSE_WAIT toward the server at the end of the window.",
+     "sockets", False),
+)
+
+_OUTAGE_METRICS = (
+    ("attempts", "engine outage: connect attempts",
+     f"{THREADS} threads on a pool of 16; the server is stopped, then started on the same "
+     "port: connects tried per second while it is down (target: <= 5/s).", "/s", False),
+    ("recovery", "engine outage: recovery",
+     "Seconds from the restart to the first successful query.", "s", False),
+    ("fail_ms", "engine outage: failure latency",
+     "Median duration of a failed call during the outage, from its second second on (fail "
+     "fast).", "ms", False),
+    ("late_errors", "engine outage: errors after recovery",
+     "Failed calls that began more than 1 s after the restart.", "errors", False),
+    ("close_wait", "engine outage: CLOSE_WAIT",
+     "Sockets of this process in CLOSE_WAIT toward the server at the end of the outage.",
+     "sockets", False),
+)
+
+
+def _results(metrics: Any, runs: Dict[str, List[Dict[str, float]]]) -> List[ScenarioResult]:
+    return [ScenarioResult(name, description, higher,
+                           [Measurement(client, unit, [run[key] for run in client_runs])
+                            for client, client_runs in runs.items()])
+            for key, name, description, unit, higher in metrics]
+
+
+StartServer = Callable[..., Any]
+
+
+def engine_saturation(start_server: StartServer, quick: bool) -> List[ScenarioResult]:
+    """``start_server(**options)`` returns a started server of its own (a
+    :class:`connguard.sandbox.MariaDB`), destroyed here at the end."""
+    clients = (PLUGIN, PRE_PING, NO_PRE_PING, EXACT)
+    runs: Dict[str, List[Dict[str, float]]] = {client: [] for client in clients}
+    server = start_server(max_connections=SERVER_CAP)
+    try:
+        for _ in range(1 if quick else 3):
+            for client in clients:
+                runs[client].append(_saturation_round(server, client, 1.0 if quick else 2.0,
+                                                      1.0 if quick else 5.0))
+    finally:
+        server.destroy()
+    results = _results(_SATURATION_METRICS, runs)
+    ratio = results[0].ratios(EXACT)[PLUGIN]
+    results[0].notes.append(f"connguard plugin (32 + 32) / exact-size plain pool: {ratio:.2f}x "
+                            "(target >= 0.8x)")
+    return results
+
+
+def engine_outage(start_server: StartServer, quick: bool) -> List[ScenarioResult]:
+    """Stops and starts the server ``start_server()`` returns, and destroys it at the end."""
+    clients = (PLUGIN, PRE_PING, NO_PRE_PING)
+    runs: Dict[str, List[Dict[str, float]]] = {client: [] for client in clients}
+    server = start_server()
+    try:
+        for _ in range(1 if quick else 3):
+            for client in clients:
+                runs[client].append(_outage_round(server, client, *(
+                    (0.5, 1.5, 1.2) if quick else (2.0, 4.0, 4.0))))
+    finally:
+        server.destroy()
+    return _results(_OUTAGE_METRICS, runs)
+
+
+@contextlib.contextmanager
+def _server_starter() -> Iterator[StartServer]:
+    """``start_server(**options)`` for throwaway servers, on a datadir template made once."""
+    root = tempfile.mkdtemp(prefix="connguard-bench-sqla-")
     try:
         os.chmod(root, 0o755)
         template = Template(root)
         template.build()
-        server = MariaDB(template, {"max_connections": 500}).start()
-        try:
-            version = server.variable("version")
-            results = run_all(server.connect_kwargs(), "--quick" in sys.argv)
-        finally:
-            server.destroy()
+        yield lambda **options: MariaDB(template, options).start()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _skipped(name: str, description: str, why: str) -> ScenarioResult:
+    return ScenarioResult(name, description, False, [], notes=[f"skipped: {why}"])
+
+
+def run_all(kwargs_or_url: Union[str, Mapping[str, Any]], quick: bool,
+            start_server: Optional[StartServer] = None) -> List[ScenarioResult]:
+    """Every scenario; ``kwargs_or_url`` is a SQLAlchemy URL or ``pymysql.connect`` arguments.
+
+    The outage and saturation scenarios stop and cap servers, so they run only on throwaway
+    ones: ``start_server(**mariadbd options)`` starts one (``connguard bench`` lends its
+    own); without it they are skipped with a note.
+    """
+    url = _url(kwargs_or_url)
+    rounds = 3 if quick else 7
+    results = [
+        engine_checkout(url, rounds, 2000 if quick else 20000),
+        engine_select_one(url, rounds, 500 if quick else 5000),
+    ]
+    if start_server is None:
+        why = ("it stops or caps the server, so it runs only on throwaway servers "
+               "(start_server=)")
+        return results + [_skipped("engine saturation", _SATURATION_METRICS[0][2], why),
+                          _skipped("engine outage", _OUTAGE_METRICS[0][2], why)]
+    return results + engine_saturation(start_server, quick) + engine_outage(start_server,
+                                                                            quick)
+
+
+def main() -> None:
+    """``python -m benchmarks.sqlalchemy_plugin [--quick]``: these scenarios alone, on
+    throwaway MariaDB servers (``connguard.sandbox``)."""
+    import sys
+
+    from benchmarks.common import write_report
+
+    with _server_starter() as start_server:
+        server = start_server(max_connections=500)
+        try:
+            version = server.variable("version")
+            results = run_all(server.connect_kwargs(), "--quick" in sys.argv,
+                              start_server=start_server)
+        finally:
+            server.destroy()
     print(write_report(results, os.path.join("bench-results", "sqlalchemy"), version))
 
 

@@ -80,7 +80,7 @@ class GuardedQueuePool(QueuePool):
         self._clock = connguard_clock
         self._cond = threading.Condition(threading.Lock())
         self._opening = 0  # connections being opened by _do_get right now
-        self._waiting = 0  # callers waiting in _do_get
+        self._waiting = 0  # callers looking for a record; seen outside the lock: waiting
         self._local = threading.local()  # the deadline of this thread's checkout
         self._counts: Counter = Counter()
         self._last_refusal: Optional[str] = None
@@ -124,12 +124,15 @@ class GuardedQueuePool(QueuePool):
         timeout = self._timeout
         deadline = float("inf") if timeout is None else self._clock() + timeout
         while True:
-            record = self._take_or_reserve(deadline)
-            if record is None:  # a connect slot was reserved for us
-                record = self._open_reserved(deadline)
-                if record is None:  # the server is full: wait for a connection to come back
-                    continue
-                return record
+            try:
+                record = self._pool.get(False)  # an idle record: no lock of ours needed
+            except sqla_queue.Empty:
+                record = self._take_or_reserve(deadline)
+                if record is None:  # a connect slot was reserved for us
+                    record = self._open_reserved(deadline)
+                    if record is None:  # the server is full: wait for a returned one
+                        continue
+                    return record
             if record.dbapi_connection is not None:
                 return record
             self._drop_empty(record)
@@ -138,34 +141,40 @@ class GuardedQueuePool(QueuePool):
         """An idle record, or None with a connect slot reserved (overflow counted); waits
         for one or the other until ``deadline``, then raises SQLAlchemy's TimeoutError."""
         with self._cond:
-            counted = False
-            while True:
-                try:
-                    return self._pool.get(False)
-                except sqla_queue.Empty:
-                    pass
-                now = self._clock()
-                if self._may_open(now):
-                    reserved = self._inc_overflow()
-                    assert reserved, "overflow is only raised under the pool's lock"
-                    self._opening += 1
-                    return None
-                remaining = deadline - now
-                if remaining <= 0:
-                    self._counts["timeouts"] += 1
-                    raise self._timeout_error()
-                if not counted:
-                    self._counts["waits"] += 1
-                    counted = True
-                # A probe that is due but blocked (handshakes, overflow limit) waits for a
-                # notify like the rest; one still to come bounds the wait.
-                probe_in = self._ceiling.seconds_to_probe(now)
-                wait = min(remaining, probe_in) if probe_in else remaining
-                self._waiting += 1
-                try:
-                    self._cond.wait(None if wait == float("inf") else wait)
-                finally:
-                    self._waiting -= 1
+            # Counted before the first look at the queue: a record put back after that look
+            # finds us counted, and notifies (see _do_return_conn). Seen from outside the
+            # lock, only callers inside wait() are counted.
+            self._waiting += 1
+            try:
+                return self._take_or_reserve_locked(deadline)
+            finally:
+                self._waiting -= 1
+
+    def _take_or_reserve_locked(self, deadline: float) -> Any:
+        counted = False
+        while True:
+            try:
+                return self._pool.get(False)
+            except sqla_queue.Empty:
+                pass
+            now = self._clock()
+            if self._may_open(now):
+                reserved = self._inc_overflow()
+                assert reserved, "overflow is only raised under the pool's lock"
+                self._opening += 1
+                return None
+            remaining = deadline - now
+            if remaining <= 0:
+                self._counts["timeouts"] += 1
+                raise self._timeout_error()
+            if not counted:
+                self._counts["waits"] += 1
+                counted = True
+            # A probe that is due but blocked (handshakes, overflow limit) waits for a
+            # notify like the rest; one still to come bounds the wait.
+            probe_in = self._ceiling.seconds_to_probe(now)
+            wait = min(remaining, probe_in) if probe_in else remaining
+            self._cond.wait(None if wait == float("inf") else wait)
 
     def _open_reserved(self, deadline: float) -> Any:
         """Open a connection in the reserved slot. Returns the record, or None when the server
@@ -191,24 +200,27 @@ class GuardedQueuePool(QueuePool):
     def _refused(self, exc: BaseException) -> bool:
         """After a failed connect: free the slot; True when the caller should wait instead."""
         code = capacity_code(exc)
+        first = False
         with self._cond:
             self._opening -= 1
             self._dec_overflow()
             held = self._held()
             wait = code is not None and held > 0
             if wait:
-                now = self._clock()
                 first = self._ceiling.value is None
-                self._ceiling.hit(held, now)
+                self._ceiling.hit(held, self._clock())
                 self._counts["capacity_waits"] += 1
-                self._last_refusal = (f"the server refused connection {held + 1} with "
-                                      f"{code} ({type(exc).__name__})")
+                refusal = self._last_refusal = (
+                    f"the server refused a new connection with {code} "
+                    f"({type(exc).__name__}) while this pool had {held - self._opening} "
+                    "open")
             if self._waiting:
                 self._cond.notify()
         if wait:
+            # Once when the ceiling is learnt; every refused probe after that is routine.
             (log.warning if first else log.debug)(
-                "connguard: %s; holding at %d, next probe in %.1fs", self._last_refusal,
-                held, self._ceiling.probe_interval)
+                "connguard: %s; holding at %d, the next probe in %.1fs", refusal, held,
+                self._ceiling.probe_interval)
         return wait
 
     def _drop_empty(self, record: Any) -> None:
@@ -220,11 +232,14 @@ class GuardedQueuePool(QueuePool):
             with self._cond:
                 self._dec_overflow()
                 self._counts["dropped_empty"] += 1
+                if self._waiting:
+                    self._cond.notify()  # a slot is free (this caller may take an idle one)
 
     def _do_return_conn(self, record: Any) -> None:
         super()._do_return_conn(record)
-        # Read without the lock: a waiter registers and looks at the queue under it, and
-        # this put happened before, so either it saw the record or it is counted here.
+        # Read without the lock, to keep the lock off the return path when nobody waits: a
+        # caller counts itself before it looks at the queue, so if it is not counted yet,
+        # it has yet to look and will find this record.
         if self._waiting:
             with self._cond:
                 self._cond.notify()
@@ -246,7 +261,7 @@ class GuardedQueuePool(QueuePool):
 
     def guard_stats(self) -> Dict[str, Any]:
         """``ceiling`` (None: not limited), ``opening`` (handshakes running), ``waiting``
-        (callers waiting now), and the counters ``waits`` (checkouts that waited),
+        (callers waiting now), and the counters ``waits`` (times a checkout had to wait),
         ``capacity_waits`` (refusals turned into waits), ``timeouts``, ``dropped_empty``
         (invalidated idle records replaced by new connections)."""
         with self._cond:

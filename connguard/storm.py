@@ -56,7 +56,7 @@ class StormPolicy:
     burst: int = 5
     max_handshakes: int = 4
     backoff_initial: float = 0.1
-    backoff_max: float = 0.8
+    backoff_max: float = 0.6
     backoff_jitter: float = 0.2
     breaker_threshold: int = 3
     ceiling_probe: float = 2.0

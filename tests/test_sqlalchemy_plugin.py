@@ -26,7 +26,7 @@ from sqlalchemy.pool import NullPool, QueuePool
 import connguard
 from connguard import sqlalchemy_plugin
 from connguard.sqlalchemy_plugin import OPTION_NAMES, ConnGuardPluginWarning, stats
-from connguard.sqlalchemy_pool import GuardedQueuePool
+from connguard.sqlalchemy_pool import GuardedQueuePool, capacity_code
 from connguard.storm import StormPolicy
 from tests.mariadb import APP_PASSWORD, MariaDB, socket_states, wait_until
 
@@ -522,10 +522,10 @@ def test_guarded_pool_probes_past_the_ceiling_once_per_interval() -> None:
     server, clock = FakeServer(capacity=2), FakeClock()
     pool = _guarded(server, clock, timeout=0, ceiling_probe=2.0)
     held = [pool.connect(), pool.connect()]
-    with pytest.raises(sa.exc.TimeoutError, match="refused connection 3 with 1040") as info:
+    with pytest.raises(sa.exc.TimeoutError, match="refused a new connection with 1040") as info:
         pool.connect()  # refused, and no time to wait: SQLAlchemy's timeout, with the cause
     assert "QueuePool limit of size 4 overflow -2 reached" in str(info.value)
-    assert "holds at 2" in str(info.value)
+    assert "while this pool had 2 open, the pool holds at 2" in str(info.value)
     assert server.attempts == 3
     clock.now += 1.9
     with pytest.raises(sa.exc.TimeoutError):
@@ -607,6 +607,19 @@ def test_guarded_pool_replaces_an_invalidated_idle_record_under_its_rules() -> N
     pool.dispose()
 
 
+def test_capacity_refusals_are_recognised_translated_raw_or_behind_the_gate() -> None:
+    raw = pymysql.err.OperationalError(1040, "Too many connections")  # creator= engines
+    translated = connguard.translate(raw, during_connect=True)
+    gone = connguard.translate(pymysql.err.OperationalError(
+        2003, "Can't connect to MySQL server on 'h' ([Errno 111] refused)"), during_connect=True)
+    assert capacity_code(raw) == capacity_code(translated) == 1040
+    assert capacity_code(pymysql.err.OperationalError(1203, "max_user_connections")) == 1203
+    # The gate's backoff after a refusal outlasted the caller's deadline: still "full".
+    assert capacity_code(connguard.CircuitOpen(translated, 0.5)) == 1040
+    assert capacity_code(connguard.CircuitOpen(gone, 0.5)) is None
+    assert capacity_code(gone) is None and capacity_code(KeyboardInterrupt()) is None
+
+
 def test_guarded_pool_keeps_its_policy_across_dispose() -> None:
     policy = StormPolicy(max_handshakes=3, ceiling_probe=7.0)
     pool = GuardedQueuePool(FakeServer(4).connect, pool_size=2, connguard_policy=policy)
@@ -623,8 +636,7 @@ def test_the_engine_gets_the_guarded_pool_with_the_plugin_options(
     engine = make_engine(connguard_max_handshakes=2, connguard_ceiling_probe=5,
                          pool_timeout=7)
     assert type(engine.pool) is GuardedQueuePool
-    assert engine.pool.connguard_policy.max_handshakes == 2
-    assert engine.pool.connguard_policy.ceiling_probe == 5.0
+    assert engine.pool.connguard_policy == StormPolicy(max_handshakes=2, ceiling_probe=5.0)
     assert engine.pool.timeout() == 7 and engine.pool.size() == POOL_SIZE
     _core_query(engine)
     assert "Connections in pool: 1" in engine.pool.status()
@@ -632,7 +644,7 @@ def test_the_engine_gets_the_guarded_pool_with_the_plugin_options(
     assert counts["ceiling"] is None and counts["connect_attempts"] >= 1
     engine.dispose()
     assert type(engine.pool) is GuardedQueuePool
-    assert engine.pool.connguard_policy.max_handshakes == 2
+    assert engine.pool.connguard_policy == StormPolicy(max_handshakes=2, ceiling_probe=5.0)
     explicit = make_engine(poolclass=QueuePool)  # the user's QueuePool: swapped too
     assert type(explicit.pool) is GuardedQueuePool
     unguarded = make_engine(connguard_storm_control=False)
@@ -788,10 +800,10 @@ def test_outage_through_the_engine_is_bounded_and_recovers(mariadb_factory: Any)
     recovery = policy.backoff_max + policy.backoff_jitter + 0.5
     assert first_ok - started < recovery, f"first success {first_ok - started:.2f}s after restart"
     assert failures and statistics.median(failures) < 0.5  # callers fail fast
-    # Recovered: nothing fails a second after the restart, and the load runs again. (Its
-    # level is compared loosely: windows one after the other differ by more than 20 % on a
-    # loaded machine whatever the client does.)
-    late_failures = [t for t, ok, _ in load.calls if not ok and t >= started + 1.0]
-    assert not late_failures, f"{len(late_failures)} failures from 1 s after the restart"
+    # Recovered: nothing fails after that, and the load runs again. (Its level is compared
+    # loosely: windows one after the other differ by more than 20 % on a loaded machine
+    # whatever the client does.)
+    late_failures = [t for t, ok, _ in load.calls if not ok and t >= started + recovery]
+    assert not late_failures, f"{len(late_failures)} failures {recovery:.1f}s after the restart"
     assert post_rate >= 0.5 * pre_rate, (pre_rate, post_rate)
     assert all(APP_PASSWORD not in str(e) for e in load.errors[:50])
