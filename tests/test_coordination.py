@@ -26,30 +26,12 @@ from connguard.coordination import (
 )
 from connguard.redis_coordination import RedisCoordinator
 from connguard.storm import ConnectGate, StormPolicy
+from tests.fakes import FakeClock
+from tests.fakes import refused as refused_error
 from tests.mariadb import wait_until
 from tests.redis_server import RedisServer, fresh_redis_fixture, redis_server_fixture  # noqa: F401
 
 DEST = "10.0.0.5:3306"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.slept: List[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-
-
-def _refused() -> BaseException:
-    exc = pymysql.err.OperationalError(
-        2003, "Can't connect to MySQL server on '10.0.0.5' ([Errno 111] Connection refused)")
-    exc.original_exception = ConnectionRefusedError(111, "Connection refused")  # type: ignore
-    return connguard.translate(exc, host="10.0.0.5", port=3306, diagnose=False)
 
 
 def _lease(coord: RedisCoordinator, holder: str, want: bool = True, held: int = 0,
@@ -209,7 +191,7 @@ def test_one_process_discovering_the_outage_makes_the_others_fail_fast(coords: A
              for c in (a, b)]
     for _ in range(3):
         gates[0].admit(time.monotonic() + 10)
-        gates[0].failed(_refused())
+        gates[0].failed(refused_error("10.0.0.5"))
     with pytest.raises(connguard.CircuitOpen) as info:
         gates[1].admit(time.monotonic() + 10)
     assert gates[1].attempts == 0  # no network: the other process's word was enough

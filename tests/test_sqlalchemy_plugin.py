@@ -5,7 +5,6 @@ Runs on SQLAlchemy 1.4 and 2.x (tox envs sqla14, sqla2): only APIs both have are
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import os
@@ -28,6 +27,7 @@ from connguard import sqlalchemy_plugin
 from connguard.sqlalchemy_plugin import OPTION_NAMES, ConnGuardPluginWarning, stats
 from connguard.sqlalchemy_pool import GuardedQueuePool, capacity_code
 from connguard.storm import StormPolicy
+from tests.load import Load, run_for
 from tests.mariadb import APP_PASSWORD, MariaDB, socket_states, wait_until
 
 pytestmark = pytest.mark.filterwarnings(
@@ -671,54 +671,18 @@ def test_other_pools_are_left_alone_with_a_warning(mariadb: MariaDB, how: str) -
 # --- saturation and outage through the engine ---------------------------------------------
 
 
-@dataclasses.dataclass
-class EngineLoad:
-    """Threads running a query through an engine until stopped; every call's outcome kept."""
+def _engine_query(engine: sa.engine.Engine, sql: str = "SELECT 1") -> Callable[[], None]:
+    """One request through an engine: connect, run ``sql``, give the connection back."""
+    statement = sa.text(sql)
 
-    engine: sa.engine.Engine
-    threads: int
-    sql: str = "SELECT 1"
-    calls: List[Tuple[float, bool, float]] = dataclasses.field(default_factory=list)
-    errors: List[BaseException] = dataclasses.field(default_factory=list)
-    _stop: threading.Event = dataclasses.field(default_factory=threading.Event)
-    _workers: List[threading.Thread] = dataclasses.field(default_factory=list)
-
-    def _work(self) -> None:
-        statement = sa.text(self.sql)
-        while not self._stop.is_set():
-            began = time.monotonic()
-            try:
-                with self.engine.connect() as conn:
-                    conn.execute(statement).fetchall()
-                ok = True
-            except sa.exc.SQLAlchemyError as exc:
-                ok = False
-                self.errors.append(exc)
-            self.calls.append((began, ok, time.monotonic() - began))
-            if not ok:
-                self._stop.wait(0.01)  # an application pacing its retries a little
-
-    def start(self) -> EngineLoad:
-        self._workers = [threading.Thread(target=self._work) for _ in range(self.threads)]
-        for t in self._workers:
-            t.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._workers:
-            t.join(120)
-        assert not any(t.is_alive() for t in self._workers)
-
-    def ok_rate(self, start: float, end: float) -> float:
-        return sum(1 for t, ok, _ in self.calls if ok and start <= t < end) / (end - start)
+    def request() -> None:
+        with engine.connect() as conn:
+            conn.execute(statement).fetchall()
+    return request
 
 
-def _run_for(seconds: float) -> None:
-    """Let a load run (the measurement window itself, not a wait for a condition)."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(0.05)
+def engine_load(engine: sa.engine.Engine, threads: int, sql: str = "SELECT 1") -> Load:
+    return Load(_engine_query(engine, sql), threads, failures=(sa.exc.SQLAlchemyError,))
 
 
 def _attempts(engine: sa.engine.Engine) -> int:
@@ -737,17 +701,17 @@ def test_saturation_pool_larger_than_the_server_allows(mariadb_factory: Any) -> 
                              max_overflow=0, pool_timeout=60)
     engine = sa.create_engine(server.url() + "?plugin=connguard", pool_size=32,
                               max_overflow=32, pool_timeout=60)
-    loads = [EngineLoad(e, threads=64, sql="SELECT SLEEP(0.005)") for e in (exact, engine)]
+    loads = [engine_load(e, threads=64, sql="SELECT SLEEP(0.005)") for e in (exact, engine)]
     try:
         for load in loads:
             load.start()
         # The first seconds: growing until the server says no.
-        _run_for(2)
+        run_for(2)
         wait_until(lambda: stats(engine)["ceiling"] is not None, 60,
                    message="the server to refuse a connection")
         attempts = _attempts(engine)
         measured_from = time.monotonic()
-        _run_for(6)
+        run_for(6)
         measured_to = time.monotonic()
         late_attempts = _attempts(engine) - attempts
         counts = stats(engine)
@@ -772,20 +736,20 @@ def test_outage_through_the_engine_is_bounded_and_recovers(mariadb_factory: Any)
     engine = sa.create_engine(server.url() + "?plugin=connguard", pool_size=16,
                               max_overflow=0, pool_timeout=5,
                               connect_args={"connect_timeout": 2})
-    load = EngineLoad(engine, threads=64).start()
+    load = engine_load(engine, threads=64).start()
     try:
         wait_until(lambda: load.ok_rate(time.monotonic() - 1, time.monotonic()) > 0, 60,
                    message="the load to run")
-        _run_for(2)
+        run_for(2)
         before = _attempts(engine)
         stopped = time.monotonic()
         server.stop()
-        _run_for(4)
+        run_for(4)
         during = _attempts(engine) - before
         outage = time.monotonic() - stopped
         server.start()
         started = time.monotonic()
-        _run_for(5)
+        run_for(5)
     finally:
         load.stop()
         engine.dispose()

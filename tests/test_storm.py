@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from typing import Any, List
+from typing import Any
 
 import pymysql
 import pytest
@@ -12,30 +12,7 @@ import pytest
 import connguard
 from connguard.hostgate import HostGate
 from connguard.storm import Breaker, Ceiling, ConnectGate, StormPolicy, TokenBucket
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.slept: List[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-
-
-def _refused() -> BaseException:
-    exc = pymysql.err.OperationalError(
-        2003, "Can't connect to MySQL server on '127.0.0.1' ([Errno 111] Connection refused)")
-    exc.original_exception = ConnectionRefusedError(111, "Connection refused")  # type: ignore
-    return connguard.translate(exc, host="127.0.0.1", port=3306, diagnose=False)
-
-
-def _code(code: int, text: str) -> BaseException:
-    return connguard.translate(pymysql.err.OperationalError(code, text), diagnose=False)
+from tests.fakes import FakeClock, refused, server_error
 
 
 def test_token_bucket_rate_and_burst() -> None:
@@ -79,7 +56,7 @@ def test_gate_fails_fast_with_circuit_open_after_outage_failures() -> None:
                        clock=clock, sleep=clock.sleep)
     for _ in range(3):
         gate.admit(clock.now + 60)
-        gate.failed(_refused())
+        gate.failed(refused())
     with pytest.raises(connguard.CircuitOpen) as info:
         gate.admit(clock.now + 60)
     assert isinstance(info.value, pymysql.err.OperationalError)
@@ -97,7 +74,7 @@ def test_gate_backs_off_between_failures() -> None:
     gate = ConnectGate(StormPolicy(backoff_initial=0.1, backoff_jitter=0.0, rate=1000, burst=100),
                        clock=clock, sleep=clock.sleep)
     gate.admit(clock.now + 60)
-    gate.failed(_refused())
+    gate.failed(refused())
     gate.admit(clock.now + 60)
     assert clock.slept == pytest.approx([0.1])
 
@@ -118,7 +95,8 @@ def test_permanent_errors_never_count() -> None:
     gate = ConnectGate(StormPolicy(breaker_threshold=1), clock=clock, sleep=clock.sleep)
     for _ in range(5):
         gate.admit(clock.now + 60)
-        gate.failed(_code(1045, "Access denied for user 'app'@'localhost' (using password: YES)"))
+        gate.failed(server_error(
+            1045, "Access denied for user 'app'@'localhost' (using password: YES)"))
     assert gate.state == "closed" and clock.slept == []
 
 
@@ -127,7 +105,7 @@ def test_capacity_errors_back_off_without_opening_the_breaker() -> None:
     gate = ConnectGate(StormPolicy(breaker_threshold=1, backoff_jitter=0.0), clock=clock,
                        sleep=clock.sleep)
     gate.admit(clock.now + 60)
-    gate.failed(_code(1040, "Too many connections"))
+    gate.failed(server_error(1040, "Too many connections"))
     assert gate.state == "closed"
     gate.admit(clock.now + 60)
     assert clock.slept and clock.slept[0] > 0

@@ -4,88 +4,34 @@ from __future__ import annotations
 
 import multiprocessing
 import statistics
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, List, Tuple
 
-import pymysql
 import pytest
 
 import connguard
+from tests.load import Load, pool_query, run_for
 from tests.mariadb import APP_PASSWORD, MariaDB, socket_states, wait_until
-
-
-@dataclass
-class Load:
-    """Threads running a query through a pool until stopped; every call's outcome recorded."""
-
-    pool: connguard.Pool
-    threads: int
-    sql: str = "SELECT 1"
-    calls: List[Tuple[float, bool, float]] = field(default_factory=list)  # (start, ok, secs)
-    errors: List[BaseException] = field(default_factory=list)  # the first few, for reports
-    error_count: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _workers: List[threading.Thread] = field(default_factory=list)
-
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            began = time.monotonic()
-            try:
-                with self.pool.connect() as conn, conn.cursor() as cur:
-                    cur.execute(self.sql)
-                    cur.fetchall()
-                ok = True
-            except pymysql.err.Error as exc:
-                ok = False
-                self.error_count += 1
-                if len(self.errors) < 20:  # each holds a traceback: keep memory bounded
-                    self.errors.append(exc)
-            self.calls.append((began, ok, time.monotonic() - began))
-            if not ok:
-                self._stop.wait(0.01)  # an application pacing its retries a little
-
-    def start(self) -> Load:
-        self._workers = [threading.Thread(target=self._work) for _ in range(self.threads)]
-        for t in self._workers:
-            t.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._workers:
-            t.join(120)
-        assert not any(t.is_alive() for t in self._workers)
-
-    def ok_rate(self, start: float, end: float) -> float:
-        return sum(1 for t, ok, _ in self.calls if ok and start <= t < end) / (end - start)
-
-
-def _run_for(seconds: float) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(0.05)
 
 
 def test_outage_is_bounded_and_recovers(mariadb_factory: Any) -> None:
     server = mariadb_factory()
     pool = connguard.Pool(**server.connect_kwargs(connect_timeout=2), max_size=16,
                           checkout_timeout=5)
-    load = Load(pool, threads=64).start()
+    load = Load(pool_query(pool), threads=64).start()
     try:
         wait_until(lambda: load.ok_rate(time.monotonic() - 1, time.monotonic()) > 0, 60,
                    message="the load to run")
-        _run_for(2)
+        run_for(2)
         before = pool.stats()["connect_attempts"]
         stopped = time.monotonic()
         server.stop()
-        _run_for(4)
+        run_for(4)
         during = pool.stats()["connect_attempts"] - before
         outage = time.monotonic() - stopped
         server.start()
         started = time.monotonic()
-        _run_for(6)
+        run_for(6)
     finally:
         load.stop()
         pool.close()
@@ -104,12 +50,12 @@ def test_outage_is_bounded_and_recovers(mariadb_factory: Any) -> None:
 def _saturate(server: MariaDB, max_size: int, seconds: float
               ) -> Tuple[float, List[BaseException], connguard.Pool, int]:
     pool = connguard.Pool(**server.connect_kwargs(), max_size=max_size, checkout_timeout=60)
-    load = Load(pool, threads=64, sql="SELECT SLEEP(0.005)").start()
+    load = Load(pool_query(pool, "SELECT SLEEP(0.005)"), threads=64).start()
     try:
-        _run_for(2)  # the first seconds: growing until the server says no
+        run_for(2)  # the first seconds: growing until the server says no
         attempts_after_start = pool.stats()["connect_attempts"]
         measured_from = time.monotonic()
-        _run_for(seconds)
+        run_for(seconds)
         rate = load.ok_rate(measured_from, time.monotonic())
         late_attempts = pool.stats()["connect_attempts"] - attempts_after_start
     finally:
@@ -139,7 +85,7 @@ def test_mass_kill_replacements_are_spread(mariadb_factory: Any) -> None:
     server = mariadb_factory(max_connections=20)
     errors_before = server.status("Connection_errors_max_connections")
     pool = connguard.Pool(**server.connect_kwargs(), max_size=16, checkout_timeout=30)
-    load = Load(pool, threads=16, sql="SELECT SLEEP(0.01)").start()
+    load = Load(pool_query(pool, "SELECT SLEEP(0.01)"), threads=16).start()
     try:
         wait_until(lambda: pool.stats()["opened"] >= 16, 60, message="16 pooled connections")
         gate = pool._connector.gate
