@@ -28,7 +28,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import connguard
-from benchmarks.common import Measurement, ScenarioResult, time_per_op
+from benchmarks.common import Measurement, ScenarioResult, alternate, time_per_op
 from connguard import driver
 from connguard.arguments import POOL_OPTIONS
 from connguard.census import census
@@ -215,7 +215,7 @@ def guard_cold_connect(kwargs: Dict[str, Any], rounds: int, ops: int) -> Scenari
     return ScenarioResult(
         "guard: cold connect", "Open (handshake included) and close a new connection through "
         "the pool's connect path, with a long-lived guard vs none (µs/op).", False,
-        _alternate(rounds, {"connguard (guard on)": lambda: run(guarded),
+        alternate(rounds, {"connguard (guard on)": lambda: run(guarded),
                             "connect path without guard": lambda: run(bare)}, "µs"))
 
 
@@ -226,7 +226,7 @@ def guard_fresh_pool(kwargs: Dict[str, Any], rounds: int, ops: int) -> ScenarioR
     return ScenarioResult(
         "guard: cold connects of a fresh pool", f"{ops} new connections through a new pool, "
         "guard on vs off (µs per connection; includes the guard's first count, 1.5-5 ms).",
-        False, _alternate(rounds, clients, "µs"))
+        False, alternate(rounds, clients, "µs"))
 
 
 def _checkouts(pool: connguard.Pool, ops: int) -> float:
@@ -241,7 +241,7 @@ def guard_checkout(kwargs: Dict[str, Any], rounds: int, ops: int) -> ScenarioRes
             pool.connect().close()  # warm: one idle connection each
         clients: Dict[str, Callable[[], float]] = {
             name: functools.partial(_checkouts, pool, ops) for name, pool in pools.items()}
-        measurements = _alternate(rounds, clients, "µs")
+        measurements = alternate(rounds, clients, "µs")
     finally:
         for pool in pools.values():
             pool.close()
@@ -270,18 +270,8 @@ def guard_preflight(kwargs: Dict[str, Any], rounds: int, ops: int) -> ScenarioRe
     return ScenarioResult(
         "guard: preflight", "ResourceGuard.preflight(): far from the limits (estimate only) "
         "and a first call (one census of this host's sockets toward the server) (µs/op).",
-        False, _alternate(rounds, {"connguard preflight (cached)": cached,
+        False, alternate(rounds, {"connguard preflight (cached)": cached,
                                    "connguard preflight (with census)": counting}, "µs"))
-
-
-def _alternate(rounds: int, clients: Dict[str, Callable[[], float]], unit: str
-               ) -> List[Measurement]:
-    """Rounds alternate between clients so a noisy neighbour hurts them alike."""
-    results = {name: Measurement(name, unit) for name in clients}
-    for _ in range(rounds):
-        for name, run in clients.items():
-            results[name].rounds.append(run())
-    return list(results.values())
 
 
 def run_all(kwargs: Dict[str, Any], quick: bool) -> List[ScenarioResult]:

@@ -148,3 +148,14 @@ def write_report(results: List[ScenarioResult], out_dir: str, server_version: st
 
     doc = report.results_document(results, server_version)
     return report.write_all(doc, out_dir)
+
+
+def alternate(rounds: int, clients: Dict[str, Callable[[], float]], unit: str
+              ) -> List[Measurement]:
+    """Run each client once per round, in turn, for ``rounds`` rounds: a noisy neighbour
+    then hurts every client alike, and each gets a value per round."""
+    results = {name: Measurement(name, unit) for name in clients}
+    for _ in range(rounds):
+        for name, run in clients.items():
+            results[name].rounds.append(run())
+    return list(results.values())

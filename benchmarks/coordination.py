@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pymysql
 
 import connguard
-from benchmarks.common import Measurement, ScenarioResult, time_per_op
+from benchmarks.common import ScenarioResult, alternate, time_per_op
 from connguard.sandbox import free_port, wait_until
 
 LOCAL = "connguard Pool"
@@ -103,15 +103,6 @@ def _missing() -> Optional[str]:
 # --- cost on the connect path, none on checkout ---------------------------------------------
 
 
-def _round_robin(rounds: int, clients: Dict[str, Callable[[], float]], unit: str
-                 ) -> List[Measurement]:
-    results = {name: Measurement(name, unit) for name in clients}
-    for _ in range(rounds):
-        for name, run in clients.items():
-            results[name].rounds.append(run())
-    return list(results.values())
-
-
 def cold_connect(kwargs: Dict[str, Any], redis: _Redis, rounds: int, ops: int
                  ) -> ScenarioResult:
     common = dict(kwargs, max_size=4, **UNTHROTTLED)
@@ -126,7 +117,7 @@ def cold_connect(kwargs: Dict[str, Any], redis: _Redis, rounds: int, ops: int
         conn.close()  # so the return closes it (COM_QUIT)
 
     try:
-        measurements = _round_robin(rounds, {
+        measurements = alternate(rounds, {
             name: functools.partial(_time_ops, op, pool, ops)
             for name, pool in pools.items()}, "µs/op")
         opened = {name: pool.stats()["opened"] for name, pool in pools.items()}
@@ -157,7 +148,7 @@ def idle_checkout(kwargs: Dict[str, Any], redis: _Redis, rounds: int, ops: int
             for c in [pool.connect() for _ in range(4)]:
                 c.close()
         before = redis.commands()
-        measurements = _round_robin(rounds, {
+        measurements = alternate(rounds, {
             name: functools.partial(_time_ops, op, pool, ops)
             for name, pool in pools.items()}, "µs/op")
         sent = redis.commands() - before
@@ -254,7 +245,7 @@ def outage(redis: _Redis, sizes: Tuple[int, ...], rounds: int, seconds: float, t
     try:
         workers.run(max(sizes), {}, 1, 0.2)  # warm: every worker imported and answering
         for size in sizes:
-            measurements = _round_robin(rounds, {
+            measurements = alternate(rounds, {
                 name: functools.partial(_attempt_rate, workers, size, options, threads, seconds)
                 for name, options in clients.items()}, "attempts/s")
             medians = {m.client: m.median for m in measurements}

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import pymysql
 
 import connguard
-from benchmarks.common import Measurement, ScenarioResult, time_per_op
+from benchmarks.common import Measurement, ScenarioResult, alternate, time_per_op
 from connguard import driver
 
 PoolFactory = Callable[[Dict[str, Any], int], Tuple[Callable[[], Any], Callable[[], None]]]
@@ -54,15 +54,6 @@ POOLS: Dict[str, PoolFactory] = {
 }
 
 
-def _round_robin(rounds: int, clients: Dict[str, Callable[[], float]], unit: str
-                 ) -> List[Measurement]:
-    results = {name: Measurement(name, unit) for name in clients}
-    for _ in range(rounds):
-        for name, run in clients.items():
-            results[name].rounds.append(run())
-    return list(results.values())
-
-
 def _with_pools(kwargs: Dict[str, Any], size: int, body: Callable[[Callable[[], Any]], float],
                 rounds: int, unit: str) -> List[Measurement]:
     made = {name: factory(kwargs, size) for name, factory in POOLS.items()}
@@ -71,7 +62,7 @@ def _with_pools(kwargs: Dict[str, Any], size: int, body: Callable[[Callable[[], 
             conns = [checkout() for _ in range(size)]
             for conn in conns:
                 conn.close()
-        return _round_robin(rounds, {name: functools.partial(body, checkout)
+        return alternate(rounds, {name: functools.partial(body, checkout)
                                      for name, (checkout, _) in made.items()}, unit)
     finally:
         for _, dispose in made.values():
@@ -127,7 +118,7 @@ def connect_per_request(kwargs: Dict[str, Any], rounds: int, ops: int) -> Scenar
         return 1e6 / time_per_op(one, plain_ops)
 
     try:
-        measurements = _round_robin(rounds, {"connguard.connect": lambda: run(connguard.connect),
+        measurements = alternate(rounds, {"connguard.connect": lambda: run(connguard.connect),
                                              "pymysql.connect": plain}, "ops/s")
     finally:
         connguard.close_all()
@@ -155,7 +146,7 @@ def cold_connect(kwargs: Dict[str, Any], rounds: int, ops: int) -> ScenarioResul
     return ScenarioResult(
         "cold connect", "A new connection including the handshake (µs/op). PyMySQL >= 1.2 builds "
         "a default SSL context per connect; connguard reuses one per configuration.", False,
-        _round_robin(rounds, clients, "µs"))
+        alternate(rounds, clients, "µs"))
 
 
 def threaded_throughput(kwargs: Dict[str, Any], rounds: int, ops: int,
