@@ -31,7 +31,7 @@ import time
 import warnings
 import weakref
 from collections import Counter
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import pymysql
 from sqlalchemy import event
@@ -39,9 +39,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CreateEnginePlugin
 from sqlalchemy.pool import QueuePool
 
-from connguard import driver, errors, reaper, storm
+from connguard import coordination, driver, errors, reaper, storm
 from connguard.connector import Connector
 from connguard.guard import ResourceGuard
+from connguard.hostgate import HostGate, gate_path
 from connguard.liveness import Probe, peer_closed
 from connguard.policies import LifetimePolicy
 from connguard.sqlalchemy_pool import GuardedQueuePool
@@ -92,6 +93,19 @@ def _as_number(name: str, value: Any, integer: bool, minimum: float) -> Any:
     return number
 
 
+def _as_host_gate(name: str, value: Any) -> Union[bool, str]:
+    """``host_gate``: true/false, or the directory of the shared gate file."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    if text.lower() in _TRUE or text.lower() in _FALSE:
+        return text.lower() in _TRUE
+    if not text.startswith("/"):
+        raise sa_exc.ArgumentError(f"{name} must be true or false, or the absolute path of a "
+                                   f"directory for the shared gate file; got {value!r}")
+    return text
+
+
 def _parser(integer: bool = False, minimum: float = 0) -> Callable[[str, Any], Any]:
     return lambda name, value: _as_number(name, value, integer, minimum)
 
@@ -127,8 +141,16 @@ class PluginOptions:
         False, _as_bool,
         "on a disconnect error, also invalidate every other pooled connection (SQLAlchemy's "
         "default); off because each checkout already checks its own connection")
+    host_gate: Union[bool, str] = _option(
+        False, _as_host_gate,
+        "share the connect gate's bucket and handshake slots with the other processes of "
+        "this host through a file (true: in the default directory; or a directory)")
     storm_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict, metadata={
         "doc": "the gate's settings, given as connguard_<name> for each of STORM_OPTIONS"})
+    coordination_settings: coordination.CoordinationSettings = dataclasses.field(
+        default_factory=coordination.CoordinationSettings, metadata={
+            "doc": "the global budget and shared gate, given as connguard_<name> for each of "
+                   "COORDINATION_OPTIONS"})
 
 
 #: The storm settings the plugin takes (connguard_<name>), with the StormPolicy field each
@@ -136,9 +158,17 @@ class PluginOptions:
 #: ceiling_probe).
 STORM_OPTIONS = dict(storm.POOL_OPTION_FIELDS)
 
+#: The coordination settings the plugin takes (connguard_<name>), as connguard.Pool's
+#: options of the same names (docs/deployment.md).
+COORDINATION_OPTIONS = dict(coordination.POOL_OPTION_FIELDS)
+
+# PluginOptions fields that group several options.
+_GROUPS = ("storm_settings", "coordination_settings")
+
 OPTION_NAMES: Tuple[str, ...] = tuple(
-    PREFIX + f.name for f in dataclasses.fields(PluginOptions) if f.name != "storm_settings"
-) + tuple(PREFIX + name for name in STORM_OPTIONS)
+    PREFIX + f.name for f in dataclasses.fields(PluginOptions) if f.name not in _GROUPS
+) + tuple(PREFIX + name for name in STORM_OPTIONS) + tuple(
+    PREFIX + name for name in COORDINATION_OPTIONS)
 
 
 def _reject_unknown(names: List[str]) -> None:
@@ -157,14 +187,22 @@ def _single(name: str, value: Any) -> Any:
     return value
 
 
+def _shown(name: str, value: Any) -> str:
+    """An option's value as an error message may show it: a coordinator URL without its
+    password."""
+    if name == PREFIX + "coordinator" and isinstance(value, str):
+        return repr(coordination.redact_url(value))
+    return repr(value)
+
+
 def _merge(from_url: Mapping[str, Any], from_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     """URL and keyword values together; the same option given twice must agree."""
     merged = {name: _single(name, value) for name, value in from_url.items()}
     for name, value in from_kwargs.items():
         if name in merged and str(merged[name]).lower() != str(value).lower():
             raise sa_exc.ArgumentError(
-                f"{name} is given both in the URL ({merged[name]!r}) and as a create_engine "
-                f"argument ({value!r}); give it once")
+                f"{name} is given both in the URL ({_shown(name, merged[name])}) and as a "
+                f"create_engine argument ({_shown(name, value)}); give it once")
         merged[name] = value
     return merged
 
@@ -182,6 +220,36 @@ def _storm_settings(given: Mapping[str, Any]) -> Dict[str, Any]:
     except ValueError as exc:
         raise sa_exc.ArgumentError(_with_option_name(str(exc))) from exc
     return settings
+
+
+def _coordination_settings(given: Mapping[str, Any]) -> coordination.CoordinationSettings:
+    """The coordination settings, typed (URL values are strings) and validated by
+    :func:`connguard.coordination.settings_from_options`; errors name the plugin option."""
+    settings: Dict[str, Any] = {}
+    for name in COORDINATION_OPTIONS:
+        raw = given.get(PREFIX + name)
+        if raw is None:
+            continue
+        if name == "global_max":
+            raw = _as_number(PREFIX + name, raw, True, 1)
+        elif name == "lease_ttl":
+            raw = _as_number(PREFIX + name, raw, False, 0)
+        elif not isinstance(raw, str):
+            raise sa_exc.ArgumentError(f"{PREFIX}{name} must be a string; got "
+                                       f"{type(raw).__name__}")
+        settings[name] = raw
+    try:
+        return coordination.settings_from_options(settings)
+    except ValueError as exc:
+        message = str(exc)
+        # Longest names first: "coordinator_fail must" is not "coordinator must".
+        for name in sorted(COORDINATION_OPTIONS, key=len, reverse=True):
+            if message.startswith(name + " "):
+                message = PREFIX + message
+                break
+        else:
+            message = f"connguard plugin: {message}"
+        raise sa_exc.ArgumentError(message) from None
 
 
 def _with_option_name(message: str) -> str:
@@ -203,10 +271,11 @@ def parse_options(query: Mapping[str, Any], kwargs: Dict[str, Any]) -> PluginOpt
     from_kwargs = {k: kwargs.pop(k) for k in [k for k in kwargs if k.startswith(PREFIX)]}
     _reject_unknown(list(from_url) + list(from_kwargs))
     given = _merge(from_url, from_kwargs)
-    values: Dict[str, Any] = {"storm_settings": _storm_settings(given)}
+    values: Dict[str, Any] = {"storm_settings": _storm_settings(given),
+                              "coordination_settings": _coordination_settings(given)}
     for field in dataclasses.fields(PluginOptions):
         raw = given.get(PREFIX + field.name)
-        if raw is not None and field.name != "storm_settings":
+        if raw is not None and field.name not in _GROUPS:
             values[field.name] = field.metadata["parse"](PREFIX + field.name, raw)
     return PluginOptions(**values)
 
@@ -228,6 +297,7 @@ class ConnGuardPlugin(CreateEnginePlugin):
         self._password = url.password  # only to mask it in translated errors
         self._custom_creator = "creator" in kwargs
         self._user_recycle = False
+        self._destination = _url_destination(url)
         # The pool class is chosen here: handle_pool_kwargs sees the class but cannot change
         # it (create_engine keeps it in a local variable), while the kwargs it reads next
         # are this dict.
@@ -243,11 +313,42 @@ class ConnGuardPlugin(CreateEnginePlugin):
             pool_args["connguard_policy"] = (
                 storm.policy_from_options(dict(self.options.storm_settings))
                 if self.options.storm_control else None)
+            pool_args["connguard_budget"] = _budget_factory(self.options, *self._destination)
 
     def engine_created(self, engine: Any) -> None:
         guard = EngineGuard(engine, self.options, user_recycle=self._user_recycle,
                             password=self._password)
         guard.install(custom_creator=self._custom_creator)
+
+
+def _url_destination(url: Any) -> Tuple[str, int]:
+    """(host, port) the engine's URL names, as :func:`connguard.driver.destination` has it
+    (the pool's Budget is made before the first connect shows the connect arguments)."""
+    socket_path = url.query.get("unix_socket")
+    return driver.destination({"host": url.host, "port": url.port,
+                               "unix_socket": _single("unix_socket", socket_path)})
+
+
+def _coordinator(options: PluginOptions) -> Optional[coordination.Coordinator]:
+    spec = options.coordination_settings.coordinator
+    return None if spec is None else coordination.coordinator_for(spec)
+
+
+def _budget_factory(options: PluginOptions, host: str,
+                    port: int) -> Optional[Callable[[int], coordination.Budget]]:
+    """What makes the guarded pool's Budget (one per pool), or None without global_max."""
+    settings = options.coordination_settings
+    if settings.coordinator is None or settings.global_max is None:
+        return None
+    destination = coordination.destination_key(host, port, settings.key)
+    cap, ttl, fail = settings.global_max, settings.lease_ttl, settings.fail
+
+    def make(max_size: int) -> coordination.Budget:
+        coordinator = _coordinator(options)
+        assert coordinator is not None
+        return coordination.Budget(coordinator, destination, cap=cap, ttl=ttl, fail=fail,
+                                   max_size=max_size)
+    return make
 
 
 def _choose_pool_class(url: Any, kwargs: Dict[str, Any]) -> None:
@@ -354,6 +455,8 @@ class EngineGuard:
                   "ceiling, handshake cap) apply. Not applied: guarded connects (resource "
                   "guard, storm gate), the peer-closed check on checkout, the reaper, error "
                   "translation. Use mysql+pymysql for all of it.")
+            if self._budget() is not None:
+                reaper.register(self)  # refreshes the leases (the rest is for PyMySQL only)
             return
         if custom_creator:
             _warn("connguard: create_engine(creator=...) bypasses do_connect, so new "
@@ -367,8 +470,13 @@ class EngineGuard:
         event.listen(engine.pool, "checkin", self._on_checkin)
         event.listen(engine.pool, "invalidate", self._on_invalidate)
         event.listen(engine, "handle_error", self._handle_error, retval=True)
-        if self.options.reaper:
-            reaper.register(self)
+        if self.options.reaper or self._budget() is not None:
+            reaper.register(self)  # with a global budget, also to refresh the leases
+
+    def _budget(self) -> Optional[coordination.Budget]:
+        engine = self._engine()
+        pool = None if engine is None else engine.pool
+        return pool._budget if isinstance(pool, GuardedQueuePool) else None
 
     # -- counters --------------------------------------------------------------------------
     def _count(self, key: str, n: int = 1) -> None:
@@ -462,7 +570,22 @@ class EngineGuard:
             return None
         host, port = driver.destination(kwargs)
         policy = storm.policy_from_options(dict(self.options.storm_settings))
-        return storm.gate_for(host, port, policy)
+        host_gate = None
+        if self.options.host_gate:
+            directory = self.options.host_gate if isinstance(self.options.host_gate, str) \
+                else None
+            host_gate = HostGate(gate_path(host, port, directory), policy.rate, policy.burst,
+                                 policy.max_handshakes)
+        shared = []
+        settings = self.options.coordination_settings
+        coordinator = _coordinator(self.options)
+        if coordinator is not None:
+            # The probe slot lapses a little after the longest a handshake may take.
+            probe_timeout = float(kwargs.get("connect_timeout") or 10) + 1.0
+            shared.append(coordination.CoordinatedGate(
+                coordinator, coordination.destination_key(host, port, settings.key), policy,
+                fail=settings.fail, probe_timeout=probe_timeout))
+        return storm.gate_for(host, port, policy, host_gate, shared=shared)
 
     def _on_connect(self, dbapi_conn: Any, record: Any) -> None:
         if self.wait_timeout is None:
@@ -563,8 +686,10 @@ class EngineGuard:
             reaper.unregister(self)  # engine collected: done
             return
         pool = engine.pool
+        if isinstance(pool, GuardedQueuePool):
+            pool.connguard_refresh()  # the global budget: surplus, leases kept alive
         queue = _idle_queue(pool)
-        if queue is None:
+        if queue is None or not self.options.reaper or self.support != FULL:
             return
         now = time.monotonic()
         with queue.mutex:
@@ -624,6 +749,8 @@ class EngineGuard:
         for rec in list(queue.queue) if queue is not None else []:
             if rec.dbapi_connection is not None:
                 driver.drop(rec.dbapi_connection)
+        if isinstance(engine.pool, GuardedQueuePool):
+            engine.pool.connguard_after_fork()  # the parent's leases stay the parent's
         engine.dispose(close=False)
 
     # -- introspection ---------------------------------------------------------------------
@@ -644,6 +771,15 @@ class EngineGuard:
         connector = self._connector
         if connector is not None and connector.gate is not None:
             result.update(connector.gate.stats())  # the process-wide gate toward this server
+        result["host_gate"] = bool(self.options.host_gate)
+        coordinator = _coordinator(self.options)
+        if coordinator is not None and "coordinator_state" not in result:
+            health = coordinator.health  # a shared gate without a global budget
+            fail = self.options.coordination_settings.fail
+            result.update(coordinator=coordinator.address,
+                          coordinator_state="ok" if health.up else (
+                              "fallback" if fail == "open" else "refusing"),
+                          coordinator_outages=health.outages)
         return result
 
     def __repr__(self) -> str:

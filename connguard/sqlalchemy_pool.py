@@ -17,7 +17,13 @@ What ``_do_get`` adds, the same rules as ``connguard.Pool``:
   at once; other callers wait for an idle connection or a free slot;
 * an idle record whose connection was invalidated (by the reaper, or after a disconnect)
   is dropped and replaced by a new connection opened under these rules, instead of being
-  reconnected in place, where a refusal could not be waited out.
+  reconnected in place, where a refusal could not be waited out;
+* with a **global budget** (``connguard_budget``, a factory of
+  :class:`connguard.coordination.Budget`): a lease is taken before every new DBAPI
+  connection (outside the pool's lock) and given back when the pool closes it. No lease to
+  be had is handled like a capacity refusal: the pool holds at what it has, callers wait
+  for a returned connection, and the pool asks again after the coordinator's hint. The
+  coordinator is never asked on the checkout or return of an idle connection.
 
 Decisions are taken under the pool's own lock; connects, closes and waits happen outside it.
 """
@@ -35,12 +41,15 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
-from connguard import errors, storm
+from connguard import coordination, errors, storm
 from connguard.storm import Ceiling, StormPolicy
 
 __all__ = ["GuardedQueuePool", "capacity_code"]
 
 Clock = Callable[[], float]
+#: Makes the pool's Budget, given the pool's pool_size + max_overflow (one per pool: a
+#: pool made again by ``dispose()`` gets a new one).
+BudgetFactory = Callable[[int], coordination.Budget]
 
 log = logging.getLogger("connguard.sqlalchemy")
 
@@ -71,10 +80,13 @@ class GuardedQueuePool(QueuePool):
     Takes ``QueuePool``'s arguments, plus (keyword only, so ``create_engine`` never takes
     them from its own keywords) ``connguard_policy``: the :class:`~connguard.storm.StormPolicy`
     whose ``max_handshakes`` and ``ceiling_probe`` apply, None for no handshake cap (storm
-    control off); and ``connguard_clock`` for tests.
+    control off); ``connguard_budget``, a factory of the pool's global-budget
+    :class:`~connguard.coordination.Budget` (None: no global budget); and ``connguard_clock``
+    for tests.
     """
 
     def __init__(self, creator: Any, *, connguard_policy: Optional[StormPolicy] = DEFAULT_POLICY,
+                 connguard_budget: Optional[BudgetFactory] = None,
                  connguard_clock: Clock = time.monotonic, **kw: Any) -> None:
         super().__init__(creator, **kw)
         self._clock = connguard_clock
@@ -85,6 +97,13 @@ class GuardedQueuePool(QueuePool):
         self._counts: Counter = Counter()
         self._last_refusal: Optional[str] = None
         self._configure(connguard_policy)
+        self._budget_factory = connguard_budget
+        self._budget: Optional[coordination.Budget] = None
+        # Like the server's ceiling, for the global budget: held while no lease is to be had.
+        self._lease_ceiling = Ceiling(coordination.LEASE_PROBE)
+        if connguard_budget is not None:
+            self._budget = connguard_budget(self._max_total_or(sys.maxsize))
+            self._wrap_creator()
 
     def _configure(self, policy: Optional[StormPolicy]) -> None:
         self.connguard_policy = policy
@@ -99,7 +118,15 @@ class GuardedQueuePool(QueuePool):
         assert isinstance(pool, GuardedQueuePool)
         pool._configure(self.connguard_policy)
         pool._clock = self._clock
+        if self._budget_factory is not None and pool._budget is None:
+            pool._budget_factory = self._budget_factory
+            pool._budget = self._budget_factory(pool._max_total_or(sys.maxsize))
+            pool._wrap_creator()
         return pool
+
+    def _max_total_or(self, unlimited: int) -> int:
+        total = self._max_total()
+        return unlimited if total == sys.maxsize else total
 
     # -- bookkeeping (under self._cond) ----------------------------------------------------
     def _held(self) -> int:
@@ -117,7 +144,14 @@ class GuardedQueuePool(QueuePool):
         handshakes already running, and the ceiling the server taught us (a probe when due)."""
         at_limit = self._max_overflow > -1 and self._overflow >= self._max_overflow
         return (not at_limit and self._opening < self._max_handshakes
+                and (self._budget is None or self._lease_ceiling.allows(self._held(), now))
                 and self._ceiling.allows(self._held(), now))
+
+    def _next_probe(self, now: float) -> Optional[float]:
+        """Seconds until a ceiling lets one more connect try, if one holds."""
+        times = [t for t in (self._ceiling.seconds_to_probe(now),
+                             self._lease_ceiling.seconds_to_probe(now)) if t is not None]
+        return min(times) if times else None
 
     # -- checkout --------------------------------------------------------------------------
     def _do_get(self) -> Any:
@@ -172,7 +206,7 @@ class GuardedQueuePool(QueuePool):
                 counted = True
             # A probe that is due but blocked (handshakes, overflow limit) waits for a
             # notify like the rest; one still to come bounds the wait.
-            probe_in = self._ceiling.seconds_to_probe(now)
+            probe_in = self._next_probe(now)
             wait = min(remaining, probe_in) if probe_in else remaining
             self._cond.wait(None if wait == float("inf") else wait)
 
@@ -180,6 +214,18 @@ class GuardedQueuePool(QueuePool):
         """Open a connection in the reserved slot. Returns the record, or None when the server
         refused for capacity while the pool holds others (the ceiling is now lowered: wait);
         raises any other error, and the refusal when the pool holds nothing."""
+        budget = self._budget
+        if budget is not None:
+            try:
+                budget.acquire()  # outside the pool's lock, like the connect
+            except (coordination.LeaseUnavailable, coordination.CoordinatorUnavailable) as exc:
+                if not self._lease_refused(exc):
+                    raise
+                return None
+            except BaseException:
+                self._free_slot()
+                raise
+            self._local.leased = True  # the lease the creator is to use
         self._local.deadline = deadline
         try:
             record = self._create_connection()
@@ -189,13 +235,95 @@ class GuardedQueuePool(QueuePool):
             return None
         finally:
             self._local.deadline = None
+            if getattr(self._local, "leased", False):  # the creator never ran
+                self._local.leased = False
+                assert budget is not None
+                budget.release()
         with self._cond:
             self._opening -= 1
             self._ceiling.grew(self._held(), self._max_total())
             self._last_refusal = None
+            if budget is not None:
+                self._lease_ceiling.lift()
             if self._waiting:
                 self._cond.notify()  # a handshake slot is free
         return record
+
+    def _free_slot(self) -> None:
+        with self._cond:
+            self._opening -= 1
+            self._dec_overflow()
+            if self._waiting:
+                self._cond.notify()
+
+    def _lease_refused(self, exc: BaseException) -> bool:
+        """No lease (or no coordinator, failing closed): free the slot; True when the caller
+        should wait for a returned connection (or, holding none, for a lease to free)."""
+        with self._cond:
+            self._opening -= 1
+            self._dec_overflow()
+            held = self._held()
+            wait = isinstance(exc, coordination.LeaseUnavailable) or held > 0
+            if wait:
+                # Hold at what the pool has; ask again after the coordinator's hint.
+                retry = max(float(getattr(exc, "retry_after", 0.0) or 0.0), 0.05)
+                self._lease_ceiling.hit(held, self._clock(), retry)
+                self._counts["lease_waits"] += 1
+                self._last_refusal = f"no connection lease ({coordination.summary(exc)})"
+            if self._waiting:
+                self._cond.notify()
+        return wait
+
+    def _wrap_creator(self) -> None:
+        # Every new DBAPI connection, in-place reconnects included, goes through the pool's
+        # _invoke_creator (set from the creator by Pool.__init__).
+        self._invoke_creator = self._leased_creator(  # type: ignore[assignment]
+            self._invoke_creator)
+
+    def _leased_creator(self, invoke: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``invoke`` (the pool's creator) under a lease: the one ``_open_reserved`` took, or
+        one taken here for a reconnect in place (SQLAlchemy reconnecting a record after an
+        invalidation on checkout, or for ``pool_recycle``). A failed connect gives it back."""
+        def invoke_creator(record: Any) -> Any:
+            budget = self._budget
+            if budget is None:
+                return invoke(record)
+            if getattr(self._local, "leased", False):
+                self._local.leased = False
+            else:
+                self._lease_in_place(budget)
+            try:
+                return invoke(record)
+            except BaseException:
+                budget.release()
+                raise
+        return invoke_creator
+
+    def _lease_in_place(self, budget: coordination.Budget) -> None:
+        """A lease for a reconnect in place: asks again after each hint until the checkout's
+        deadline (``pool_timeout``), then raises the refusal."""
+        timeout = self._timeout
+        deadline = self._clock() + (30.0 if timeout is None else timeout)
+        while True:
+            try:
+                budget.acquire()
+                return
+            except coordination.LeaseUnavailable as exc:
+                wait = max(exc.retry_after, 0.05)
+                if self._clock() + wait > deadline:
+                    raise
+                with self._cond:
+                    self._counts["lease_waits"] += 1
+                    self._cond.wait(wait)  # a return notifies: its release may be the lease
+
+    def _close_connection(self, connection: Any, *args: Any, **kw: Any) -> None:
+        # Every DBAPI connection this pool closes (return, invalidate, recycle, reaper,
+        # dispose) held a lease: counted now, sent by the next refresh (no I/O here).
+        try:
+            super()._close_connection(connection, *args, **kw)
+        finally:
+            if self._budget is not None:
+                self._budget.release()
 
     def _refused(self, exc: BaseException) -> bool:
         """After a failed connect: free the slot; True when the caller should wait instead."""
@@ -223,7 +351,7 @@ class GuardedQueuePool(QueuePool):
                 self._ceiling.probe_interval)
         return wait
 
-    def _drop_empty(self, record: Any) -> None:
+    def _drop_empty(self, record: Any, counted: bool = True) -> None:
         """An idle record without a connection (invalidated): forget it, so that its
         replacement is opened under the ceiling and the handshake cap."""
         try:
@@ -231,7 +359,8 @@ class GuardedQueuePool(QueuePool):
         finally:
             with self._cond:
                 self._dec_overflow()
-                self._counts["dropped_empty"] += 1
+                if counted:
+                    self._counts["dropped_empty"] += 1
                 if self._waiting:
                     self._cond.notify()  # a slot is free (this caller may take an idle one)
 
@@ -253,6 +382,48 @@ class GuardedQueuePool(QueuePool):
                         f"{self._ceiling.value} (see docs/sqlalchemy.md)")
         return sa_exc.TimeoutError(message, code="3o7r")
 
+    # -- the global budget: housekeeping --------------------------------------------------
+    def dispose(self) -> None:
+        super().dispose()  # closes the idle connections: their leases are released
+        if self._budget is not None:
+            self._budget.close()  # sends the releases now: nobody refreshes this pool again
+
+    def connguard_refresh(self) -> None:
+        """From the plugin's reaper pass (never under the pool's lock): give idle connections
+        back when the pool holds more than its share, and keep the leases alive / send the
+        releases (:meth:`~connguard.coordination.Budget.refresh`)."""
+        budget = self._budget
+        if budget is None:
+            return
+        if budget.surplus:
+            self._give_back_surplus(budget)
+        budget.refresh()
+
+    def _give_back_surplus(self, budget: coordination.Budget) -> None:
+        taken = []
+        queue = self._pool
+        with queue.mutex:  # type: ignore[attr-defined]
+            idle = queue.queue  # type: ignore[attr-defined]
+            while idle and budget.take_surplus():
+                taken.append(idle.popleft())  # the coldest first
+        if not taken:
+            return
+        with self._cond:
+            self._lease_ceiling.hit(self._held() - len(taken), self._clock(),
+                                    coordination.LEASE_PROBE_MAX)
+            self._counts["rebalanced"] += len(taken)
+        for record in taken:
+            self._drop_empty(record, counted=False)  # closes it: the lease goes back
+
+    def connguard_after_fork(self) -> None:
+        """In a forked child: new locks; the parent's leases stay the parent's."""
+        self._cond = threading.Condition(threading.Lock())
+        self._local = threading.local()
+        self._opening = self._waiting = 0
+        self._lease_ceiling = Ceiling(coordination.LEASE_PROBE)
+        if self._budget is not None:
+            self._budget.after_fork()
+
     # -- introspection ---------------------------------------------------------------------
     def connect_deadline(self) -> Optional[float]:
         """The monotonic deadline of the checkout this thread is opening a connection for,
@@ -263,13 +434,21 @@ class GuardedQueuePool(QueuePool):
         """``ceiling`` (None: not limited), ``opening`` (handshakes running), ``waiting``
         (callers waiting now), and the counters ``waits`` (times a checkout had to wait),
         ``capacity_waits`` (refusals turned into waits), ``timeouts``, ``dropped_empty``
-        (invalidated idle records replaced by new connections)."""
+        (invalidated idle records replaced by new connections); with a global budget also
+        ``lease_waits``, ``lease_ceiling``, ``rebalanced`` and the Budget's own stats
+        (``coordinator``, ``coordinator_state``, ``global_max``, ``leases_held``, ...)."""
         with self._cond:
             stats: Dict[str, Any] = {
                 key: self._counts.get(key, 0)
                 for key in ("waits", "capacity_waits", "timeouts", "dropped_empty")}
             stats.update(ceiling=self._ceiling.value, opening=self._opening,
                          waiting=self._waiting)
+            if self._budget is not None:
+                stats.update(lease_waits=self._counts.get("lease_waits", 0),
+                             lease_ceiling=self._lease_ceiling.value,
+                             rebalanced=self._counts.get("rebalanced", 0))
+        if self._budget is not None:
+            stats.update(self._budget.stats())  # no I/O: what the last lease call saw
         return stats
 
     def __repr__(self) -> str:

@@ -28,7 +28,8 @@ from connguard.sqlalchemy_plugin import OPTION_NAMES, ConnGuardPluginWarning, st
 from connguard.sqlalchemy_pool import GuardedQueuePool, capacity_code
 from connguard.storm import StormPolicy
 from tests.load import Load, run_for
-from tests.mariadb import APP_PASSWORD, MariaDB, socket_states, wait_until
+from tests.mariadb import APP_PASSWORD, APP_USER, MariaDB, socket_states, wait_until
+from tests.redis_server import RedisServer, fresh_redis_fixture, redis_server_fixture  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings(
     # SQLAlchemy 1.4 warns about its own 2.0 migration on some legacy paths; not ours.
@@ -324,7 +325,21 @@ def test_stats_refuses_an_engine_without_the_plugin(make_engine: EngineFactory) 
     ("connguard_idle_timeout=-1", {}, "connguard_idle_timeout must be a number"),
     ("connguard_connect_burst=0", {}, "connguard_connect_burst must be an integer >= 1"),
     ("connguard_reaper=1", {"connguard_reaper": False}, "given both in the URL"),
-], ids=["unknown-url", "unknown-kwarg", "bad-bool", "bad-number", "bad-storm", "conflict"])
+    ("connguard_coordinator=redis://127.0.0.1:1/0&connguard_coordinator_fail=maybe", {},
+     "connguard_coordinator_fail must be one of open, closed"),
+    ("connguard_global_max=3", {}, "connguard_global_max needs a coordinator"),
+    ("connguard_coordinator=redis://127.0.0.1:1/0&connguard_global_max=0", {},
+     "connguard_global_max must be an integer >= 1"),
+    ("connguard_coordinator=redis://127.0.0.1:1/0&connguard_lease_ttl=1", {},
+     "connguard_lease_ttl must be a number of seconds >= 1.5"),
+    ("connguard_coordinator=http://u:s3cret@127.0.0.1/0", {},
+     "connguard_coordinator must be a URL with scheme"),
+    ("connguard_coordinator=redis://:s3cret@127.0.0.1:1/0",
+     {"connguard_coordinator": "redis://:s3cret@127.0.0.1:2/0"}, "given both in the URL"),
+    ("connguard_host_gate=relative/dir", {}, "connguard_host_gate must be true or false"),
+], ids=["unknown-url", "unknown-kwarg", "bad-bool", "bad-number", "bad-storm", "conflict",
+        "bad-fail-mode", "budget-without-coordinator", "bad-global-max", "bad-ttl",
+        "bad-scheme", "coordinator-conflict", "bad-host-gate"])
 def test_bad_plugin_options_are_rejected_clearly(
         mariadb: MariaDB, url_query: str, kwargs: Any, message: str) -> None:
     url = mariadb.url() + "?plugin=connguard" + (f"&{url_query}" if url_query else "")
@@ -335,6 +350,7 @@ def test_bad_plugin_options_are_rejected_clearly(
     if "unknown" in message:
         assert all(name in text for name in OPTION_NAMES)  # names the allowed ones
     assert APP_PASSWORD not in text
+    assert "s3cret" not in text  # nor the coordinator's
 
 
 def test_other_mysql_drivers_get_a_warning_not_a_crash(mariadb: MariaDB) -> None:
@@ -771,3 +787,161 @@ def test_outage_through_the_engine_is_bounded_and_recovers(mariadb_factory: Any)
     assert not late_failures, f"{len(late_failures)} failures {recovery:.1f}s after the restart"
     assert post_rate >= 0.5 * pre_rate, (pre_rate, post_rate)
     assert all(APP_PASSWORD not in str(e) for e in load.errors[:50])
+
+
+# --- coordination: the global budget and the shared gate ----------------------------------
+
+
+class _ThreadsConnected:
+    """The server's Threads_connected, read every 10 ms over one admin connection."""
+
+    def __init__(self, server: MariaDB) -> None:
+        self.conn = server.admin_connection()
+        self.values: List[int] = []
+        self.app_values: List[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with self.conn.cursor() as cur:
+            while not self._stop.is_set():
+                cur.execute("SHOW GLOBAL STATUS LIKE 'Threads_connected'")
+                self.values.append(int(cur.fetchone()[1]))
+                cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+                            "WHERE USER = %s", (APP_USER,))
+                self.app_values.append(int(cur.fetchone()[0]))
+                self._stop.wait(0.01)
+
+    def close(self) -> Tuple[int, int]:
+        self._stop.set()
+        self._thread.join(30)
+        self.conn.close()
+        return max(self.values), max(self.app_values)
+
+
+def _redis_commands(client: Any) -> int:
+    """Commands and scripts Redis has served, not counting INFO itself."""
+    stats_ = client.info("commandstats")
+    return sum(v["calls"] for k, v in stats_.items() if k != "cmdstat_info")
+
+
+def _leases(client: Any) -> Dict[str, int]:
+    found: Dict[str, int] = {}
+    for key in client.keys("connguard:*:leases"):
+        found.update({k.decode(): int(v) for k, v in client.hgetall(key).items()})
+    return found
+
+
+def test_global_max_caps_the_engine_from_16_threads(
+        mariadb_factory: Any, fresh_redis: RedisServer) -> None:
+    server = mariadb_factory()
+    engine = sa.create_engine(
+        server.url() + "?plugin=connguard", pool_size=8, max_overflow=8, pool_timeout=30,
+        connguard_coordinator=fresh_redis.url, connguard_global_max=3,
+        connguard_lease_ttl=30)
+    sampler = _ThreadsConnected(server)
+    # No lease for a 4th connection: the checkout waits for a returned one, no error.
+    held = [engine.connect() for _ in range(3)]
+    got: List[int] = []
+    waiter = threading.Thread(target=lambda: got.append(_core_query(engine)))
+    waiter.start()
+    wait_until(lambda: stats(engine)["lease_waits"] >= 1, 10, message="a lease refusal")
+    held[0].close()
+    waiter.join(30)
+    assert got and stats(engine)["leases_held"] == 3
+    for conn in held[1:]:
+        conn.close()
+    failures: List[BaseException] = []
+    done = [0]
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(25):
+            try:
+                _engine_query(engine, "SELECT SLEEP(0.002)")()
+                with lock:
+                    done[0] += 1
+            except Exception as exc:  # noqa: BLE001 - counted, shown below
+                with lock:
+                    failures.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        counts = stats(engine)
+        with fresh_redis.client() as client:
+            leases = _leases(client)
+    finally:
+        peak, app_peak = sampler.close()
+        engine.dispose()
+    assert not failures, f"{len(failures)} application errors: {failures[:2]}"
+    assert done[0] == 16 * 25
+    assert app_peak <= 3, f"{app_peak} connections of the app user (global_max 3)"
+    assert peak <= 3 + 1, f"Threads_connected reached {peak} (global_max 3 + admin)"
+    assert counts["global_max"] == 3 and counts["leases_held"] <= 3
+    assert counts["coordinator_state"] == "ok"
+    assert sum(leases.values()) <= 3, leases
+    assert counts["connects"] <= 3 + counts["connect_errors"] + counts["invalidated"]
+    with fresh_redis.client() as client:  # dispose gave the leases back
+        wait_until(lambda: sum(_leases(client).values()) == 0, 10,
+                   message="leases released on dispose")
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server only this test talks to: engines of other tests (alive until
+    collected) keep refreshing their leases in the module's."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+def test_idle_checkout_sends_nothing_to_redis(
+        mariadb: MariaDB, make_engine: EngineFactory, own_redis: RedisServer) -> None:
+    fresh_redis = own_redis
+    engine = make_engine(pool_size=4, max_overflow=0, connguard_coordinator=fresh_redis.url,
+                         connguard_global_max=4, connguard_lease_ttl=30)
+    _fill_idle(engine, 4)
+    with fresh_redis.client() as client:
+        before = _redis_commands(client)
+        for _ in range(500):
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1")).fetchall()
+        after = _redis_commands(client)
+        assert after == before, (before, after, client.info("commandstats"))
+        counts = stats(engine)
+        assert counts["connects"] == 4 and counts["leases_held"] == 4
+        assert sum(_leases(client).values()) == 4
+        # A connection the server killed is replaced on checkout: its lease goes back and
+        # the new connection takes one (4 held, never more).
+        _kill_all(mariadb, [_core_query(engine)], wait_close_wait=False)
+        wait_until(lambda: stats(engine)["reaped"] + stats(engine)["peer_closed"] >= 1, 10,
+                   message="the killed connection noticed")
+        _fill_idle(engine, 4)
+        assert stats(engine)["leases_held"] == 4
+        wait_until(lambda: sum(_leases(client).values()) == 4, 10,
+                   message="the coordinator to count 4 leases")
+        engine.dispose()
+        wait_until(lambda: sum(_leases(client).values()) == 0, 10,
+                   message="leases released on dispose")
+
+
+def test_coordinator_without_budget_shares_the_gate_and_host_gate_is_used(
+        tmp_path: Any, make_engine: EngineFactory, fresh_redis: RedisServer) -> None:
+    engine = make_engine(connguard_host_gate=str(tmp_path),
+                         connguard_coordinator=fresh_redis.url)
+    assert _core_query(engine) > 0
+    counts = stats(engine)
+    assert counts["host_gate"] is True and counts["connect_attempts"] >= 1
+    assert counts["coordinator_state"] == "ok" and "leases_held" not in counts
+    assert [p for p in os.listdir(tmp_path) if p.startswith("connguard-gate-")]
+    with fresh_redis.client() as client:
+        assert client.keys("connguard:*")  # the shared gate's state is kept there
+    plain = make_engine()
+    assert stats(plain)["host_gate"] is False and "coordinator" not in stats(plain)
