@@ -10,6 +10,7 @@ from typing import Callable, List, Tuple, Type
 import pymysql
 
 import connguard
+from connguard.sandbox import APP_USER, MariaDB
 
 
 @dataclass
@@ -75,3 +76,33 @@ def pool_query(pool: connguard.Pool, sql: str = "SELECT 1") -> Callable[[], None
             cur.execute(sql)
             cur.fetchall()
     return request
+
+
+class ThreadsConnected:
+    """The server's Threads_connected (and the app user's sessions), read every 10 ms over
+    one admin connection — the "+ admin" in a cap's bound — until ``close()``."""
+
+    def __init__(self, server: MariaDB) -> None:
+        self.conn = server.admin_connection()
+        self.values: List[int] = []
+        self.app_values: List[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with self.conn.cursor() as cur:
+            while not self._stop.is_set():
+                cur.execute("SHOW GLOBAL STATUS LIKE 'Threads_connected'")
+                self.values.append(int(cur.fetchone()[1]))
+                cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+                            "WHERE USER = %s", (APP_USER,))
+                self.app_values.append(int(cur.fetchone()[0]))
+                self._stop.wait(0.01)
+
+    def close(self) -> Tuple[int, int]:
+        """Stop sampling; the peaks of (Threads_connected, the app user's sessions)."""
+        self._stop.set()
+        self._thread.join(30)
+        self.conn.close()
+        return max(self.values), max(self.app_values)

@@ -20,6 +20,7 @@ import pytest
 
 import connguard
 from connguard.coordination import CoordinatorUnavailable
+from tests.load import ThreadsConnected
 from tests.mariadb import MariaDB, ServerFactory, free_port, wait_until
 from tests.redis_server import RedisServer, fresh_redis_fixture, redis_server_fixture  # noqa: F401
 
@@ -152,30 +153,6 @@ class Fleet:
             pipe.close()
 
 
-class Sampler:
-    """Threads_connected, read every 10 ms over one admin connection (the "+ admin")."""
-
-    def __init__(self, server: MariaDB) -> None:
-        self.conn = server.admin_connection()
-        self.values: List[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with self.conn.cursor() as cur:
-            while not self._stop.is_set():
-                cur.execute("SHOW GLOBAL STATUS LIKE 'Threads_connected'")
-                self.values.append(int(cur.fetchone()[1]))
-                self._stop.wait(0.01)
-
-    def close(self) -> int:
-        self._stop.set()
-        self._thread.join(30)
-        self.conn.close()
-        return max(self.values)
-
-
 @pytest.fixture(scope="module")
 def server30(mariadb_template: Any) -> Iterator[MariaDB]:
     """One MariaDB with max_connections 30 for the module (the outage test restarts it)."""
@@ -217,7 +194,7 @@ def _no_errors(replies: List[Dict[str, Any]]) -> None:
 def test_global_cap_holds_for_eight_processes(server30: MariaDB, fresh_redis: RedisServer,
                                               fleets: List[Fleet]) -> None:
     """8 processes x 16 threads, server max_connections 30, global_max 20."""
-    sampler = Sampler(server30)
+    sampler = ThreadsConnected(server30)
     try:
         fleet = Fleet(8, server30.connect_kwargs(), _options(fresh_redis), threads=16)
         fleets.append(fleet)
@@ -229,7 +206,7 @@ def test_global_cap_holds_for_eight_processes(server30: MariaDB, fresh_redis: Re
         during = fleet.stats()
         replies = fleet.stop()
     finally:
-        peak = sampler.close()
+        peak, _ = sampler.close()
     _no_errors(replies)
     assert peak <= 20 + 1, f"Threads_connected reached {peak}"
     held = [r["stats"]["leases_held"] for r in during]
@@ -242,7 +219,7 @@ def test_global_cap_holds_for_eight_processes(server30: MariaDB, fresh_redis: Re
 
 def test_kill_9_frees_the_leases_within_the_ttl(server30: MariaDB, fresh_redis: RedisServer,
                                                 fleets: List[Fleet]) -> None:
-    sampler = Sampler(server30)
+    sampler = ThreadsConnected(server30)
     try:
         fleet = Fleet(4, server30.connect_kwargs(), _options(fresh_redis, global_max=12),
                       threads=8)
@@ -264,7 +241,7 @@ def test_kill_9_frees_the_leases_within_the_ttl(server30: MariaDB, fresh_redis: 
         recovered = time.monotonic() - killed
         replies = fleet.stop()
     finally:
-        peak = sampler.close()
+        peak, _ = sampler.close()
     _no_errors(replies)
     assert victim_leases >= 1
     # Dropped by the first lease call after the TTL (survivors ask at least every second).
@@ -307,7 +284,7 @@ def test_outage_attempts_stay_within_the_global_rate(server30: MariaDB, fresh_re
 
 def test_redis_outage_falls_back_and_coordination_resumes(
         server30: MariaDB, fresh_redis: RedisServer, fleets: List[Fleet]) -> None:
-    sampler = Sampler(server30)
+    sampler = ThreadsConnected(server30)
     try:
         fleet = Fleet(4, server30.connect_kwargs(), _options(fresh_redis, global_max=12),
                       threads=8)
@@ -340,7 +317,7 @@ def test_redis_outage_falls_back_and_coordination_resumes(
         replies = fleet.stop()
     finally:
         fresh_redis.start()
-        peak = sampler.close()
+        peak, _ = sampler.close()
     _no_errors(replies)
     for r in replies:  # each process said it once each way
         assert sum("unreachable" in m for m in r["logs"]) == 1, r["logs"]

@@ -27,8 +27,8 @@ from connguard import sqlalchemy_plugin
 from connguard.sqlalchemy_plugin import OPTION_NAMES, ConnGuardPluginWarning, stats
 from connguard.sqlalchemy_pool import GuardedQueuePool, capacity_code
 from connguard.storm import StormPolicy
-from tests.load import Load, run_for
-from tests.mariadb import APP_PASSWORD, APP_USER, MariaDB, socket_states, wait_until
+from tests.load import Load, ThreadsConnected, run_for
+from tests.mariadb import APP_PASSWORD, MariaDB, socket_states, wait_until
 from tests.redis_server import RedisServer, fresh_redis_fixture, redis_server_fixture  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings(
@@ -792,34 +792,6 @@ def test_outage_through_the_engine_is_bounded_and_recovers(mariadb_factory: Any)
 # --- coordination: the global budget and the shared gate ----------------------------------
 
 
-class _ThreadsConnected:
-    """The server's Threads_connected, read every 10 ms over one admin connection."""
-
-    def __init__(self, server: MariaDB) -> None:
-        self.conn = server.admin_connection()
-        self.values: List[int] = []
-        self.app_values: List[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with self.conn.cursor() as cur:
-            while not self._stop.is_set():
-                cur.execute("SHOW GLOBAL STATUS LIKE 'Threads_connected'")
-                self.values.append(int(cur.fetchone()[1]))
-                cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST "
-                            "WHERE USER = %s", (APP_USER,))
-                self.app_values.append(int(cur.fetchone()[0]))
-                self._stop.wait(0.01)
-
-    def close(self) -> Tuple[int, int]:
-        self._stop.set()
-        self._thread.join(30)
-        self.conn.close()
-        return max(self.values), max(self.app_values)
-
-
 def _redis_commands(client: Any) -> int:
     """Commands and scripts Redis has served, not counting INFO itself."""
     stats_ = client.info("commandstats")
@@ -840,7 +812,7 @@ def test_global_max_caps_the_engine_from_16_threads(
         server.url() + "?plugin=connguard", pool_size=8, max_overflow=8, pool_timeout=30,
         connguard_coordinator=fresh_redis.url, connguard_global_max=3,
         connguard_lease_ttl=30)
-    sampler = _ThreadsConnected(server)
+    sampler = ThreadsConnected(server)
     # No lease for a 4th connection: the checkout waits for a returned one, no error.
     held = [engine.connect() for _ in range(3)]
     got: List[int] = []
