@@ -20,8 +20,6 @@ import contextlib
 import functools
 import multiprocessing
 import shutil
-import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -31,7 +29,7 @@ import pymysql
 
 import connguard
 from benchmarks.common import ScenarioResult, alternate, time_per_op
-from connguard.sandbox import free_port, wait_until
+from connguard.sandbox import RedisServer, free_port
 
 LOCAL = "connguard Pool"
 REDIS = "connguard Pool + Redis coordinator"
@@ -41,53 +39,6 @@ REDIS_GATE = "connguard gate in Redis"
 
 # Fast enough that the gate's rate is not what is measured in the cost scenarios.
 UNTHROTTLED = {"max_connect_rate": 100000.0, "connect_burst": 10000, "max_handshakes": 8}
-
-
-class _Redis:
-    """A throwaway redis-server (no persistence) on a free port of 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.workdir = tempfile.mkdtemp(prefix="connguard-bench-redis-")
-        binary = shutil.which("redis-server")
-        assert binary is not None
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--dir", self.workdir, "--logfile", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        wait_until(self._ping, 30, message="redis-server")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._client: Any = None
-
-    def _ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def commands(self) -> int:
-        """Commands Redis has served so far (INFO itself excluded)."""
-        if self._client is None:
-            import redis
-
-            self._client = redis.Redis(host="127.0.0.1", port=self.port)
-            self._client.ping()
-        stats = self._client.info("commandstats")
-        return sum(v["calls"] for k, v in stats.items() if k not in ("cmdstat_info",
-                                                                      "cmdstat_ping"))
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _missing() -> Optional[str]:
@@ -103,7 +54,7 @@ def _missing() -> Optional[str]:
 # --- cost on the connect path, none on checkout ---------------------------------------------
 
 
-def cold_connect(kwargs: Dict[str, Any], redis: _Redis, rounds: int, ops: int
+def cold_connect(kwargs: Dict[str, Any], redis: RedisServer, rounds: int, ops: int
                  ) -> ScenarioResult:
     common = dict(kwargs, max_size=4, **UNTHROTTLED)
     pools = {LOCAL: connguard.Pool(**common),
@@ -134,7 +85,7 @@ def cold_connect(kwargs: Dict[str, Any], redis: _Redis, rounds: int, ops: int
          f"connections opened: {opened}"])
 
 
-def idle_checkout(kwargs: Dict[str, Any], redis: _Redis, rounds: int, ops: int
+def idle_checkout(kwargs: Dict[str, Any], redis: RedisServer, rounds: int, ops: int
                   ) -> ScenarioResult:
     pools = {LOCAL: connguard.Pool(**kwargs, max_size=4),
              REDIS: connguard.Pool(**kwargs, max_size=4, coordinator=redis.url,
@@ -234,7 +185,7 @@ class _Workers:
             pipe.close()
 
 
-def outage(redis: _Redis, sizes: Tuple[int, ...], rounds: int, seconds: float, threads: int,
+def outage(redis: RedisServer, sizes: Tuple[int, ...], rounds: int, seconds: float, threads: int,
            host_gate: bool) -> List[ScenarioResult]:
     clients: Dict[str, Dict[str, Any]] = {PER_PROCESS: {}}
     if host_gate:
@@ -271,7 +222,7 @@ def run_all(kwargs: Dict[str, Any], quick: bool) -> List[ScenarioResult]:
             for n in (1, 4, 16)]
         return [ScenarioResult(name, "skipped", False, [], [f"skipped: {missing}"])
                 for name in names]
-    redis = _Redis()
+    redis = RedisServer().start()
     try:
         rounds = 3 if quick else 7
         results = [cold_connect(kwargs, redis, rounds, 30 if quick else 200),
@@ -279,7 +230,7 @@ def run_all(kwargs: Dict[str, Any], quick: bool) -> List[ScenarioResult]:
         results += outage(redis, (1, 4, 16), rounds=1 if quick else 3,
                           seconds=2.0 if quick else 5.0, threads=4, host_gate=not quick)
     finally:
-        redis.close()
+        redis.destroy()
     return results
 
 

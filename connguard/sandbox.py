@@ -351,3 +351,77 @@ class _AdminCursor:
     def __exit__(self, *exc: Any) -> None:
         assert self.conn is not None
         self.conn.close()
+
+
+REDIS_INSTALL_HINT = "redis-server is not on PATH: apt-get install redis-server"
+
+
+class RedisServer:
+    """One redis-server process: start, stop and start again on the same port."""
+
+    def __init__(self, port: Optional[int] = None) -> None:
+        self.port = port or free_port()
+        self.workdir = tempfile.mkdtemp(prefix="connguard-redis-")
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(REDIS_INSTALL_HINT)
+        return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--daemonize", "no", "--dir", self.workdir,
+                "--protected-mode", "no", "--logfile", ""]
+
+    def start(self) -> RedisServer:
+        if self.running:
+            return self
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        wait_until(self.ping, 30, message=f"redis-server on port {self.port}")
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def ping(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def client(self) -> Any:
+        """A redis-py client (the caller closes it)."""
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def commands(self) -> int:
+        """Commands Redis has served so far, not counting INFO and PING (the probes)."""
+        with self.client() as client:
+            stats = client.info("commandstats")
+        return sum(v["calls"] for k, v in stats.items()
+                   if k not in ("cmdstat_info", "cmdstat_ping"))
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)

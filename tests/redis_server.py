@@ -9,81 +9,13 @@ to a fresh node would. Import the fixture into a test module to use it::
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import tempfile
-from typing import Any, Iterator, Optional
+from typing import Iterator
 
 import pytest
 
-from tests.mariadb import free_port, wait_until
+from connguard.sandbox import REDIS_INSTALL_HINT, RedisServer
 
-INSTALL_HINT = "redis-server is not on PATH: apt-get install redis-server"
-
-
-class RedisServer:
-    """One redis-server process: start, stop and start again on the same port."""
-
-    def __init__(self, port: Optional[int] = None) -> None:
-        self.port = port or free_port()
-        self.workdir = tempfile.mkdtemp(prefix="connguard-redis-")
-        self.process: Optional[subprocess.Popen] = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def command(self) -> list:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError(INSTALL_HINT)
-        return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--daemonize", "no", "--dir", self.workdir,
-                "--protected-mode", "no", "--logfile", ""]
-
-    def start(self) -> RedisServer:
-        if self.running:
-            return self
-        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        wait_until(self.ping, 30, message=f"redis-server on port {self.port}")
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def ping(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {self.process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-    def client(self) -> Any:
-        """A redis-py client (the caller closes it)."""
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-    def destroy(self) -> None:
-        self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+INSTALL_HINT = REDIS_INSTALL_HINT
 
 
 @pytest.fixture(scope="module", name="redis_server")
