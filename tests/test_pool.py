@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import defaultdict
 from typing import Any, Dict, Iterator, List
@@ -13,6 +12,7 @@ import pytest
 
 import connguard
 from connguard import reaper
+from tests.forking import in_forked_child
 from tests.mariadb import APP_PASSWORD, MariaDB, fd_count, socket_states, wait_until
 
 
@@ -290,21 +290,11 @@ def test_fork_child_never_uses_parent_sockets(mariadb: MariaDB, pool: connguard.
     parent_ids = _fill_idle(pool, 2)
     held = pool.connect()
     held_id = held.thread_id()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: report the ids it gets, then leave without cleanup
-        code = 1
-        try:
-            with pool.connect() as conn:
-                os.write(write_end, str(conn.thread_id()).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    child_id = int(os.read(read_end, 64).decode() or 0)
-    os.close(read_end)
-    assert os.WEXITSTATUS(status) == 0
+    def child() -> int:  # the id the child gets from the pool it inherited
+        with pool.connect() as conn:
+            return int(conn.thread_id())
+
+    child_id = in_forked_child(child)
     assert child_id not in parent_ids + [held_id]
     # The parent's connections survived the child's exit.
     assert _select_one(held) == 1 and held.thread_id() == held_id

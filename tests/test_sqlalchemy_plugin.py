@@ -27,6 +27,7 @@ from connguard import sqlalchemy_plugin
 from connguard.sqlalchemy_plugin import OPTION_NAMES, ConnGuardPluginWarning, stats
 from connguard.sqlalchemy_pool import GuardedQueuePool, capacity_code
 from connguard.storm import StormPolicy
+from tests.forking import in_forked_child
 from tests.load import Load, ThreadsConnected, run_for
 from tests.mariadb import APP_PASSWORD, MariaDB, socket_states, wait_until
 from tests.redis_server import RedisServer, fresh_redis_fixture, redis_server_fixture  # noqa: F401
@@ -416,20 +417,7 @@ def test_forked_child_never_uses_the_parents_connections(
         mariadb: MariaDB, make_engine: EngineFactory) -> None:
     engine = make_engine(pool_size=2)
     parent_ids = _fill_idle(engine, 2)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: report the id it gets, then leave without cleanup
-        code = 1
-        try:
-            os.write(write_end, str(_core_query(engine)).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    child_id = int(os.read(read_end, 64).decode() or 0)
-    os.close(read_end)
-    assert os.WEXITSTATUS(status) == 0
+    child_id = in_forked_child(lambda: int(_core_query(engine)))
     assert child_id not in parent_ids
     # The parent's sessions survived the child's exit: reused, nothing found dead.
     assert _core_query(engine) in parent_ids
