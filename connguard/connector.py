@@ -7,7 +7,7 @@ with the cached SSL context, and any failure leaves here translated.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import pymysql
 
@@ -26,21 +26,24 @@ class Connector:
 
     def __init__(self, connect_kwargs: Dict[str, Any], guard: Optional[ResourceGuard] = None,
                  gate: Optional[ConnectGate] = None,
-                 server_facts: Optional[FactSource] = None) -> None:
+                 server_facts: Optional[FactSource] = None,
+                 keepalive: Optional[Tuple[float, float, int]] = None) -> None:
         self.kwargs = connect_kwargs
+        self.keepalive = keepalive
         self.host, self.port = driver.destination(connect_kwargs)
         self.guard = guard
         self.gate = gate
         self.server_facts = server_facts
 
     def open(self, deadline: float = float("inf")) -> pymysql.connections.Connection:
-        """Open a connection, waiting for the gate until ``deadline`` (monotonic) at most."""
+        """Open a connection, waiting for the gate until ``deadline`` (monotonic) at most;
+        the handshake is bounded by ``connect_timeout`` and by the deadline."""
         if self.guard is not None:
             self.guard.preflight()
         if self.gate is not None:
             self.gate.admit(deadline)
         try:
-            conn = driver.open_connection(self.kwargs)
+            conn = driver.open_connection(self.kwargs, deadline, self.keepalive)
         except pymysql.err.Error as exc:
             translated = self.translate(exc, during_connect=True)
             if self.gate is not None:

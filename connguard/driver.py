@@ -7,14 +7,20 @@ driver would be a second module of the same shape.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 import socket
 import ssl
+import struct
 import threading
-from typing import Any, Dict, FrozenSet, Hashable, Optional, Tuple
+import time
+from typing import Any, Dict, FrozenSet, Hashable, List, Optional, Tuple
 
 import pymysql
 from pymysql.constants import CR, SERVER_STATUS
+
+from connguard.session import ConnectSettings, may_change_session
 
 COM_RESET_CONNECTION = 0x1F
 
@@ -39,15 +45,53 @@ def _ssl_cache_key(sslp: Dict[str, Any]) -> Optional[Hashable]:
     return key
 
 
-class GuardedConnection(pymysql.connections.Connection):
-    """A PyMySQL connection that reuses one SSL context per TLS configuration.
+class _StatusResult(pymysql.connections.MySQLResult):
+    """A result that keeps the status flags of the EOF packet ending its rows.
 
-    PyMySQL >= 1.2 builds a fresh default context for every connection even when the user gave
-    no ssl option ("preferred" TLS); loading the system CA store makes that tens of ms per cold
-    connect. The context is a pure function of the parameters, so one per distinct parameter
-    set is shared; the TLS mode the user gets (preferred, required, verify) is unchanged
-    because PyMySQL still decides it from the same arguments.
+    PyMySQL reads those flags and drops them, so after a result set ``server_status`` still
+    holds the flags of the last OK packet: a ``SELECT`` that opened a transaction (autocommit
+    off) would look like it left none. With these flags the pool knows exactly, at no cost,
+    whether a returned connection needs a rollback.
     """
+
+    def _check_packet_is_eof(self, packet: Any) -> bool:
+        if not super()._check_packet_is_eof(packet):
+            return False
+        data = packet.get_all_data()
+        if len(data) >= 5:
+            self.server_status = struct.unpack_from("<H", data, 3)[0]
+            conn = self.connection
+            if conn is not None:  # an unbuffered result ends long after the query returned
+                conn.server_status = self.server_status
+                conn._cg_status_known = True
+        return True
+
+
+class GuardedConnection(pymysql.connections.Connection):
+    """A PyMySQL connection that knows what its borrower did to the session.
+
+    Beyond PyMySQL's own behaviour it:
+
+    * reuses one SSL context per TLS configuration. PyMySQL >= 1.2 builds a fresh default
+      context for every connection even when the user gave no ssl option ("preferred" TLS);
+      loading the system CA store makes that tens of ms per cold connect. The TLS mode the
+      user gets is unchanged because PyMySQL still decides it from the same arguments;
+    * bounds the whole handshake (greeting, TLS, authentication, the connect-time
+      statements) by ``connect_timeout``, not only the TCP connect;
+    * tunes TCP keepalive and ``TCP_USER_TIMEOUT`` so a peer that vanished without FIN or
+      RST surfaces as an error instead of a hang;
+    * tracks, for the pool's reset on return, whether the status flags of the last reply
+      are known, whether a statement may have changed session state, and whether the
+      database or character set was changed through the API.
+    """
+
+    _cg_keepalive: Optional[Tuple[float, float, int]] = None
+    _cg_deadline: float = float("inf")
+    _cg_status_known = True
+    _cg_tainted = False
+    _cg_db_changed = False
+    _cg_charset_changed = False
+    _cg_settings: Optional[ConnectSettings] = None
 
     def _create_ssl_ctx(self, sslp: Any) -> Any:
         if isinstance(sslp, ssl.SSLContext):
@@ -63,34 +107,113 @@ class GuardedConnection(pymysql.connections.Connection):
                 ctx = _ssl_contexts.setdefault(key, ctx)
         return ctx
 
-
     def connect(self, sock: Any = None) -> None:
-        """Connect; for a unix socket, open it here so a failed connect closes it.
+        """Connect, the whole handshake bounded by ``connect_timeout`` (and the deadline).
 
-        PyMySQL creates the unix socket before ``connect()`` and never closes it when that
-        fails (a full backlog, a missing file): each failed attempt would leak a descriptor
-        until the garbage collector finds it. The failure is raised exactly as PyMySQL
-        raises it (2003 with ``original_exception``).
+        For a unix socket, the socket is opened here so a failed connect closes it: PyMySQL
+        creates it before ``connect()`` and never closes it when that fails (a full
+        backlog, a missing file), leaking a descriptor per attempt until the garbage
+        collector finds it. Failures are raised exactly as PyMySQL raises them.
         """
-        if sock is None and self.unix_socket:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(self.connect_timeout)
-                sock.connect(self.unix_socket)
-            except OSError as exc:
-                sock.close()
-                text = f"Can't connect to MySQL server on {self.host!r} ({exc})"
-                error = pymysql.err.OperationalError(CR.CR_CONN_HOST_ERROR, text)
-                error.original_exception = exc
-                raise error from None
-            self.host_info = "Localhost via UNIX socket"
-            self._secure = True
-        super().connect(sock)
+        limit = self._handshake_limit()
+        saved: Tuple[Any, Any, Any] = (self.connect_timeout, self._read_timeout,  # type: ignore[has-type]
+                                       self._write_timeout)  # type: ignore[has-type]
+        self.connect_timeout = self._read_timeout = self._write_timeout = limit
+        try:
+            if sock is None and self.unix_socket:
+                sock = self._open_unix_socket(limit)
+            super().connect(sock)
+        finally:
+            self.connect_timeout, self._read_timeout, self._write_timeout = saved
+        self._sock.settimeout(self._read_timeout)
+        self._current_timeout = self._read_timeout  # PyMySQL >= 1.1 caches the timeout set
+        if self._cg_keepalive is not None and not self.unix_socket:
+            set_keepalive(self._sock, *self._cg_keepalive)
+        self._cg_settings = ConnectSettings.of(self)
+        self._clear_session_marks()
+
+    def _handshake_limit(self) -> float:
+        remaining = self._cg_deadline - time.monotonic()
+        limit = float(self.connect_timeout or 10)
+        return min(limit, remaining) if remaining > 0 else limit
+
+    def _open_unix_socket(self, timeout: float) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.unix_socket)
+        except OSError as exc:
+            sock.close()
+            text = f"Can't connect to MySQL server on {self.host!r} ({exc})"
+            error = pymysql.err.OperationalError(CR.CR_CONN_HOST_ERROR, text)
+            error.original_exception = exc
+            raise error from None
+        self.host_info = "Localhost via UNIX socket"
+        self._secure = True
+        return sock
+
+    def _clear_session_marks(self) -> None:
+        self._cg_status_known = True
+        self._cg_tainted = self._cg_db_changed = self._cg_charset_changed = False
+
+    # -- what a borrower does ----------------------------------------------------------
+    def query(self, sql: Any, unbuffered: bool = False) -> Any:
+        # Until the reply's status flags arrive, a transaction may be open (even a failed
+        # statement can have started one): the reset on return then rolls back.
+        self._cg_status_known = False
+        if not self._cg_tainted and may_change_session(sql):
+            self._cg_tainted = True
+        rows = super().query(sql, unbuffered)
+        if not unbuffered:
+            self._cg_status_known = True
+        return rows
+
+    def _read_query_result(self, unbuffered: bool = False) -> Any:
+        self._result = None
+        result = _StatusResult(self)
+        if unbuffered:
+            result.init_unbuffered_query()
+        else:
+            result.read()
+        self._result = result
+        if result.server_status is not None:
+            self.server_status = result.server_status
+        return result.affected_rows
+
+    def select_db(self, db: Any) -> None:
+        self._cg_db_changed = True
+        super().select_db(db)
+
+    def set_character_set(self, charset: str, collation: Optional[str] = None) -> None:
+        self._cg_charset_changed = True
+        super().set_character_set(charset, collation)
 
 
-def open_connection(kwargs: Dict[str, Any]) -> pymysql.connections.Connection:
-    """Open a PyMySQL connection (handshake included) with the cached SSL context."""
-    return GuardedConnection(**kwargs)
+def set_keepalive(sock: socket.socket, idle: float, interval: float, count: int) -> None:
+    """Probe an idle connection after ``idle`` s, every ``interval`` s, ``count`` times, and
+    give up on unacknowledged data after as long: a silent peer then fails the next read
+    with ETIMEDOUT instead of hanging it for ~15 minutes (the kernel's retransmission
+    limit). Options the platform lacks are skipped."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", max(1, int(idle))),
+                        ("TCP_KEEPINTVL", max(1, int(interval))),
+                        ("TCP_KEEPCNT", max(1, int(count))),
+                        ("TCP_USER_TIMEOUT", int((idle + interval * count) * 1000))):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def open_connection(kwargs: Dict[str, Any], deadline: float = float("inf"),
+                    keepalive: Optional[Tuple[float, float, int]] = None
+                    ) -> pymysql.connections.Connection:
+    """Open a PyMySQL connection (handshake included, bounded by ``connect_timeout`` and
+    ``deadline``) with the cached SSL context and the given keepalive."""
+    conn = GuardedConnection(**kwargs, defer_connect=True)
+    conn._cg_deadline = deadline
+    conn._cg_keepalive = keepalive
+    conn.connect()
+    return conn
 
 
 def destination(kwargs: Dict[str, Any]) -> Tuple[str, int]:
@@ -118,11 +241,27 @@ _IN_TRANS = SERVER_STATUS.SERVER_STATUS_IN_TRANS
 _AUTOCOMMIT = SERVER_STATUS.SERVER_STATUS_AUTOCOMMIT
 
 
-def session_clean(conn: pymysql.connections.Connection, autocommit: bool) -> bool:
-    """No open transaction and autocommit as expected: nothing to reset (the common case,
-    answered from the status flags of the last reply, with no round trip)."""
+def pending_results(conn: pymysql.connections.Connection) -> bool:
+    """Rows or result sets the server sent that nobody read (an unbuffered cursor not
+    exhausted, the further results of a CALL): the next command would read them instead."""
+    result = conn._result
+    return result is not None and bool(result.unbuffered_active or result.has_next)
+
+
+def session_clean(conn: GuardedConnection, autocommit: bool) -> bool:
+    """Nothing to undo (the common case, answered with no round trip): no transaction open
+    by the last reply's flags, autocommit as expected, nothing marked, nothing unread."""
     status = conn.server_status or 0
-    return not status & _IN_TRANS and bool(status & _AUTOCOMMIT) == autocommit
+    return (not status & _IN_TRANS and bool(status & _AUTOCOMMIT) == autocommit
+            and conn._cg_status_known and not conn._cg_tainted and not conn._cg_db_changed
+            and not conn._cg_charset_changed and not pending_results(conn))
+
+
+def forget_last_result(conn: pymysql.connections.Connection) -> None:
+    """Client-side traces of the last statement (``affected_rows()``, ``insert_id()``) go
+    back to what a fresh connection answers."""
+    conn._result = None
+    conn._affected_rows = 0
 
 
 def autocommit(conn: pymysql.connections.Connection) -> bool:
@@ -133,6 +272,74 @@ def reset_connection(conn: pymysql.connections.Connection) -> None:
     """COM_RESET_CONNECTION: drop session state (variables, temporary tables, locks)."""
     conn._execute_command(COM_RESET_CONNECTION, b"")
     conn._read_ok_packet()
+
+
+def drain_results(conn: pymysql.connections.Connection) -> None:
+    """Read and drop what the server sent that nobody read (see :func:`pending_results`)."""
+    result = conn._result
+    if result is not None and result.unbuffered_active:
+        result._finish_unbuffered_query()
+    while conn._result is not None and conn._result.has_next:
+        conn.next_result()
+
+
+def restore_session(conn: GuardedConnection, autocommit_mode: bool, full: bool) -> str:
+    """Undo what a borrower changed; returns what it did (for the pool's counters):
+    ``"reset"`` (session reset, connect settings applied again), ``"rollback"``,
+    ``"restored"`` (autocommit, database or charset put back), or ``"discard"`` when the
+    session cannot be made as new (the caller closes the connection).
+    """
+    drain_results(conn)
+    if full or conn._cg_tainted:
+        return "reset" if _reset_and_reapply(conn, autocommit_mode) else "discard"
+    action = "restored"
+    if in_transaction(conn) or (not conn._cg_status_known and not autocommit(conn)):
+        conn.rollback()
+        action = "rollback"
+    if autocommit(conn) != autocommit_mode:
+        conn.autocommit(autocommit_mode)
+    settings = conn._cg_settings
+    if conn._cg_db_changed:
+        if settings is None or settings.database is None:
+            return "discard"  # no statement goes back to "no database selected"
+        conn.select_db(settings.database)
+    if conn._cg_charset_changed and settings is not None:
+        conn.set_character_set(settings.charset, settings.collation)
+    conn._clear_session_marks()
+    return action
+
+
+def _reset_and_reapply(conn: GuardedConnection, autocommit_mode: bool) -> bool:
+    """COM_RESET_CONNECTION, then what PyMySQL's connect() does after authentication, in
+    its order (charset, sql_mode, init_command, autocommit), then the database. False when
+    the session cannot be made as new."""
+    settings = conn._cg_settings
+    if settings is None:
+        return False
+    reset_connection(conn)
+    conn.set_character_set(settings.charset, settings.collation)
+    if settings.sql_mode is not None:
+        conn.query(f"SET sql_mode={conn.escape(settings.sql_mode)}")
+    if settings.init_command is not None:
+        with conn.cursor() as cur:
+            cur.execute(settings.init_command)
+    if autocommit(conn) != autocommit_mode:
+        conn.autocommit(autocommit_mode)
+    # The reset keeps the current database: choose the connect-time one again, or make
+    # sure the borrower's USE did not leave one where none was chosen.
+    if settings.database is not None:
+        conn.select_db(settings.database)
+    elif _current_database(conn) is not None:
+        return False
+    conn._clear_session_marks()
+    return True
+
+
+def _current_database(conn: pymysql.connections.Connection) -> Optional[str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT DATABASE()")
+        row = cur.fetchone()
+    return row[0] if row else None
 
 
 def server_capacity(conn: pymysql.connections.Connection, timeout: float) -> Dict[str, Any]:
@@ -188,10 +395,30 @@ def close_gracefully(conn: pymysql.connections.Connection) -> None:
 
 
 def drop(conn: pymysql.connections.Connection) -> None:
-    """Close our end of the socket without a word to the server.
-
-    Used for dead connections (nothing to say) and after fork (the parent's session must
-    survive: closing a duplicated fd sends no FIN while the parent still holds it).
-    """
+    """Close our end of the socket without a word to the server (nothing is listening)."""
     conn._closed = True
     conn._force_close()
+
+
+#: Readers of connections inherited through fork: never finalized (see drop_inherited).
+_inherited_readers: List[Any] = []
+
+
+def drop_inherited(conn: pymysql.connections.Connection) -> None:
+    """In a forked child: let go of a connection the parent still uses.
+
+    Only the descriptor is closed (no COM_QUIT, and no FIN while the parent holds its
+    copy). PyMySQL's buffered reader is not touched: a parent thread that was reading a
+    reply at fork time held its lock, which stays locked forever in the child, so closing
+    or even finalizing it would hang. It is parked here for the life of the process.
+    """
+    conn._closed = True
+    reader, sock = conn._rfile, conn._sock
+    conn._rfile = conn._sock = None
+    if reader is not None:
+        _inherited_readers.append(reader)
+    if sock is not None:
+        fd = sock.detach()
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)

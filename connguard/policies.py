@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 RESET_MODES = ("rollback", "full", "none")
 
@@ -93,3 +93,45 @@ class PoolSettings:
                              f"({self.max_size})")
         _check_number("checkout_timeout", self.checkout_timeout, 0)
         _check_number("leak_threshold", self.leak_threshold, 0.001, allow_none=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepalivePolicy:
+    """How fast a pooled connection notices a peer that vanished without FIN or RST.
+
+    TCP keepalive probes an idle connection after ``idle`` seconds, every ``interval``
+    seconds, ``count`` times; ``TCP_USER_TIMEOUT`` gives up on unacknowledged data after as
+    long. A query waiting on a silent server (a partition, a host that lost power) then
+    fails with a transient ``ConnectionLost`` after about ``bound`` seconds (40 by default)
+    instead of the kernel's ~15 minutes. A healthy server's kernel answers the probes even
+    during a long query, so long queries are not cut short.
+    """
+
+    idle: float = 20.0
+    interval: float = 5.0
+    count: int = 4
+
+    def __post_init__(self) -> None:
+        _check_number("keepalive idle", self.idle, 1)
+        _check_number("keepalive interval", self.interval, 1)
+        _check_number("keepalive count", self.count, 1, integer=True)
+
+    @property
+    def bound(self) -> float:
+        return self.idle + self.interval * self.count
+
+    def as_tuple(self) -> Tuple[float, float, int]:
+        return (self.idle, self.interval, self.count)
+
+
+def keepalive_from_option(value: Any) -> Optional[KeepalivePolicy]:
+    """``keepalive``: True (the defaults), False/None (the OS defaults: off), or a tuple
+    ``(idle, interval, count)``."""
+    if value is True:
+        return KeepalivePolicy()
+    if value is False or value is None:
+        return None
+    if isinstance(value, (tuple, list)) and len(value) == 3:
+        return KeepalivePolicy(*value)
+    raise ValueError("keepalive must be True, False, None or a tuple (idle seconds, "
+                     f"interval seconds, probe count); got {value!r}")

@@ -27,13 +27,23 @@ from connguard.connector import Connector
 from connguard.guard import ResourceGuard
 from connguard.hostgate import HostGate, gate_path
 from connguard.liveness import Probe, peer_closed
-from connguard.policies import LifetimePolicy, PoolSettings, ResetPolicy
+from connguard.policies import (
+    KeepalivePolicy,
+    LifetimePolicy,
+    PoolSettings,
+    ResetPolicy,
+    keepalive_from_option,
+)
 from connguard.proxy import PooledConnection
 from connguard.storm import Ceiling, StormPolicy
 
 log = logging.getLogger("connguard.pool")
 
 Clock = Callable[[], float]
+
+#: What driver.restore_session did -> the stats() counter it counts in.
+_RESET_COUNTERS = {"rollback": "rollbacks", "reset": "resets", "restored": "restored",
+                   "discard": "discarded"}
 
 
 @dataclasses.dataclass(eq=False)
@@ -51,6 +61,22 @@ class Entry:
     leak_reported: bool = False
     broken: bool = False
     probe: Probe = dataclasses.field(default_factory=Probe)
+
+
+class Waiter:
+    """A caller waiting for a connection, in line: the pool serves the oldest first.
+
+    The pool hands it an entry (``entry``) or a reserved connect slot (``may_open``) under
+    its lock, then wakes it; a waiter never takes for itself while older ones wait, so
+    newcomers cannot barge past them (HikariCP's and SQLAlchemy's hand-off, FIFO).
+    """
+
+    __slots__ = ("cond", "entry", "may_open")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.cond = threading.Condition(lock)
+        self.entry: Optional[Entry] = None
+        self.may_open = False
 
 
 def retire_reason(entry: Entry, now: float, lifetime: LifetimePolicy,
@@ -74,6 +100,7 @@ def build_policies(options: Dict[str, Any]) -> Tuple[PoolSettings, LifetimePolic
     """The policy objects for a pool's options; raises ValueError naming a bad option."""
     storm.policy_from_options(options)  # validated here too, before anything is started
     coordination.settings_from_options(options)
+    keepalive_from_option(options.get("keepalive", True))
     settings = PoolSettings(**{k: v for k, v in options.items()
                                if k in PoolSettings.__dataclass_fields__})
     lifetime = LifetimePolicy(
@@ -109,18 +136,23 @@ class Pool:
         self._budget = self._make_budget()
         # Like the server's ceiling, for the global budget: held while no lease is to be had.
         self._lease_ceiling = Ceiling(coordination.LEASE_PROBE)
+        self._keepalive: Optional[KeepalivePolicy] = keepalive_from_option(
+            options.get("keepalive", True))
         self._connector = Connector(self._connect_kwargs, guard=self._make_guard(options),
                                     gate=self._make_gate(options),
-                                    server_facts=self._server_facts)
+                                    server_facts=self._server_facts,
+                                    keepalive=self._keepalive.as_tuple()
+                                    if self._keepalive else None)
+        self._options = dict(options)  # as given: the drop-in compares later calls to them
         self._wait_timeout: Optional[int] = None
         self._server_limits: Dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
         self._idle: Deque[Entry] = deque()
         self._in_use: Set[Entry] = set()
         self._lost: Deque[Entry] = deque()  # entries whose handle was garbage collected
+        self._waiters: Deque[Waiter] = deque()  # oldest first
         self._opening = 0
-        self._waiting = 0
+        self._top_up_running = False
         self._closed = False
         self._last_refusal: Optional[BaseException] = None  # the server's last "full" answer
         self._stats: Counter = Counter()
@@ -163,7 +195,11 @@ class Pool:
     def connect(self) -> PooledConnection:
         """A live connection from the pool; waits up to ``checkout_timeout`` for one."""
         entry = self._acquire()
-        return PooledConnection(entry.conn, self, entry)
+        try:
+            return PooledConnection(entry.conn, self, entry)
+        except BaseException:
+            self._release(entry)  # interrupted before the caller could hold it
+            raise
 
     def _acquire(self) -> Entry:
         if self._lost:
@@ -180,43 +216,89 @@ class Pool:
                         raise
                 now = self._clock()
                 continue
-            reason = retire_reason(entry, now, self._lifetime)
-            if reason is None:
-                self._mark_checked_out(entry, now)
-                return entry
+            try:
+                reason = retire_reason(entry, now, self._lifetime)
+                if reason is None:
+                    self._mark_checked_out(entry, now)
+                    return entry
+            except BaseException:
+                self._discard(entry, "broken")
+                raise
             self._discard(entry, reason)
             now = self._clock()
 
     def _take_or_reserve(self, deadline: float) -> Optional[Entry]:
-        """Under the lock: an idle entry (now in use), or None with a connect slot reserved."""
+        """Under the lock: an idle entry (now in use), or None with a connect slot reserved.
+
+        Served at once only when nobody waits; otherwise in line behind the waiters."""
         # ``with self._lock`` rather than the Condition: same lock, without the Python-level
         # __enter__/__exit__ of threading.Condition on the hot path.
         with self._lock:
-            counted_wait = False
-            while True:
-                if self._closed:
-                    raise errors.PoolClosed(repr(self))
+            if self._closed:
+                raise errors.PoolClosed(repr(self))
+            if not self._waiters:
                 if self._idle:
                     entry = self._idle.pop()  # most recently used: warmest, least likely dead
                     self._in_use.add(entry)
                     return entry
-                now = self._clock()
-                if self._may_open(now):
+                if self._may_open(self._clock()):
                     self._opening += 1
                     return None
+            return self._wait_in_line(deadline)
+
+    def _wait_in_line(self, deadline: float) -> Optional[Entry]:
+        """Under the lock: queue up and wait to be served an entry or a slot, or time out.
+
+        Whatever happens (timeout, close, KeyboardInterrupt while waiting), an entry or slot
+        handed to this waiter is passed on, never lost."""
+        waiter = Waiter(self._lock)
+        self._waiters.append(waiter)
+        self._stats["waits"] += 1
+        try:
+            while True:
+                self._serve_waiters()
+                if waiter.entry is not None or waiter.may_open:
+                    return waiter.entry
+                if self._closed:
+                    raise errors.PoolClosed(repr(self))
+                now = self._clock()
                 remaining = deadline - now
                 if remaining <= 0:
                     self._stats["timeouts"] += 1
                     raise self._timeout_error()
-                if not counted_wait:
-                    self._stats["waits"] += 1
-                    counted_wait = True
                 probe_in = self._next_probe(now)
-                self._waiting += 1
-                try:
-                    self._cond.wait(remaining if probe_in is None else min(remaining, probe_in))
-                finally:
-                    self._waiting -= 1
+                waiter.cond.wait(remaining if probe_in is None else min(remaining, probe_in))
+        except BaseException:
+            self._give_back(waiter)
+            raise
+
+    def _give_back(self, waiter: Waiter) -> None:
+        """Under the lock: a waiter leaves without using what it was served."""
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        entry, waiter.entry = waiter.entry, None
+        if entry is not None:
+            self._in_use.discard(entry)
+            self._idle.append(entry)
+        if waiter.may_open:
+            waiter.may_open = False
+            self._opening -= 1
+        self._serve_waiters()
+
+    def _serve_waiters(self) -> None:
+        """Under the lock: hand idle entries, then connect slots, to the oldest waiters."""
+        while self._waiters and not self._closed:
+            head = self._waiters[0]
+            if self._idle:
+                head.entry = self._idle.pop()
+                self._in_use.add(head.entry)
+            elif self._may_open(self._clock()):
+                self._opening += 1
+                head.may_open = True
+            else:
+                return
+            self._waiters.popleft()
+            head.cond.notify()
 
     def _may_open(self, now: float) -> bool:
         """Under the lock: may one more connection be opened now? Bounded by max_size, the
@@ -275,47 +357,36 @@ class Pool:
 
         With a global budget the lease comes first (outside the lock, like the connect)."""
         budget = self._budget
-        leased = False
+        leased = counted = False
+        conn = None
         try:
             if budget is not None:
                 budget.acquire()
                 leased = True
             conn = self._open_connection(deadline)
+            now = self._clock()
+            entry = Entry(conn=conn, opened_at=now, expires_at=self._lifetime.expiry(now),
+                          autocommit=driver.autocommit(conn), last_used=now)
+            with self._lock:
+                counted = True
+                self._opening -= 1
+                self._stats["opened"] += 1
+                closed = self._closed
+                if not closed:
+                    self._in_use.add(entry)
+                    self._last_refusal = None
+                    self._ceiling.grew(len(self._in_use) + len(self._idle) + self._opening,
+                                       self._settings.max_size)
+                    if leased:
+                        self._lease_ceiling.lift()
         except BaseException as exc:
+            if conn is not None:
+                driver.drop(conn)  # interrupted after the handshake: nobody will use it
             if leased and budget is not None:
                 budget.release()
-            with self._lock:
-                self._opening -= 1
-                code = exc.args[0] if isinstance(exc, errors.ConnGuardError) and exc.args else None
-                if isinstance(exc, (coordination.LeaseUnavailable,
-                                    coordination.CoordinatorUnavailable)):
-                    # Hold at what the pool has; ask again after the coordinator's hint.
-                    self._last_refusal = exc
-                    held = len(self._in_use) + len(self._idle) + self._opening
-                    self._lease_ceiling.hit(held, self._clock(), max(exc.retry_after, 0.05))
-                elif code in storm.CAPACITY_CODES:
-                    self._last_refusal = exc
-                    held = len(self._in_use) + len(self._idle) + self._opening
-                    self._ceiling.hit(held, self._clock())
-                    log.warning("server refused connection %d (%s): holding at %d until the "
-                                "next probe in %.1fs", held + 1, code, held,
-                                self._ceiling.probe_interval)
-                self._cond.notify()
+            if not counted:
+                self._connect_failed(exc)
             raise
-        now = self._clock()
-        entry = Entry(conn=conn, opened_at=now, expires_at=self._lifetime.expiry(now),
-                      autocommit=driver.autocommit(conn), last_used=now)
-        with self._lock:
-            self._opening -= 1
-            self._stats["opened"] += 1
-            closed = self._closed
-            if not closed:
-                self._in_use.add(entry)
-                self._last_refusal = None
-                self._ceiling.grew(len(self._in_use) + len(self._idle) + self._opening,
-                                   self._settings.max_size)
-                if leased:
-                    self._lease_ceiling.lift()
         if closed:
             driver.close_gracefully(conn)
             if budget is not None:
@@ -324,6 +395,26 @@ class Pool:
             raise errors.PoolClosed(repr(self))
         self._mark_checked_out(entry, now)
         return entry
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        """Free the slot of a failed connect; learn from the server's or coordinator's answer."""
+        with self._lock:
+            self._opening -= 1
+            code = exc.args[0] if isinstance(exc, errors.ConnGuardError) and exc.args else None
+            if isinstance(exc, (coordination.LeaseUnavailable,
+                                coordination.CoordinatorUnavailable)):
+                # Hold at what the pool has; ask again after the coordinator's hint.
+                self._last_refusal = exc
+                held = len(self._in_use) + len(self._idle) + self._opening
+                self._lease_ceiling.hit(held, self._clock(), max(exc.retry_after, 0.05))
+            elif code in storm.CAPACITY_CODES:
+                self._last_refusal = exc
+                held = len(self._in_use) + len(self._idle) + self._opening
+                self._ceiling.hit(held, self._clock())
+                log.warning("server refused connection %d (%s): holding at %d until the "
+                            "next probe in %.1fs", held + 1, code, held,
+                            self._ceiling.probe_interval)
+            self._serve_waiters()
 
     def _open_connection(self, deadline: float) -> pymysql.connections.Connection:
         conn = self._connector.open(deadline)
@@ -346,12 +437,22 @@ class Pool:
 
     # -- return ----------------------------------------------------------------------------
     def _release(self, entry: Entry) -> None:
-        """Take a connection back: reset it outside the lock, then park or discard it."""
-        keep = not entry.broken and self._reset_session(entry)
+        """Take a connection back: reset it outside the lock, then park or discard it.
+
+        Accounting stays exact whatever happens in the reset: an interrupt there (Ctrl-C,
+        SystemExit, an async exception) discards the connection and is then re-raised."""
+        try:
+            keep = not entry.broken and self._reset_session(entry)
+        except BaseException:
+            entry.broken = True
+            self._check_in(entry, keep=False)
+            raise
+        self._check_in(entry, keep)
+
+    def _check_in(self, entry: Entry, keep: bool) -> None:
         now = self._clock()
         rebalance = False
         with self._lock:
-            self._in_use.discard(entry)
             keep = keep and not self._closed and now < entry.expires_at
             if keep and self._budget is not None and self._budget.surplus:
                 # Another pool below its fair share waits for a lease: give this one back
@@ -359,14 +460,21 @@ class Pool:
                 rebalance = self._budget.take_surplus()
                 if rebalance:
                     keep = False
-                    held = len(self._in_use) + len(self._idle) + self._opening
+                    held = len(self._in_use) + len(self._idle) + self._opening - 1
                     self._lease_ceiling.hit(held, now, coordination.LEASE_PROBE_MAX)
             if keep:
                 entry.last_used = now
                 entry.checkout_stack = None
-                self._idle.append(entry)
-            if self._waiting:
-                self._cond.notify()
+                if self._waiters:
+                    head = self._waiters.popleft()  # hand-off: stays in use, for the oldest
+                    head.entry = entry
+                    head.cond.notify()
+                else:
+                    self._in_use.discard(entry)
+                    self._idle.append(entry)
+            else:
+                self._in_use.discard(entry)
+                self._serve_waiters()
             closed = self._closed
         if not keep:
             self._close_entry(entry, "rebalanced" if rebalance else
@@ -375,32 +483,34 @@ class Pool:
                 self._budget.close()  # send the release now: the reaper no longer runs
 
     def _reset_session(self, entry: Entry) -> bool:
-        """Leave no transaction or changed autocommit behind; False if the connection is bad."""
+        """Leave nothing of the borrower behind (see connguard.session and docs/pool.md);
+        False if the connection cannot be made clean and must be discarded."""
         conn = entry.conn
         if not driver.is_open(conn):
             return False
         mode = self._reset.mode
-        if mode == "none" or (mode == "rollback" and driver.session_clean(conn, entry.autocommit)):
+        if mode == "none":
+            return True
+        driver.forget_last_result(conn)  # no I/O: affected_rows() and insert_id() as new
+        if mode == "rollback" and driver.session_clean(conn, entry.autocommit):
             return True
         try:
-            if driver.in_transaction(conn):
-                conn.rollback()
-                self._stats["rollbacks"] += 1
-            if self._reset.mode == "full":
-                driver.reset_connection(conn)
-                conn.autocommit(entry.autocommit)
-            elif driver.autocommit(conn) != entry.autocommit:
-                conn.autocommit(entry.autocommit)
+            action = driver.restore_session(conn, entry.autocommit, full=mode == "full")
         except (pymysql.err.Error, OSError) as exc:
             log.debug("reset on return failed, discarding the connection: %s", exc)
             return False
-        return True
+        except Exception:  # noqa: BLE001 - an unknown session must not reach the next borrower
+            log.exception("reset on return failed unexpectedly, discarding the connection")
+            return False
+        driver.forget_last_result(conn)
+        self._stats[_RESET_COUNTERS[action]] += 1
+        return action != "discard"
 
     def _discard(self, entry: Entry, reason: str) -> None:
-        """An entry taken for checkout turned out unusable: forget it, wake a waiter, close."""
-        with self._cond:
+        """An entry taken for checkout turned out unusable: forget it, serve a waiter, close."""
+        with self._lock:
             self._in_use.discard(entry)
-            self._cond.notify()
+            self._serve_waiters()
         self._close_entry(entry, reason)
 
     def _close_entry(self, entry: Entry, reason: str) -> None:
@@ -413,6 +523,20 @@ class Pool:
             driver.close_gracefully(entry.conn)
         if self._budget is not None:
             self._budget.release()  # counted now; the coordinator hears at the next refresh
+
+    def _reconnect(self, entry: Entry) -> pymysql.connections.Connection:
+        """``ping(reconnect=True)`` on a dead connection: a new server connection in the same
+        slot (and lease), opened through the guarded path (resource guard, storm gate)."""
+        driver.drop(entry.conn)
+        entry.broken = True  # until the new connection is in place
+        self._stats["closed"] += 1
+        conn = self._connector.open(self._clock() + self._settings.checkout_timeout)
+        now = self._clock()
+        entry.conn, entry.broken, entry.probe = conn, False, Probe()
+        entry.opened_at, entry.expires_at = now, self._lifetime.expiry(now)
+        entry.autocommit = driver.autocommit(conn)
+        self._stats["opened"] += 1
+        return conn
 
     def _lost_handle(self, entry: Entry) -> None:
         """Called from a handle's ``__del__``: no locks here, the reaper finishes the job."""
@@ -464,13 +588,13 @@ class Pool:
                   is not None]
         removed: List[Tuple[Entry, str]] = []
         if doomed:
-            with self._cond:
+            with self._lock:
                 for entry, uses, reason in doomed:
                     # Skip entries checked out (and maybe returned) since the snapshot.
                     if entry.uses == uses and entry in self._idle:
                         self._idle.remove(entry)
                         removed.append((entry, reason))
-                self._cond.notify(len(removed))
+                self._serve_waiters()  # freed room may let a waiter open
         if self._budget is not None and self._budget.surplus:
             removed += self._surplus_idle(now)
         for entry, reason in removed:
@@ -508,37 +632,47 @@ class Pool:
                         entry.checkout_stack or "(stack not recorded)")
 
     def _top_up(self) -> None:
-        """Open connections until ``min_idle`` are idle (one per reaper pass: no burst)."""
+        """Open connections until ``min_idle`` are idle (one per reaper pass: no burst).
+
+        The connect runs on a thread of its own, bounded by ``checkout_timeout``: a slow or
+        frozen server must not stall the reaper, which keeps every pool's sockets honest."""
         with self._lock:
-            want = (not self._closed and len(self._idle) + self._opening < self._settings.min_idle
-                    and self._may_open(self._clock()))
+            want = (not self._closed and not self._top_up_running
+                    and len(self._idle) + self._opening < self._settings.min_idle
+                    and not self._waiters and self._may_open(self._clock()))
             if want:
                 self._opening += 1
-        if not want:
-            return
+                self._top_up_running = True
+        if want:
+            threading.Thread(target=self._top_up_one, name="connguard-min-idle",
+                             daemon=True).start()
+
+    def _top_up_one(self) -> None:
         try:
-            entry = self._open_reserved()
+            entry = self._open_reserved(self._clock() + self._settings.checkout_timeout)
         except (coordination.LeaseUnavailable, coordination.CoordinatorUnavailable):
             return  # no lease: the next pass asks again (the lease ceiling paces it)
         except Exception as exc:  # noqa: BLE001 - background work: log, do not die
             log.warning("could not open a min_idle connection: %s", exc)
             return
+        finally:
+            self._top_up_running = False
         self._release(entry)
 
     # -- fork safety -----------------------------------------------------------------------
     def _after_fork_in_child(self) -> None:
         """The child must never talk on the parent's sockets: drop them without a word."""
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
         inherited = list(self._idle) + list(self._in_use) + list(self._lost)
         self._idle.clear()
         self._in_use.clear()
         self._lost.clear()
+        self._waiters = deque()  # threads that waited live on in the parent only
         self._opening = 0
-        self._waiting = 0
+        self._top_up_running = False
         for entry in inherited:
             entry.broken = True
-            driver.drop(entry.conn)
+            driver.drop_inherited(entry.conn)
         if self._budget is not None:
             self._budget.after_fork()  # the parent's leases stay the parent's
         self._lease_ceiling = Ceiling(coordination.LEASE_PROBE)
@@ -546,11 +680,12 @@ class Pool:
     # -- lifecycle and introspection -------------------------------------------------------
     def close(self) -> None:
         """Close idle connections now and in-use ones as they come back; refuse new checkouts."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             idle = list(self._idle)
             self._idle.clear()
-            self._cond.notify_all()
+            for waiter in self._waiters:
+                waiter.cond.notify()  # each raises PoolClosed
         for entry in idle:
             self._close_entry(entry, "pool_closed")
         if self._budget is not None:
@@ -567,10 +702,10 @@ class Pool:
             stats: Dict[str, Any] = {
                 key: self._stats.get(key, 0)
                 for key in ("opened", "closed", "peer_closed", "expired", "idle_timeout",
-                            "broken", "discarded", "waits", "timeouts", "rollbacks", "leaks",
-                            "lost")}
+                            "broken", "discarded", "waits", "timeouts", "rollbacks", "resets",
+                            "restored", "leaks", "lost")}
             stats.update(idle=len(self._idle), in_use=len(self._in_use),
-                         opening=self._opening, waiting=self._waiting,
+                         opening=self._opening, waiting=len(self._waiters),
                          max_size=self._settings.max_size, wait_timeout=self._wait_timeout,
                          idle_timeout=self._lifetime.idle_timeout, ceiling=self._ceiling.value,
                          capacity_waits=self._stats.get("capacity_waits", 0))
@@ -601,7 +736,7 @@ class Pool:
         state = "closed" if self._closed else "open"
         return (f"<connguard.Pool {self._describe_destination()} {state} [Connections: "
                 f"{len(self._in_use)} in use, {len(self._idle)} idle, {self._opening} opening, "
-                f"max {self._settings.max_size} | Waiting: {self._waiting}]>")
+                f"max {self._settings.max_size} | Waiting: {len(self._waiters)}]>")
 
     def __enter__(self) -> Pool:
         return self

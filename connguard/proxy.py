@@ -9,6 +9,7 @@ the pool discards it instead of handing it to the next caller.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import pymysql
@@ -96,6 +97,24 @@ class PooledConnection(_ProxyBase):
             raise exc
         raise translated from exc
 
+    def ping(self, reconnect: bool = False) -> None:
+        """PyMySQL's ``ping``; with ``reconnect=True`` a dead connection is replaced through
+        the pool (resource guard, storm gate, lease), never behind its back."""
+        if reconnect:
+            warnings.warn("The 'reconnect' argument is deprecated. Create a new connection "
+                          "if you want to reconnect.", DeprecationWarning, 2)
+        entry = self._self_entry
+        try:
+            self.__wrapped__.ping(False)
+            return
+        except (pymysql.err.Error, OSError) as exc:
+            if not reconnect or entry is None:
+                self._self_fail(exc)
+        try:
+            self.__wrapped__ = self._self_pool._reconnect(entry)
+        except (pymysql.err.Error, OSError) as exc:
+            self._self_fail(exc)
+
     def cursor(self, cursor: Any = None) -> GuardedCursor:
         try:
             raw = self.__wrapped__.cursor(cursor)
@@ -125,30 +144,51 @@ def _guarded(name: str) -> Any:
     return method
 
 
-for _name in ("query", "commit", "rollback", "begin", "ping", "select_db", "autocommit",
+for _name in ("query", "commit", "rollback", "begin", "select_db", "autocommit",
               "show_warnings", "set_character_set", "kill"):
     setattr(PooledConnection, _name, _guarded(_name))
 
 
 class GuardedCursor(_ProxyBase):
-    """A PyMySQL cursor whose errors come out translated and flag a broken connection."""
+    """A PyMySQL cursor whose errors come out translated and flag a broken connection.
+
+    It lives only as long as the handle that made it: once the handle is closed (the server
+    connection back in the pool, perhaps already another caller's), every call that would
+    talk to the server raises ``InterfaceError``, as PyMySQL's cursor of a closed connection
+    does. Rows already fetched into the cursor stay readable, as with PyMySQL.
+    """
 
     def __init__(self, cursor: Any, owner: PooledConnection) -> None:
         super().__init__(cursor)
         self._self_owner = owner
+        self._self_unbuffered = isinstance(cursor, pymysql.cursors.SSCursor)
+
+    @property
+    def connection(self) -> Any:
+        """The handle, not the pooled connection behind it (which outlives the handle)."""
+        return self._self_owner if self.__wrapped__.connection is not None else None
+
+    def close(self) -> None:
+        if self._self_owner._self_entry is None:
+            # The server connection is someone else's now: let go without touching it.
+            self.__wrapped__.connection = None
+            return
+        self.__wrapped__.close()
 
     def __enter__(self) -> GuardedCursor:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.__wrapped__.close()
+        self.close()
 
     def __iter__(self) -> Any:
         return iter(self.__wrapped__)
 
 
-def _guarded_cursor(name: str) -> Any:
+def _guarded_cursor(name: str, talks: bool) -> Any:
     def method(self: GuardedCursor, *args: Any, **kwargs: Any) -> Any:
+        if self._self_owner._self_entry is None and (talks or self._self_unbuffered):
+            raise pymysql.err.InterfaceError(0, "connection was closed (returned to the pool)")
         try:
             return getattr(self.__wrapped__, name)(*args, **kwargs)
         except (pymysql.err.Error, OSError) as exc:
@@ -159,6 +199,8 @@ def _guarded_cursor(name: str) -> Any:
     return method
 
 
-for _name in ("execute", "executemany", "callproc", "fetchone", "fetchmany", "fetchall",
-              "nextset"):
-    setattr(GuardedCursor, _name, _guarded_cursor(_name))
+for _name in ("execute", "executemany", "callproc", "nextset"):
+    setattr(GuardedCursor, _name, _guarded_cursor(_name, talks=True))
+# Fetching reads the server only for unbuffered cursors (SSCursor).
+for _name in ("fetchone", "fetchmany", "fetchall"):
+    setattr(GuardedCursor, _name, _guarded_cursor(_name, talks=False))
