@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any, Dict, Hashable, Tuple
 
 from connguard.driver import PYMYSQL_ARGUMENTS
@@ -38,8 +39,22 @@ def split_arguments(kwargs: Dict[str, Any], where: str) -> Tuple[Dict[str, Any],
     return options, connect
 
 
+def _freeze_ssl_context(ctx: ssl.SSLContext) -> Hashable:
+    """An SSL context by its observable settings, so a context made per call (the usual
+    ``ssl.create_default_context(cafile=...)`` in a connect helper) finds the same pool.
+
+    A client certificate loaded into a context cannot be read back: two contexts differing
+    only in it share a pool. The MySQL account (user, password) still separates pools.
+    """
+    return ("SSLContext", ctx.protocol, ctx.verify_mode, ctx.check_hostname, int(ctx.options),
+            ctx.minimum_version, ctx.maximum_version, ctx.verify_flags,
+            _freeze(ctx.get_ca_certs()), tuple(c["name"] for c in ctx.get_ciphers()))
+
+
 def _freeze(value: Any) -> Hashable:
     """A hashable stand-in for an argument value (dicts and lists by content)."""
+    if isinstance(value, ssl.SSLContext):
+        return _freeze_ssl_context(value)
     if isinstance(value, dict):
         return ("dict", tuple(sorted((str(k), _freeze(v)) for k, v in value.items())))
     if isinstance(value, (list, tuple, set, frozenset)):

@@ -35,15 +35,21 @@ class Connector:
         self.gate = gate
         self.server_facts = server_facts
 
-    def open(self, deadline: float = float("inf")) -> pymysql.connections.Connection:
+    def open(self, deadline: float = float("inf"),
+             connect: Optional[Callable[[], Any]] = None) -> pymysql.connections.Connection:
         """Open a connection, waiting for the gate until ``deadline`` (monotonic) at most;
-        the handshake is bounded by ``connect_timeout`` and by the deadline."""
+        the handshake is bounded by ``connect_timeout`` and by the deadline.
+
+        ``connect``: what opens it, instead of connguard's own PyMySQL connection (the
+        SQLAlchemy plugin passes the dialect's connect); guard, gate and translation stay.
+        """
         if self.guard is not None:
             self.guard.preflight()
         if self.gate is not None:
             self.gate.admit(deadline)
         try:
-            conn = driver.open_connection(self.kwargs, deadline, self.keepalive)
+            conn = (connect() if connect is not None else
+                    driver.open_connection(self.kwargs, deadline, self.keepalive))
         except pymysql.err.Error as exc:
             translated = self.translate(exc, during_connect=True)
             if self.gate is not None:
@@ -51,9 +57,10 @@ class Connector:
             if translated is exc:
                 raise
             raise translated from exc
-        except BaseException:
+        except BaseException as exc:  # e.g. a missing ssl file, Ctrl-C: not the server's doing
             if self.gate is not None:
                 self.gate.abandoned()
+            errors.redact_exception(exc, self.kwargs.get("password"))
             raise
         if self.gate is not None:
             self.gate.succeeded()

@@ -41,6 +41,7 @@ SERVER_STATUS = ("Threads_connected", "Threads_running", "Max_used_connections",
                  "Aborted_connects", "Connections")
 DSN_SCHEMES = ("mysql", "mysql+pymysql", "mariadb", "mariadb+pymysql")
 CONNECT_TIMEOUT = 5  # seconds: a doctor must answer even when the server does not
+IO_TIMEOUT = 10  # seconds for any one read or write of the doctor's queries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,10 @@ class Target:
     def connect_kwargs(self) -> Dict[str, Any]:
         kwargs: Dict[str, Any] = {"host": self.host, "port": self.port, "user": self.user,
                                   "password": self.password or "", "database": self.database,
-                                  "connect_timeout": CONNECT_TIMEOUT}
+                                  "connect_timeout": CONNECT_TIMEOUT,
+                                  # Bound every read and write too: a frozen server would
+                                  # otherwise hang the greeting read or a query forever.
+                                  "read_timeout": IO_TIMEOUT, "write_timeout": IO_TIMEOUT}
         if self.unix_socket:
             kwargs["unix_socket"] = self.unix_socket
         return kwargs

@@ -23,6 +23,7 @@ _pools: Dict[Hashable, Pool] = {}
 _defaults: Dict[str, Any] = {}
 _lock = threading.Lock()
 _originals: Dict[str, Any] = {}
+_UNSET = object()
 
 
 def configure(**options: Any) -> None:
@@ -45,7 +46,23 @@ def pool_for(**kwargs: Any) -> Pool:
         if pool is None or pool.closed:
             pool = Pool(**{**_defaults, **options}, **connect_kwargs)
             _pools[key] = pool
+            return pool
+    _check_same_options(pool, options)
     return pool
+
+
+def _check_same_options(pool: Pool, options: Dict[str, Any]) -> None:
+    """A later call for the same server and credentials gets the same pool; pool options it
+    names must agree with that pool's, or the caller would silently get other limits."""
+    conflicts = sorted(name for name, value in options.items()
+                       if pool._options.get(name, _defaults.get(name, _UNSET)) != value)
+    if conflicts:
+        given = ", ".join(f"{name}={options[name]!r}" for name in conflicts)
+        held = ", ".join(f"{name}={pool._options.get(name, _defaults.get(name, '(default)'))!r}"
+                         for name in conflicts)
+        raise ValueError(f"connguard.connect(): a pool for these connection arguments already "
+                         f"exists with {held}; this call asks for {given}. Pass the same pool "
+                         "options everywhere (or set them once with connguard.configure()).")
 
 
 def connect(*args: Any, **kwargs: Any) -> PooledConnection:

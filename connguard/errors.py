@@ -1,5 +1,8 @@
 """Turn PyMySQL and socket errors into exceptions that say why they happened and what to do.
 
+Connection errors (refused, ports or descriptors exhausted, server full, lost) and the
+statement errors a retry can cure (interrupted, timed out, lock wait timeout, deadlock).
+
 One table, :data:`TABLE`, maps an error's identity to a connguard exception class, whether
 retrying can help, the remedies and a docs page.  The identity is the MySQL code
 (``exc.args[0]``) and, where it matters, the errno of the ``OSError`` underneath: PyMySQL
@@ -17,6 +20,7 @@ and :func:`is_disconnect` answer the questions the pool and reconnect logic ask.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_codes
 import importlib
 import ipaddress
@@ -38,17 +42,21 @@ __all__ = [
     "CommandsOutOfSync",
     "ConnGuardError",
     "ConnectionLost",
+    "Deadlock",
     "FdLimitReached",
     "HandshakeLost",
     "HostBlocked",
     "LocalPortsExhausted",
+    "LockWaitTimeout",
     "PoolTimeout",
     "ResourceTemporarilyUnavailable",
     "PoolClosed",
+    "QueryInterrupted",
     "Row",
     "ServerShuttingDown",
     "ServerThreadLimit",
     "ServerUnavailable",
+    "StatementTimeout",
     "TooManyConnections",
     "UserConnectionLimit",
     "classify",
@@ -56,6 +64,7 @@ __all__ = [
     "is_transient",
     "preflight_error",
     "redact",
+    "redact_exception",
     "translate",
 ]
 
@@ -66,6 +75,8 @@ ER_CONNECTION_KILLED = 1927  # MariaDB: "Connection was killed"
 ER_CLIENT_INTERACTION_TIMEOUT = 4031  # MySQL >= 8.0.24: disconnected after wait_timeout
 ER_USER_IS_BLOCKED = 4150  # MariaDB: max_password_errors reached
 ER_ACCOUNT_HAS_BEEN_LOCKED = 4151  # MariaDB: ACCOUNT LOCK
+ER_STATEMENT_TIMEOUT = 1969  # MariaDB: max_statement_time exceeded
+ER_QUERY_TIMEOUT = 3024  # MySQL: max_execution_time exceeded (unused by MariaDB)
 
 # MySQL and MariaDB give some numbers to different errors.  For each: a pattern of the
 # server's text, and whether a match means the error we mean (True) or the other vendor's
@@ -232,6 +243,46 @@ class ServerShuttingDown(ConnGuardError, pymysql.err.OperationalError):
 
     transient = True
     docs = "errors/server-shutting-down.md"
+
+
+class QueryInterrupted(ConnGuardError, pymysql.err.OperationalError):
+    """The server stopped a statement: KILL QUERY, a shutdown (1317), an aborted sort (1028).
+
+    Not a disconnect: the connection stays usable.  Transient: the statement can be retried.
+    """
+
+    transient = True
+    docs = "errors/query-interrupted.md"
+
+
+class StatementTimeout(QueryInterrupted):
+    """The statement ran past the server's limit (MariaDB 1969 ``max_statement_time``,
+    MySQL 3024 ``max_execution_time``).  Not a disconnect; transient like
+    :class:`QueryInterrupted`, but the same statement under the same load times out again."""
+
+    docs = "errors/statement-timeout.md"
+
+
+class LockWaitTimeout(ConnGuardError, pymysql.err.OperationalError):
+    """A row lock stayed taken past ``innodb_lock_wait_timeout`` (1205).
+
+    Not a disconnect.  Transient: InnoDB rolled back the statement (not the transaction,
+    unless ``innodb_rollback_on_timeout`` is on); retrying may succeed once the other
+    transaction ends.
+    """
+
+    transient = True
+    docs = "errors/lock-wait-timeout.md"
+
+
+class Deadlock(ConnGuardError, pymysql.err.OperationalError):
+    """InnoDB found a deadlock and rolled this transaction back (1213).
+
+    Not a disconnect.  Transient: retry the whole transaction.
+    """
+
+    transient = True
+    docs = "errors/deadlock.md"
 
 
 class PoolTimeout(ConnGuardError, pymysql.err.OperationalError):
@@ -409,7 +460,9 @@ class Row:
     during-connect flag equals ``during_connect``.  The first matching row wins, so specific
     rows come before general ones.  ``cause`` and ``remedies`` are templates: ``{name}`` is a
     diagnosis fact; ``[a|b]`` renders the first alternative whose facts are all known, or
-    nothing.  ``census`` asks for a count of sockets toward the server at translate time.
+    nothing.  ``census`` asks for a count of sockets toward the server at translate time;
+    ``local`` for this host's descriptor and port limits (off for statement errors, which
+    are not about this host and may come often: a deadlock costs no ``/proc`` reads).
     """
 
     cls: Type[ConnGuardError]
@@ -421,6 +474,7 @@ class Row:
     timed_out: Optional[bool] = None
     during_connect: Optional[bool] = None
     census: bool = False
+    local: bool = True
 
     @property
     def docs(self) -> str:
@@ -738,6 +792,81 @@ TABLE: Tuple[Row, ...] = (
         cause="the server closed the connection[ to {target}][: {server_message}]",
         remedies=_CONNECTION_LOST_REMEDIES,
     ),
+    # Statement errors: the server refused or stopped one statement, the connection is fine
+    # (none of these codes is in DISCONNECT_CODES).
+    Row(
+        StatementTimeout,
+        (ER_STATEMENT_TIMEOUT, ER_QUERY_TIMEOUT),
+        local=False,
+        cause="the statement ran longer than the server allows[ on {target}][ (server thread "
+        "{thread_id})] and was stopped (MariaDB max_statement_time, MySQL "
+        "max_execution_time); the connection is still usable",
+        remedies=(
+            "make the statement faster (EXPLAIN it: an index, a smaller batch) or raise the "
+            "limit for this session: SET SESSION max_statement_time = seconds (MariaDB), "
+            "max_execution_time = milliseconds (MySQL)",
+            "retry only after a change or when the server is less loaded: the same statement "
+            "under the same load runs out of time again",
+        ),
+    ),
+    Row(
+        QueryInterrupted,
+        (ER.QUERY_INTERRUPTED,),
+        local=False,
+        cause="the statement was interrupted[ on {target}][ (server thread {thread_id})]: "
+        "KILL QUERY or a server shutdown stopped it; the connection is still usable",
+        remedies=(
+            "retry it if it is safe to repeat: its changes were undone, an open transaction's "
+            "earlier statements were not (retry the statement, or roll back and retry the "
+            "transaction)",
+            "find who kills queries: an operator, a watchdog such as pt-kill, or a client "
+            "timeout that sends KILL QUERY",
+            "if the server is shutting down, reconnect with backoff once it is back",
+        ),
+    ),
+    Row(
+        QueryInterrupted,
+        (ER.FILSORT_ABORT,),
+        local=False,
+        cause="the server aborted a sort[ on {target}][ (server thread {thread_id})]"
+        "[: {server_message}]; the connection is still usable",
+        remedies=(
+            "retry the statement: a KILL QUERY during a sort ends it this way too",
+            "check free space in the server's tmpdir, sort_buffer_size and the server's "
+            "error log",
+            "an index that serves the ORDER BY or GROUP BY avoids the sort",
+        ),
+    ),
+    Row(
+        LockWaitTimeout,
+        (ER.LOCK_WAIT_TIMEOUT,),
+        local=False,
+        cause="lock wait timeout[ on {target}][ (server thread {thread_id})]: the statement "
+        "waited innodb_lock_wait_timeout for a row lock another transaction holds and was "
+        "rolled back (the transaction stays open unless innodb_rollback_on_timeout is on); "
+        "the connection is still usable",
+        remedies=(
+            "retry: roll the transaction back and run it again (or repeat just the statement)",
+            "find the transaction holding the lock (information_schema.innodb_trx, SHOW ENGINE "
+            "INNODB STATUS): long or forgotten open transactions; keep transactions short",
+            "raise innodb_lock_wait_timeout for the session only if waiting longer is fine",
+        ),
+    ),
+    Row(
+        Deadlock,
+        (ER.LOCK_DEADLOCK,),
+        local=False,
+        cause="deadlock[ on {target}][ (server thread {thread_id})]: InnoDB rolled this "
+        "transaction back so that another one could finish; the connection is still usable",
+        remedies=(
+            "retry the whole transaction from its start: the server already rolled it back, "
+            "and deadlocks are expected under concurrency",
+            "make them rarer: lock rows in the same order in every transaction, keep "
+            "transactions short, index the columns in WHERE so that fewer rows are locked",
+            "SHOW ENGINE INNODB STATUS shows the latest deadlock; innodb_print_all_deadlocks "
+            "logs every one",
+        ),
+    ),
     Row(
         ConnectionLost,
         (0,),  # PyMySQL raises InterfaceError(0, "") when a closed connection is used
@@ -920,21 +1049,66 @@ def _redact_args(args: Tuple[Any, ...], password: Password) -> Tuple[Any, ...]:
     return tuple(redact(a, password) if isinstance(a, str) else a for a in args)
 
 
-def _scrub_original(exc: BaseException, password: Password) -> None:
-    """Mask secrets in the original too: it is chained as ``__cause__`` and printed with us.
+def redact_exception(exc: BaseException, password: Password = None) -> None:
+    """Mask ``password`` (and credential-like text, see :func:`redact`) in ``exc`` and in
+    every exception chained to it, in place.
 
-    (Source lines shown in a traceback are beyond reach.)
+    A traceback prints each exception of the chain (``__cause__``, ``__context__``); PyMySQL
+    also keeps the ``OSError`` of a failed connect as ``original_exception``.  What a
+    traceback shows of each comes from a few fields, and those are redacted one by one:
+    ``args`` (``repr()``, and ``str()`` of most exceptions), an ``OSError``'s ``strerror``,
+    ``filename`` and ``filename2`` (its ``str()``: ``[Errno 2] No such file or directory:
+    '/path'``), ``__notes__``, and the ``traceback`` text PyMySQL stores.  Other attributes
+    and the source lines a traceback quotes are beyond reach.  Never raises.
     """
-    args = getattr(exc, "args", ())
+    pending: List[BaseException] = [exc]
+    seen = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        with contextlib.suppress(Exception):  # an exotic exception class: left as it is
+            _redact_fields(current, password)
+        for linked in (current.__cause__, current.__context__,
+                       getattr(current, "original_exception", None),
+                       getattr(current, "original", None)):
+            if isinstance(linked, BaseException):
+                pending.append(linked)
+
+
+def _redact_fields(exc: BaseException, password: Password) -> None:
+    args = exc.args
     if isinstance(args, tuple):
         clean = _redact_args(args, password)
         if clean != args:
             exc.args = clean
+    if isinstance(exc, OSError):
+        # str(OSError) is built from these, not from args.
+        for name in ("strerror", "filename", "filename2"):
+            value = getattr(exc, name)
+            clean_value = _redact_value(value, password)
+            if clean_value is not value:
+                setattr(exc, name, clean_value)
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        notes[:] = [redact(n, password) if isinstance(n, str) else n for n in notes]
     trace = getattr(exc, "traceback", None)  # PyMySQL keeps format_exc() of connect errors
     if isinstance(trace, str):
         clean_trace = redact(trace, password)
         if clean_trace != trace:
             setattr(exc, "traceback", clean_trace)  # noqa: B010 - not an attribute mypy knows
+
+
+def _redact_value(value: Any, password: Password) -> Any:
+    """A str, bytes or path field redacted (as a str when it had to change); else itself."""
+    raw = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if isinstance(raw, (str, bytes)):
+        text = os.fsdecode(raw)
+        clean = redact(text, password)
+        if clean != text:
+            return clean
+    return value
 
 
 # --- diagnosis ----------------------------------------------------------------------------
@@ -1089,7 +1263,7 @@ def _diagnose(
         "host": host,
         "port": port,
     }
-    if deep:
+    if deep and row.local:
         diagnosis.update(_limits())
         diagnosis["census"] = _census(host, port) if row.census else None
         if ident.errno == errno_codes.EAGAIN and host and host.startswith("/"):
@@ -1409,17 +1583,22 @@ def _translate(
 ) -> BaseException:
     if isinstance(exc, ConnGuardError) or not isinstance(exc, BaseException):
         return exc
+    if password:
+        # Before anything reads a message, and for errors the table does not know too: the
+        # caller raises ours "from exc", or exc itself, and a traceback prints the chain.
+        redact_exception(exc, password)
     ident = _identify(exc, during_connect)
     row = None if ident is None else _match(ident)
     if ident is None or row is None:
         return exc
-    if password:
-        _scrub_original(exc, password)
     server_message = redact(_server_message(exc), password)
     host, port = _endpoint(host, port, server_message)
     diagnosis = _diagnose(ident, row, host, port, diagnose)
     diagnosis.update(_message_facts(ident.code, server_message))
     diagnosis.update(extra or {})
+    if password:  # e.g. a unix socket path that holds it; diagnoses get logged
+        diagnosis = {k: redact(v, password) if isinstance(v, str) else v
+                     for k, v in diagnosis.items()}
     new = _instantiate(row.cls, exc, _redact_args(tuple(exc.args), password))
     new.transient = row.transient
     cause = _render(row.cause, _facts(diagnosis, server_message))
@@ -1450,9 +1629,11 @@ def translate(
     to the diagnosis and the message, e.g. ``{"max_connections": 151,
     "threads_connected": 150}``; also used: ``connect_timeout``, ``read_timeout``,
     ``wait_timeout``, ``max_connect_errors``.  ``password`` is masked wherever it would
-    appear, including the original's ``args``, which are rewritten in place if they
-    contain it.  ``during_connect=True`` says the error happened while connecting, which
-    turns a lost connection (2013, 2006) into :class:`HandshakeLost`.
+    appear: in the result, and in place in ``exc`` and the exceptions chained to it (an
+    ``OSError``'s ``filename`` and ``strerror`` included, see :func:`redact_exception`),
+    also when the table does not know ``exc``.  ``during_connect=True`` says the error
+    happened while connecting, which turns a lost connection (2013, 2006) into
+    :class:`HandshakeLost`.
 
     Time is bounded: the census (sockets toward the server) is taken only for rows that
     use it and only for IP literals or ``localhost``, so no DNS lookup happens here.

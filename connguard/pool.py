@@ -430,7 +430,9 @@ class Pool:
         them. ``max_connections`` and friends: kept for error messages when the server
         later refuses and no idle connection is left to ask.
         """
+        last = conn._result, conn._affected_rows  # affected_rows() must not show our query
         limits = driver.server_limits(conn)
+        conn._result, conn._affected_rows = last
         self._wait_timeout = int(limits.pop("wait_timeout", 0) or 0)
         self._server_limits = limits
         self._lifetime = self._lifetime.for_server(self._wait_timeout)
@@ -491,8 +493,8 @@ class Pool:
         mode = self._reset.mode
         if mode == "none":
             return True
-        driver.forget_last_result(conn)  # no I/O: affected_rows() and insert_id() as new
         if mode == "rollback" and driver.session_clean(conn, entry.autocommit):
+            driver.forget_last_result(conn)  # no I/O: affected_rows(), insert_id() as new
             return True
         try:
             action = driver.restore_session(conn, entry.autocommit, full=mode == "full")

@@ -10,7 +10,7 @@ the pool discards it instead of handing it to the next caller.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, List, NoReturn, Optional
 
 import pymysql
 import wrapt
@@ -34,6 +34,13 @@ class _Returned:
 
 
 _RETURNED = _Returned()
+_NEVER_CONNECTED: List[pymysql.connections.Connection] = []
+
+
+def _never_connected() -> pymysql.connections.Connection:
+    if not _NEVER_CONNECTED:
+        _NEVER_CONNECTED.append(pymysql.connections.Connection(defer_connect=True))
+    return _NEVER_CONNECTED[0]
 
 # wrapt 2's ObjectProxy re-derives special methods on every ``__wrapped__`` assignment (a few
 # µs, on each return to the pool); BaseObjectProxy is the plain C proxy. wrapt 1 has only
@@ -65,6 +72,19 @@ class PooledConnection(_ProxyBase):
         self._self_entry = None
         self.__wrapped__ = _RETURNED
         self._self_pool._release(entry)
+
+    def connect(self, sock: Any = None) -> None:
+        """PyMySQL reopens a closed connection object with ``connect()``; a closed handle
+        does the same with a connection from its pool (``sock`` is not supported)."""
+        if sock is not None:
+            raise pymysql.err.NotSupportedError("connect(sock) on a pooled connection")
+        if self._self_entry is not None:
+            self._self_pool._release(self._self_entry)  # PyMySQL drops the old session too
+            self._self_entry = None
+            self.__wrapped__ = _RETURNED
+        entry = self._self_pool._acquire()
+        self.__wrapped__ = entry.conn
+        self._self_entry = entry
 
     @property
     def open(self) -> bool:
@@ -104,18 +124,27 @@ class PooledConnection(_ProxyBase):
             warnings.warn("The 'reconnect' argument is deprecated. Create a new connection "
                           "if you want to reconnect.", DeprecationWarning, 2)
         entry = self._self_entry
+        if entry is None:
+            if not reconnect:
+                raise pymysql.err.Error("Already closed")
+            self.connect()  # a closed handle: PyMySQL reconnects it, so does the pool
+            return
         try:
             self.__wrapped__.ping(False)
             return
         except (pymysql.err.Error, OSError) as exc:
-            if not reconnect or entry is None:
+            if not reconnect:
                 self._self_fail(exc)
         try:
             self.__wrapped__ = self._self_pool._reconnect(entry)
         except (pymysql.err.Error, OSError) as exc:
             self._self_fail(exc)
 
-    def cursor(self, cursor: Any = None) -> GuardedCursor:
+    def cursor(self, cursor: Any = None) -> Any:
+        if self._self_entry is None:
+            # PyMySQL hands out cursors of a closed connection (they fail on use): the same,
+            # on a connection object that never connected, so nothing reaches the pool's.
+            return _never_connected().cursor(cursor)
         try:
             raw = self.__wrapped__.cursor(cursor)
         except pymysql.err.Error as exc:

@@ -2,9 +2,11 @@
 
 What it does to an engine on the ``mysql+pymysql`` (or ``mariadb+pymysql``) dialect:
 
-* every new DBAPI connection is opened by :meth:`connguard.connector.Connector.open` (OS
-  resource guard, reconnect-storm gate, cached SSL context, translated errors), hooked in
-  through the dialect's ``do_connect`` event;
+* every new DBAPI connection is opened by the dialect's own ``connect`` (so the engine's
+  DBAPI module, ``module=`` or a patched ``pymysql.connect``, does the connecting) inside
+  connguard's connect path: OS resource guard, reconnect-storm gate, translated errors, and
+  the TLS context PyMySQL built for the engine's first connection reused when PyMySQL would
+  only build the same one again; hooked in through the dialect's ``do_connect`` event;
 * on checkout, :func:`connguard.liveness.peer_closed` replaces ``pool_pre_ping``'s round trip: a
   connection whose server end is gone raises ``DisconnectionError`` from the ``checkout`` event,
   which is SQLAlchemy's documented way to have the pool invalidate it and connect again;
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
+import ssl
 import threading
 import time
 import warnings
@@ -34,6 +38,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import pymysql
+from pymysql.constants import CLIENT, CR
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CreateEnginePlugin
@@ -138,9 +143,9 @@ class PluginOptions:
         "pass new connections through connguard's reconnect-storm gate (rate limit, backoff, "
         "breaker), shared per server by every pool and engine of the process")
     invalidate_pool: bool = _option(
-        False, _as_bool,
-        "on a disconnect error, also invalidate every other pooled connection (SQLAlchemy's "
-        "default); off because each checkout already checks its own connection")
+        True, _as_bool,
+        "on a disconnect error, also invalidate every other pooled connection, as SQLAlchemy "
+        "does; false keeps them (each checkout checks its own connection anyway)")
     host_gate: Union[bool, str] = _option(
         False, _as_host_gate,
         "share the connect gate's bucket and handshake slots with the other processes of "
@@ -404,6 +409,56 @@ def _idle_queue(pool: Any) -> Any:
     return queue
 
 
+def _is_pymysql(conn: Any) -> bool:
+    """Whether connguard can watch ``conn``'s socket: a PyMySQL connection, or a proxy that
+    passes for one and shows its ``_sock`` (a do_connect listener may return anything)."""
+    return isinstance(conn, pymysql.connections.Connection) and hasattr(conn, "_sock")
+
+
+def _tls_left_to_pymysql(dialect: Any, cargs: List[Any], cparams: Dict[str, Any]) -> bool:
+    """Whether PyMySQL decides the TLS mode itself: the engine's DBAPI module is PyMySQL and
+    no connect argument speaks of TLS (``ssl``, ``ssl_*``, or an option file, which may)."""
+    return dialect.dbapi is pymysql and not cargs and not any(
+        name.startswith(("ssl", "read_default")) for name in cparams)
+
+
+def _preferred_tls_context(conn: Any) -> Optional[ssl.SSLContext]:
+    """The context PyMySQL built for ``conn`` in its "preferred" TLS mode, if the server
+    offered TLS (so that the connection uses it); None otherwise, and with PyMySQL < 1.2,
+    which has no such mode."""
+    if not isinstance(conn, pymysql.connections.Connection):
+        return None
+    context = getattr(conn, "ctx", None)
+    offered = (getattr(conn, "server_capabilities", 0) or 0) & CLIENT.SSL
+    return context if offered and isinstance(context, ssl.SSLContext) else None
+
+
+_PYMYSQL_CONNECT = pymysql.connections.Connection.connect.__code__
+
+
+def _close_stranded_socket(exc: BaseException) -> None:
+    """Close the unix socket PyMySQL's ``Connection.connect`` left behind when connecting it
+    failed.
+
+    PyMySQL creates that socket before ``connect()`` and closes only ``self._sock``, which
+    is not set yet: each failed attempt (a missing socket file, a full backlog) keeps a
+    descriptor until a garbage-collector pass, then warns (ResourceWarning). connguard's own
+    connections avoid it (``driver.GuardedConnection.connect``); connects made through the
+    dialect run PyMySQL's, so the socket is found in that call's frame, which the error's
+    traceback keeps, and closed here. Does nothing when PyMySQL has no such frame or local.
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code is _PYMYSQL_CONNECT:
+            sock = frame.f_locals.get("sock")
+            owner = frame.f_locals.get("self")
+            if isinstance(sock, socket.socket) and sock is not getattr(owner, "_sock", None):
+                sock.close()
+            return
+        tb = tb.tb_next
+
+
 def _probe(record: Any) -> Probe:
     """The record's cached poll object: only the thread that checks a record out uses it
     (Probe is not thread-safe; the reaper uses the stateless peer_closed). ``record.info``
@@ -436,6 +491,10 @@ class EngineGuard:
         self._counts: Counter = Counter()
         self._connector: Optional[Connector] = None
         self._resource_guard: Optional[ResourceGuard] = None
+        # Per destination: the TLS context PyMySQL built for a connection in its "preferred"
+        # mode, once the server was seen to offer TLS (see _connect_reusing_tls).
+        self._tls_contexts: Dict[Tuple[str, int], ssl.SSLContext] = {}
+        self._foreign_warned = False
         self.wait_timeout: Optional[int] = None
         self.idle_timeout: Optional[float] = options.idle_timeout or None
 
@@ -503,25 +562,68 @@ class EngineGuard:
 
     def _do_connect(self, dialect: Any, record: Any, cargs: List[Any],
                     cparams: Dict[str, Any]) -> Any:
-        """Open a new DBAPI connection through connguard's connect path.
+        """Open a new DBAPI connection through connguard's connect path (:meth:`_open`).
 
         Listeners registered after ours (users typically add theirs after create_engine,
         e.g. to put a fresh token in ``cparams["password"]``) run first, since returning a
         connection ends SQLAlchemy's loop over the listeners; one that returns a connection
-        of its own wins.
+        of its own wins, and that connection is used as it is.
         """
         for fn in self._later_listeners(dialect):
             conn = fn(dialect, record, cargs, cparams)
             if conn is not None:
                 return conn
-        if cargs:  # positional connect arguments: not something Connector takes
-            return dialect.connect(*cargs, **cparams)
         try:
-            conn = self._connector_for(cparams).open(self._connect_deadline())
+            conn = self._open(dialect, cargs, cparams)
         except BaseException:
             self._count("connect_errors")
             raise
         self._count("connects")
+        return conn
+
+    def _open(self, dialect: Any, cargs: List[Any], cparams: Dict[str, Any]) -> Any:
+        """``dialect.connect(*cargs, **cparams)``, which calls the engine's DBAPI module, inside
+        connguard's connect path: the resource guard refuses before the OS is asked for a port
+        or a descriptor, the storm gate paces the attempt, and a failure leaves translated
+        with the password masked in its whole chain."""
+        def connect() -> Any:
+            try:
+                return self._connect_reusing_tls(dialect, cargs, cparams)
+            except pymysql.err.Error as exc:
+                _close_stranded_socket(exc)
+                raise
+
+        return self._connector_for(cparams).open(self._connect_deadline(), connect=connect)
+
+    def _connect_reusing_tls(self, dialect: Any, cargs: List[Any],
+                             cparams: Dict[str, Any]) -> Any:
+        """The dialect's connect, given the TLS context of an earlier connection when PyMySQL
+        would only build the same one again.
+
+        With no TLS option, PyMySQL (>= 1.2) uses TLS when the server offers it ("preferred")
+        and builds a new default context for every connection, loading the system CA store
+        each time. Passing a context as ``ssl`` would make TLS *required*, which a server
+        without TLS refuses, so a context is passed only once a connection showed that the
+        server offers TLS, and it is the context PyMySQL built for that connection: same
+        settings, same outcome. A server restarted without TLS answers 2026; the connect
+        is then made again without the context (in clear, as "preferred" does) and the
+        context is forgotten until the server offers TLS again.
+        """
+        if not _tls_left_to_pymysql(dialect, cargs, cparams):
+            return dialect.connect(*cargs, **cparams)
+        key = driver.destination(cparams)
+        context = self._tls_contexts.get(key)
+        if context is not None:
+            try:
+                return dialect.connect(*cargs, **{**cparams, "ssl": context})
+            except pymysql.err.OperationalError as exc:
+                if not exc.args or exc.args[0] != CR.CR_SSL_CONNECTION_ERROR:
+                    raise
+            self._tls_contexts.pop(key, None)
+        conn = dialect.connect(*cargs, **cparams)
+        learnt = _preferred_tls_context(conn)
+        if learnt is not None:
+            self._tls_contexts.setdefault(key, learnt)
         return conn
 
     def _connect_deadline(self) -> float:
@@ -538,7 +640,9 @@ class EngineGuard:
         return time.monotonic() + (_DEFAULT_CONNECT_WAIT if timeout is None else timeout)
 
     def _connector_for(self, cparams: Dict[str, Any]) -> Connector:
-        """One Connector per engine, kept while the connect arguments stay the same.
+        """One Connector per engine, kept while the connect arguments stay the same: the
+        resource guard, the storm gate and the translation for :meth:`_open` (which connects
+        through the dialect, not with ``Connector.open``).
 
         A do_connect listener that rotates a token changes them; the Connector is then
         replaced (the resource guard, per destination, is kept).
@@ -588,8 +692,25 @@ class EngineGuard:
         return storm.gate_for(host, port, policy, host_gate, shared=shared)
 
     def _on_connect(self, dbapi_conn: Any, record: Any) -> None:
+        if not _is_pymysql(dbapi_conn):
+            if self.support == FULL:
+                self._warn_foreign(dbapi_conn)
+            return  # not a connection to ask anything of (a listener's own, a test double)
         if self.wait_timeout is None:
             self._learn_wait_timeout(dbapi_conn)
+
+    def _warn_foreign(self, dbapi_conn: Any) -> None:
+        """Once per engine: a do_connect listener returned a connection connguard cannot
+        watch (not PyMySQL's, or a proxy that hides its socket)."""
+        with self._lock:
+            if self._foreign_warned:
+                return
+            self._foreign_warned = True
+        kind = type(dbapi_conn)
+        log.warning("connguard: a do_connect listener returned a %s.%s, not a PyMySQL "
+                    "connection; such connections are used as they are, without the "
+                    "peer-closed check on checkout and without reaping when their server end "
+                    "closes (said once per engine)", kind.__module__, kind.__qualname__)
 
     def _learn_wait_timeout(self, dbapi_conn: Any) -> None:
         """Read the server's wait_timeout once and derive the idle limit from it.
@@ -633,6 +754,8 @@ class EngineGuard:
         """Refuse a connection whose server end is gone; SQLAlchemy then invalidates it and
         connects again (at most once more per checkout), and the caller never sees it."""
         self._count("checkouts")
+        if not _is_pymysql(dbapi_conn):
+            return  # a do_connect listener's own connection: nothing to check (warned once)
         sock = driver.raw_socket(dbapi_conn)
         if sock is not None and not _probe(record).dead(sock):
             return
@@ -654,9 +777,9 @@ class EngineGuard:
         original = ctx.original_exception
         if not isinstance(original, (pymysql.err.Error, OSError)):
             return None  # KeyboardInterrupt and friends: SQLAlchemy's own rules apply
-        disconnect = errors.is_disconnect(original)
-        if disconnect != ctx.is_disconnect:
-            ctx.is_disconnect = disconnect
+        if ctx.is_disconnect and _trigger_4031(original):
+            ctx.is_disconnect = False  # the one verdict of SQLAlchemy's that is wrong (MariaDB)
+        disconnect = ctx.is_disconnect  # otherwise SQLAlchemy's (and its listeners') verdict
         if disconnect:
             self._count("disconnects")
             if not self.options.invalidate_pool:
@@ -702,9 +825,10 @@ class EngineGuard:
     def _retire_reason(self, record: Any, conn: Any, now: float) -> Optional[str]:
         if conn is None:
             return None  # already invalidated: connects again on checkout
-        sock = driver.raw_socket(conn)
-        if sock is None or peer_closed(sock):
-            return "reaped"
+        if _is_pymysql(conn):  # another kind (a do_connect listener's) has no socket to check
+            sock = driver.raw_socket(conn)
+            if sock is None or peer_closed(sock):
+                return "reaped"
         if self._idle_too_long(record, now):
             return "idle_evicted"
         return None
@@ -747,8 +871,8 @@ class EngineGuard:
             return
         queue = _idle_queue(engine.pool)
         for rec in list(queue.queue) if queue is not None else []:
-            if rec.dbapi_connection is not None:
-                driver.drop(rec.dbapi_connection)
+            if rec.dbapi_connection is not None and _is_pymysql(rec.dbapi_connection):
+                driver.drop_inherited(rec.dbapi_connection)
         if isinstance(engine.pool, GuardedQueuePool):
             engine.pool.connguard_after_fork()  # the parent's leases stay the parent's
         engine.dispose(close=False)
@@ -790,6 +914,13 @@ class EngineGuard:
 
 _COUNTERS = ("checkouts", "peer_closed", "reaped", "idle_evicted", "connects",
              "connect_errors", "invalidated", "disconnects", "translated")
+
+
+def _trigger_4031(exc: BaseException) -> bool:
+    """MariaDB's 4031 ("referenced trigger ... does not exist"), which SQLAlchemy's MySQL
+    dialect takes for MySQL 8's 4031 inactivity disconnect and drops the connection for."""
+    args: Tuple[Any, ...] = tuple(getattr(exc, "args", ()))
+    return bool(args) and args[0] == 4031 and not errors.is_disconnect(exc)
 
 
 def _rewrapped(ctx: Any, translated: BaseException) -> Any:

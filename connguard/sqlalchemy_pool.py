@@ -158,9 +158,8 @@ class GuardedQueuePool(QueuePool):
         timeout = self._timeout
         deadline = float("inf") if timeout is None else self._clock() + timeout
         while True:
-            try:
-                record = self._pool.get(False)  # an idle record: no lock of ours needed
-            except sqla_queue.Empty:
+            record = self._idle_record()  # no lock of ours needed
+            if record is None:
                 record = self._take_or_reserve(deadline)
                 if record is None:  # a connect slot was reserved for us
                     record = self._open_reserved(deadline)
@@ -170,6 +169,15 @@ class GuardedQueuePool(QueuePool):
             if record.dbapi_connection is not None:
                 return record
             self._drop_empty(record)
+
+    def _idle_record(self) -> Any:
+        """An idle record, or None. Nothing else happens inside ``except Empty``: an error
+        raised there (a failed connect, the checkout timeout) would carry the queue's
+        ``Empty`` as its ``__context__``, and every traceback would show it."""
+        try:
+            return self._pool.get(False)
+        except sqla_queue.Empty:
+            return None
 
     def _take_or_reserve(self, deadline: float) -> Any:
         """An idle record, or None with a connect slot reserved (overflow counted); waits
@@ -187,10 +195,9 @@ class GuardedQueuePool(QueuePool):
     def _take_or_reserve_locked(self, deadline: float) -> Any:
         counted = False
         while True:
-            try:
-                return self._pool.get(False)
-            except sqla_queue.Empty:
-                pass
+            record = self._idle_record()
+            if record is not None:
+                return record
             now = self._clock()
             if self._may_open(now):
                 reserved = self._inc_overflow()

@@ -4,9 +4,11 @@ After a restart or a mass KILL every thread of every worker reconnects at once; 
 ``max_connections`` answers each try with 1040 and the client retries in a tight loop. The
 gate sits in front of every new connection a pool opens and keeps that loop bounded:
 
-* a **token bucket** caps the connect rate toward one destination (``rate``/s, ``burst``);
-* after a transient failure the next attempt waits a **backoff with jitter** (tenacity's
-  exponential wait plus random jitter);
+* while attempts fail (and only then: a server that answers is never taxed) a **token
+  bucket** caps the connect rate toward one destination (``rate``/s, ``burst``); the first
+  success lifts it;
+* from the second transient failure in a row the next attempt waits a **backoff with
+  jitter** (tenacity's exponential wait plus random jitter);
 * after ``breaker_threshold`` outage failures in a row the **breaker** opens: callers fail fast
   with :class:`~connguard.errors.CircuitOpen` without touching the network, until one probe
   (half-open) gets through and closes it again;
@@ -20,15 +22,29 @@ Clock and sleep are injectable so the policies are tested with a fake clock.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Hashable, Iterable, Optional, Protocol, Tuple
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Hashable,
+    Iterable,
+    List,
+    Optional,
+    Protocol,
+    Tuple,
+)
 
 import tenacity
 
 from connguard import errors
+
+log = logging.getLogger("connguard.storm")
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
@@ -284,7 +300,11 @@ class ConnectGate:
                 if not allowed:
                     self.fast_failures += 1
                     raise self._circuit_open(now)
-                wait = max(self._not_before - now, 0.0) or self._bucket.take(now)
+                # A server that answers is never taxed: the bucket paces attempts only while
+                # they fail (an outage, a full server), and relaxes at the first success.
+                storming = self._breaker.failures > 0
+                wait = max(self._not_before - now, 0.0) or (
+                    self._bucket.take(now) if storming else 0.0)
             if wait <= 0:
                 self._admit_shared(deadline)
                 with self._lock:
@@ -308,10 +328,9 @@ class ConnectGate:
                     raise self._shared_open(refusal)
                 admitted.append(backend)
         except BaseException:
-            for backend in admitted:
-                backend.finished("abandoned")
             with self._lock:  # this attempt never started: only the probe goes back
                 self._breaker.probing = False
+            self._finish_shared("abandoned", backends=admitted)
             raise
 
     def _shared_open(self, refusal: Any) -> errors.CircuitOpen:
@@ -325,9 +344,16 @@ class ConnectGate:
             self.shared_refusals += 1
             return self._circuit_open(now)
 
-    def _finish_shared(self, outcome: str, error: Optional[BaseException] = None) -> None:
-        for backend in self._shared:
-            backend.finished(outcome, error)
+    def _finish_shared(self, outcome: str, error: Optional[BaseException] = None,
+                       backends: Optional[List[SharedGate]] = None) -> None:
+        """Tell the shared halves how the attempt ended. A backend that fails to hear it is
+        logged, never raised: the local breaker's state is already settled by then."""
+        for backend in self._shared if backends is None else backends:
+            try:
+                backend.finished(outcome, error)
+            except Exception:  # noqa: BLE001 - a shared gate must not break connects
+                log.warning("shared gate %r could not record %s", backend, outcome,
+                            exc_info=True)
 
     def succeeded(self) -> None:
         with self._lock:
@@ -345,21 +371,24 @@ class ConnectGate:
         """Record a failed attempt (``error`` translated). Permanent errors do not count."""
         code = error.args[0] if error.args else None
         if errors.is_transient(error) is False:
-            self._finish_shared("permanent", error)
             with self._lock:
                 self._breaker.probing = False
+            self._finish_shared("permanent", error)
             return
-        self._finish_shared("capacity" if code in CAPACITY_CODES else "outage", error)
         with self._lock:
             self.failures += 1
             now = self._clock()
-            wait = self.policy.backoff(self._breaker.failures + 1)
-            self._not_before = now + wait
+            failures = self._breaker.failures + 1
+            wait = self.policy.backoff(failures)
+            # One failure alone (a dropped SYN, a restart's first refusal) is retried at once,
+            # paced by the bucket; backoff starts with the second in a row.
+            self._not_before = now + wait if failures >= 2 else 0.0
             if code in CAPACITY_CODES:
                 self._breaker.probing = False  # the server is up, only full: no breaker
                 self._breaker.failures += 1
             else:
                 self._breaker.failed(now, wait, error)
+        self._finish_shared("capacity" if code in CAPACITY_CODES else "outage", error)
 
     # -- introspection ---------------------------------------------------------------------
     @property

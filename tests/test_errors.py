@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 from pathlib import Path
 from typing import Any, Iterator, List, Tuple, Type
 
@@ -33,22 +34,27 @@ from connguard.errors import (
     CommandsOutOfSync,
     ConnectionLost,
     ConnGuardError,
+    Deadlock,
     FdLimitReached,
     HandshakeLost,
     HostBlocked,
     LocalPortsExhausted,
+    LockWaitTimeout,
     PoolClosed,
     PoolTimeout,
+    QueryInterrupted,
     ResourceTemporarilyUnavailable,
     ServerShuttingDown,
     ServerThreadLimit,
     ServerUnavailable,
+    StatementTimeout,
     TooManyConnections,
     UserConnectionLimit,
     classify,
     is_disconnect,
     is_transient,
     redact,
+    redact_exception,
     translate,
 )
 
@@ -211,7 +217,38 @@ CASES: List[Tuple[str, BaseException, Type[ConnGuardError], bool]] = [
     ("raw/104", oserror(errno.ECONNRESET), ConnectionLost, True),
     ("raw/32", oserror(errno.EPIPE), ConnectionLost, True),
     ("raw/timeout", socket.timeout("timed out"), ServerUnavailable, True),
+    # Statement errors: the connection stays usable.
+    ("1317", server_error(1317, "Query execution was interrupted"), QueryInterrupted, True),
+    ("1028", server_error(1028, "Sort aborted"), QueryInterrupted, True),
+    (
+        "1969",
+        server_error(1969, "Query execution was interrupted (max_statement_time exceeded)"),
+        StatementTimeout,
+        True,
+    ),
+    (
+        "3024",
+        server_error(3024, "Query execution was interrupted, maximum statement execution "
+                           "time exceeded"),
+        StatementTimeout,
+        True,
+    ),
+    (
+        "1205",
+        server_error(1205, "Lock wait timeout exceeded; try restarting transaction"),
+        LockWaitTimeout,
+        True,
+    ),
+    (
+        "1213",
+        server_error(1213, "Deadlock found when trying to get lock; try restarting transaction"),
+        Deadlock,
+        True,
+    ),
 ]
+
+STATEMENT_CASES = [c for c in CASES if c[2] in (QueryInterrupted, StatementTimeout,
+                                                 LockWaitTimeout, Deadlock)]
 
 
 @pytest.mark.parametrize(
@@ -232,6 +269,25 @@ def test_translate_picks_class_and_keeps_the_original(
     assert new.docs == cls.docs
     assert new.remedies and all(r.strip() for r in new.remedies)
     assert classify(exc) is classify(new) is not None
+
+
+@pytest.mark.parametrize(
+    "exc", [c[1] for c in STATEMENT_CASES], ids=[c[0] for c in STATEMENT_CASES]
+)
+def test_statement_errors_are_not_disconnects(exc: BaseException) -> None:
+    new = translate(exc, host="127.0.0.1", port=3306, extra={"thread_id": 42})
+    assert not is_disconnect(exc) and not is_disconnect(new)
+    assert not isinstance(new, ConnectionLost)
+    assert "the connection is still usable" in new.cause
+    assert "127.0.0.1:3306" in new.cause and "server thread 42" in new.cause
+    # Not about this host: no descriptor or port reads for them.
+    assert "fd_soft" not in new.diagnosis and "census" not in new.diagnosis
+
+
+def test_statement_timeout_is_an_interruption() -> None:
+    new = translate(server_error(1969, "Query execution was interrupted "
+                                       "(max_statement_time exceeded)"))
+    assert isinstance(new, QueryInterrupted) and new.docs == "errors/statement-timeout.md"
 
 
 def test_handshake_lost_needs_the_connect_phase() -> None:
@@ -599,6 +655,80 @@ def test_password_as_bytes() -> None:
     exc = server_error(1045, f"denied {PASSWORD}")
     new = translate(exc, password=PASSWORD.encode())
     assert PASSWORD not in str(new) and PASSWORD not in repr(new)
+
+
+def _printed(exc: BaseException) -> str:
+    """What a traceback of ``exc`` shows: every exception of its chain, str and repr."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _raised_from(new: BaseException, exc: BaseException) -> BaseException:
+    """``new`` raised the way callers do (``raise translate(e) from e``), caught."""
+    try:
+        raise new from exc
+    except BaseException as caught:  # noqa: BLE001 - handed to the test
+        return caught
+
+
+def _file_error(path: str) -> OSError:
+    """The OSError Python raises for a missing file: its ``filename`` is the path."""
+    try:
+        open(path)  # noqa: SIM115 - only the error is wanted
+    except OSError as exc:
+        return exc
+    raise AssertionError(f"{path} exists")
+
+
+def test_password_in_a_chained_oserrors_filename_never_shows() -> None:
+    # A password given where a path goes: the OSError's str() shows the path, and PyMySQL
+    # keeps the OSError as original_exception and (raising in its except) as __context__.
+    os_error = _file_error(f"/nonexistent/{PASSWORD}/mysqld.sock")
+    assert PASSWORD in str(os_error)
+    try:
+        try:
+            raise os_error
+        except OSError as e:
+            raise connect_error(e, host="localhost")  # noqa: B904 - as PyMySQL raises it
+    except OperationalError as caught:
+        exc = caught
+    assert exc.__context__ is os_error
+    new = translate(exc, host=f"/nonexistent/{PASSWORD}/mysqld.sock", password=PASSWORD)
+    assert isinstance(new, ServerUnavailable)
+    text = _printed(_raised_from(new, exc))
+    assert PASSWORD not in text
+    assert "No such file or directory: '/nonexistent/***/mysqld.sock'" in text  # kept, masked
+    assert PASSWORD not in str(new.diagnosis)
+    assert os_error.errno == errno.ENOENT and exc.args[0] == 2003  # identity is kept
+
+
+def test_password_in_an_oserrors_strerror_never_shows() -> None:
+    gai = socket.gaierror(socket.EAI_NONAME, f"Name or service not known: {PASSWORD}")
+    exc = connect_error(gai, host="db")
+    new = translate(exc, password=PASSWORD)
+    assert isinstance(new, ServerUnavailable) and not new.transient
+    assert PASSWORD not in _printed(_raised_from(new, exc))
+
+
+def test_password_in_an_unknown_error_never_shows() -> None:
+    # The table does not know it (a missing ssl file): it comes back as it is, masked.
+    exc = _file_error(f"/nonexistent/{PASSWORD}.pem")
+    assert translate(exc, password=PASSWORD) is exc
+    assert PASSWORD not in _printed(exc) and exc.errno == errno.ENOENT
+
+
+def test_redact_exception_walks_the_whole_chain() -> None:
+    inner = _file_error(f"/x/{PASSWORD}")
+    middle = RuntimeError(f"while opening {PASSWORD}")
+    middle.__cause__ = inner
+    outer = ValueError("connect(password='hunter2')")
+    outer.__context__ = middle
+    outer.__notes__ = [f"note {PASSWORD}"]  # add_note() (3.11+) appends here
+    inner.__context__ = outer  # a cycle: still ends
+    redact_exception(outer, PASSWORD)
+    text = _printed(outer)
+    assert PASSWORD not in text and "hunter2" not in text
+    assert "connect(password=***)" in text and outer.__notes__ == ["note ***"]
+    redact_exception(outer)  # no password: credential-like text only; never raises
 
 
 def test_redact() -> None:

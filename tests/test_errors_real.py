@@ -15,24 +15,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
-import ipaddress
 import json
-import os
-import random
 import resource
-import shutil
 import socket
-import subprocess
 import sys
 import threading
 import warnings
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import pymysql
 import pytest
 
 import connguard
 from connguard import errors
+from tests import peers
 from tests.mariadb import (
     APP_DATABASE,
     APP_PASSWORD,
@@ -43,11 +39,11 @@ from tests.mariadb import (
     socket_states,
     wait_until,
 )
-from tests.netns import REPO_ROOT, run_in_netns
+from tests.netns import run_in_netns
+from tests.peers import Veth
 
 OperationalError = pymysql.err.OperationalError
 DEADLINE = 30.0  # seconds, for conditions on a loaded 2-core machine
-RESULT = "@@ERRORS-REAL-RESULT@@"
 
 
 # --- reports and checks ---------------------------------------------------------------------
@@ -172,27 +168,9 @@ def translated(exc: BaseException, server: MariaDB) -> BaseException:
 
 # --- child processes --------------------------------------------------------------------------
 
-_CHILD = (
-    "import json, sys\n"
-    "import tests.test_errors_real as m\n"
-    "result = getattr(m, sys.argv[1])(**json.loads(sys.argv[2]))\n"
-    "print(m.RESULT + json.dumps(result), flush=True)\n"
-)
-
-
 def run_child(function: str, prefix: Sequence[str] = (), **kwargs: Any) -> Any:
-    """Run ``function(**kwargs)`` of this module in a child; warnings are errors there too
-    (after this interpreter's own ``-W`` options)."""
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    options = ["-W", "error", *(f"-W{option}" for option in sys.warnoptions)]
-    proc = subprocess.run([*prefix, sys.executable, *options, "-c", _CHILD, function,
-                           json.dumps(kwargs)], capture_output=True, text=True, timeout=120,
-                          cwd=REPO_ROOT, env=env)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT):
-            return json.loads(line[len(RESULT):])
-    raise AssertionError(f"child {function} failed (exit {proc.returncode}):\n"
-                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    """Run ``function(**kwargs)`` of this module in a child process (see tests.peers)."""
+    return peers.run_child(__name__, function, prefix, **kwargs)
 
 
 # --- 1040 too many connections ----------------------------------------------------------------
@@ -283,64 +261,6 @@ def test_1203_user_connection_limit(mariadb_factory: Any) -> None:
 
 
 # --- 1129 host blocked, from a client behind a veth pair ---------------------------------------
-
-
-class Veth(NamedTuple):
-    namespace: str
-    server_ip: str  # this side (the server binds it)
-    client_ip: str  # inside the namespace
-
-
-def _free_link_local_30() -> ipaddress.IPv4Network:
-    """A /30 of 169.254.0.0/16 that no interface of this host uses."""
-    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True,
-                         check=True).stdout
-    used = [ipaddress.ip_interface(word).network for word in out.split() if "/" in word
-            and word[0].isdigit()]
-    for _ in range(100):
-        third, fourth = random.randint(1, 254), 4 * random.randint(0, 63)
-        net = ipaddress.ip_network(f"169.254.{third}.{fourth}/30")
-        if not any(net.overlaps(other) for other in used):
-            return net
-    raise AssertionError("no free /30 in 169.254.0.0/16")
-
-
-@pytest.fixture
-def veth() -> Iterator[Veth]:
-    """A network namespace reached from here through a veth pair; removed afterwards.
-
-    MariaDB keeps no host cache (so never blocks) for 127.0.0.1: the client must come from
-    another address, here the namespace's end of the pair.
-    """
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.fail("1129 needs root and iproute2 (ip netns, veth)")
-    tag = f"{os.getpid() % 100_000:05d}{random.randrange(16 ** 3):03x}"
-    namespace, here, there = f"connguard-{tag}", f"cg{tag}h", f"cg{tag}n"
-    net = _free_link_local_30()
-    server_ip, client_ip = (str(host) for host in net.hosts())
-    steps = [
-        ["ip", "netns", "add", namespace],
-        ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
-        ["ip", "link", "set", there, "netns", namespace],
-        ["ip", "addr", "add", f"{server_ip}/30", "dev", here],
-        ["ip", "link", "set", here, "up"],
-        ["ip", "netns", "exec", namespace, "ip", "addr", "add", f"{client_ip}/30", "dev", there],
-        ["ip", "netns", "exec", namespace, "ip", "link", "set", there, "up"],
-        ["ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up"],
-    ]
-    try:
-        for step in steps:
-            subprocess.run(step, check=True, capture_output=True, text=True, timeout=30)
-        yield Veth(namespace, server_ip, client_ip)
-    finally:
-        # Deleting the namespace deletes its end of the pair, and with it this end.
-        subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", here], capture_output=True, timeout=30)
-        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
-                               timeout=30).stdout
-        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                               timeout=30).stdout
-        assert here not in links and namespace not in netns, "veth/netns left behind"
 
 
 def child_host_blocked(host: str, port: int, socket_path: str, aborts: int) -> Dict[str, Any]:

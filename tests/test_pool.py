@@ -216,8 +216,8 @@ def test_repr_tells_state_not_password(mariadb: MariaDB, pool: connguard.Pool) -
 def test_closed_handle_cannot_be_used(pool: connguard.Pool) -> None:
     conn = pool.connect()
     conn.close()
-    with pytest.raises(pymysql.err.Error):
-        conn.cursor()
+    with pytest.raises(pymysql.err.InterfaceError):
+        conn.cursor().execute("SELECT 1")  # PyMySQL hands out the cursor, which then fails
     with pytest.raises(pymysql.err.Error):
         conn.close()
 

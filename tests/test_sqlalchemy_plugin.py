@@ -8,10 +8,14 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import queue
 import statistics
+import subprocess
 import threading
 import time
 import traceback
+import types
+import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -21,15 +25,25 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Session, declarative_base
 from sqlalchemy.pool import NullPool, QueuePool
+from sqlalchemy.util import queue as sqla_queue
 
 import connguard
 from connguard import sqlalchemy_plugin
+from connguard.errors import QueryInterrupted
 from connguard.sqlalchemy_plugin import OPTION_NAMES, ConnGuardPluginWarning, stats
 from connguard.sqlalchemy_pool import GuardedQueuePool, capacity_code
 from connguard.storm import StormPolicy
 from tests.forking import in_forked_child
 from tests.load import Load, ThreadsConnected, run_for
-from tests.mariadb import APP_PASSWORD, MariaDB, socket_states, wait_until
+from tests.mariadb import (
+    APP_PASSWORD,
+    APP_USER,
+    MariaDB,
+    fd_count,
+    free_port,
+    socket_states,
+    wait_until,
+)
 from tests.redis_server import RedisServer, fresh_redis_fixture, redis_server_fixture  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings(
@@ -210,19 +224,21 @@ def test_without_the_reaper_pool_recycle_is_derived_instead(mariadb_factory: Any
 # --- errors -------------------------------------------------------------------------------
 
 
-def _kill_when_running(server: MariaDB, thread_id: int, failures: List[BaseException]) -> None:
+def _kill_when_running(server: MariaDB, thread_id: int, failures: List[BaseException],
+                       what: str = "CONNECTION") -> None:
+    """KILL (CONNECTION or QUERY) ``thread_id`` once its SELECT SLEEP is running."""
     try:
         wait_until(lambda: server.query(
             "SELECT 1 FROM information_schema.processlist WHERE id = %s AND info LIKE %s",
             (thread_id, "SELECT SLEEP%")), 30, message="the query to start")
-        server.kill(thread_id)
+        server.query(f"KILL {what} {int(thread_id)}")
     except BaseException as exc:  # noqa: BLE001 - reported by the test
         failures.append(exc)
 
 
 def test_kill_mid_query_gives_translated_orig_and_keeps_the_rest_of_the_pool(
         mariadb: MariaDB, make_engine: EngineFactory) -> None:
-    engine = make_engine(pool_size=3)
+    engine = make_engine(pool_size=3, connguard_invalidate_pool=False)
     pooled = _fill_idle(engine, 3)
     killer_failures: List[BaseException] = []
     with engine.connect() as conn:
@@ -239,7 +255,7 @@ def test_kill_mid_query_gives_translated_orig_and_keeps_the_rest_of_the_pool(
     assert isinstance(error.orig, pymysql.err.OperationalError)
     assert error.connection_invalidated
     assert APP_PASSWORD not in str(error)
-    # Only the killed connection was dropped (connguard_invalidate_pool is off): the two
+    # Only the killed connection was dropped (connguard_invalidate_pool=False): the two
     # others are still the same server sessions (SQLAlchemy alone would replace them too).
     assert set(_fill_idle(engine, 2)) == set(pooled) - {victim}
     counts = stats(engine)
@@ -394,6 +410,281 @@ def test_users_listeners_still_fire(mariadb: MariaDB, make_engine: EngineFactory
     assert _core_query(engine) not in killed
     assert {"do_connect", "connect", "checkout", "checkin", "invalidate"} <= set(seen)
     assert stats(engine)["connects"] == 3  # two at first, one after the kill
+
+
+# --- the connect path: through the dialect ------------------------------------------------
+
+
+class ConnectCalls:
+    """A stand-in for ``pymysql.connect`` that counts the application user's calls and keeps
+    their ``ssl`` argument (None when not given), as instrumentation wrapping
+    ``pymysql.connect`` would. (The harness's root connections, which also call
+    ``pymysql.connect``, are not counted.)"""
+
+    def __init__(self) -> None:
+        self.ssl: List[Any] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("user") == APP_USER:
+            with self._lock:
+                self.ssl.append(kwargs.get("ssl"))
+        return pymysql.connections.Connection(*args, **kwargs)
+
+    @property
+    def count(self) -> int:
+        return len(self.ssl)
+
+
+def _counting_module(calls: ConnectCalls) -> types.ModuleType:
+    """A DBAPI module for ``create_engine(module=...)``: PyMySQL, with ``connect`` counted."""
+    module = types.ModuleType("counting_pymysql")
+    module.__dict__.update({k: v for k, v in vars(pymysql).items() if not k.startswith("__")})
+    module.connect = calls  # type: ignore[attr-defined]
+    return module
+
+
+def test_connects_go_through_the_engines_dbapi_module(mariadb: MariaDB,
+                                                      make_engine: EngineFactory) -> None:
+    calls = ConnectCalls()
+    # A rate of its own: a gate of its own, whose counters are this engine's alone.
+    engine = make_engine(module=_counting_module(calls), connguard_max_connect_rate=997)
+    _fill_idle(engine, 3)
+    counts = stats(engine)
+    assert calls.count == counts["connects"] == 3
+    assert counts["connect_attempts"] == 3  # each one went through the storm gate
+    # The resource guard refuses before the module is asked for a connection.
+    refused = make_engine(module=_counting_module(refused_calls := ConnectCalls()),
+                          connguard_fd_reserve=10**9)
+    with pytest.raises(sa.exc.OperationalError) as info:
+        _core_query(refused)
+    assert isinstance(info.value.orig, connguard.FdLimitReached)
+    assert refused_calls.count == 0
+
+
+def test_a_patched_pymysql_connect_is_honoured(mariadb: MariaDB, make_engine: EngineFactory,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = ConnectCalls()
+    monkeypatch.setattr(pymysql, "connect", calls)
+    engine = make_engine()
+    killed = _fill_idle(engine, 2)
+    _kill_all(mariadb, killed, wait_close_wait=True)
+    assert _core_query(engine) not in killed  # the replacement is connected the same way
+    assert calls.count == stats(engine)["connects"] == 3
+    # The server offers no TLS: PyMySQL decides (its "preferred" mode), no context is given.
+    assert calls.ssl == [None, None, None]
+
+
+def test_a_do_connect_listener_is_called_and_its_connection_used(
+        mariadb: MariaDB, make_engine: EngineFactory) -> None:
+    engine = make_engine(connguard_reaper=False)
+    made: List[Any] = []
+
+    @event.listens_for(engine, "do_connect")
+    def connect_myself(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+        made.append(pymysql.connect(**cparams))
+        return made[-1]
+
+    raw = engine.raw_connection()
+    try:
+        assert raw.dbapi_connection is made[0]
+    finally:
+        raw.close()
+    assert len(made) == 1
+    assert stats(engine)["connects"] == 0  # not connguard's: the listener's own
+
+
+def _write_certificate(directory: str) -> Dict[str, str]:
+    """A self-signed certificate and key for the server, readable by its user."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    key, "-out", cert, "-days", "2", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    for path in (cert, key):
+        os.chmod(path, 0o644)
+    return {"ssl_cert": cert, "ssl_key": key}
+
+
+def _session_cipher(engine: sa.engine.Engine) -> str:
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SHOW SESSION STATUS LIKE 'Ssl_cipher'")).one()
+        return str(row[1])
+
+
+def test_tls_context_is_reused_while_the_server_offers_tls(
+        mariadb_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = mariadb_factory(start=False)
+    tls = _write_certificate(server.workdir)
+    server.options.update(tls)
+    server.start()
+    calls = ConnectCalls()
+    monkeypatch.setattr(pymysql, "connect", calls)
+    engine = sa.create_engine(server.url(), plugins=["connguard"], pool_size=3)
+    try:
+        conns = [engine.connect() for _ in range(3)]
+        ciphers = [str(c.execute(sa.text("SHOW SESSION STATUS LIKE 'Ssl_cipher'")).one()[1])
+                   for c in conns]
+        first_context = conns[0].connection.dbapi_connection.ctx
+        for c in conns:
+            c.close()
+        # The first connect is PyMySQL's own ("preferred": TLS as the server offers it); the
+        # next ones get the context PyMySQL built for it, and are TLS all the same.
+        assert calls.ssl[0] is None
+        assert calls.ssl[1:] == [first_context, first_context]
+        assert all(ciphers), ciphers
+        # Restarted without TLS: the context is refused (2026), the connect is made again in
+        # clear, as PyMySQL's preferred mode does, and no context is given after that.
+        engine.dispose()
+        server.stop()
+        for name in tls:
+            del server.options[name]
+        server.start()
+        assert _session_cipher(engine) == ""
+        engine.dispose()
+        assert _session_cipher(engine) == ""
+        assert calls.ssl[3:] == [first_context, None, None]
+        assert stats(engine)["connect_errors"] == 0
+    finally:
+        engine.dispose()
+
+
+class Opaque:
+    """A connection wrapper that shows only the DBAPI's public surface (no ``_sock``), like
+    some instrumentation proxies: connguard cannot watch its socket."""
+
+    def __init__(self, conn: Any) -> None:
+        self.__dict__["_inner"] = conn
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.__dict__["_inner"], name)
+
+
+def test_a_foreign_connection_is_used_unguarded_with_one_warning(
+        mariadb: MariaDB, make_engine: EngineFactory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="connguard")
+    engine = make_engine(connguard_idle_timeout=1)
+
+    @event.listens_for(engine, "do_connect")
+    def wrapped(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+        return Opaque(pymysql.connect(**cparams))
+
+    first = _fill_idle(engine, 2)
+    for _ in range(5):
+        _core_query(engine)  # checkouts of foreign connections
+    # The reaper's passes see them too: evicted when idle too long, never a failure.
+    wait_until(lambda: stats(engine)["idle_evicted"] == 2, 30, message="2 idle evictions")
+    assert _core_query(engine) not in first  # new foreign connections, checked out
+    warnings_seen = [r for r in caplog.records
+                     if r.name.startswith("connguard") and r.levelno >= logging.WARNING]
+    assert len(warnings_seen) == 1, [r.getMessage() for r in warnings_seen]
+    assert "do_connect listener returned a tests.test_sqlalchemy_plugin.Opaque" in \
+        warnings_seen[0].getMessage()
+    assert stats(engine)["peer_closed"] == 0
+
+
+def _chain(exc: BaseException) -> List[BaseException]:
+    """Every exception a traceback of ``exc`` prints: its causes and contexts, recursively."""
+    seen: List[BaseException] = []
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if any(current is s for s in seen):
+            continue
+        seen.append(current)
+        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return seen
+
+
+def test_connect_errors_carry_no_queue_empty(mariadb: MariaDB,
+                                             make_engine: EngineFactory) -> None:
+    down = make_engine(f"mysql+pymysql://app:x@127.0.0.1:{free_port()}/app")
+    with pytest.raises(sa.exc.OperationalError) as refused:
+        _core_query(down)
+    assert isinstance(refused.value.orig, connguard.ServerUnavailable)
+    # The guarded pool's checkout timeout is raised where the queue said Empty too.
+    full = make_engine(pool_size=1, max_overflow=0, pool_timeout=0.2)
+    with full.connect(), pytest.raises(sa.exc.TimeoutError) as timed_out:
+        full.connect()
+    for error in (refused.value, timed_out.value):
+        chain = _chain(error)
+        assert not [e for e in chain if isinstance(e, (queue.Empty, sqla_queue.Empty))], chain
+
+
+@pytest.mark.parametrize("where", ["unix_socket", "ssl_ca"])
+def test_a_password_in_a_socket_or_ssl_path_never_shows(
+        mariadb: MariaDB, make_engine: EngineFactory, tmp_path: Any, where: str) -> None:
+    # The password given by mistake where a path goes (or a path that holds it).
+    connect_args: Dict[str, Any] = (
+        {"unix_socket": str(tmp_path / APP_PASSWORD / "mysqld.sock")}
+        if where == "unix_socket" else {"ssl": {"ca": f"/nonexistent/{APP_PASSWORD}"}})
+    engine = make_engine(connect_args=connect_args)
+    with pytest.raises(Exception) as info:  # noqa: B017 - whatever the caller meets
+        _core_query(engine)
+    error = info.value
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    assert APP_PASSWORD not in text
+    for exc in _chain(error):
+        assert APP_PASSWORD not in repr(exc) and APP_PASSWORD not in str(exc)
+        assert not isinstance(exc, (queue.Empty, sqla_queue.Empty))
+    if where == "unix_socket":
+        assert isinstance(getattr(error, "orig", None), connguard.ServerUnavailable)
+    else:
+        assert isinstance(error, FileNotFoundError)  # PyMySQL reading the CA file
+
+
+def test_failed_unix_socket_connects_leave_no_descriptor(make_engine: EngineFactory,
+                                                         tmp_path: Any) -> None:
+    # PyMySQL's own connect leaves its unix socket to the garbage collector when connecting
+    # it fails; connguard's path through the dialect closes it.
+    engine = make_engine(connect_args={"unix_socket": str(tmp_path / "no.sock")},
+                         connguard_storm_control=False)
+
+    def attempt() -> None:
+        with pytest.raises(sa.exc.OperationalError):
+            _core_query(engine)
+
+    attempt()  # the first one loads what connecting needs
+    gc.collect()
+    before = fd_count()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        gc.disable()  # a collection must not hide a leak
+        try:
+            for _ in range(5):
+                attempt()
+            leaked = fd_count() - before
+        finally:
+            gc.enable()
+        gc.collect()
+    assert leaked == 0
+    assert not [w for w in seen if issubclass(w.category, ResourceWarning)], seen
+
+
+# --- statement errors through the engine --------------------------------------------------
+
+
+def test_kill_query_gives_query_interrupted_and_keeps_the_connection(
+        mariadb: MariaDB, make_engine: EngineFactory) -> None:
+    engine = make_engine(pool_size=1)
+    killer_failures: List[BaseException] = []
+    with engine.connect() as conn:
+        tid = int(conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar())
+        killer = threading.Thread(target=_kill_when_running,
+                                  args=(mariadb, tid, killer_failures, "QUERY"))
+        killer.start()
+        with pytest.raises(sa.exc.OperationalError) as info:
+            conn.execute(sa.text("SELECT SLEEP(10)"))
+        killer.join(60)
+        assert not killer_failures, killer_failures
+        assert not info.value.connection_invalidated
+        assert int(conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar()) == tid
+    orig = info.value.orig
+    assert isinstance(orig, QueryInterrupted) and orig.transient is True
+    assert orig.args[0] == 1317
+    assert _core_query(engine) == tid  # the pool kept it
+    assert stats(engine)["disconnects"] == 0
 
 
 # --- lifecycle ----------------------------------------------------------------------------

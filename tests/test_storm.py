@@ -76,18 +76,39 @@ def test_gate_backs_off_between_failures() -> None:
     gate.admit(clock.now + 60)
     gate.failed(refused())
     gate.admit(clock.now + 60)
-    assert clock.slept == pytest.approx([0.1])
+    assert clock.slept == []  # one failure alone is retried at once
+    gate.failed(refused())
+    gate.admit(clock.now + 60)
+    assert clock.slept == pytest.approx([0.2])  # backoff from the second in a row: 0.1 x 2
 
 
-def test_gate_rate_limits_attempts() -> None:
+def test_gate_never_taxes_a_server_that_answers() -> None:
     clock = FakeClock()
     gate = ConnectGate(StormPolicy(rate=5.0, burst=2), clock=clock, sleep=clock.sleep)
+    for _ in range(50):  # a cold start of 50 connections, callers with no time to wait
+        gate.admit(clock.now)
+        gate.succeeded()
+    assert clock.slept == [] and gate.attempts == 50
+
+
+def test_gate_rate_limits_attempts_while_they_fail() -> None:
+    clock = FakeClock()
+    gate = ConnectGate(StormPolicy(rate=5.0, burst=2, breaker_threshold=100,
+                                   backoff_initial=0.001, backoff_max=0.001,
+                                   backoff_jitter=0.0), clock=clock, sleep=clock.sleep)
     start = clock.now
     for _ in range(12):
         gate.admit(clock.now + 60)
+        gate.failed(refused())
+    # The first attempt finds no failure yet; then 2 from the burst and 5/s: 9 more, 1.8 s.
+    assert clock.now - start == pytest.approx(1.8, abs=0.02)
+    gate.admit(clock.now + 60)
+    gate.succeeded()
+    before = clock.now
+    for _ in range(10):  # relaxed at the first success
+        gate.admit(clock.now)
         gate.succeeded()
-    # 2 from the burst, then 5/s: 10 more take 2 s.
-    assert clock.now - start == pytest.approx(2.0)
+    assert clock.now == before
 
 
 def test_permanent_errors_never_count() -> None:
@@ -104,8 +125,9 @@ def test_capacity_errors_back_off_without_opening_the_breaker() -> None:
     clock = FakeClock()
     gate = ConnectGate(StormPolicy(breaker_threshold=1, backoff_jitter=0.0), clock=clock,
                        sleep=clock.sleep)
-    gate.admit(clock.now + 60)
-    gate.failed(server_error(1040, "Too many connections"))
+    for _ in range(2):
+        gate.admit(clock.now + 60)
+        gate.failed(server_error(1040, "Too many connections"))
     assert gate.state == "closed"
     gate.admit(clock.now + 60)
     assert clock.slept and clock.slept[0] > 0
@@ -113,7 +135,10 @@ def test_capacity_errors_back_off_without_opening_the_breaker() -> None:
 
 def test_gate_gives_up_at_the_deadline() -> None:
     clock = FakeClock()
-    gate = ConnectGate(StormPolicy(rate=1.0, burst=1), clock=clock, sleep=clock.sleep)
+    gate = ConnectGate(StormPolicy(rate=1.0, burst=1, breaker_threshold=10), clock=clock,
+                       sleep=clock.sleep)
+    gate.admit(clock.now + 60)
+    gate.failed(refused())  # failing: the bucket paces attempts now
     gate.admit(clock.now + 60)
     with pytest.raises(connguard.CircuitOpen):
         gate.admit(clock.now + 0.5)  # the next token is 1 s away

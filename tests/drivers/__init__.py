@@ -1,0 +1,1 @@
+"""Runners that execute database drivers' own test suites with connguard in the loop."""

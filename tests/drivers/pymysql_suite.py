@@ -1,0 +1,309 @@
+#!/usr/bin/env python
+"""Run PyMySQL's own test suite plainly and with ``connguard.install()``; compare outcomes.
+
+    python tests/drivers/pymysql_suite.py --src /path/to/PyMySQL [--only plain|connguard]
+                                          [-k EXPR] [--timeout SECONDS] [--workdir DIR]
+
+Each run gets a fresh throwaway MariaDB (``connguard.sandbox``) provisioned the way PyMySQL's
+CI provisions its service container (databases test1/test2, user test2, auth_ed25519), and a
+``databases.json`` in the checkout's ``pymysql/tests`` pointing there (restored afterwards).
+pytest runs in a subprocess with a per-test timeout, so a hang fails one test, not the run.
+
+Exit status: 0 when every test that passes plainly also passes with connguard (tests listed
+in ``pymysql_allowed.txt`` excepted); 1 otherwise; 2 when a run produced no report. With
+``--only``, 0 when that run has no failures or errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+from connguard.sandbox import MariaDB, Template
+
+REPO = Path(__file__).resolve().parents[2]
+ALLOWLIST = Path(__file__).with_name("pymysql_allowed.txt")
+RUNS = ("plain", "connguard")
+STATUSES = ("passed", "failed", "error", "skipped")
+TEST2_PASSWORD = "some password"  # PyMySQL's ci/docker.json expects exactly this
+# local_infile for test_load_local; a packet limit above 16 MiB so test_largedata really
+# sends a multi-packet query instead of returning early.
+SERVER_OPTIONS = {"local_infile": True, "max_allowed_packet": "64M"}
+TIMEOUT_MARK = "Timeout (>"  # how pytest-timeout words a test it interrupted
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # one of STATUSES
+    message: str = ""  # first line of the failure, error or skip reason
+
+    @property
+    def hang(self) -> bool:
+        return TIMEOUT_MARK in self.message
+
+
+@dataclass
+class RunResult:
+    name: str
+    seconds: float
+    returncode: Optional[int]  # None: killed at the session timeout
+    outcomes: Dict[str, Outcome]
+    log: Path
+
+
+# -- server ----------------------------------------------------------------------------------
+def provision(server: MariaDB) -> None:
+    """What PyMySQL's CI runs in its container (ci/docker-entrypoint-initdb.d), adapted."""
+    with server.admin() as cur:
+        for db in ("test1", "test2"):
+            cur.execute(f"CREATE DATABASE {db} DEFAULT CHARACTER SET utf8mb4")
+        # databases[0] is root over TCP as in ci/docker.json; the template's root is
+        # socket-only (root@localhost), and skip_name_resolve makes TCP match 127.0.0.1.
+        cur.execute("CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'")
+        cur.execute("GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION")
+        for host in ("%", "localhost"):
+            cur.execute("CREATE USER 'test2'@%s IDENTIFIED BY %s", (host, TEST2_PASSWORD))
+            cur.execute("GRANT ALL ON test2.* TO 'test2'@%s", (host,))
+        # ci/docker-entrypoint-initdb.d/mariadb.sql: enables TestAuthentication's ed25519 test.
+        cur.execute("INSTALL SONAME 'auth_ed25519'")
+        cur.execute("CREATE FUNCTION ed25519_password RETURNS STRING SONAME 'auth_ed25519.so'")
+
+
+def databases_json(server: MariaDB) -> List[Dict[str, object]]:
+    """The layout of PyMySQL's ci/docker.json, pointed at ``server``."""
+    test2 = {"user": "test2", "password": TEST2_PASSWORD, "database": "test2"}
+    return [
+        {"host": "127.0.0.1", "port": server.port, "user": "root", "password": "",
+         "database": "test1", "use_unicode": True, "local_infile": True},
+        {"host": "127.0.0.1", "port": server.port, **test2},
+        {"host": "localhost", "port": server.port, "unix_socket": server.socket_path, **test2},
+    ]
+
+
+@contextlib.contextmanager
+def databases_file(src: Path, content: List[Dict[str, object]]) -> Iterator[None]:
+    """Write the suite's ``databases.json``; put back whatever was there before."""
+    path = src / "pymysql" / "tests" / "databases.json"
+    previous = path.read_bytes() if path.exists() else None
+    path.write_text(json.dumps(content, indent=1))
+    try:
+        yield
+    finally:
+        if previous is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(previous)
+
+
+@contextlib.contextmanager
+def fresh_server(template: Template) -> Iterator[MariaDB]:
+    """A provisioned server of its own per run: one run's leftovers cannot sway the other."""
+    server = MariaDB(template, SERVER_OPTIONS)
+    try:
+        server.start()
+        provision(server)
+        yield server
+    finally:
+        server.destroy()
+
+
+# -- pytest ----------------------------------------------------------------------------------
+def pytest_command(args: argparse.Namespace, run: str, junit: Path) -> List[str]:
+    cmd = [sys.executable, "-m", "pytest", str(args.src / "pymysql" / "tests"),
+           f"--rootdir={args.src}", "-p", "tests.drivers.installed_pymysql",
+           "-p", "no:cacheprovider", f"--junitxml={junit}", f"--timeout={args.timeout}",
+           "-rfE"]
+    if run == "connguard":
+        cmd += ["-p", "tests.drivers.connguard_install"]
+    if args.keyword:
+        cmd += ["-k", args.keyword]
+    return cmd
+
+
+def pytest_env(src: Path) -> Dict[str, str]:
+    env = dict(os.environ)
+    # The plugins are imported as tests.drivers.*; the checkout itself must NOT be on the
+    # path before the installed pymysql (see installed_pymysql.py).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYMYSQL_SUITE_SRC"] = str(src)
+    env["PY_IGNORE_IMPORTMISMATCH"] = "1"
+    return env
+
+
+def run_suite(args: argparse.Namespace, template: Template, run: str) -> RunResult:
+    junit = args.workdir / f"{run}.xml"
+    log = args.workdir / f"{run}.log"
+    junit.unlink(missing_ok=True)
+    with fresh_server(template) as server, databases_file(args.src, databases_json(server)):
+        began = time.monotonic()
+        returncode = call_pytest(pytest_command(args, run, junit), args, log)
+        seconds = time.monotonic() - began
+    outcomes = parse_junit(junit) if junit.exists() else {}
+    return RunResult(run, seconds, returncode, outcomes, log)
+
+
+def call_pytest(cmd: Sequence[str], args: argparse.Namespace, log: Path) -> Optional[int]:
+    # cwd is the work directory, not the checkout: `python -m pytest` puts cwd on sys.path,
+    # which would shadow the installed pymysql with the checkout's.
+    with log.open("w") as out:
+        try:
+            done = subprocess.run(cmd, cwd=args.workdir, env=pytest_env(args.src), stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=args.session_timeout)
+        except subprocess.TimeoutExpired:
+            return None
+    return done.returncode
+
+
+# -- reports ---------------------------------------------------------------------------------
+def first_line(text: Optional[str]) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()[:200]
+    return ""
+
+
+def case_outcome(case: ET.Element) -> Outcome:
+    # A test that failed and then errored in teardown shows both; the error ranks first.
+    found = {child.tag: child for child in case}
+    for tag, status in (("error", "error"), ("failure", "failed"), ("skipped", "skipped")):
+        child = found.get(tag)
+        if child is not None:
+            return Outcome(status, first_line(child.get("message")) or first_line(child.text))
+    return Outcome("passed")
+
+
+def parse_junit(path: Path) -> Dict[str, Outcome]:
+    outcomes = {}
+    for case in ET.parse(path).iter("testcase"):
+        outcomes[f"{case.get('classname')}::{case.get('name')}"] = case_outcome(case)
+    return outcomes
+
+
+def read_allowlist(path: Path) -> Dict[str, str]:
+    allowed = {}
+    if path.exists():
+        for raw in path.read_text().splitlines():
+            test_id, _, reason = raw.partition("#")
+            if test_id.strip():
+                allowed[test_id.strip()] = reason.strip()
+    return allowed
+
+
+def counts_line(result: RunResult) -> str:
+    counts = {s: 0 for s in STATUSES}
+    for outcome in result.outcomes.values():
+        counts[outcome.status] += 1
+    hangs = sum(o.hang for o in result.outcomes.values())
+    state = "killed at session timeout" if result.returncode is None \
+        else f"pytest exit {result.returncode}"
+    text = ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+    return f"{result.name:9} {result.seconds:7.1f}s  {text} ({hangs} hung); {state}"
+
+
+def describe(outcome: Optional[Outcome]) -> str:
+    if outcome is None:
+        return "not run (missing from report)"
+    label = "hang" if outcome.hang else outcome.status
+    return f"{label}: {outcome.message}" if outcome.message else label
+
+
+def print_non_passing(result: RunResult) -> None:
+    bad = {k: o for k, o in result.outcomes.items() if o.status in ("failed", "error")}
+    print(f"\n{result.name}: {len(bad)} failing or erroring")
+    for test_id, outcome in sorted(bad.items()):
+        print(f"  {test_id}\n      {describe(outcome)}")
+
+
+def regressions(plain: RunResult, guarded: RunResult) -> Dict[str, Optional[Outcome]]:
+    """Tests passing plainly that do not pass with connguard (missing ones included)."""
+    return {test_id: guarded.outcomes.get(test_id)
+            for test_id, outcome in sorted(plain.outcomes.items())
+            if outcome.status == "passed"
+            and getattr(guarded.outcomes.get(test_id), "status", None) != "passed"}
+
+
+def compare(plain: RunResult, guarded: RunResult, allowed: Dict[str, str]) -> int:
+    found = regressions(plain, guarded)
+    blocking = [t for t in found if t not in allowed]
+    print(f"\nPassing plainly, not with connguard: {len(found)} "
+          f"({len(found) - len(blocking)} allowlisted)")
+    for test_id, outcome in found.items():
+        note = f"  [allowed: {allowed[test_id]}]" if test_id in allowed else ""
+        print(f"  {test_id}{note}\n      {describe(outcome)}")
+    improved = [t for t, o in guarded.outcomes.items()
+                if o.status == "passed" and t in plain.outcomes
+                and plain.outcomes[t].status in ("failed", "error")]
+    if improved:
+        print(f"\nFailing plainly, passing with connguard: {', '.join(sorted(improved))}")
+    return 1 if blocking else 0
+
+
+def report(results: Dict[str, RunResult], only: Optional[str]) -> int:
+    print("\n== PyMySQL suite: plain vs connguard.install() ==")
+    for result in results.values():
+        print(counts_line(result))
+    missing = [r for r in results.values() if not r.outcomes]
+    for result in missing:
+        print(f"{result.name}: no test report; see {result.log}")
+    if missing:
+        return 2
+    if only:
+        print_non_passing(results[only])
+        bad = [o for o in results[only].outcomes.values() if o.status in ("failed", "error")]
+        return 1 if bad else 0
+    print_non_passing(results["plain"])
+    return compare(results["plain"], results["connguard"], read_allowlist(ALLOWLIST))
+
+
+# -- main ------------------------------------------------------------------------------------
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", type=Path, required=True,
+                        help="PyMySQL checkout (has pymysql/tests)")
+    parser.add_argument("--only", choices=RUNS, help="run one configuration, compare nothing")
+    parser.add_argument("-k", dest="keyword", help="pytest -k expression for both runs")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="per-test timeout in seconds (pytest-timeout)")
+    parser.add_argument("--session-timeout", type=float, default=3600.0,
+                        help="kill a whole pytest run after this many seconds")
+    parser.add_argument("--workdir", type=Path,
+                        help="where reports and logs go (default: a new temp directory)")
+    args = parser.parse_args(argv)
+    args.src = args.src.resolve()
+    if not (args.src / "pymysql" / "tests" / "base.py").exists():
+        parser.error(f"{args.src} is not a PyMySQL checkout (no pymysql/tests/base.py)")
+    args.workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="pymysql-suite-"))).resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    print(f"reports and logs in {args.workdir}", flush=True)
+    root = tempfile.mkdtemp(prefix="pymysql-suite-servers-")
+    os.chmod(root, 0o755)  # the server may run as another user (sandbox drops root)
+    try:
+        template = Template(root)
+        template.build()
+        results = {}
+        for run in [args.only] if args.only else RUNS:
+            print(f"running PyMySQL's suite: {run} ...", flush=True)
+            results[run] = run_suite(args, template, run)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return report(results, args.only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+#!/usr/bin/env python
+"""Run part of SQLAlchemy's own test suite plainly and with the connguard engine plugin.
+
+    python tests/drivers/sqlalchemy_suite.py [--src DIR] [--only plain|connguard]
+                                             [--timeout SECONDS] [--workdir DIR]
+                                             [--plugin-option connguard_NAME=VALUE] [paths...]
+
+The suite comes from the sdist of the installed SQLAlchemy version: ``--src`` names an
+unpacked one, otherwise it is downloaded (``pip download --no-binary :all:``) and unpacked
+into a cache directory (``$CONNGUARD_SQLA_CACHE``, default ``~/.cache/connguard/sqlalchemy``).
+Each run gets a fresh throwaway MariaDB (``connguard.sandbox``) provisioned as SQLAlchemy's
+README.unittests.rst asks (database ``test`` plus schemas ``test_schema`` and
+``test_schema_2``, utf8mb4, a user with all privileges on them) and pytest runs from the
+sdist in a subprocess with ``--dburi mysql+pymysql://...``, a per-test timeout and
+``python -s`` (so the suite imports the installed SQLAlchemy, not the sdist's ``lib/``). The
+connguard run adds ``-p tests.drivers.sqla_connguard``, which gives every MySQL engine the
+suite creates ``plugins=["connguard"]``; a connguard run that touched no engine fails.
+
+Exit status: 0 when every test that passes plainly also passes with the plugin (tests listed
+in ``sqlalchemy_allowed.txt`` excepted); 1 otherwise; 2 when a run produced no report or the
+plugin touched no engine. With ``--only``, 0 when that run produced a report (and, for
+``connguard``, touched engines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+from connguard.sandbox import MariaDB, Template
+
+REPO = Path(__file__).resolve().parents[2]
+ALLOWLIST = Path(__file__).with_name("sqlalchemy_allowed.txt")
+RUNS = ("plain", "connguard")
+STATUSES = ("passed", "failed", "error", "skipped")
+DEFAULT_PATHS = (
+    "test/dialect/mysql",
+    "test/engine/test_reconnect.py",
+    "test/engine/test_pool.py",
+    "test/engine/test_execute.py",
+    "test/engine/test_transaction.py",
+    "test/orm/test_transaction.py",
+    "test/orm/test_session.py",
+    "test/sql/test_types.py",
+    "test/sql/test_resultset.py",
+)
+DB_USER, DB_PASSWORD, DB_NAME = "scott", "tiger", "test"  # SQLAlchemy's setup.cfg defaults
+SCHEMAS = (DB_NAME, "test_schema", "test_schema_2")
+# As README.unittests.rst starts its MariaDB container: utf8mb4, utf8mb4_unicode_ci.
+SERVER_OPTIONS = {"collation_server": "utf8mb4_unicode_ci", "max_connections": 300}
+TIMEOUT_MARK = "Timeout (>"  # how pytest-timeout words a test it interrupted
+REPORT_ENV = "SQLA_CONNGUARD_REPORT"  # see sqla_connguard.py
+OPTIONS_ENV = "SQLA_CONNGUARD_OPTIONS"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # one of STATUSES
+    message: str = ""  # first line of the failure, error or skip reason
+
+    @property
+    def hang(self) -> bool:
+        return TIMEOUT_MARK in self.message
+
+
+@dataclass
+class RunResult:
+    name: str
+    seconds: float
+    returncode: Optional[int]  # None: killed at the session timeout
+    outcomes: Dict[str, Outcome]
+    log: Path
+    engines: Dict[str, int] = field(default_factory=dict)  # the plugin's counts
+
+
+# -- the sdist -------------------------------------------------------------------------------
+def sqlalchemy_version() -> str:
+    return metadata.version("sqlalchemy")
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "connguard" / "sqlalchemy"
+    return Path(os.environ.get("CONNGUARD_SQLA_CACHE") or default)
+
+
+def download_sdist(version: str, into: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+           f"sqlalchemy=={version}", "-d", str(into)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    found = sorted(into.glob(f"[sS][qQ][lL][aA]lchemy-{version}.tar.gz"))
+    if not found:
+        raise RuntimeError(f"pip download left no sqlalchemy-{version}.tar.gz in {into}")
+    return found[0]
+
+
+def unpack(archive: Path, into: Path) -> Path:
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(into, filter="data")
+        else:  # Python < 3.9.17: the sdist comes from PyPI by exact version
+            tar.extractall(into)  # noqa: S202
+    tops = [p for p in into.iterdir() if p.is_dir()]
+    if len(tops) != 1:
+        raise RuntimeError(f"unexpected layout in {archive}: {tops}")
+    return tops[0]
+
+
+def fetch_sdist(version: str) -> Path:
+    """The unpacked sdist of ``version`` in the cache; downloaded the first time."""
+    target = cache_dir() / f"sqlalchemy-{version}"
+    if (target / "test" / "conftest.py").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        print(f"downloading the SQLAlchemy {version} sdist ...", flush=True)
+        top = unpack(download_sdist(version, Path(tmp)), Path(tmp) / "src")
+        shutil.rmtree(target, ignore_errors=True)
+        top.rename(target)
+    return target
+
+
+# -- server ----------------------------------------------------------------------------------
+def provision(server: MariaDB) -> None:
+    """What SQLAlchemy's README.unittests.rst asks of a MySQL/MariaDB database."""
+    with server.admin() as cur:
+        cur.execute("CREATE USER %s@'%%' IDENTIFIED BY %s", (DB_USER, DB_PASSWORD))
+        for schema in SCHEMAS:
+            cur.execute(f"CREATE DATABASE {schema} CHARACTER SET utf8mb4")
+            cur.execute(f"GRANT ALL ON {schema}.* TO %s@'%%'", (DB_USER,))
+
+
+def dburi(server: MariaDB) -> str:
+    return (f"mysql+pymysql://{DB_USER}:{DB_PASSWORD}@127.0.0.1:{server.port}/{DB_NAME}"
+            "?charset=utf8mb4")
+
+
+@contextlib.contextmanager
+def fresh_server(template: Template) -> Iterator[MariaDB]:
+    """A provisioned server of its own per run: one run's leftovers cannot sway the other."""
+    server = MariaDB(template, SERVER_OPTIONS)
+    try:
+        server.start()
+        provision(server)
+        yield server
+    finally:
+        server.destroy()
+
+
+# -- pytest ----------------------------------------------------------------------------------
+def pytest_command(args: argparse.Namespace, run: str, url: str, junit: Path) -> List[str]:
+    # -s: test/conftest.py then leaves the sdist's lib/ off sys.path (installed SQLAlchemy).
+    # --maxfail: the sdist's addopts stop at 250 failures; a comparison needs every test.
+    cmd = [sys.executable, "-s", "-m", "pytest", *args.paths, f"--rootdir={args.src}",
+           "--dburi", url, "-p", "no:cacheprovider", f"--junitxml={junit}",
+           f"--timeout={args.timeout}", "--maxfail=1000000", "-q", "-rfE"]
+    if run == "connguard":
+        cmd += ["-p", "tests.drivers.sqla_connguard"]
+    return cmd
+
+
+def pytest_env(report: Path, plugin_options: Dict[str, str]) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env[REPORT_ENV] = str(report)
+    env[OPTIONS_ENV] = json.dumps(plugin_options)
+    return env
+
+
+def run_suite(args: argparse.Namespace, template: Template, run: str) -> RunResult:
+    junit, log, counts = (args.workdir / f"{run}{ext}" for ext in (".xml", ".log", ".json"))
+    for path in (junit, counts):
+        path.unlink(missing_ok=True)
+    with fresh_server(template) as server:
+        cmd = pytest_command(args, run, dburi(server), junit)
+        began = time.monotonic()
+        returncode = call_pytest(cmd, args, log, counts)
+        seconds = time.monotonic() - began
+    outcomes = parse_junit(junit, args.src) if junit.exists() else {}
+    engines = json.loads(counts.read_text()) if counts.exists() else {}
+    return RunResult(run, seconds, returncode, outcomes, log, engines)
+
+
+def call_pytest(cmd: Sequence[str], args: argparse.Namespace, log: Path,
+                report: Path) -> Optional[int]:
+    with log.open("w") as out:
+        out.write(" ".join(cmd) + "\n\n")
+        out.flush()
+        try:
+            done = subprocess.run(cmd, cwd=args.src, env=pytest_env(report, args.plugin_option),
+                                  stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=args.session_timeout)
+        except subprocess.TimeoutExpired:
+            return None
+    return done.returncode
+
+
+# -- reports ---------------------------------------------------------------------------------
+def first_line(text: Optional[str]) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()[:200]
+    return ""
+
+
+def case_outcome(case: ET.Element) -> Outcome:
+    # A test that failed and then errored in teardown shows both; the error ranks first.
+    found = {child.tag: child for child in case}
+    for tag, status in (("error", "error"), ("failure", "failed"), ("skipped", "skipped")):
+        child = found.get(tag)
+        if child is not None:
+            return Outcome(status, first_line(child.get("message")) or first_line(child.text))
+    return Outcome("passed")
+
+
+def node_id(classname: str, name: str, src: Path) -> str:
+    """pytest's node id from JUnit's dotted classname (module path, then classes)."""
+    parts = classname.split(".")
+    for cut in range(len(parts), 0, -1):
+        module = Path(*parts[:cut]).with_suffix(".py")
+        if (src / module).is_file():
+            return "::".join([module.as_posix(), *parts[cut:], name])
+    return f"{classname}::{name}"
+
+
+def parse_junit(path: Path, src: Path) -> Dict[str, Outcome]:
+    outcomes: Dict[str, Outcome] = {}
+    for case in ET.parse(path).iter("testcase"):
+        test_id = node_id(case.get("classname") or "", case.get("name") or "", src)
+        outcomes[test_id] = case_outcome(case)
+    return outcomes
+
+
+def read_allowlist(path: Path) -> Dict[str, str]:
+    allowed = {}
+    if path.exists():
+        for raw in path.read_text().splitlines():
+            test_id, _, reason = raw.partition("#")
+            if test_id.strip():
+                allowed[test_id.strip()] = reason.strip()
+    return allowed
+
+
+def counts_line(result: RunResult) -> str:
+    counts = {s: 0 for s in STATUSES}
+    for outcome in result.outcomes.values():
+        counts[outcome.status] += 1
+    hangs = sum(o.hang for o in result.outcomes.values())
+    state = "killed at session timeout" if result.returncode is None \
+        else f"pytest exit {result.returncode}"
+    text = ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+    return f"{result.name:9} {result.seconds:7.1f}s  {text} ({hangs} hung); {state}"
+
+
+def engines_line(result: RunResult, options: Dict[str, str]) -> str:
+    e = result.engines
+    if not e:
+        return "connguard plugin: no count written (plugin not loaded?)"
+    extra = f" with {options}" if options else ""
+    return (f"connguard plugin: {e.get('requested', 0)} MySQL engines given the plugin{extra}, "
+            f"{e.get('guarded', 0)} guarded, {e.get('failed', 0)} create_engine calls raised "
+            f"(create_engine wrapped in {e.get('rebound', 0)} module attributes)")
+
+
+def sqlalchemy_line(result: RunResult) -> str:
+    """The 'Path: .../sqlalchemy/__init__.py' line SQLAlchemy's harness logs."""
+    with contextlib.suppress(OSError):
+        match = re.search(r"^Path: (.*)$", result.log.read_text(errors="replace"), re.M)
+        if match:
+            return f"SQLAlchemy imported from {match.group(1)}"
+    return "SQLAlchemy path not logged"
+
+
+def describe(outcome: Optional[Outcome]) -> str:
+    if outcome is None:
+        return "not run (missing from report)"
+    label = "hang" if outcome.hang else outcome.status
+    return f"{label}: {outcome.message}" if outcome.message else label
+
+
+def regressions(plain: RunResult, guarded: RunResult) -> Dict[str, Optional[Outcome]]:
+    """Tests passing plainly that do not pass with the plugin (missing ones included)."""
+    return {test_id: guarded.outcomes.get(test_id)
+            for test_id, outcome in sorted(plain.outcomes.items())
+            if outcome.status == "passed"
+            and getattr(guarded.outcomes.get(test_id), "status", None) != "passed"}
+
+
+def compare(plain: RunResult, guarded: RunResult, allowed: Dict[str, str]) -> int:
+    found = regressions(plain, guarded)
+    blocking = [t for t in found if t not in allowed]
+    print(f"\nPassing plainly, not with connguard: {len(found)} "
+          f"({len(found) - len(blocking)} allowlisted)")
+    for test_id, outcome in found.items():
+        note = f"  [allowed: {allowed[test_id]}]" if test_id in allowed else ""
+        print(f"  {test_id}{note}\n      {describe(outcome)}")
+    improved = sorted(t for t, o in guarded.outcomes.items()
+                      if o.status == "passed" and t in plain.outcomes
+                      and plain.outcomes[t].status in ("failed", "error"))
+    if improved:
+        print(f"\nFailing plainly, passing with connguard: {len(improved)}")
+        for test_id in improved:
+            print(f"  {test_id}\n      plain {describe(plain.outcomes[test_id])}")
+    return 1 if blocking else 0
+
+
+def report(results: Dict[str, RunResult], options: Dict[str, str]) -> int:
+    print("\n== SQLAlchemy suite: plain vs plugins=['connguard'] ==")
+    for result in results.values():
+        print(counts_line(result))
+        print(f"{'':11}{sqlalchemy_line(result)}; log {result.log}")
+    if "connguard" in results:
+        print(engines_line(results["connguard"], options))
+    missing = [r for r in results.values() if not r.outcomes]
+    for result in missing:
+        print(f"{result.name}: no test report; see {result.log}")
+    untouched = "connguard" in results and not results["connguard"].engines.get("guarded")
+    if untouched:
+        print("connguard run: the plugin touched no engine, so nothing was compared")
+    if missing or untouched:
+        return 2
+    if len(results) < len(RUNS):
+        return 0
+    return compare(results["plain"], results["connguard"], read_allowlist(ALLOWLIST))
+
+
+# -- main ------------------------------------------------------------------------------------
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("paths", nargs="*", default=list(DEFAULT_PATHS),
+                        help="test paths relative to the sdist (default: the MySQL, engine, "
+                             "transaction, session, types and result tests)")
+    parser.add_argument("--src", type=Path,
+                        help="unpacked SQLAlchemy sdist (default: download into the cache)")
+    parser.add_argument("--only", choices=RUNS, help="run one configuration, compare nothing")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="per-test timeout in seconds (pytest-timeout)")
+    parser.add_argument("--session-timeout", type=float, default=3600.0,
+                        help="kill a whole pytest run after this many seconds")
+    parser.add_argument("--workdir", type=Path,
+                        help="where reports and logs go (default: a new temp directory)")
+    parser.add_argument("--plugin-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a connguard_* option for every engine of the connguard run "
+                             "(diagnostics: e.g. connguard_storm_control=false); repeatable")
+    args = parser.parse_args(argv)
+    args.plugin_option = plugin_options(parser, args.plugin_option)
+    args.src = (args.src or fetch_sdist(sqlalchemy_version())).resolve()
+    if not (args.src / "test" / "conftest.py").exists():
+        parser.error(f"{args.src} is not an SQLAlchemy sdist (no test/conftest.py)")
+    args.workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="sqla-suite-"))).resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def plugin_options(parser: argparse.ArgumentParser, given: List[str]) -> Dict[str, str]:
+    options = {}
+    for item in given:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("connguard_"):
+            parser.error(f"--plugin-option takes connguard_NAME=VALUE, not {item!r}")
+        options[name] = value
+    return options
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    print(f"SQLAlchemy {sqlalchemy_version()} suite from {args.src}; reports and logs in "
+          f"{args.workdir}", flush=True)
+    root = tempfile.mkdtemp(prefix="sqla-suite-servers-")
+    os.chmod(root, 0o755)  # the server may run as another user (sandbox drops root)
+    results = {}
+    try:
+        template = Template(root)
+        template.build()
+        for run in [args.only] if args.only else RUNS:
+            print(f"running SQLAlchemy's suite: {run} ...", flush=True)
+            results[run] = run_suite(args, template, run)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return report(results, args.plugin_option)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
