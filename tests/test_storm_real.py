@@ -81,7 +81,7 @@ def test_saturation_means_waits_not_errors(mariadb_factory: Any) -> None:
         pool.close()
 
 
-def test_mass_kill_replacements_are_spread(mariadb_factory: Any) -> None:
+def test_mass_kill_replacements_take_one_attempt_each(mariadb_factory: Any) -> None:
     server = mariadb_factory(max_connections=20)
     errors_before = server.status("Connection_errors_max_connections")
     pool = connguard.Pool(**server.connect_kwargs(), max_size=16, checkout_timeout=30)
@@ -96,11 +96,11 @@ def test_mass_kill_replacements_are_spread(mariadb_factory: Any) -> None:
     finally:
         load.stop()
         pool.close()
-    replacements = sorted(t for t in gate.attempt_times if t >= killed_at)[:16]
+    replacements = sorted(t for t in gate.attempt_times if t >= killed_at)
+    # The server answers, so nothing is throttled (the handshake cap, 4 at a time, is all
+    # that paces the replacements) and nothing is retried: one attempt per replacement.
     assert len(replacements) == 16
-    # Not all at once: the bucket lets a burst of 5 through, then 10/s.
-    assert replacements[-1] - replacements[0] >= 0.8
-    assert max(sum(1 for u in replacements if t <= u < t + 0.1) for t in replacements) <= 6
+    assert pool.stats()["connect_failures"] == 0 and pool.stats()["breaker"] == "closed"
     assert not any(isinstance(e, connguard.TooManyConnections) for e in load.errors)
     assert server.status("Connection_errors_max_connections") == errors_before
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import pytest
 
 import connguard
+from connguard import dropin
+
+OPENED_MARK = "connguard: pooled connections opened: "
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -20,6 +23,13 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> str:
     # Printed in the log so a run can be told apart from a plain one after the fact.
     return f"connguard {connguard.__version__}: install() active, installed={connguard.installed()}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # Proof that the suite went through connguard: the runner fails a run that opened none.
+    pools = list(dropin._pools.values())
+    opened = sum(pool.stats()["opened"] for pool in pools)
+    terminalreporter.write_line(f"{OPENED_MARK}{opened} in {len(pools)} drop-in pools")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -32,6 +32,10 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 from connguard.sandbox import MariaDB, Template
 
+# Run as a script, this file's directory is on sys.path, not the checkout's root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.drivers.connguard_install import OPENED_MARK  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 ALLOWLIST = Path(__file__).with_name("pymysql_allowed.txt")
 RUNS = ("plain", "connguard")
@@ -263,7 +267,20 @@ def report(results: Dict[str, RunResult], only: Optional[str]) -> int:
         bad = [o for o in results[only].outcomes.values() if o.status in ("failed", "error")]
         return 1 if bad else 0
     print_non_passing(results["plain"])
+    opened = pooled_connections(results["connguard"].log)
+    print(f"\nconnguard run: {opened} pooled connections opened")
+    if not opened:
+        print("the connguard run opened no pooled connection: install() was not in effect")
+        return 2
     return compare(results["plain"], results["connguard"], read_allowlist(ALLOWLIST))
+
+
+def pooled_connections(log: Path) -> int:
+    """What tests/drivers/connguard_install.py counted at the end of the run (0 if absent)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith(OPENED_MARK):
+            return int(line[len(OPENED_MARK):].split()[0])
+    return 0
 
 
 # -- main ------------------------------------------------------------------------------------
