@@ -12,13 +12,13 @@ import inspect
 import os
 import socket
 import ssl
-import struct
 import threading
 import time
-from typing import Any, Dict, FrozenSet, Hashable, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Hashable, List, Optional, Tuple
 
 import pymysql
 from pymysql.constants import CR, SERVER_STATUS
+from pymysql.protocol import EOFPacketWrapper
 
 from connguard.session import ConnectSettings, may_change_session
 
@@ -45,6 +45,16 @@ def _ssl_cache_key(sslp: Dict[str, Any]) -> Optional[Hashable]:
     return key
 
 
+# GuardedConnection._cg_marks: what a borrower did that the reset on return must undo.
+STATUS_UNKNOWN = 1  # a statement's reply carried no status flags (yet): a transaction may be open
+TAINTED = 2  # a statement may have changed session state (connguard.session)
+DB_CHANGED = 4  # select_db()
+CHARSET_CHANGED = 8  # set_character_set()
+
+
+_query = pymysql.connections.Connection.query
+
+
 class _StatusResult(pymysql.connections.MySQLResult):
     """A result that keeps the status flags of the EOF packet ending its rows.
 
@@ -55,15 +65,18 @@ class _StatusResult(pymysql.connections.MySQLResult):
     """
 
     def _check_packet_is_eof(self, packet: Any) -> bool:
-        if not super()._check_packet_is_eof(packet):
+        # PyMySQL's check, plus the status flags it reads and drops. Not a wrapper around
+        # super(): this runs once per row, and an extra call per row would tax every result.
+        if not packet.is_eof_packet():
             return False
-        data = packet.get_all_data()
-        if len(data) >= 5:
-            self.server_status = struct.unpack_from("<H", data, 3)[0]
+        eof = EOFPacketWrapper(packet)
+        self.warning_count = eof.warning_count
+        self.has_next = eof.has_next
+        self.server_status = status = eof.server_status
+        if self.unbuffered_active:  # it ends long after the query returned: tell the conn
             conn = self.connection
-            if conn is not None:  # an unbuffered result ends long after the query returned
-                conn.server_status = self.server_status
-                conn._cg_status_known = True
+            conn.server_status = status
+            conn._cg_marks &= ~STATUS_UNKNOWN
         return True
 
 
@@ -87,10 +100,11 @@ class GuardedConnection(pymysql.connections.Connection):
 
     _cg_keepalive: Optional[Tuple[float, float, int]] = None
     _cg_deadline: float = float("inf")
-    _cg_status_known = True
-    _cg_tainted = False
-    _cg_db_changed = False
-    _cg_charset_changed = False
+    _cg_marks = 0  # what the reset on return must look at (the flags below); 0: nothing
+    # Set by the pool: turns a statement's error into the error the caller sees (translated;
+    # a disconnect also marks the pooled connection broken). At the source, so every path
+    # (cursor execute, executemany, callproc, query) is covered with no wrapper around it.
+    _cg_on_error: Optional[Callable[[BaseException], BaseException]] = None
     _cg_settings: Optional[ConnectSettings] = None
 
     def _create_ssl_ctx(self, sslp: Any) -> Any:
@@ -153,19 +167,26 @@ class GuardedConnection(pymysql.connections.Connection):
         return sock
 
     def _clear_session_marks(self) -> None:
-        self._cg_status_known = True
-        self._cg_tainted = self._cg_db_changed = self._cg_charset_changed = False
+        self._cg_marks = 0
 
     # -- what a borrower does ----------------------------------------------------------
     def query(self, sql: Any, unbuffered: bool = False) -> Any:
         # Until the reply's status flags arrive, a transaction may be open (even a failed
         # statement can have started one): the reset on return then rolls back.
-        self._cg_status_known = False
-        if not self._cg_tainted and may_change_session(sql):
-            self._cg_tainted = True
-        rows = super().query(sql, unbuffered)
+        marks = self._cg_marks | STATUS_UNKNOWN
+        if not marks & TAINTED and may_change_session(sql):  # ~0.2 µs for a plain SELECT
+            marks |= TAINTED
+        self._cg_marks = marks
+        try:
+            rows = _query(self, sql, unbuffered)  # super().query, without building a super
+        except (pymysql.err.Error, OSError) as exc:
+            on_error = self._cg_on_error
+            translated = exc if on_error is None else on_error(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
         if not unbuffered:
-            self._cg_status_known = True
+            self._cg_marks &= ~STATUS_UNKNOWN
         return rows
 
     def _read_query_result(self, unbuffered: bool = False) -> Any:
@@ -181,11 +202,11 @@ class GuardedConnection(pymysql.connections.Connection):
         return result.affected_rows
 
     def select_db(self, db: Any) -> None:
-        self._cg_db_changed = True
+        self._cg_marks |= DB_CHANGED
         super().select_db(db)
 
     def set_character_set(self, charset: str, collation: Optional[str] = None) -> None:
-        self._cg_charset_changed = True
+        self._cg_marks |= CHARSET_CHANGED
         super().set_character_set(charset, collation)
 
 
@@ -248,18 +269,24 @@ def pending_results(conn: pymysql.connections.Connection) -> bool:
     return result is not None and bool(result.unbuffered_active or result.has_next)
 
 
-def session_clean(conn: GuardedConnection, autocommit: bool) -> bool:
-    """Nothing to undo (the common case, answered with no round trip): no transaction open
-    by the last reply's flags, autocommit as expected, nothing marked, nothing unread."""
+def clean_return(conn: GuardedConnection, autocommit: bool) -> bool:
+    """A return with nothing to undo (the common case, decided with no round trip): the
+    socket open, nothing marked, no transaction open by the last reply's flags, autocommit
+    as expected, nothing unread. Then the client-side traces of the last statement
+    (``affected_rows()``, ``insert_id()``) are forgotten too, and True is returned."""
     status = conn.server_status or 0
-    return (not status & _IN_TRANS and bool(status & _AUTOCOMMIT) == autocommit
-            and conn._cg_status_known and not conn._cg_tainted and not conn._cg_db_changed
-            and not conn._cg_charset_changed and not pending_results(conn))
+    result = conn._result
+    if (conn._sock is None or conn._cg_marks or status & _IN_TRANS
+            or bool(status & _AUTOCOMMIT) != autocommit
+            or (result is not None and (result.unbuffered_active or result.has_next))):
+        return False
+    conn._result = None  # forget_last_result, inlined: this runs on every return
+    conn._affected_rows = 0
+    return True
 
 
 def forget_last_result(conn: pymysql.connections.Connection) -> None:
-    """Client-side traces of the last statement (``affected_rows()``, ``insert_id()``) go
-    back to what a fresh connection answers."""
+    """``affected_rows()`` and ``insert_id()`` as a fresh connection answers them."""
     conn._result = None
     conn._affected_rows = 0
 
@@ -290,22 +317,27 @@ def restore_session(conn: GuardedConnection, autocommit_mode: bool, full: bool) 
     session cannot be made as new (the caller closes the connection).
     """
     drain_results(conn)
-    if full or conn._cg_tainted:
-        return "reset" if _reset_and_reapply(conn, autocommit_mode) else "discard"
+    marks = conn._cg_marks
+    if full or marks & TAINTED:
+        if not _reset_and_reapply(conn, autocommit_mode):
+            return "discard"
+        forget_last_result(conn)
+        return "reset"
     action = "restored"
-    if in_transaction(conn) or (not conn._cg_status_known and not autocommit(conn)):
+    if in_transaction(conn) or (marks & STATUS_UNKNOWN and not autocommit(conn)):
         conn.rollback()
         action = "rollback"
     if autocommit(conn) != autocommit_mode:
         conn.autocommit(autocommit_mode)
     settings = conn._cg_settings
-    if conn._cg_db_changed:
+    if marks & DB_CHANGED:
         if settings is None or settings.database is None:
             return "discard"  # no statement goes back to "no database selected"
         conn.select_db(settings.database)
-    if conn._cg_charset_changed and settings is not None:
+    if marks & CHARSET_CHANGED and settings is not None:
         conn.set_character_set(settings.charset, settings.collation)
     conn._clear_session_marks()
+    forget_last_result(conn)
     return action
 
 

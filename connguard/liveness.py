@@ -141,7 +141,7 @@ class Probe:
 
     def dead(self, sock: SocketLike) -> bool:
         """Whether the connection behind ``sock`` is dead; never blocks."""
-        fd = _fileno(sock)
+        fd = sock if isinstance(sock, int) else sock.fileno()  # _fileno, inlined: hot path
         if fd < 0:
             return True
         if fd != self._fd:  # first use, or the driver reconnected on a new socket

@@ -12,6 +12,7 @@ Rules the code keeps (after httpcore and SQLAlchemy's pool):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -34,7 +35,7 @@ from connguard.policies import (
     ResetPolicy,
     keepalive_from_option,
 )
-from connguard.proxy import PooledConnection
+from connguard.proxy import Lease, PooledConnection
 from connguard.storm import Ceiling, StormPolicy
 
 log = logging.getLogger("connguard.pool")
@@ -61,6 +62,7 @@ class Entry:
     leak_reported: bool = False
     broken: bool = False
     probe: Probe = dataclasses.field(default_factory=Probe)
+    lease: Optional[Lease] = None  # the current checkout, once it made a cursor
 
 
 class Waiter:
@@ -90,7 +92,7 @@ def retire_reason(entry: Entry, now: float, lifetime: LifetimePolicy,
         return "expired"
     if lifetime.idle_timeout is not None and now - entry.last_used >= lifetime.idle_timeout:
         return "idle_timeout"
-    sock = driver.raw_socket(entry.conn)
+    sock = entry.conn._sock  # driver.raw_socket, inlined: every checkout passes here
     if sock is None or (entry.probe.dead(sock) if owner else peer_closed(sock)):
         return "peer_closed"
     return None
@@ -121,6 +123,7 @@ class Pool:
     def __init__(self, *, clock: Clock = time.monotonic, **kwargs: Any) -> None:
         options, self._connect_kwargs = split_arguments(kwargs, where="connguard.Pool")
         self._settings, self._lifetime, self._reset = build_policies(options)
+        self._tracked_reset = self._reset.mode == "rollback"  # read on every return
         self._clock = clock
         self._host, self._port = driver.destination(self._connect_kwargs)
         self._storm: Optional[StormPolicy] = (
@@ -194,23 +197,29 @@ class Pool:
     # -- checkout --------------------------------------------------------------------------
     def connect(self) -> PooledConnection:
         """A live connection from the pool; waits up to ``checkout_timeout`` for one."""
-        entry = self._acquire()
+        entry = self._checkout()
+        handle = None
         try:
-            return PooledConnection(entry.conn, self, entry)
-        except BaseException:
-            self._release(entry)  # interrupted before the caller could hold it
+            handle = PooledConnection(entry.conn)
+            handle._self_pool = self
+            handle._self_entry = entry
+            return handle
+        except BaseException:  # interrupted before the caller could hold it
+            if handle is not None:
+                handle._self_entry = None  # its __del__ must not give the entry back again
+            self._release(entry)
             raise
 
-    def _acquire(self) -> Entry:
+    def _checkout(self) -> Entry:
+        """An entry checked out for the caller: live, not expired, not idle too long."""
         if self._lost:
             self._reclaim_lost()
-        now = self._clock()
-        deadline = now + self._settings.checkout_timeout
+        now = started = self._clock()
         while True:
-            entry = self._take_or_reserve(deadline)
+            entry = self._take_or_reserve(started)
             if entry is None:
                 try:
-                    return self._open_reserved(deadline)
+                    return self._open_reserved(started + self._settings.checkout_timeout)
                 except errors.ConnGuardError as exc:
                     if not self._wait_instead(exc):
                         raise
@@ -219,7 +228,11 @@ class Pool:
             try:
                 reason = retire_reason(entry, now, self._lifetime)
                 if reason is None:
-                    self._mark_checked_out(entry, now)
+                    if self._settings.leak_threshold is None:  # _mark_checked_out, inlined
+                        entry.uses += 1
+                        entry.checked_out_at = now
+                    else:
+                        self._mark_checked_out(entry, now)
                     return entry
             except BaseException:
                 self._discard(entry, "broken")
@@ -227,10 +240,11 @@ class Pool:
             self._discard(entry, reason)
             now = self._clock()
 
-    def _take_or_reserve(self, deadline: float) -> Optional[Entry]:
+    def _take_or_reserve(self, started: float) -> Optional[Entry]:
         """Under the lock: an idle entry (now in use), or None with a connect slot reserved.
 
-        Served at once only when nobody waits; otherwise in line behind the waiters."""
+        Served at once only when nobody waits; otherwise in line behind the waiters, until
+        ``checkout_timeout`` after ``started``."""
         # ``with self._lock`` rather than the Condition: same lock, without the Python-level
         # __enter__/__exit__ of threading.Condition on the hot path.
         with self._lock:
@@ -244,7 +258,7 @@ class Pool:
                 if self._may_open(self._clock()):
                     self._opening += 1
                     return None
-            return self._wait_in_line(deadline)
+            return self._wait_in_line(started + self._settings.checkout_timeout)
 
     def _wait_in_line(self, deadline: float) -> Optional[Entry]:
         """Under the lock: queue up and wait to be served an entry or a slot, or time out.
@@ -367,6 +381,7 @@ class Pool:
             now = self._clock()
             entry = Entry(conn=conn, opened_at=now, expires_at=self._lifetime.expiry(now),
                           autocommit=driver.autocommit(conn), last_used=now)
+            conn._cg_on_error = functools.partial(self.statement_failed, entry)
             with self._lock:
                 counted = True
                 self._opening -= 1
@@ -443,15 +458,13 @@ class Pool:
 
         Accounting stays exact whatever happens in the reset: an interrupt there (Ctrl-C,
         SystemExit, an async exception) discards the connection and is then re-raised."""
+        interrupted: Optional[BaseException] = None
         try:
-            keep = not entry.broken and self._reset_session(entry)
-        except BaseException:
-            entry.broken = True
-            self._check_in(entry, keep=False)
-            raise
-        self._check_in(entry, keep)
-
-    def _check_in(self, entry: Entry, keep: bool) -> None:
+            keep = not entry.broken and (
+                (self._tracked_reset and driver.clean_return(entry.conn, entry.autocommit))
+                or self._reset_session(entry))
+        except BaseException as exc:
+            entry.broken, keep, interrupted = True, False, exc
         now = self._clock()
         rebalance = False
         with self._lock:
@@ -483,19 +496,22 @@ class Pool:
                               "broken" if entry.broken else "discarded")
             if closed and self._budget is not None:
                 self._budget.close()  # send the release now: the reaper no longer runs
+        if interrupted is not None:
+            try:
+                raise interrupted
+            finally:
+                interrupted = None  # no frame <-> traceback cycle
 
     def _reset_session(self, entry: Entry) -> bool:
         """Leave nothing of the borrower behind (see connguard.session and docs/pool.md);
-        False if the connection cannot be made clean and must be discarded."""
+        False if the connection cannot be made clean and must be discarded. The common case,
+        nothing to undo, never gets here (driver.clean_return in _release)."""
         conn = entry.conn
-        if not driver.is_open(conn):
-            return False
         mode = self._reset.mode
         if mode == "none":
-            return True
-        if mode == "rollback" and driver.session_clean(conn, entry.autocommit):
-            driver.forget_last_result(conn)  # no I/O: affected_rows(), insert_id() as new
-            return True
+            return driver.is_open(conn)
+        if not driver.is_open(conn):
+            return False
         try:
             action = driver.restore_session(conn, entry.autocommit, full=mode == "full")
         except (pymysql.err.Error, OSError) as exc:
@@ -504,7 +520,6 @@ class Pool:
         except Exception:  # noqa: BLE001 - an unknown session must not reach the next borrower
             log.exception("reset on return failed unexpectedly, discarding the connection")
             return False
-        driver.forget_last_result(conn)
         self._stats[_RESET_COUNTERS[action]] += 1
         return action != "discard"
 
@@ -534,6 +549,7 @@ class Pool:
         self._stats["closed"] += 1
         conn = self._connector.open(self._clock() + self._settings.checkout_timeout)
         now = self._clock()
+        conn._cg_on_error = functools.partial(self.statement_failed, entry)
         entry.conn, entry.broken, entry.probe = conn, False, Probe()
         entry.opened_at, entry.expires_at = now, self._lifetime.expiry(now)
         entry.autocommit = driver.autocommit(conn)
@@ -557,6 +573,14 @@ class Pool:
             self._stats["lost"] += 1
 
     # -- errors ----------------------------------------------------------------------------
+    def statement_failed(self, entry: Entry, exc: BaseException) -> BaseException:
+        """What a borrower sees when a statement on ``entry`` failed: ``exc`` translated;
+        a connection-level error also marks the connection broken (discarded on return)."""
+        if errors.is_disconnect(exc):
+            entry.broken = True
+        tid = driver.thread_id(entry.conn)
+        return self.translate(exc, extra={"thread_id": tid} if tid else None)
+
     def translate(self, exc: BaseException, extra: Optional[Dict[str, Any]] = None
                   ) -> BaseException:
         """The actionable form of ``exc`` for this pool's destination."""

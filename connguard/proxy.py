@@ -9,20 +9,24 @@ the pool discards it instead of handing it to the next caller.
 
 from __future__ import annotations
 
+import operator
 import warnings
-from typing import TYPE_CHECKING, Any, List, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional
 
 import pymysql
 import wrapt
-
-from connguard import errors
 
 if TYPE_CHECKING:
     from connguard.pool import Entry, Pool
 
 
 class _Returned:
-    """Stands in for the connection after the handle was closed: every use is an error."""
+    """Stands in for the connection after the handle was closed: every use is an error.
+
+    ``_result`` alone answers (None): closing a cursor of a closed connection looks at it,
+    and PyMySQL lets that succeed."""
+
+    _result = None
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
@@ -59,10 +63,10 @@ class PooledConnection(_ProxyBase):
     # class it costs a trivial call instead of a miss delegated to the wrapped object.
     __wrapped_setattr_fixups__ = staticmethod(_no_fixups)
 
-    def __init__(self, conn: pymysql.connections.Connection, pool: Pool, entry: Entry) -> None:
-        _ProxyBase.__init__(self, conn)
-        self._self_pool = pool
-        self._self_entry: Optional[Entry] = entry
+    # Set by Pool.connect right after construction (wrapt's own C __init__ takes the
+    # connection): no Python-level __init__ on the checkout path.
+    _self_pool: Pool
+    _self_entry: Optional[Entry] = None
 
     def close(self) -> None:
         """Return the connection to the pool; a second close raises like PyMySQL's."""
@@ -71,6 +75,7 @@ class PooledConnection(_ProxyBase):
             raise pymysql.err.Error("Already closed")
         self._self_entry = None
         self.__wrapped__ = _RETURNED
+        _end_lease(entry)
         self._self_pool._release(entry)
 
     def connect(self, sock: Any = None) -> None:
@@ -79,10 +84,12 @@ class PooledConnection(_ProxyBase):
         if sock is not None:
             raise pymysql.err.NotSupportedError("connect(sock) on a pooled connection")
         if self._self_entry is not None:
-            self._self_pool._release(self._self_entry)  # PyMySQL drops the old session too
+            entry = self._self_entry
             self._self_entry = None
             self.__wrapped__ = _RETURNED
-        entry = self._self_pool._acquire()
+            _end_lease(entry)
+            self._self_pool._release(entry)  # PyMySQL drops the old session too
+        entry = self._self_pool._checkout()
         self.__wrapped__ = entry.conn
         self._self_entry = entry
 
@@ -103,16 +110,15 @@ class PooledConnection(_ProxyBase):
         entry = self._self_entry
         if entry is not None:
             self._self_entry = None
+            _end_lease(entry)
             self._self_pool._lost_handle(entry)
 
     def _self_fail(self, exc: BaseException) -> NoReturn:
         """Mark the server connection broken if ``exc`` is connection-level; raise it
         translated."""
         entry = self._self_entry
-        if entry is not None and errors.is_disconnect(exc):
-            entry.broken = True
-        tid = entry.conn.server_thread_id if entry is not None else None
-        translated = self._self_pool.translate(exc, extra={"thread_id": tid[0]} if tid else None)
+        translated = (self._self_pool.translate(exc) if entry is None
+                      else self._self_pool.statement_failed(entry, exc))
         if translated is exc:
             raise exc
         raise translated from exc
@@ -141,15 +147,23 @@ class PooledConnection(_ProxyBase):
             self._self_fail(exc)
 
     def cursor(self, cursor: Any = None) -> Any:
-        if self._self_entry is None:
-            # PyMySQL hands out cursors of a closed connection (they fail on use): the same,
-            # on a connection object that never connected, so nothing reaches the pool's.
+        """A cursor of ``cursor``'s class (or the ``cursorclass`` given at connect) on the
+        pooled connection, that lives only as long as this checkout (see PooledCursor).
+
+        After ``close()`` a cursor is still handed out, as PyMySQL does for a closed
+        connection, and fails with ``InterfaceError`` when used."""
+        entry = self._self_entry
+        if entry is None:
+            # On a connection object that never connected: nothing reaches the pool's.
             return _never_connected().cursor(cursor)
-        try:
-            raw = self.__wrapped__.cursor(cursor)
-        except pymysql.err.Error as exc:
-            self._self_fail(exc)
-        return GuardedCursor(raw, self)
+        lease = entry.lease
+        if lease is None:
+            lease = entry.lease = Lease()
+        conn = entry.conn
+        cur = pooled_cursor_class(cursor or conn.cursorclass)(conn)
+        cur._cg_lease = lease
+        cur._cg_handle = self
+        return cur
 
     def __repr__(self) -> str:
         entry = self._self_entry
@@ -157,6 +171,82 @@ class PooledConnection(_ProxyBase):
             return "<connguard.PooledConnection (returned)>"
         tid = self.__wrapped__.server_thread_id
         return f"<connguard.PooledConnection thread_id={tid[0] if tid else None}>"
+
+
+class Lease:
+    """One checkout as its cursors see it: ``returned`` once the handle is closed.
+
+    A plain slot, so the check a cursor makes before each use costs next to nothing (an
+    attribute of the wrapt proxy itself costs a few hundred ns to read)."""
+
+    __slots__ = ("returned",)
+
+    def __init__(self) -> None:
+        self.returned = False
+
+
+def _end_lease(entry: Entry) -> None:
+    lease = entry.lease
+    if lease is not None:
+        lease.returned = True
+        entry.lease = None
+
+
+class PooledCursor:
+    """What every cursor a handle gives out adds to PyMySQL's cursor class (a subclass per
+    class, named like it): once its checkout ended, any use that would reach the server
+    raises ``InterfaceError`` (the connection is someone else's now), as PyMySQL's cursor
+    of a closed connection does; rows already fetched stay readable; ``close()`` lets go
+    without touching the connection. ``connection`` is the handle, not the pooled
+    connection behind it."""
+
+    _cg_lease: Lease
+    _cg_handle: Any
+    _cg_conn: Any = None
+
+    @property
+    def connection(self) -> Any:
+        return self._cg_handle if self._cg_conn is not None else None
+
+    @connection.setter
+    def connection(self, conn: Any) -> None:
+        self._cg_conn = conn  # PyMySQL sets it at init (the pooled connection) and on close
+
+    def _get_db(self) -> Any:
+        if self._cg_lease.returned:
+            raise pymysql.err.InterfaceError(0, "connection was closed (returned to the pool)")
+        conn = self._cg_conn
+        if conn is None:
+            raise pymysql.err.ProgrammingError("Cursor closed")
+        return conn
+
+    def close(self) -> None:
+        if self._cg_lease.returned:
+            self._cg_conn = None  # the connection is someone else's now: do not touch it
+            return
+        super().close()  # type: ignore[misc]
+
+
+_cursor_classes: Dict[type, type] = {}
+
+
+def pooled_cursor_class(cls: type) -> type:
+    """``cls`` with PooledCursor's behaviour, made once per cursor class."""
+    pooled = _cursor_classes.get(cls)
+    if pooled is None:
+        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                     "__doc__": cls.__doc__}
+        if hasattr(cls, "__del__"):  # SSCursor finalizes with close(): with ours, then
+            namespace["__del__"] = PooledCursor.close
+        pooled = type(cls.__name__, (PooledCursor, cls), namespace)
+        pooled = _cursor_classes.setdefault(cls, pooled)
+    return pooled
+
+
+def _setter(name: str) -> Any:
+    def set_on_connection(self: PooledConnection, value: Any) -> None:
+        setattr(self.__wrapped__, name, value)
+    return set_on_connection
 
 
 def _guarded(name: str) -> Any:
@@ -173,63 +263,15 @@ def _guarded(name: str) -> Any:
     return method
 
 
-for _name in ("query", "commit", "rollback", "begin", "select_db", "autocommit",
+# Statements (``query``, and so every cursor's) are translated where they fail, in
+# driver.GuardedConnection.query; these methods do not go through it.
+for _name in ("next_result", "commit", "rollback", "begin", "select_db", "autocommit",
               "show_warnings", "set_character_set", "kill"):
     setattr(PooledConnection, _name, _guarded(_name))
 
-
-class GuardedCursor(_ProxyBase):
-    """A PyMySQL cursor whose errors come out translated and flag a broken connection.
-
-    It lives only as long as the handle that made it: once the handle is closed (the server
-    connection back in the pool, perhaps already another caller's), every call that would
-    talk to the server raises ``InterfaceError``, as PyMySQL's cursor of a closed connection
-    does. Rows already fetched into the cursor stay readable, as with PyMySQL.
-    """
-
-    def __init__(self, cursor: Any, owner: PooledConnection) -> None:
-        super().__init__(cursor)
-        self._self_owner = owner
-        self._self_unbuffered = isinstance(cursor, pymysql.cursors.SSCursor)
-
-    @property
-    def connection(self) -> Any:
-        """The handle, not the pooled connection behind it (which outlives the handle)."""
-        return self._self_owner if self.__wrapped__.connection is not None else None
-
-    def close(self) -> None:
-        if self._self_owner._self_entry is None:
-            # The server connection is someone else's now: let go without touching it.
-            self.__wrapped__.connection = None
-            return
-        self.__wrapped__.close()
-
-    def __enter__(self) -> GuardedCursor:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
-    def __iter__(self) -> Any:
-        return iter(self.__wrapped__)
-
-
-def _guarded_cursor(name: str, talks: bool) -> Any:
-    def method(self: GuardedCursor, *args: Any, **kwargs: Any) -> Any:
-        if self._self_owner._self_entry is None and (talks or self._self_unbuffered):
-            raise pymysql.err.InterfaceError(0, "connection was closed (returned to the pool)")
-        try:
-            return getattr(self.__wrapped__, name)(*args, **kwargs)
-        except (pymysql.err.Error, OSError) as exc:
-            self._self_owner._self_fail(exc)
-
-    method.__name__ = name
-    method.__doc__ = f"PyMySQL's cursor ``{name}``, with connguard's error translation."
-    return method
-
-
-for _name in ("execute", "executemany", "callproc", "nextset"):
-    setattr(GuardedCursor, _name, _guarded_cursor(_name, talks=True))
-# Fetching reads the server only for unbuffered cursors (SSCursor).
-for _name in ("fetchone", "fetchmany", "fetchall"):
-    setattr(GuardedCursor, _name, _guarded_cursor(_name, talks=False))
+# What PyMySQL's cursors read on their connection (the handle), forwarded at C speed. wrapt
+# finds any other name only after failing the lookup on the proxy, which costs building and
+# discarding an AttributeError: a few thousand instructions per access, several per query.
+for _name in ("query", "_result", "escape", "encoding", "charset", "server_status"):
+    setattr(PooledConnection, _name, property(operator.attrgetter(f"__wrapped__.{_name}"),
+                                              _setter(_name)))
