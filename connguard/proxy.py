@@ -234,7 +234,8 @@ def pooled_cursor_class(cls: type) -> type:
     """``cls`` with PooledCursor's behaviour, made once per cursor class."""
     pooled = _cursor_classes.get(cls)
     if pooled is None:
-        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        namespace: Dict[str, Any] = {"__module__": cls.__module__,
+                                     "__qualname__": cls.__qualname__,
                      "__doc__": cls.__doc__}
         if hasattr(cls, "__del__"):  # SSCursor finalizes with close(): with ours, then
             namespace["__del__"] = PooledCursor.close
