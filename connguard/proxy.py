@@ -236,7 +236,7 @@ def pooled_cursor_class(cls: type) -> type:
     if pooled is None:
         namespace: Dict[str, Any] = {"__module__": cls.__module__,
                                      "__qualname__": cls.__qualname__,
-                     "__doc__": cls.__doc__}
+                                     "__doc__": cls.__doc__}
         if hasattr(cls, "__del__"):  # SSCursor finalizes with close(): with ours, then
             namespace["__del__"] = PooledCursor.close
         pooled = type(cls.__name__, (PooledCursor, cls), namespace)
