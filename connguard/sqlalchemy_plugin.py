@@ -50,6 +50,7 @@ from connguard.guard import ResourceGuard
 from connguard.hostgate import HostGate, gate_path
 from connguard.liveness import Probe, peer_closed
 from connguard.policies import LifetimePolicy
+from connguard.sqlalchemy_pool import IDLE_SINCE as _IDLE_SINCE
 from connguard.sqlalchemy_pool import GuardedQueuePool
 
 __all__ = ["ConnGuardPlugin", "ConnGuardPluginWarning", "PluginOptions", "stats"]
@@ -59,7 +60,6 @@ log = logging.getLogger("connguard.sqlalchemy")
 PREFIX = "connguard_"
 
 # record.info key: monotonic time the connection was last checked in (idle since).
-_IDLE_SINCE = "connguard_idle_since"
 # record.info key: the connection's Probe (a cached poll object) for the checkout check.
 _PROBE = "connguard_probe"
 
@@ -409,6 +409,9 @@ def _idle_queue(pool: Any) -> Any:
     return queue
 
 
+_PYMYSQL_CONNECTION = pymysql.connections.Connection
+
+
 def _is_pymysql(conn: Any) -> bool:
     """Whether connguard can watch ``conn``'s socket: a PyMySQL connection, or a proxy that
     passes for one and shows its ``_sock`` (a do_connect listener may return anything)."""
@@ -489,6 +492,9 @@ class EngineGuard:
         self._password = password
         self._lock = threading.Lock()
         self._counts: Counter = Counter()
+        # Checkouts are counted apart, lock-free: ``+= 1`` on an int attribute has no call
+        # inside, so CPython never switches threads in the middle of it.
+        self._checkouts = 0
         self._connector: Optional[Connector] = None
         self._resource_guard: Optional[ResourceGuard] = None
         # Per destination: the TLS context PyMySQL built for a connection in its "preferred"
@@ -526,7 +532,8 @@ class EngineGuard:
     def _install_full(self, engine: Any) -> None:
         event.listen(engine, "do_connect", self._make_do_connect())
         event.listen(engine.pool, "checkout", self._on_checkout)
-        event.listen(engine.pool, "checkin", self._on_checkin)
+        if not isinstance(engine.pool, GuardedQueuePool):  # which stamps it itself
+            event.listen(engine.pool, "checkin", self._on_checkin)
         event.listen(engine.pool, "invalidate", self._on_invalidate)
         event.listen(engine, "handle_error", self._handle_error, retval=True)
         if self.options.reaper or self._budget() is not None:
@@ -753,11 +760,15 @@ class EngineGuard:
     def _on_checkout(self, dbapi_conn: Any, record: Any, proxy: Any) -> None:
         """Refuse a connection whose server end is gone; SQLAlchemy then invalidates it and
         connects again (at most once more per checkout), and the caller never sees it."""
-        self._count("checkouts")
-        if not _is_pymysql(dbapi_conn):
+        self._checkouts += 1
+        # _is_pymysql, driver.raw_socket and _probe, inlined: every checkout passes here.
+        if not isinstance(dbapi_conn, _PYMYSQL_CONNECTION):
             return  # a do_connect listener's own connection: nothing to check (warned once)
-        sock = driver.raw_socket(dbapi_conn)
-        if sock is not None and not _probe(record).dead(sock):
+        sock = getattr(dbapi_conn, "_sock", None)
+        probe = record.info.get(_PROBE)
+        if probe is None:
+            probe = record.info[_PROBE] = Probe()
+        if sock is not None and not probe.dead(sock):
             return
         self._count("peer_closed")
         raise sa_exc.DisconnectionError(
@@ -880,7 +891,7 @@ class EngineGuard:
     # -- introspection ---------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
         with self._lock:
-            counts = dict(self._counts)
+            counts = dict(self._counts, checkouts=self._checkouts)
         result: Dict[str, Any] = {key: counts.get(key, 0) for key in _COUNTERS}
         result.update(support=self.support, wait_timeout=self.wait_timeout,
                       idle_timeout=self.idle_timeout, reaper=self.options.reaper and

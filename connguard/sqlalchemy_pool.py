@@ -56,6 +56,9 @@ log = logging.getLogger("connguard.sqlalchemy")
 #: The policy a GuardedQueuePool built without one uses (StormPolicy's defaults).
 DEFAULT_POLICY = StormPolicy()
 
+#: ``record.info`` key: when the connection went idle (monotonic), for the plugin's reaper.
+IDLE_SINCE = "connguard_idle_since"
+
 #: Probe interval when storm control is off (the policy is None), as in ``connguard.Pool``.
 _PROBE_WITHOUT_POLICY = 1.0
 
@@ -158,7 +161,13 @@ class GuardedQueuePool(QueuePool):
         timeout = self._timeout
         deadline = float("inf") if timeout is None else self._clock() + timeout
         while True:
-            record = self._idle_record()  # no lock of ours needed
+            # No lock of ours needed. Nothing but the assignment happens inside ``except
+            # Empty``: an error raised there (a failed connect, the checkout timeout) would
+            # carry the queue's Empty as its __context__, in every traceback.
+            try:
+                record = self._pool.get(False)
+            except sqla_queue.Empty:
+                record = None
             if record is None:
                 record = self._take_or_reserve(deadline)
                 if record is None:  # a connect slot was reserved for us
@@ -372,6 +381,9 @@ class GuardedQueuePool(QueuePool):
                     self._cond.notify()  # a slot is free (this caller may take an idle one)
 
     def _do_return_conn(self, record: Any) -> None:
+        # When it went idle, for the plugin's reaper (here rather than in a checkin listener:
+        # one event dispatch less on every return).
+        record.info[IDLE_SINCE] = time.monotonic()
         super()._do_return_conn(record)
         # Read without the lock, to keep the lock off the return path when nobody waits: a
         # caller counts itself before it looks at the queue, so if it is not counted yet,
