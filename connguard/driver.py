@@ -101,6 +101,7 @@ class GuardedConnection(pymysql.connections.Connection):
     _cg_keepalive: Optional[Tuple[float, float, int]] = None
     _cg_deadline: float = float("inf")
     _cg_marks = 0  # what the reset on return must look at (the flags below); 0: nothing
+    _cg_cursorclass: Any = pymysql.cursors.Cursor  # as connected: given back on return
     # Set by the pool: turns a statement's error into the error the caller sees (translated;
     # a disconnect also marks the pooled connection broken). At the source, so every path
     # (cursor execute, executemany, callproc, query) is covered with no wrapper around it.
@@ -144,6 +145,7 @@ class GuardedConnection(pymysql.connections.Connection):
         if self._cg_keepalive is not None and not self.unix_socket:
             set_keepalive(self._sock, *self._cg_keepalive)
         self._cg_settings = ConnectSettings.of(self)
+        self._cg_cursorclass = self.cursorclass
         self._clear_session_marks()
 
     def _handshake_limit(self) -> float:
@@ -282,13 +284,16 @@ def clean_return(conn: GuardedConnection, autocommit: bool) -> bool:
         return False
     conn._result = None  # forget_last_result, inlined: this runs on every return
     conn._affected_rows = 0
+    conn.cursorclass = conn._cg_cursorclass
     return True
 
 
-def forget_last_result(conn: pymysql.connections.Connection) -> None:
-    """``affected_rows()`` and ``insert_id()`` as a fresh connection answers them."""
+def forget_last_result(conn: GuardedConnection) -> None:
+    """``affected_rows()``, ``insert_id()`` and ``cursorclass`` as a fresh connection has
+    them."""
     conn._result = None
     conn._affected_rows = 0
+    conn.cursorclass = conn._cg_cursorclass
 
 
 def autocommit(conn: pymysql.connections.Connection) -> bool:

@@ -24,6 +24,9 @@ _defaults: Dict[str, Any] = {}
 _lock = threading.Lock()
 _originals: Dict[str, Any] = {}
 _UNSET = object()
+#: Drop-in pools never make a caller wait where pymysql.connect would have connected:
+#: beyond max_size, connections are opened and closed again on return (PoolSettings).
+DROPIN_DEFAULTS: Dict[str, Any] = {"max_overflow": -1}
 
 
 def configure(**options: Any) -> None:
@@ -44,7 +47,7 @@ def pool_for(**kwargs: Any) -> Pool:
     with _lock:
         pool = _pools.get(key)
         if pool is None or pool.closed:
-            pool = Pool(**{**_defaults, **options}, **connect_kwargs)
+            pool = Pool(**{**DROPIN_DEFAULTS, **_defaults, **options}, **connect_kwargs)
             _pools[key] = pool
             return pool
     _check_same_options(pool, options)
@@ -55,14 +58,21 @@ def _check_same_options(pool: Pool, options: Dict[str, Any]) -> None:
     """A later call for the same server and credentials gets the same pool; pool options it
     names must agree with that pool's, or the caller would silently get other limits."""
     conflicts = sorted(name for name, value in options.items()
-                       if pool._options.get(name, _defaults.get(name, _UNSET)) != value)
+                       if _held(pool, name) not in (value, _UNSET))
     if conflicts:
         given = ", ".join(f"{name}={options[name]!r}" for name in conflicts)
-        held = ", ".join(f"{name}={pool._options.get(name, _defaults.get(name, '(default)'))!r}"
-                         for name in conflicts)
+        held = ", ".join(f"{name}={_held(pool, name)!r}" for name in conflicts)
         raise ValueError(f"connguard.connect(): a pool for these connection arguments already "
                          f"exists with {held}; this call asks for {given}. Pass the same pool "
                          "options everywhere (or set them once with connguard.configure()).")
+
+
+def _held(pool: Pool, name: str) -> Any:
+    """The value of pool option ``name`` in ``pool``: as given when it was made, else the
+    sizing defaults (PoolSettings); _UNSET when not known (then nothing is compared)."""
+    if name in pool._options:
+        return pool._options[name]
+    return getattr(pool._settings, name, _UNSET)
 
 
 def connect(*args: Any, **kwargs: Any) -> PooledConnection:

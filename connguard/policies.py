@@ -78,15 +78,27 @@ class LifetimePolicy:
 
 @dataclasses.dataclass(frozen=True)
 class PoolSettings:
-    """Sizing and waiting: how many connections, and how long a caller waits for one."""
+    """Sizing and waiting: how many connections, and how long a caller waits for one.
+
+    ``max_size`` connections are kept; ``max_overflow`` more may be opened when all are in
+    use (-1: no limit), and are closed when they come back, as SQLAlchemy's QueuePool does.
+    Drop-in pools default to -1, so unchanged code that holds many connections at once
+    never waits where ``pymysql.connect`` would not have."""
+
+    @property
+    def limit(self) -> float:
+        """How many connections may exist at once."""
+        return float("inf") if self.max_overflow < 0 else self.max_size + self.max_overflow
 
     max_size: int = 10
+    max_overflow: int = 0
     min_idle: int = 0
     checkout_timeout: float = 30.0
     leak_threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_number("max_size", self.max_size, 1, integer=True)
+        _check_number("max_overflow", self.max_overflow, -1, integer=True)
         _check_number("min_idle", self.min_idle, 0, integer=True)
         if self.min_idle > self.max_size:
             raise ValueError(f"min_idle ({self.min_idle}) must not exceed max_size "

@@ -319,7 +319,7 @@ class Pool:
         handshakes already running, the ceiling the server taught us and, with a global
         budget, the ceiling at which no lease was to be had."""
         count = len(self._in_use) + len(self._idle) + self._opening
-        return (count < self._settings.max_size and self._opening < self._max_handshakes
+        return (count < self._settings.limit and self._opening < self._max_handshakes
                 and (self._budget is None or self._lease_ceiling.allows(count, now))
                 and self._ceiling.allows(count, now))
 
@@ -469,6 +469,9 @@ class Pool:
         rebalance = False
         with self._lock:
             keep = keep and not self._closed and now < entry.expires_at
+            overflow = (keep and not self._waiters and len(self._in_use) + len(self._idle)
+                        + self._opening > self._settings.max_size)
+            keep = keep and not overflow  # above max_size with nobody waiting: closed
             if keep and self._budget is not None and self._budget.surplus:
                 # Another pool below its fair share waits for a lease: give this one back
                 # (closed below; the coordinator hears of it from the reaper, not from here).
@@ -492,7 +495,7 @@ class Pool:
                 self._serve_waiters()
             closed = self._closed
         if not keep:
-            self._close_entry(entry, "rebalanced" if rebalance else
+            self._close_entry(entry, "rebalanced" if rebalance else "overflow" if overflow else
                               "broken" if entry.broken else "discarded")
             if closed and self._budget is not None:
                 self._budget.close()  # send the release now: the reaper no longer runs
@@ -732,7 +735,10 @@ class Pool:
                             "restored", "leaks", "lost")}
             stats.update(idle=len(self._idle), in_use=len(self._in_use),
                          opening=self._opening, waiting=len(self._waiters),
-                         max_size=self._settings.max_size, wait_timeout=self._wait_timeout,
+                         max_size=self._settings.max_size,
+                         max_overflow=self._settings.max_overflow,
+                         overflow_closed=self._stats.get("overflow", 0),
+                         wait_timeout=self._wait_timeout,
                          idle_timeout=self._lifetime.idle_timeout, ceiling=self._ceiling.value,
                          capacity_waits=self._stats.get("capacity_waits", 0))
             if self._budget is not None:

@@ -516,6 +516,25 @@ def test_ctrl_c_during_a_handshake_frees_the_slot(mariadb_factory: Any) -> None:
 # --- drop-in identity -----------------------------------------------------------------------
 
 
+def test_unchanged_code_holding_many_connections_never_waits(mariadb: MariaDB) -> None:
+    connguard.install()
+    try:
+        held = [pymysql.connect(**mariadb.connect_kwargs()) for _ in range(15)]  # > max_size
+        pool = dropin.pool_for(**mariadb.connect_kwargs())
+        assert pool.stats()["in_use"] == 15 and pool.stats()["waits"] == 0
+        held[0].cursorclass = pymysql.cursors.DictCursor  # Python-side, given back too
+        for conn in held:
+            conn.close()
+        stats = pool.stats()
+        assert (stats["idle"], stats["overflow_closed"]) == (10, 5)  # max_size kept
+        with pymysql.connect(**mariadb.connect_kwargs()) as conn, conn.cursor() as cur:
+            assert not isinstance(cur, pymysql.cursors.DictCursor)
+    finally:
+        connguard.uninstall()
+        dropin.close_all()
+
+
+
 def test_conflicting_pool_options_are_an_error(mariadb: MariaDB) -> None:
     try:
         first = dropin.pool_for(**mariadb.connect_kwargs(), max_size=3)
