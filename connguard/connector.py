@@ -57,6 +57,11 @@ class Connector:
             if translated is exc:
                 raise
             raise translated from exc
+        except UnicodeEncodeError as exc:  # a password PyMySQL cannot encode: not shown
+            if self.gate is not None:
+                self.gate.abandoned()
+            raise UnicodeEncodeError(exc.encoding, "", 0, 0, f"{exc.reason} (a connect "
+                                     "argument, perhaps the password: not shown)") from None
         except BaseException as exc:  # e.g. a missing ssl file, Ctrl-C: not the server's doing
             if self.gate is not None:
                 self.gate.abandoned()

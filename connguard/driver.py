@@ -187,6 +187,11 @@ class GuardedConnection(pymysql.connections.Connection):
             if translated is exc:
                 raise
             raise translated from exc
+        except BaseException:
+            # Ctrl-C, SystemExit, an async exception: the command may be half sent or its
+            # reply half read. The next command would be spliced into it: close instead.
+            self._force_close()
+            raise
         if not unbuffered:
             self._cg_marks &= ~STATUS_UNKNOWN
         return rows
@@ -210,6 +215,15 @@ class GuardedConnection(pymysql.connections.Connection):
     def set_character_set(self, charset: str, collation: Optional[str] = None) -> None:
         self._cg_marks |= CHARSET_CHANGED
         super().set_character_set(charset, collation)
+
+
+def _after_fork_in_child() -> None:
+    global _ssl_lock
+    _ssl_lock = threading.Lock()  # a parent thread may have held it at fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def set_keepalive(sock: socket.socket, idle: float, interval: float, count: int) -> None:

@@ -9,12 +9,14 @@ so unchanged code gets the same.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Dict, Hashable
 
 import pymysql
 import wrapt
 
+from connguard import coordination
 from connguard.arguments import POOL_OPTIONS, pool_key, split_arguments
 from connguard.pool import Pool, build_policies
 from connguard.proxy import PooledConnection
@@ -60,11 +62,18 @@ def _check_same_options(pool: Pool, options: Dict[str, Any]) -> None:
     conflicts = sorted(name for name, value in options.items()
                        if _held(pool, name) not in (value, _UNSET))
     if conflicts:
-        given = ", ".join(f"{name}={options[name]!r}" for name in conflicts)
-        held = ", ".join(f"{name}={_held(pool, name)!r}" for name in conflicts)
+        given = ", ".join(f"{name}={_shown(name, options[name])}" for name in conflicts)
+        held = ", ".join(f"{name}={_shown(name, _held(pool, name))}" for name in conflicts)
         raise ValueError(f"connguard.connect(): a pool for these connection arguments already "
                          f"exists with {held}; this call asks for {given}. Pass the same pool "
                          "options everywhere (or set them once with connguard.configure()).")
+
+
+def _shown(name: str, value: Any) -> str:
+    """An option value for a message: a coordinator URL without its password."""
+    if name == "coordinator" and isinstance(value, str):
+        return repr(coordination.redact_url(value))
+    return repr(value)
 
 
 def _held(pool: Pool, name: str) -> Any:
@@ -117,6 +126,15 @@ def uninstall() -> None:
         for name, original in _originals.items():
             setattr(pymysql, name, original)
         _originals.clear()
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # a parent thread may have held it (building a pool) at fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def installed() -> bool:

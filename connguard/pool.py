@@ -281,7 +281,10 @@ class Pool:
                     self._stats["timeouts"] += 1
                     raise self._timeout_error()
                 probe_in = self._next_probe(now)
-                waiter.cond.wait(remaining if probe_in is None else min(remaining, probe_in))
+                # A probe already due that _may_open still refused (handshake cap, lease
+                # ceiling): look again in 10 ms, not at once (no busy loop).
+                waiter.cond.wait(remaining if probe_in is None
+                                 else min(remaining, max(probe_in, 0.01)))
         except BaseException:
             self._give_back(waiter)
             raise
@@ -293,7 +296,11 @@ class Pool:
         entry, waiter.entry = waiter.entry, None
         if entry is not None:
             self._in_use.discard(entry)
-            self._idle.append(entry)
+            if self._closed:
+                entry.broken = True  # dropped without a word: no network I/O under the lock
+                self._close_entry(entry, "pool_closed")
+            else:
+                self._idle.append(entry)
         if waiter.may_open:
             waiter.may_open = False
             self._opening -= 1
@@ -391,9 +398,11 @@ class Pool:
                     self._in_use.add(entry)
                     self._last_refusal = None
                     self._ceiling.grew(len(self._in_use) + len(self._idle) + self._opening,
-                                       self._settings.max_size)
+                                       self._settings.limit)
                     if leased:
                         self._lease_ceiling.lift()
+                # A handshake slot is free (and the entry counted): the next waiter may open.
+                self._serve_waiters()
         except BaseException as exc:
             if conn is not None:
                 driver.drop(conn)  # interrupted after the handshake: nobody will use it
@@ -408,7 +417,12 @@ class Pool:
                 budget.release()
                 budget.close()
             raise errors.PoolClosed(repr(self))
-        self._mark_checked_out(entry, now)
+        try:
+            self._mark_checked_out(entry, now)
+        except BaseException:
+            entry.broken = True
+            self._release(entry)
+            raise
         return entry
 
     def _connect_failed(self, exc: BaseException) -> None:
@@ -547,6 +561,7 @@ class Pool:
     def _reconnect(self, entry: Entry) -> pymysql.connections.Connection:
         """``ping(reconnect=True)`` on a dead connection: a new server connection in the same
         slot (and lease), opened through the guarded path (resource guard, storm gate)."""
+        entry.conn._cg_on_error = None  # old cursors' errors must not condemn the new one
         driver.drop(entry.conn)
         entry.broken = True  # until the new connection is in place
         self._stats["closed"] += 1
@@ -596,6 +611,7 @@ class Pool:
             entry = self._idle.pop() if self._idle else None
             if entry is not None:
                 self._in_use.add(entry)
+                entry.uses += 1  # the reaper's snapshot must not take it while in use here
         if entry is None:
             return dict(self._server_limits)  # read at the first connect: better than nothing
         facts = {**self._server_limits, **driver.server_capacity(entry.conn, timeout=1.0)}

@@ -258,6 +258,12 @@ def _guarded(name: str) -> Any:
             return getattr(self.__wrapped__, name)(*args, **kwargs)
         except (pymysql.err.Error, OSError) as exc:
             self._self_fail(exc)
+        except BaseException:
+            # Interrupted mid-command (Ctrl-C, SystemExit): never hand this session on.
+            entry = self._self_entry
+            if entry is not None:
+                entry.broken = True
+            raise
 
     method.__name__ = name
     method.__doc__ = f"PyMySQL's ``{name}``, with connguard's error translation."

@@ -23,14 +23,17 @@ from typing import Any, Optional, Union
 
 # Statements whose first keyword says they change session state. ``SET`` covers session and
 # user variables, ``SET NAMES``, ``SET TRANSACTION`` and MariaDB's ``SET STATEMENT``.
-_VERBS = (r"SET|USE|LOCK|PREPARE|EXECUTE|DEALLOCATE|HANDLER|CALL|DO|XA"
-          r"|(?:CREATE|DROP)\s+(?:OR\s+REPLACE\s+)?TEMPORARY")
-# Leading whitespace, comments and parentheses before the first keyword.
-_LEAD = r"(?:\s+|/\*.*?\*/|(?:--\s|#)[^\n]*(?:\n|$)|\()*"
-# Anywhere in a statement: named locks, user-variable assignment (``:=``, ``INTO @v``) and
-# LAST_INSERT_ID(expr), which sets the session's value. Each has a "_", ":" or "@": a
-# statement with none of them is not searched at all (the common case costs three memchr).
-_ANYWHERE = r"GET_LOCK|:=|INTO\s*@|LAST_INSERT_ID\s*\(\s*[^)\s]"
+_VERBS = (r"SET|USE|LOCK|PREPARE|EXECUTE|DEALLOCATE|HANDLER|CALL|DO|XA|FLUSH|BACKUP|LOAD"
+          r"|BEGIN\s+NOT\s+ATOMIC|(?:CREATE|DROP)\s+(?:OR\s+REPLACE\s+)?TEMPORARY")
+# Leading whitespace, comments and parentheses before the first keyword. Executable comments
+# (``/*!40101 SET NAMES utf8 */``, MariaDB's ``/*M!...``) are not comments to the server:
+# they are caught by the anywhere-pattern below.
+_LEAD = r"(?:\s+|/\*(?!M?!).*?\*/|(?:--\s|#)[^\n]*(?:\n|$)|\()*"
+# Anywhere in a statement: named locks, user-variable assignment (``:=``, ``INTO @v``),
+# LAST_INSERT_ID(expr), which sets the session's value, executable comments, and a second
+# statement after a ";" (multi-statements: it is not judged by its first word). Each has a
+# "_", ":", "@", "!" or ";": a statement with none of them is not searched at all.
+_ANYWHERE = r"GET_LOCK|:=|INTO\s*@|LAST_INSERT_ID\s*\(\s*[^)\s]|/\*M?!|;\s*[^\s;]"
 _FLAGS = re.IGNORECASE | re.DOTALL
 
 VERB_TEXT = re.compile(f"{_LEAD}(?:{_VERBS})\\b", _FLAGS)
@@ -42,16 +45,18 @@ ANYWHERE_BYTES = re.compile(_ANYWHERE.encode(), _FLAGS)
 # The first four letters of the statements most programs send, none a session verb: for
 # these the verb pattern (half a microsecond) is not run, only the cheap checks below.
 _PLAIN_HEADS = frozenset({"SELE", "INSE", "UPDA", "DELE", "REPL", "WITH", "SHOW", "DESC",
-                          "EXPL", "COMM", "ROLL", "BEGI", "ALTE", "TRUN"})
+                          "EXPL", "COMM", "ROLL", "ALTE", "TRUN"})
 
 
 def may_change_session(sql: Union[str, bytes]) -> bool:
     """Whether ``sql`` may change session state the pool cannot track (see module doc)."""
     if isinstance(sql, str):
         return (sql[:4].upper() not in _PLAIN_HEADS and VERB_TEXT.match(sql) is not None) or (
-            ("_" in sql or ":" in sql or "@" in sql) and ANYWHERE_TEXT.search(sql) is not None)
+            ("_" in sql or ":" in sql or "@" in sql or "!" in sql or ";" in sql)
+            and ANYWHERE_TEXT.search(sql) is not None)
     return VERB_BYTES.match(sql) is not None or (
-        (b"_" in sql or b":" in sql or b"@" in sql) and ANYWHERE_BYTES.search(sql) is not None)
+        (b"_" in sql or b":" in sql or b"@" in sql or b"!" in sql or b";" in sql)
+        and ANYWHERE_BYTES.search(sql) is not None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -178,7 +178,7 @@ class Ceiling:
         """The limit is gone (e.g. a lease was granted): grow freely again."""
         self.value = None
 
-    def grew(self, held: int, max_size: int) -> None:
+    def grew(self, held: int, max_size: float) -> None:
         """A connect succeeded with ``held`` now open: lift the ceiling with it."""
         if self.value is not None and held > self.value:
             self.value = None if held >= max_size else held
@@ -438,6 +438,12 @@ def _after_fork_in_child() -> None:
     _gates_lock = threading.Lock()
     for gate in _gates.values():
         gate._lock = threading.Lock()
+        # A parent thread's probe in flight at fork time never finishes here: without this
+        # the child's breaker would stay half-open, refusing every connect, for good.
+        breaker = gate._breaker
+        if breaker.probing:
+            breaker.probing = False
+            breaker.state, breaker.open_until = OPEN, 0.0
 
 
 if hasattr(os, "register_at_fork"):

@@ -18,12 +18,16 @@ CHANGES = [
     "DEALLOCATE PREPARE s", "LOCK TABLES t READ", "HANDLER t OPEN", "CALL p()",
     "XA START 'x'", "SET STATEMENT max_statement_time=1 FOR SELECT 1",
     b"SET @a = 1", b"select get_lock('a', 0)",
+    "/*!40101 SET NAMES latin1 */", "/*M!100000 SET time_zone='+00:00' */",
+    "SELECT 1; SET time_zone = '+05:00'", "FLUSH TABLES WITH READ LOCK", "BACKUP STAGE START",
+    "BEGIN NOT ATOMIC SET @a = 1; END", "LOAD DATA INFILE 'f' INTO TABLE t (@v) SET a = @v",
 ]
 NO_CHANGE = [
     "SELECT 1", "(SELECT 1)", "select * from settings", "UPDATE t SET a = 1",
     "INSERT INTO t VALUES (1)", "CREATE TABLE t (x INT)", "DROP TABLE t",
     "SELECT LAST_INSERT_ID()", "select @@session.sql_mode", "SELECT user_id FROM users",
     "BEGIN", "COMMIT", "DELETE FROM t WHERE k = 'a:b'", b"SELECT user_id FROM t",
+    "SELECT 1;", "/* a comment */ SELECT 1", "SELECT 'hi!' FROM t",
 ]
 
 

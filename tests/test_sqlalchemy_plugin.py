@@ -466,7 +466,7 @@ def test_a_patched_pymysql_connect_is_honoured(mariadb: MariaDB, make_engine: En
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     calls = ConnectCalls()
     monkeypatch.setattr(pymysql, "connect", calls)
-    engine = make_engine()
+    engine = make_engine(connguard_reaper=False)  # the reaper would end CLOSE_WAIT first
     killed = _fill_idle(engine, 2)
     _kill_all(mariadb, killed, wait_close_wait=True)
     assert _core_query(engine) not in killed  # the replacement is connected the same way

@@ -560,3 +560,74 @@ def test_ssl_contexts_with_the_same_settings_share_a_pool(mariadb: MariaDB) -> N
         assert dropin.pool_for(**mariadb.connect_kwargs(ssl=context(False))) is not one
     finally:
         dropin.close_all()
+
+
+def test_callers_beyond_the_handshake_cap_are_served_as_connects_finish(
+        mariadb: MariaDB) -> None:
+    # 12 callers each keep a connection; 4 handshakes may run at once. Each finished
+    # handshake must let the next waiter open (not wait for a return that never comes).
+    pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=12, max_handshakes=4,
+                          checkout_timeout=20)
+    held: List[Any] = []
+    errors: List[BaseException] = []
+    lock = threading.Lock()
+
+    def take() -> None:
+        try:
+            conn = pool.connect()
+            with lock:
+                held.append(conn)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=take) for _ in range(12)]
+    started = time.monotonic()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE)
+        assert not errors, errors[:3]
+        assert len(held) == 12 and time.monotonic() - started < 15
+    finally:
+        for conn in held:
+            conn.close()
+        pool.close()
+
+
+def test_ctrl_c_during_a_query_never_hands_the_session_on(mariadb: MariaDB) -> None:
+    with connguard.Pool(**mariadb.connect_kwargs(), max_size=1) as pool:
+        conn = pool.connect()
+        tid = conn.thread_id()
+        def interrupt_when_running() -> None:
+            wait_until(lambda: mariadb.query(
+                "SELECT COUNT(*) FROM information_schema.processlist "
+                "WHERE info = 'SELECT SLEEP(20)'")[0][0] == 1, DEADLINE,
+                message="the query to run")
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+        wait_for_query = threading.Thread(target=interrupt_when_running)
+        wait_for_query.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                conn.query("SELECT SLEEP(20)")
+        finally:
+            wait_for_query.join(DEADLINE)
+        assert not conn.open  # the reply would have been read by the next command
+        conn.close()
+        with pool.connect() as conn:  # a new session, which answers its own query
+            assert conn.thread_id() != tid
+            with conn.cursor() as cur:
+                cur.execute("SELECT 5")
+                assert cur.fetchone() == (5,)
+
+
+def test_a_probe_in_flight_at_fork_does_not_stick_the_childs_breaker() -> None:
+    from connguard import storm
+
+    gate = storm.gate_for("127.0.0.1", 1, storm.StormPolicy())
+    with gate._lock:
+        gate._breaker.state, gate._breaker.probing = "half_open", True
+    storm._after_fork_in_child()  # what os.fork runs in the child
+    assert gate._breaker.probing is False
+    assert gate.admit(time.monotonic() + 1) is True  # the child probes for itself
