@@ -562,6 +562,9 @@ class Pool:
         """``ping(reconnect=True)`` on a dead connection: a new server connection in the same
         slot (and lease), opened through the guarded path (resource guard, storm gate)."""
         entry.conn._cg_on_error = None  # old cursors' errors must not condemn the new one
+        if entry.lease is not None:  # its cursors move to the new connection on next use
+            entry.lease.returned = True
+            entry.lease = None
         driver.drop(entry.conn)
         entry.broken = True  # until the new connection is in place
         self._stats["closed"] += 1

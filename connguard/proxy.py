@@ -213,7 +213,7 @@ class PooledCursor:
         self._cg_conn = conn  # PyMySQL sets it at init (the pooled connection) and on close
 
     def _get_db(self) -> Any:
-        if self._cg_lease.returned:
+        if self._cg_lease.returned and not self._follow_handle():
             raise pymysql.err.InterfaceError(0, "connection was closed (returned to the pool)")
         conn = self._cg_conn
         if conn is None:
@@ -221,10 +221,25 @@ class PooledCursor:
         return conn
 
     def close(self) -> None:
-        if self._cg_lease.returned:
+        if self._cg_lease.returned and not self._follow_handle():
             self._cg_conn = None  # the connection is someone else's now: do not touch it
             return
         super().close()  # type: ignore[misc]
+
+    def _follow_handle(self) -> bool:
+        """The checkout this cursor was made in ended. If its handle holds a connection
+        again (reopened with ``connect()`` or ``ping(reconnect=True)``), follow it, as a
+        PyMySQL cursor follows its reconnected connection; else False."""
+        entry = self._cg_handle._self_entry
+        if entry is None:
+            return False
+        lease = entry.lease
+        if lease is None:
+            lease = entry.lease = Lease()
+        self._cg_lease = lease
+        if self._cg_conn is not None:  # not closed by the caller: on the new connection
+            self._cg_conn = entry.conn
+        return True
 
 
 _cursor_classes: Dict[type, type] = {}

@@ -631,3 +631,21 @@ def test_a_probe_in_flight_at_fork_does_not_stick_the_childs_breaker() -> None:
     storm._after_fork_in_child()  # what os.fork runs in the child
     assert gate._breaker.probing is False
     assert gate.admit(time.monotonic() + 1) is True  # the child probes for itself
+
+
+def test_a_cursor_follows_its_handle_when_reconnected(mariadb: MariaDB) -> None:
+    with connguard.Pool(**mariadb.connect_kwargs(), max_size=1) as pool:
+        conn = pool.connect()
+        cur = conn.cursor()
+        conn.close()
+        with pytest.warns(DeprecationWarning):
+            conn.ping(reconnect=True)  # PyMySQL's own suite does this (test_issue_114)
+        cur.execute("SELECT 3")  # and a PyMySQL cursor follows its reconnected connection
+        assert cur.fetchone() == (3,)
+        mariadb.kill(conn.thread_id())
+        with pytest.warns(DeprecationWarning):
+            conn.ping(reconnect=True)  # dead: replaced through the pool
+        cur.execute("SELECT 4")
+        assert cur.fetchone() == (4,)
+        conn.close()
+        assert pool.stats()["broken"] == 0

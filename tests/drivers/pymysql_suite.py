@@ -25,8 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -35,35 +33,24 @@ from connguard.sandbox import MariaDB, Template
 # Run as a script, this file's directory is on sys.path, not the checkout's root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.drivers.connguard_install import OPENED_MARK  # noqa: E402
+from tests.drivers.outcomes import (  # noqa: E402
+    RUNS,
+    RunResult,
+    counts_line,
+    describe,
+    improvements,
+    parse_junit,
+    print_regressions,
+    read_allowlist,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 ALLOWLIST = Path(__file__).with_name("pymysql_allowed.txt")
-RUNS = ("plain", "connguard")
-STATUSES = ("passed", "failed", "error", "skipped")
 TEST2_PASSWORD = "some password"  # PyMySQL's ci/docker.json expects exactly this
 # local_infile for test_load_local; a packet limit above 16 MiB so test_largedata really
 # sends a multi-packet query instead of returning early.
 SERVER_OPTIONS = {"local_infile": True, "max_allowed_packet": "64M"}
-TIMEOUT_MARK = "Timeout (>"  # how pytest-timeout words a test it interrupted
 
-
-@dataclass(frozen=True)
-class Outcome:
-    status: str  # one of STATUSES
-    message: str = ""  # first line of the failure, error or skip reason
-
-    @property
-    def hang(self) -> bool:
-        return TIMEOUT_MARK in self.message
-
-
-@dataclass
-class RunResult:
-    name: str
-    seconds: float
-    returncode: Optional[int]  # None: killed at the session timeout
-    outcomes: Dict[str, Outcome]
-    log: Path
 
 
 # -- server ----------------------------------------------------------------------------------
@@ -170,58 +157,6 @@ def call_pytest(cmd: Sequence[str], args: argparse.Namespace, log: Path) -> Opti
 
 
 # -- reports ---------------------------------------------------------------------------------
-def first_line(text: Optional[str]) -> str:
-    for line in (text or "").splitlines():
-        if line.strip():
-            return line.strip()[:200]
-    return ""
-
-
-def case_outcome(case: ET.Element) -> Outcome:
-    # A test that failed and then errored in teardown shows both; the error ranks first.
-    found = {child.tag: child for child in case}
-    for tag, status in (("error", "error"), ("failure", "failed"), ("skipped", "skipped")):
-        child = found.get(tag)
-        if child is not None:
-            return Outcome(status, first_line(child.get("message")) or first_line(child.text))
-    return Outcome("passed")
-
-
-def parse_junit(path: Path) -> Dict[str, Outcome]:
-    outcomes = {}
-    for case in ET.parse(path).iter("testcase"):
-        outcomes[f"{case.get('classname')}::{case.get('name')}"] = case_outcome(case)
-    return outcomes
-
-
-def read_allowlist(path: Path) -> Dict[str, str]:
-    allowed = {}
-    if path.exists():
-        for raw in path.read_text().splitlines():
-            test_id, _, reason = raw.partition("#")
-            if test_id.strip():
-                allowed[test_id.strip()] = reason.strip()
-    return allowed
-
-
-def counts_line(result: RunResult) -> str:
-    counts = {s: 0 for s in STATUSES}
-    for outcome in result.outcomes.values():
-        counts[outcome.status] += 1
-    hangs = sum(o.hang for o in result.outcomes.values())
-    state = "killed at session timeout" if result.returncode is None \
-        else f"pytest exit {result.returncode}"
-    text = ", ".join(f"{counts[s]} {s}" for s in STATUSES)
-    return f"{result.name:9} {result.seconds:7.1f}s  {text} ({hangs} hung); {state}"
-
-
-def describe(outcome: Optional[Outcome]) -> str:
-    if outcome is None:
-        return "not run (missing from report)"
-    label = "hang" if outcome.hang else outcome.status
-    return f"{label}: {outcome.message}" if outcome.message else label
-
-
 def print_non_passing(result: RunResult) -> None:
     bad = {k: o for k, o in result.outcomes.items() if o.status in ("failed", "error")}
     print(f"\n{result.name}: {len(bad)} failing or erroring")
@@ -229,27 +164,11 @@ def print_non_passing(result: RunResult) -> None:
         print(f"  {test_id}\n      {describe(outcome)}")
 
 
-def regressions(plain: RunResult, guarded: RunResult) -> Dict[str, Optional[Outcome]]:
-    """Tests passing plainly that do not pass with connguard (missing ones included)."""
-    return {test_id: guarded.outcomes.get(test_id)
-            for test_id, outcome in sorted(plain.outcomes.items())
-            if outcome.status == "passed"
-            and getattr(guarded.outcomes.get(test_id), "status", None) != "passed"}
-
-
 def compare(plain: RunResult, guarded: RunResult, allowed: Dict[str, str]) -> int:
-    found = regressions(plain, guarded)
-    blocking = [t for t in found if t not in allowed]
-    print(f"\nPassing plainly, not with connguard: {len(found)} "
-          f"({len(found) - len(blocking)} allowlisted)")
-    for test_id, outcome in found.items():
-        note = f"  [allowed: {allowed[test_id]}]" if test_id in allowed else ""
-        print(f"  {test_id}{note}\n      {describe(outcome)}")
-    improved = [t for t, o in guarded.outcomes.items()
-                if o.status == "passed" and t in plain.outcomes
-                and plain.outcomes[t].status in ("failed", "error")]
+    blocking = print_regressions(plain, guarded, allowed)
+    improved = improvements(plain, guarded)
     if improved:
-        print(f"\nFailing plainly, passing with connguard: {', '.join(sorted(improved))}")
+        print(f"\nFailing plainly, passing with connguard: {', '.join(improved)}")
     return 1 if blocking else 0
 
 

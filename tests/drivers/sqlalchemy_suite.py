@@ -43,10 +43,21 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 from connguard.sandbox import MariaDB, Template
 
+# Run as a script, this file's directory is on sys.path, not the checkout's root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.drivers.outcomes import (  # noqa: E402
+    RUNS,
+    RunResult,
+    counts_line,
+    describe,
+    improvements,
+    parse_junit,
+    print_regressions,
+    read_allowlist,
+)
+
 REPO = Path(__file__).resolve().parents[2]
 ALLOWLIST = Path(__file__).with_name("sqlalchemy_allowed.txt")
-RUNS = ("plain", "connguard")
-STATUSES = ("passed", "failed", "error", "skipped")
 DEFAULT_PATHS = (
     "test/dialect/mysql",
     "test/engine/test_reconnect.py",
@@ -62,28 +73,14 @@ DB_USER, DB_PASSWORD, DB_NAME = "scott", "tiger", "test"  # SQLAlchemy's setup.c
 SCHEMAS = (DB_NAME, "test_schema", "test_schema_2")
 # As README.unittests.rst starts its MariaDB container: utf8mb4, utf8mb4_unicode_ci.
 SERVER_OPTIONS = {"collation_server": "utf8mb4_unicode_ci", "max_connections": 300}
-TIMEOUT_MARK = "Timeout (>"  # how pytest-timeout words a test it interrupted
 REPORT_ENV = "SQLA_CONNGUARD_REPORT"  # see sqla_connguard.py
 OPTIONS_ENV = "SQLA_CONNGUARD_OPTIONS"
 
 
-@dataclass(frozen=True)
-class Outcome:
-    status: str  # one of STATUSES
-    message: str = ""  # first line of the failure, error or skip reason
-
-    @property
-    def hang(self) -> bool:
-        return TIMEOUT_MARK in self.message
-
-
 @dataclass
-class RunResult:
-    name: str
-    seconds: float
-    returncode: Optional[int]  # None: killed at the session timeout
-    outcomes: Dict[str, Outcome]
-    log: Path
+class PluginRunResult(RunResult):
+    """A run's outcomes and the connguard plugin's counts of the engines it saw."""
+
     engines: Dict[str, int] = field(default_factory=dict)  # the plugin's counts
 
 
@@ -180,7 +177,7 @@ def pytest_env(report: Path, plugin_options: Dict[str, str]) -> Dict[str, str]:
     return env
 
 
-def run_suite(args: argparse.Namespace, template: Template, run: str) -> RunResult:
+def run_suite(args: argparse.Namespace, template: Template, run: str) -> PluginRunResult:
     junit, log, counts = (args.workdir / f"{run}{ext}" for ext in (".xml", ".log", ".json"))
     for path in (junit, counts):
         path.unlink(missing_ok=True)
@@ -189,9 +186,10 @@ def run_suite(args: argparse.Namespace, template: Template, run: str) -> RunResu
         began = time.monotonic()
         returncode = call_pytest(cmd, args, log, counts)
         seconds = time.monotonic() - began
-    outcomes = parse_junit(junit, args.src) if junit.exists() else {}
+    outcomes = (parse_junit(junit, lambda case: node_id(case, args.src))
+                if junit.exists() else {})
     engines = json.loads(counts.read_text()) if counts.exists() else {}
-    return RunResult(run, seconds, returncode, outcomes, log, engines)
+    return PluginRunResult(run, seconds, returncode, outcomes, log, engines)
 
 
 def call_pytest(cmd: Sequence[str], args: argparse.Namespace, log: Path,
@@ -209,25 +207,9 @@ def call_pytest(cmd: Sequence[str], args: argparse.Namespace, log: Path,
 
 
 # -- reports ---------------------------------------------------------------------------------
-def first_line(text: Optional[str]) -> str:
-    for line in (text or "").splitlines():
-        if line.strip():
-            return line.strip()[:200]
-    return ""
-
-
-def case_outcome(case: ET.Element) -> Outcome:
-    # A test that failed and then errored in teardown shows both; the error ranks first.
-    found = {child.tag: child for child in case}
-    for tag, status in (("error", "error"), ("failure", "failed"), ("skipped", "skipped")):
-        child = found.get(tag)
-        if child is not None:
-            return Outcome(status, first_line(child.get("message")) or first_line(child.text))
-    return Outcome("passed")
-
-
-def node_id(classname: str, name: str, src: Path) -> str:
+def node_id(case: ET.Element, src: Path) -> str:
     """pytest's node id from JUnit's dotted classname (module path, then classes)."""
+    classname, name = case.get("classname") or "", case.get("name") or ""
     parts = classname.split(".")
     for cut in range(len(parts), 0, -1):
         module = Path(*parts[:cut]).with_suffix(".py")
@@ -236,36 +218,7 @@ def node_id(classname: str, name: str, src: Path) -> str:
     return f"{classname}::{name}"
 
 
-def parse_junit(path: Path, src: Path) -> Dict[str, Outcome]:
-    outcomes: Dict[str, Outcome] = {}
-    for case in ET.parse(path).iter("testcase"):
-        test_id = node_id(case.get("classname") or "", case.get("name") or "", src)
-        outcomes[test_id] = case_outcome(case)
-    return outcomes
-
-
-def read_allowlist(path: Path) -> Dict[str, str]:
-    allowed = {}
-    if path.exists():
-        for raw in path.read_text().splitlines():
-            test_id, _, reason = raw.partition("#")
-            if test_id.strip():
-                allowed[test_id.strip()] = reason.strip()
-    return allowed
-
-
-def counts_line(result: RunResult) -> str:
-    counts = {s: 0 for s in STATUSES}
-    for outcome in result.outcomes.values():
-        counts[outcome.status] += 1
-    hangs = sum(o.hang for o in result.outcomes.values())
-    state = "killed at session timeout" if result.returncode is None \
-        else f"pytest exit {result.returncode}"
-    text = ", ".join(f"{counts[s]} {s}" for s in STATUSES)
-    return f"{result.name:9} {result.seconds:7.1f}s  {text} ({hangs} hung); {state}"
-
-
-def engines_line(result: RunResult, options: Dict[str, str]) -> str:
+def engines_line(result: PluginRunResult, options: Dict[str, str]) -> str:
     e = result.engines
     if not e:
         return "connguard plugin: no count written (plugin not loaded?)"
@@ -275,7 +228,7 @@ def engines_line(result: RunResult, options: Dict[str, str]) -> str:
             f"(create_engine wrapped in {e.get('rebound', 0)} module attributes)")
 
 
-def sqlalchemy_line(result: RunResult) -> str:
+def sqlalchemy_line(result: PluginRunResult) -> str:
     """The 'Path: .../sqlalchemy/__init__.py' line SQLAlchemy's harness logs."""
     with contextlib.suppress(OSError):
         match = re.search(r"^Path: (.*)$", result.log.read_text(errors="replace"), re.M)
@@ -284,32 +237,9 @@ def sqlalchemy_line(result: RunResult) -> str:
     return "SQLAlchemy path not logged"
 
 
-def describe(outcome: Optional[Outcome]) -> str:
-    if outcome is None:
-        return "not run (missing from report)"
-    label = "hang" if outcome.hang else outcome.status
-    return f"{label}: {outcome.message}" if outcome.message else label
-
-
-def regressions(plain: RunResult, guarded: RunResult) -> Dict[str, Optional[Outcome]]:
-    """Tests passing plainly that do not pass with the plugin (missing ones included)."""
-    return {test_id: guarded.outcomes.get(test_id)
-            for test_id, outcome in sorted(plain.outcomes.items())
-            if outcome.status == "passed"
-            and getattr(guarded.outcomes.get(test_id), "status", None) != "passed"}
-
-
 def compare(plain: RunResult, guarded: RunResult, allowed: Dict[str, str]) -> int:
-    found = regressions(plain, guarded)
-    blocking = [t for t in found if t not in allowed]
-    print(f"\nPassing plainly, not with connguard: {len(found)} "
-          f"({len(found) - len(blocking)} allowlisted)")
-    for test_id, outcome in found.items():
-        note = f"  [allowed: {allowed[test_id]}]" if test_id in allowed else ""
-        print(f"  {test_id}{note}\n      {describe(outcome)}")
-    improved = sorted(t for t, o in guarded.outcomes.items()
-                      if o.status == "passed" and t in plain.outcomes
-                      and plain.outcomes[t].status in ("failed", "error"))
+    blocking = print_regressions(plain, guarded, allowed)
+    improved = improvements(plain, guarded)
     if improved:
         print(f"\nFailing plainly, passing with connguard: {len(improved)}")
         for test_id in improved:
@@ -317,7 +247,7 @@ def compare(plain: RunResult, guarded: RunResult, allowed: Dict[str, str]) -> in
     return 1 if blocking else 0
 
 
-def report(results: Dict[str, RunResult], options: Dict[str, str]) -> int:
+def report(results: Dict[str, PluginRunResult], options: Dict[str, str]) -> int:
     print("\n== SQLAlchemy suite: plain vs plugins=['connguard'] ==")
     for result in results.values():
         print(counts_line(result))

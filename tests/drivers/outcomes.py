@@ -1,0 +1,126 @@
+"""Test outcomes read from pytest's JUnit XML, two runs compared, allowlists, report lines.
+
+Shared by the drivers' suite runners (``pymysql_suite.py``, ``sqlalchemy_suite.py``), which
+run a driver's own tests once plainly and once with connguard and compare the outcomes.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+RUNS = ("plain", "connguard")
+STATUSES = ("passed", "failed", "error", "skipped")
+TIMEOUT_MARK = "Timeout (>"  # how pytest-timeout words a test it interrupted
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # one of STATUSES
+    message: str = ""  # first line of the failure, error or skip reason
+
+    @property
+    def hang(self) -> bool:
+        return TIMEOUT_MARK in self.message
+
+
+@dataclass
+class RunResult:
+    name: str
+    seconds: float
+    returncode: Optional[int]  # None: killed at the session timeout
+    outcomes: Dict[str, Outcome]
+    log: Path
+
+
+# -- JUnit XML -------------------------------------------------------------------------------
+def first_line(text: Optional[str]) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()[:200]
+    return ""
+
+
+def case_outcome(case: ET.Element) -> Outcome:
+    # A test that failed and then errored in teardown shows both; the error ranks first.
+    found = {child.tag: child for child in case}
+    for tag, status in (("error", "error"), ("failure", "failed"), ("skipped", "skipped")):
+        child = found.get(tag)
+        if child is not None:
+            return Outcome(status, first_line(child.get("message")) or first_line(child.text))
+    return Outcome("passed")
+
+
+def junit_id(case: ET.Element) -> str:
+    """A test's id as JUnit gives it: ``classname::name``."""
+    return f"{case.get('classname')}::{case.get('name')}"
+
+
+def parse_junit(path: Path,
+                test_id: Callable[[ET.Element], str] = junit_id) -> Dict[str, Outcome]:
+    """Every ``testcase`` in the report at ``path``, keyed by ``test_id(case)``."""
+    outcomes: Dict[str, Outcome] = {}
+    for case in ET.parse(path).iter("testcase"):
+        outcomes[test_id(case)] = case_outcome(case)
+    return outcomes
+
+
+# -- allowlists ------------------------------------------------------------------------------
+def read_allowlist(path: Path) -> Dict[str, str]:
+    """``test id  # reason`` a line; test id -> reason (empty when the file is absent)."""
+    allowed = {}
+    if path.exists():
+        for raw in path.read_text().splitlines():
+            test_id, _, reason = raw.partition("#")
+            if test_id.strip():
+                allowed[test_id.strip()] = reason.strip()
+    return allowed
+
+
+# -- report lines ----------------------------------------------------------------------------
+def counts_line(result: RunResult) -> str:
+    counts = {s: 0 for s in STATUSES}
+    for outcome in result.outcomes.values():
+        counts[outcome.status] += 1
+    hangs = sum(o.hang for o in result.outcomes.values())
+    state = "killed at session timeout" if result.returncode is None \
+        else f"pytest exit {result.returncode}"
+    text = ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+    return f"{result.name:9} {result.seconds:7.1f}s  {text} ({hangs} hung); {state}"
+
+
+def describe(outcome: Optional[Outcome]) -> str:
+    if outcome is None:
+        return "not run (missing from report)"
+    label = "hang" if outcome.hang else outcome.status
+    return f"{label}: {outcome.message}" if outcome.message else label
+
+
+# -- two runs compared -----------------------------------------------------------------------
+def regressions(plain: RunResult, guarded: RunResult) -> Dict[str, Optional[Outcome]]:
+    """Tests passing plainly that do not pass with connguard (missing ones included)."""
+    return {test_id: guarded.outcomes.get(test_id)
+            for test_id, outcome in sorted(plain.outcomes.items())
+            if outcome.status == "passed"
+            and getattr(guarded.outcomes.get(test_id), "status", None) != "passed"}
+
+
+def improvements(plain: RunResult, guarded: RunResult) -> List[str]:
+    """Tests failing or erroring plainly that pass with connguard, sorted."""
+    return sorted(t for t, o in guarded.outcomes.items()
+                  if o.status == "passed" and t in plain.outcomes
+                  and plain.outcomes[t].status in ("failed", "error"))
+
+
+def print_regressions(plain: RunResult, guarded: RunResult, allowed: Dict[str, str]) -> int:
+    """Print the tests passing plainly, not with connguard; how many are not allowlisted."""
+    found = regressions(plain, guarded)
+    blocking = [t for t in found if t not in allowed]
+    print(f"\nPassing plainly, not with connguard: {len(found)} "
+          f"({len(found) - len(blocking)} allowlisted)")
+    for test_id, outcome in found.items():
+        note = f"  [allowed: {allowed[test_id]}]" if test_id in allowed else ""
+        print(f"  {test_id}{note}\n      {describe(outcome)}")
+    return len(blocking)
