@@ -41,8 +41,14 @@ def __getattr__(name: str) -> object:
     # The SQLAlchemy plugin's helpers load on first use: SQLAlchemy is an optional extra,
     # and `import connguard` must not require it.
     if name in ("stats", "ConnGuardPluginWarning"):
-        from connguard import sqlalchemy_plugin
-
+        try:
+            from connguard import sqlalchemy_plugin
+        except ModuleNotFoundError as exc:
+            if exc.name != "sqlalchemy":
+                raise
+            raise ModuleNotFoundError(
+                f"connguard.{name} is for SQLAlchemy engines and needs SQLAlchemy: "
+                "pip install 'connguard[sqlalchemy]'", name="sqlalchemy") from None
         return getattr(sqlalchemy_plugin, name)
     raise AttributeError(f"module 'connguard' has no attribute {name!r}")
 
