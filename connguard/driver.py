@@ -278,13 +278,6 @@ _IN_TRANS = SERVER_STATUS.SERVER_STATUS_IN_TRANS
 _AUTOCOMMIT = SERVER_STATUS.SERVER_STATUS_AUTOCOMMIT
 
 
-def pending_results(conn: pymysql.connections.Connection) -> bool:
-    """Rows or result sets the server sent that nobody read (an unbuffered cursor not
-    exhausted, the further results of a CALL): the next command would read them instead."""
-    result = conn._result
-    return result is not None and bool(result.unbuffered_active or result.has_next)
-
-
 def clean_return(conn: GuardedConnection, autocommit: bool) -> bool:
     """A return with nothing to undo (the common case, decided with no round trip): the
     socket open, nothing marked, no transaction open by the last reply's flags, autocommit
@@ -321,7 +314,8 @@ def reset_connection(conn: pymysql.connections.Connection) -> None:
 
 
 def drain_results(conn: pymysql.connections.Connection) -> None:
-    """Read and drop what the server sent that nobody read (see :func:`pending_results`)."""
+    """Read and drop what the server sent that nobody read (an unbuffered cursor not
+    exhausted, the further results of a CALL): the next command would read them instead."""
     result = conn._result
     if result is not None and result.unbuffered_active:
         result._finish_unbuffered_query()
