@@ -13,7 +13,8 @@ POOL_OPTIONS = frozenset({
     "max_lifetime", "lifetime_jitter", "idle_timeout", "reset", "keepalive",
     "resource_guard", "fd_reserve", "port_reserve",
     "storm_control", "host_gate", "max_connect_rate", "connect_burst", "max_handshakes",
-    "backoff_initial", "backoff_max", "breaker_threshold", "ceiling_probe",
+    "backoff_initial", "backoff_max", "breaker_threshold", "ceiling_probe", "fail_fast",
+    "reconnect_rate", "reconnect_burst",
     "coordinator", "global_max", "coordinator_fail", "lease_ttl", "coordinator_key",
 })
 

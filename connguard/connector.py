@@ -7,6 +7,7 @@ with the cached SSL context, and any failure leaves here translated.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import pymysql
@@ -14,6 +15,11 @@ import pymysql
 from connguard import driver, errors
 from connguard.guard import ResourceGuard
 from connguard.storm import ConnectGate
+
+#: Connect failures of a server that is down or restarting (refused, unreachable, timed out,
+#: cut off during the handshake, shutting down, listen queue full): worth waiting out.
+OUTAGE_ERRORS = (errors.ServerUnavailable, errors.ConnectionLost, errors.ServerShuttingDown,
+                 errors.ResourceTemporarilyUnavailable)
 
 #: MySQL codes whose message is worth the server's own numbers (max_connections, ...).
 SERVER_FACT_CODES = frozenset({1040, 1129, 1135, 1203, 1226})
@@ -27,8 +33,10 @@ class Connector:
     def __init__(self, connect_kwargs: Dict[str, Any], guard: Optional[ResourceGuard] = None,
                  gate: Optional[ConnectGate] = None,
                  server_facts: Optional[FactSource] = None,
-                 keepalive: Optional[Tuple[float, float, int]] = None) -> None:
+                 keepalive: Optional[Tuple[float, float, int]] = None,
+                 fail_fast: bool = False) -> None:
         self.kwargs = connect_kwargs
+        self.fail_fast = fail_fast  # how this pool's callers take an open breaker
         self.keepalive = keepalive
         self.host, self.port = driver.destination(connect_kwargs)
         self.guard = guard
@@ -42,11 +50,34 @@ class Connector:
 
         ``connect``: what opens it, instead of connguard's own PyMySQL connection (the
         SQLAlchemy plugin passes the dialect's connect); guard, gate and translation stay.
+
+        During an outage of a server this process has reached before, a failed attempt is
+        not the caller's answer: it waits for the gate's next attempt (backoff, breaker
+        probe) until ``deadline``, then gets ServerUnavailable with the last cause. A
+        server never reached (a wrong port, a typo in the host) answers at once, as
+        ``pymysql.connect`` would; so does every error retrying cannot fix.
         """
-        if self.guard is not None:
-            self.guard.preflight()
-        if self.gate is not None:
-            self.gate.admit(deadline)
+        while True:
+            if self.guard is not None:
+                self.guard.preflight()
+            if self.gate is not None:
+                self.gate.admit(deadline, self.fail_fast)  # its refusals are final
+            try:
+                return self._attempt(deadline, connect)
+            except errors.ConnGuardError as exc:
+                if not self._wait_out(exc, deadline):
+                    raise
+
+    def _wait_out(self, exc: errors.ConnGuardError, deadline: float) -> bool:
+        """Should the caller wait for the next attempt rather than get ``exc``?"""
+        gate = self.gate
+        return (gate is not None and not self.fail_fast and gate.reached
+                and isinstance(exc, OUTAGE_ERRORS) and exc.transient
+                and time.monotonic() < deadline)
+
+    def _attempt(self, deadline: float,
+                 connect: Optional[Callable[[], Any]]) -> pymysql.connections.Connection:
+        """One connect the gate admitted; its outcome is reported to the gate."""
         try:
             conn = (connect() if connect is not None else
                     driver.open_connection(self.kwargs, deadline, self.keepalive))

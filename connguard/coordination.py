@@ -125,14 +125,7 @@ class BackendDown(Exception):
 
 def summary(exc: Optional[BaseException], limit: int = 300) -> str:
     """``ClassName: first line`` of an exception, bounded (it goes over the wire)."""
-    if exc is None:
-        return ""
-    try:
-        first = getattr(exc, "cause", "") or str(exc).split("\n", 1)[0]
-    except Exception:  # noqa: BLE001 - a broken __str__ must not break error handling
-        first = ""
-    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return text[:limit]
+    return (errors.summary(exc) or "")[:limit]
 
 
 def redact_url(url: str) -> str:

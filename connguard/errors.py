@@ -316,7 +316,7 @@ class PoolTimeout(ConnGuardError, pymysql.err.OperationalError):
             "destination": destination,
             "host": host,
             "port": port,
-            "last_cause": _summary(last_cause),
+            "last_cause": summary(last_cause),
             "last_docs": getattr(last_cause, "docs", None),
         }
         cause = _render(_POOL_TIMEOUT_CAUSE, _facts(diagnosis))
@@ -370,7 +370,7 @@ class CircuitOpen(ConnGuardError, pymysql.err.OperationalError):
             "failures": failures,
             "host": host,
             "port": port,
-            "last_cause": _summary(last_cause),
+            "last_cause": summary(last_cause),
             "last_docs": getattr(last_cause, "docs", None),
         }
         cause = _render(_CIRCUIT_CAUSE, _facts(diagnosis))
@@ -380,6 +380,55 @@ class CircuitOpen(ConnGuardError, pymysql.err.OperationalError):
         self.failures = failures
         _describe(self, cause, _CIRCUIT_REMEDIES, diagnosis, None)
         self.__cause__ = last_cause
+
+
+_OUTAGE_CAUSE = (
+    "no new connection[ to {target}] for {down_for} s[ ({failures} failures in a row)]"
+    "[; this caller waited {waited} s for the next attempt][; last: {last_cause}]"
+)
+_OUTAGE_REMEDIES = (
+    "[fix the last failure (see {last_docs})|fix the last failure]: the pool keeps trying "
+    "once per backoff interval and serves waiting callers as soon as an attempt succeeds",
+    "a caller that can wait longer gets its connection without an error when the server "
+    "comes back within its timeout (checkout_timeout / pool_timeout)",
+    "fail_fast=True answers at once with CircuitOpen while the breaker is open instead",
+)
+
+
+def outage_error(
+    last_cause: Optional[BaseException],
+    down_for: float,
+    waited: float,
+    *,
+    failures: Optional[int] = None,
+    host: Optional[str] = None,
+    port: Optional[int] = None,
+) -> ServerUnavailable:
+    """:class:`ServerUnavailable` for a caller whose wait ended while connects kept failing.
+
+    ``down_for``: seconds since the first failure of the streak; ``waited``: how long this
+    caller waited. ``last_cause`` (the last failure, translated) is kept as ``.last_cause``
+    and chained as ``__cause__``. ``args`` is ``(2003, first line)``, PyMySQL's code for a
+    failed connect, so handlers that look at ``args[0]`` see a connect failure.
+    """
+    diagnosis: Dict[str, Any] = {
+        "down_for": round(down_for, 2),
+        "waited": round(waited, 2) if waited >= 0.01 else None,
+        "failures": failures,
+        "host": host,
+        "port": port,
+        "last_cause": summary(last_cause),
+        "last_docs": getattr(last_cause, "docs", None),
+    }
+    text = _render(_OUTAGE_CAUSE, _facts(diagnosis))
+    err = ServerUnavailable(CR.CR_CONN_HOST_ERROR, text)
+    _describe(err, text, _OUTAGE_REMEDIES, diagnosis, None)
+    err.last_cause = last_cause
+    err.down_for = down_for
+    err.waited = waited
+    if last_cause is not None:
+        err.__cause__ = last_cause
+    return err
 
 
 _POOL_TIMEOUT_CAUSE = (
@@ -411,7 +460,7 @@ _CIRCUIT_REMEDIES = (
 )
 
 
-def _summary(exc: Optional[BaseException]) -> Optional[str]:
+def summary(exc: Optional[BaseException]) -> Optional[str]:
     """``ClassName: cause`` of an exception (its first line if it has no cause)."""
     if exc is None:
         return None

@@ -23,6 +23,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 import pymysql
 
 from connguard import coordination, driver, errors, reaper, storm
+from connguard.admission import Admission
 from connguard.arguments import split_arguments
 from connguard.connector import Connector
 from connguard.guard import ResourceGuard
@@ -128,24 +129,23 @@ class Pool:
         self._host, self._port = driver.destination(self._connect_kwargs)
         self._storm: Optional[StormPolicy] = (
             storm.policy_from_options(options) if options.get("storm_control", True) else None)
-        self._max_handshakes = (self._storm.max_handshakes if self._storm
-                                else self._settings.max_size)
-        self._ceiling = Ceiling(self._storm.ceiling_probe if self._storm else 1.0)
         self._coordination = coordination.settings_from_options(options)
         self._coordinator = (coordination.coordinator_for(self._coordination.coordinator)
                              if self._coordination.coordinator is not None else None)
         self._destination = coordination.destination_key(self._host, self._port,
                                                           self._coordination.key)
         self._budget = self._make_budget()
-        # Like the server's ceiling, for the global budget: held while no lease is to be had.
-        self._lease_ceiling = Ceiling(coordination.LEASE_PROBE)
+        # Growth: handshake cap, the ceilings learnt from the server and the global budget.
+        self._admission = Admission.for_policy(self._storm, self._settings.limit,
+                                               budget=self._budget is not None)
         self._keepalive: Optional[KeepalivePolicy] = keepalive_from_option(
             options.get("keepalive", True))
         self._connector = Connector(self._connect_kwargs, guard=self._make_guard(options),
                                     gate=self._make_gate(options),
                                     server_facts=self._server_facts,
                                     keepalive=self._keepalive.as_tuple()
-                                    if self._keepalive else None)
+                                    if self._keepalive else None,
+                                    fail_fast=bool(self._storm and self._storm.fail_fast))
         self._options = dict(options)  # as given: the drop-in compares later calls to them
         self._wait_timeout: Optional[int] = None
         self._server_limits: Dict[str, Any] = {}
@@ -157,7 +157,6 @@ class Pool:
         self._opening = 0
         self._top_up_running = False
         self._closed = False
-        self._last_refusal: Optional[BaseException] = None  # the server's last "full" answer
         self._stats: Counter = Counter()
         reaper.register(self)
 
@@ -218,12 +217,11 @@ class Pool:
         while True:
             entry = self._take_or_reserve(started)
             if entry is None:
-                try:
-                    return self._open_reserved(started + self._settings.checkout_timeout)
-                except errors.ConnGuardError as exc:
-                    if not self._wait_instead(exc):
-                        raise
-                now = self._clock()
+                entry = self._open_reserved(started + self._settings.checkout_timeout,
+                                            may_wait=True)
+                if entry is not None:
+                    return entry
+                now = self._clock()  # refused (server full, no lease): wait in line
                 continue
             try:
                 reason = retire_reason(entry, now, self._lifetime)
@@ -278,13 +276,11 @@ class Pool:
                 now = self._clock()
                 remaining = deadline - now
                 if remaining <= 0:
-                    self._stats["timeouts"] += 1
-                    raise self._timeout_error()
-                probe_in = self._next_probe(now)
-                # A probe already due that _may_open still refused (handshake cap, lease
-                # ceiling): look again in 10 ms, not at once (no busy loop).
-                waiter.cond.wait(remaining if probe_in is None
-                                 else min(remaining, max(probe_in, 0.01)))
+                    if not self._handshakes_only():
+                        self._stats["timeouts"] += 1
+                        raise self._timeout_error()
+                    remaining = storm.MAX_PAUSE  # a finished handshake wakes us earlier
+                waiter.cond.wait(self._admission.pause(remaining, now))
         except BaseException:
             self._give_back(waiter)
             raise
@@ -322,49 +318,30 @@ class Pool:
             head.cond.notify()
 
     def _may_open(self, now: float) -> bool:
-        """Under the lock: may one more connection be opened now? Bounded by max_size, the
-        handshakes already running, the ceiling the server taught us and, with a global
-        budget, the ceiling at which no lease was to be had."""
-        count = len(self._in_use) + len(self._idle) + self._opening
-        return (count < self._settings.limit and self._opening < self._max_handshakes
-                and (self._budget is None or self._lease_ceiling.allows(count, now))
-                and self._ceiling.allows(count, now))
+        """Under the lock: may one more connection be opened now? (see Admission)"""
+        return self._admission.may_open(len(self._in_use) + len(self._idle) + self._opening,
+                                        self._opening, now)
 
-    def _next_probe(self, now: float) -> Optional[float]:
-        """Under the lock: seconds until a ceiling lets one more connect try, if one holds."""
-        times = [t for t in (self._ceiling.seconds_to_probe(now),
-                             self._lease_ceiling.seconds_to_probe(now)) if t is not None]
-        return min(times) if times else None
+    def _handshakes_only(self) -> bool:
+        """Under the lock: is the pool growing toward a server that answers, held back only
+        by its handshake cap? (Then a caller waits past its timeout, see Admission.)"""
+        gate = self._connector.gate
+        return (self._admission.handshakes_only(
+            len(self._in_use) + len(self._idle) + self._opening, self._opening)
+            and not (gate is not None and gate.failing))
 
-    def _wait_instead(self, exc: errors.ConnGuardError) -> bool:
-        """After a failed connect: wait for a returned connection rather than fail?
-
-        Yes when the server said it is full (1040, 1203, 1226, 1135): the ceiling is now
-        lowered, and the connections this pool holds will come back to the waiting callers.
-        Yes when the global budget has no lease: the pool waits for its own connections,
-        or, holding none, for a lease to free (asking again now and then). When the
-        coordinator is down and the pool fails closed: only if it holds connections.
-        """
-        code = exc.args[0] if exc.args else None
-        if code in storm.CAPACITY_CODES:
-            self._stats["capacity_waits"] += 1
-            return True
-        if isinstance(exc, coordination.LeaseUnavailable):
-            self._stats["lease_waits"] += 1
-            return True
-        if isinstance(exc, coordination.CoordinatorUnavailable):
-            with self._lock:
-                holds = bool(self._in_use or self._idle or self._opening)
-            if holds:
-                self._stats["lease_waits"] += 1
-            return holds
-        return False
-
-    def _timeout_error(self) -> errors.PoolTimeout:
-        # Name the server's refusal when that is why nothing could be opened.
-        return errors.PoolTimeout(self._settings.max_size, len(self._in_use),
-                                  self._settings.checkout_timeout, host=self._host,
-                                  port=self._port or None, last_cause=self._last_refusal)
+    def _timeout_error(self) -> errors.ConnGuardError:
+        """Under the lock. While connects fail for want of a server, the outage is the
+        answer (last cause, how long); otherwise PoolTimeout, naming the server's refusal
+        when that is why nothing could be opened."""
+        waited = self._settings.checkout_timeout
+        gate = self._connector.gate
+        outage = gate.outage(waited) if gate is not None else None
+        if outage is not None:
+            return outage
+        return errors.PoolTimeout(self._settings.max_size, len(self._in_use), waited,
+                                  host=self._host, port=self._port or None,
+                                  last_cause=self._admission.last_refusal)
 
     def _mark_checked_out(self, entry: Entry, now: float) -> None:
         entry.uses += 1
@@ -373,10 +350,13 @@ class Pool:
             entry.checkout_stack = "".join(traceback.format_stack(limit=12)[:-3])
             entry.leak_reported = False
 
-    def _open_reserved(self, deadline: float = float("inf")) -> Entry:
+    def _open_reserved(self, deadline: float = float("inf"),
+                       may_wait: bool = False) -> Optional[Entry]:
         """Open a connection in the slot reserved under the lock; the slot is freed on error.
 
-        With a global budget the lease comes first (outside the lock, like the connect)."""
+        With a global budget the lease comes first (outside the lock, like the connect).
+        ``may_wait``: return None instead of raising when the refusal means "wait" (the
+        server is full, no lease: see Admission.refused)."""
         budget = self._budget
         leased = counted = False
         conn = None
@@ -396,11 +376,8 @@ class Pool:
                 closed = self._closed
                 if not closed:
                     self._in_use.add(entry)
-                    self._last_refusal = None
-                    self._ceiling.grew(len(self._in_use) + len(self._idle) + self._opening,
-                                       self._settings.limit)
-                    if leased:
-                        self._lease_ceiling.lift()
+                    self._admission.opened(len(self._in_use) + len(self._idle)
+                                           + self._opening)
                 # A handshake slot is free (and the entry counted): the next waiter may open.
                 self._serve_waiters()
         except BaseException as exc:
@@ -408,9 +385,9 @@ class Pool:
                 driver.drop(conn)  # interrupted after the handshake: nobody will use it
             if leased and budget is not None:
                 budget.release()
-            if not counted:
-                self._connect_failed(exc)
-            raise
+            if counted or not self._connect_failed(exc) or not may_wait:
+                raise
+            return None
         if closed:
             driver.close_gracefully(conn)
             if budget is not None:
@@ -425,25 +402,24 @@ class Pool:
             raise
         return entry
 
-    def _connect_failed(self, exc: BaseException) -> None:
-        """Free the slot of a failed connect; learn from the server's or coordinator's answer."""
+    def _connect_failed(self, exc: BaseException) -> bool:
+        """Free the slot of a failed connect and learn from the answer (Admission.refused);
+        True when the caller should wait in line instead of getting ``exc``."""
         with self._lock:
             self._opening -= 1
-            code = exc.args[0] if isinstance(exc, errors.ConnGuardError) and exc.args else None
-            if isinstance(exc, (coordination.LeaseUnavailable,
-                                coordination.CoordinatorUnavailable)):
-                # Hold at what the pool has; ask again after the coordinator's hint.
-                self._last_refusal = exc
-                held = len(self._in_use) + len(self._idle) + self._opening
-                self._lease_ceiling.hit(held, self._clock(), max(exc.retry_after, 0.05))
-            elif code in storm.CAPACITY_CODES:
-                self._last_refusal = exc
-                held = len(self._in_use) + len(self._idle) + self._opening
-                self._ceiling.hit(held, self._clock())
-                log.warning("server refused connection %d (%s): holding at %d until the "
-                            "next probe in %.1fs", held + 1, code, held,
-                            self._ceiling.probe_interval)
+            wait, news = self._admission.refused(
+                exc, len(self._in_use) + len(self._idle) + self._opening, self._clock())
+            if wait:
+                lease = isinstance(exc, (coordination.LeaseUnavailable,
+                                         coordination.CoordinatorUnavailable))
+                self._stats["lease_waits" if lease else "capacity_waits"] += 1
             self._serve_waiters()
+        if news is not None:
+            log.warning("connguard: %s (%s)", news, self._destination_label())
+        return wait
+
+    def _destination_label(self) -> str:
+        return f"{self._host}:{self._port}" if self._port else self._host
 
     def _open_connection(self, deadline: float) -> pymysql.connections.Connection:
         conn = self._connector.open(deadline)
@@ -493,7 +469,7 @@ class Pool:
                 if rebalance:
                     keep = False
                     held = len(self._in_use) + len(self._idle) + self._opening - 1
-                    self._lease_ceiling.hit(held, now, coordination.LEASE_PROBE_MAX)
+                    self._lease_held_at(held, now)
             if keep:
                 entry.last_used = now
                 entry.checkout_stack = None
@@ -550,6 +526,9 @@ class Pool:
     def _close_entry(self, entry: Entry, reason: str) -> None:
         self._stats[reason] += 1
         self._stats["closed"] += 1
+        gate = self._connector.gate
+        if gate is not None and (reason == "peer_closed" or entry.broken):
+            gate.connection_lost()  # its replacement is a reconnect: paced
         log.debug("closing connection %s (%s)", driver.thread_id(entry.conn), reason)
         if reason == "peer_closed" or entry.broken:
             driver.drop(entry.conn)  # nobody is listening: no COM_QUIT
@@ -660,9 +639,13 @@ class Pool:
             while self._idle and self._budget.take_surplus():
                 removed.append((self._idle.popleft(), "rebalanced"))  # the coldest first
             if removed:
-                held = len(self._in_use) + len(self._idle) + self._opening
-                self._lease_ceiling.hit(held, now, coordination.LEASE_PROBE_MAX)
+                self._lease_held_at(len(self._in_use) + len(self._idle) + self._opening, now)
         return removed
+
+    def _lease_held_at(self, held: int, now: float) -> None:
+        """Under the lock: leases given back to pools below their share; hold at ``held``."""
+        if self._admission.lease_ceiling is not None:
+            self._admission.lease_ceiling.hit(held, now, coordination.LEASE_PROBE_MAX)
 
     def _report_leaks(self, now: float) -> None:
         threshold = self._settings.leak_threshold
@@ -705,6 +688,7 @@ class Pool:
             return
         finally:
             self._top_up_running = False
+        assert entry is not None  # may_wait=False: a refusal raises
         self._release(entry)
 
     # -- fork safety -----------------------------------------------------------------------
@@ -723,7 +707,8 @@ class Pool:
             driver.drop_inherited(entry.conn)
         if self._budget is not None:
             self._budget.after_fork()  # the parent's leases stay the parent's
-        self._lease_ceiling = Ceiling(coordination.LEASE_PROBE)
+        if self._admission.lease_ceiling is not None:
+            self._admission.lease_ceiling = Ceiling(coordination.LEASE_PROBE)
 
     # -- lifecycle and introspection -------------------------------------------------------
     def close(self) -> None:
@@ -758,11 +743,13 @@ class Pool:
                          max_overflow=self._settings.max_overflow,
                          overflow_closed=self._stats.get("overflow", 0),
                          wait_timeout=self._wait_timeout,
-                         idle_timeout=self._lifetime.idle_timeout, ceiling=self._ceiling.value,
+                         idle_timeout=self._lifetime.idle_timeout,
+                         ceiling=self._admission.ceiling.value,
                          capacity_waits=self._stats.get("capacity_waits", 0))
             if self._budget is not None:
                 stats.update(lease_waits=self._stats.get("lease_waits", 0),
-                             lease_ceiling=self._lease_ceiling.value,
+                             lease_ceiling=self._admission.lease_ceiling.value
+                             if self._admission.lease_ceiling is not None else None,
                              rebalanced=self._stats.get("rebalanced", 0))
         gate = self._connector.gate
         if gate is not None:

@@ -218,8 +218,9 @@ def _storm_settings(given: Mapping[str, Any]) -> Dict[str, Any]:
     for name, field in STORM_OPTIONS.items():
         raw = given.get(PREFIX + name)
         if raw is not None:
-            integer = type(getattr(storm.StormPolicy, field)) is int
-            settings[name] = _as_number(PREFIX + name, raw, integer, 0)
+            kind = type(getattr(storm.StormPolicy, field))
+            settings[name] = (_as_bool(PREFIX + name, raw) if kind is bool else
+                              _as_number(PREFIX + name, raw, kind is int, 0))
     try:
         storm.policy_from_options(settings)
     except ValueError as exc:
@@ -301,6 +302,7 @@ class ConnGuardPlugin(CreateEnginePlugin):
         self.options = parse_options(url.query, kwargs)
         self._password = url.password  # only to mask it in translated errors
         self._custom_creator = "creator" in kwargs
+        self._guard: Optional[EngineGuard] = None
         self._user_recycle = False
         self._destination = _url_destination(url)
         # The pool class is chosen here: handle_pool_kwargs sees the class but cannot change
@@ -319,11 +321,20 @@ class ConnGuardPlugin(CreateEnginePlugin):
                 storm.policy_from_options(dict(self.options.storm_settings))
                 if self.options.storm_control else None)
             pool_args["connguard_budget"] = _budget_factory(self.options, *self._destination)
+            pool_args["connguard_gate"] = self._gate
 
     def engine_created(self, engine: Any) -> None:
         guard = EngineGuard(engine, self.options, user_recycle=self._user_recycle,
                             password=self._password)
         guard.install(custom_creator=self._custom_creator)
+        self._guard = guard
+
+    def _gate(self) -> Optional[storm.ConnectGate]:
+        """The connect gate the engine's connects go through (None before the first one,
+        or with storm control off): the guarded pool asks it whether the server is down."""
+        guard = self._guard
+        connector = guard._connector if guard is not None else None
+        return connector.gate if connector is not None else None
 
 
 def _url_destination(url: Any) -> Tuple[str, int]:
@@ -658,7 +669,8 @@ class EngineGuard:
         if connector is None or connector.kwargs != cparams:
             kwargs = dict(cparams)
             connector = Connector(kwargs, guard=self._guard_for(kwargs),
-                                  gate=self._gate_for(kwargs))
+                                  gate=self._gate_for(kwargs),
+                                  fail_fast=bool(self.options.storm_settings.get("fail_fast")))
             self._connector = connector
         return connector
 
@@ -775,11 +787,20 @@ class EngineGuard:
             f"connguard: connection {driver.thread_id(dbapi_conn)} was closed by the server "
             "while idle in the pool (peer closed)")
 
+    def _lost(self) -> None:
+        """A connection lost to an error (the server closed it, a disconnect): its
+        replacement is paced by the gate as a reconnect."""
+        connector = self._connector
+        if connector is not None and connector.gate is not None:
+            connector.gate.connection_lost()
+
     def _on_checkin(self, dbapi_conn: Any, record: Any) -> None:
         record.info[_IDLE_SINCE] = time.monotonic()
 
     def _on_invalidate(self, dbapi_conn: Any, record: Any, exception: Any) -> None:
         self._count("invalidated")
+        if exception is not None:  # lost to an error (not a recycle, not dispose)
+            self._lost()
 
     # -- errors ----------------------------------------------------------------------------
     def _handle_error(self, ctx: Any) -> Any:

@@ -14,7 +14,13 @@ What ``_do_get`` adds, the same rules as ``connguard.Pool``:
   seconds one checkout may try one more; when it succeeds the ceiling rises by one. When the
   pool holds nothing, nothing would come back: the refusal reaches the caller as before;
 * a **handshake cap**: at most ``max_handshakes`` connections of this pool are being opened
-  at once; other callers wait for an idle connection or a free slot;
+  at once, reconnects in place included (SQLAlchemy reconnecting a record after an
+  invalidation or for ``pool_recycle``); other callers wait for an idle connection or a free
+  slot, past ``pool_timeout`` when the cap is all that holds them while the server answers;
+* during an **outage** (connects failing, see :mod:`connguard.storm`) a caller waits for the
+  next probe within its ``pool_timeout``; one whose time runs out gets
+  :class:`~connguard.errors.ServerUnavailable` (last cause, how long connects have failed)
+  rather than SQLAlchemy's pool ``TimeoutError``;
 * an idle record whose connection was invalidated (by the reaper, or after a disconnect)
   is dropped and replaced by a new connection opened under these rules, instead of being
   reconnected in place, where a refusal could not be waited out;
@@ -25,7 +31,9 @@ What ``_do_get`` adds, the same rules as ``connguard.Pool``:
   for a returned connection, and the pool asks again after the coordinator's hint. The
   coordinator is never asked on the checkout or return of an idle connection.
 
-Decisions are taken under the pool's own lock; connects, closes and waits happen outside it.
+The growth rules are :class:`connguard.admission.Admission`'s, the same object
+``connguard.Pool`` asks. Decisions are taken under the pool's own lock; connects, closes and
+waits happen outside it.
 """
 
 from __future__ import annotations
@@ -41,8 +49,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
-from connguard import coordination, errors, storm
-from connguard.storm import Ceiling, StormPolicy
+from connguard import coordination, storm
+from connguard.admission import Admission, capacity_code
+from connguard.storm import Ceiling, ConnectGate, StormPolicy
 
 __all__ = ["GuardedQueuePool", "capacity_code"]
 
@@ -50,6 +59,8 @@ Clock = Callable[[], float]
 #: Makes the pool's Budget, given the pool's pool_size + max_overflow (one per pool: a
 #: pool made again by ``dispose()`` gets a new one).
 BudgetFactory = Callable[[int], coordination.Budget]
+#: The connect gate of the engine's destination, if any (the plugin's connector may change).
+GateSource = Callable[[], Optional[ConnectGate]]
 
 log = logging.getLogger("connguard.sqlalchemy")
 
@@ -59,24 +70,6 @@ DEFAULT_POLICY = StormPolicy()
 #: ``record.info`` key: when the connection went idle (monotonic), for the plugin's reaper.
 IDLE_SINCE = "connguard_idle_since"
 
-#: Probe interval when storm control is off (the policy is None), as in ``connguard.Pool``.
-_PROBE_WITHOUT_POLICY = 1.0
-
-
-def capacity_code(exc: BaseException) -> Optional[int]:
-    """The MySQL code when ``exc`` says the server is full (1040, 1135, 1203, 1226), else None.
-
-    Works for connguard's translated errors and the driver's own (the code is ``args[0]``),
-    and for a ``CircuitOpen`` raised because the storm gate's backoff after such a refusal
-    outlasted the caller's deadline.
-    """
-    if isinstance(exc, errors.CircuitOpen):
-        cause = exc.last_cause
-        return None if cause is None or cause is exc else capacity_code(cause)
-    code = exc.args[0] if isinstance(exc, Exception) and exc.args else None
-    return code if isinstance(code, int) and code in storm.CAPACITY_CODES else None
-
-
 class GuardedQueuePool(QueuePool):
     """A ``QueuePool`` with connguard's adaptive ceiling and handshake cap.
 
@@ -84,47 +77,50 @@ class GuardedQueuePool(QueuePool):
     them from its own keywords) ``connguard_policy``: the :class:`~connguard.storm.StormPolicy`
     whose ``max_handshakes`` and ``ceiling_probe`` apply, None for no handshake cap (storm
     control off); ``connguard_budget``, a factory of the pool's global-budget
-    :class:`~connguard.coordination.Budget` (None: no global budget); and ``connguard_clock``
-    for tests.
+    :class:`~connguard.coordination.Budget` (None: no global budget); ``connguard_gate``,
+    a callable returning the engine's connect gate (to tell an outage from a busy pool);
+    and ``connguard_clock`` for tests.
     """
 
     def __init__(self, creator: Any, *, connguard_policy: Optional[StormPolicy] = DEFAULT_POLICY,
                  connguard_budget: Optional[BudgetFactory] = None,
+                 connguard_gate: Optional[GateSource] = None,
                  connguard_clock: Clock = time.monotonic, **kw: Any) -> None:
         super().__init__(creator, **kw)
         self._clock = connguard_clock
         self._cond = threading.Condition(threading.Lock())
-        self._opening = 0  # connections being opened by _do_get right now
+        self._opening = 0  # connections being opened right now (in place ones included)
         self._waiting = 0  # callers looking for a record; seen outside the lock: waiting
+        self._in_place_waiting = 0  # reconnects in place waiting for a handshake slot
         self._local = threading.local()  # the deadline of this thread's checkout
         self._counts: Counter = Counter()
-        self._last_refusal: Optional[str] = None
-        self._configure(connguard_policy)
+        self._gate_source = connguard_gate
         self._budget_factory = connguard_budget
         self._budget: Optional[coordination.Budget] = None
-        # Like the server's ceiling, for the global budget: held while no lease is to be had.
-        self._lease_ceiling = Ceiling(coordination.LEASE_PROBE)
         if connguard_budget is not None:
             self._budget = connguard_budget(self._max_total_or(sys.maxsize))
-            self._wrap_creator()
+        self._configure(connguard_policy)
+        # Every new DBAPI connection, in-place reconnects included, goes through the pool's
+        # _invoke_creator (set from the creator by Pool.__init__).
+        self._invoke_creator = self._guarded_creator(  # type: ignore[assignment]
+            self._invoke_creator)
 
     def _configure(self, policy: Optional[StormPolicy]) -> None:
         self.connguard_policy = policy
-        self._max_handshakes = policy.max_handshakes if policy is not None else sys.maxsize
-        self._ceiling = Ceiling(policy.ceiling_probe if policy is not None
-                                else _PROBE_WITHOUT_POLICY)
+        self._admission = Admission.for_policy(policy, self._max_total(),
+                                               budget=self._budget is not None)
 
     def recreate(self) -> GuardedQueuePool:
         # QueuePool.recreate builds self.__class__ with QueuePool's arguments (what
         # engine.dispose() uses); the policy goes with them, the learnt ceiling does not.
         pool = super().recreate()
         assert isinstance(pool, GuardedQueuePool)
-        pool._configure(self.connguard_policy)
         pool._clock = self._clock
+        pool._gate_source = self._gate_source
         if self._budget_factory is not None and pool._budget is None:
             pool._budget_factory = self._budget_factory
             pool._budget = self._budget_factory(pool._max_total_or(sys.maxsize))
-            pool._wrap_creator()
+        pool._configure(self.connguard_policy)
         return pool
 
     def _max_total_or(self, unlimited: int) -> int:
@@ -143,18 +139,26 @@ class GuardedQueuePool(QueuePool):
         return self._pool.maxsize + self._max_overflow
 
     def _may_open(self, now: float) -> bool:
-        """May one more connection be opened now? Bounded by pool_size + max_overflow, the
-        handshakes already running, and the ceiling the server taught us (a probe when due)."""
-        at_limit = self._max_overflow > -1 and self._overflow >= self._max_overflow
-        return (not at_limit and self._opening < self._max_handshakes
-                and (self._budget is None or self._lease_ceiling.allows(self._held(), now))
-                and self._ceiling.allows(self._held(), now))
+        """May one more connection be opened now? (see Admission)"""
+        return self._admission.may_open(self._held(), self._opening, now)
 
-    def _next_probe(self, now: float) -> Optional[float]:
-        """Seconds until a ceiling lets one more connect try, if one holds."""
-        times = [t for t in (self._ceiling.seconds_to_probe(now),
-                             self._lease_ceiling.seconds_to_probe(now)) if t is not None]
-        return min(times) if times else None
+    def _slot_freed(self) -> None:
+        """Under the lock: a handshake slot (or a record) is free. Reconnects in place wait
+        on the same condition as checkouts, for a different thing: wake them all then, so
+        that a checkout cannot swallow the wake-up meant for one of them."""
+        if self._in_place_waiting:
+            self._cond.notify_all()
+        elif self._waiting:
+            self._cond.notify()
+
+    def _gate(self) -> Optional[ConnectGate]:
+        return self._gate_source() if self._gate_source is not None else None
+
+    def _handshakes_only(self) -> bool:
+        """Growing toward a server that answers, held back only by the handshake cap?"""
+        gate = self._gate()
+        return (self._admission.handshakes_only(self._held(), self._opening)
+                and not (gate is not None and gate.failing))
 
     # -- checkout --------------------------------------------------------------------------
     def _do_get(self) -> Any:
@@ -215,105 +219,123 @@ class GuardedQueuePool(QueuePool):
                 return None
             remaining = deadline - now
             if remaining <= 0:
-                self._counts["timeouts"] += 1
-                raise self._timeout_error()
+                if not self._handshakes_only():
+                    self._counts["timeouts"] += 1
+                    raise self._timeout_error()
+                remaining = storm.MAX_PAUSE  # a finished handshake wakes us earlier
             if not counted:
                 self._counts["waits"] += 1
                 counted = True
-            # A probe that is due but blocked (handshakes, overflow limit) waits for a
-            # notify like the rest; one still to come bounds the wait.
-            probe_in = self._next_probe(now)
-            wait = min(remaining, probe_in) if probe_in else remaining
+            wait = self._admission.pause(remaining, now)
             self._cond.wait(None if wait == float("inf") else wait)
 
     def _open_reserved(self, deadline: float) -> Any:
-        """Open a connection in the reserved slot. Returns the record, or None when the server
-        refused for capacity while the pool holds others (the ceiling is now lowered: wait);
-        raises any other error, and the refusal when the pool holds nothing."""
+        """Open a connection in the reserved slot. Returns the record, or None when the
+        refusal means "wait" (server full, no lease: see Admission.refused); raises any
+        other error."""
         budget = self._budget
         if budget is not None:
             try:
                 budget.acquire()  # outside the pool's lock, like the connect
-            except (coordination.LeaseUnavailable, coordination.CoordinatorUnavailable) as exc:
-                if not self._lease_refused(exc):
-                    raise
-                return None
-            except BaseException:
-                self._free_slot()
+            except BaseException as exc:
+                if self._connect_refused(exc):
+                    return None
                 raise
             self._local.leased = True  # the lease the creator is to use
         self._local.deadline = deadline
+        self._local.reserved = True
         try:
             record = self._create_connection()
         except BaseException as exc:
-            if not self._refused(exc):
-                raise
-            return None
+            if self._connect_refused(exc):
+                return None
+            raise
         finally:
             self._local.deadline = None
+            self._local.reserved = False
             if getattr(self._local, "leased", False):  # the creator never ran
                 self._local.leased = False
                 assert budget is not None
                 budget.release()
         with self._cond:
             self._opening -= 1
-            self._ceiling.grew(self._held(), self._max_total())
-            self._last_refusal = None
-            if budget is not None:
-                self._lease_ceiling.lift()
-            if self._waiting:
-                self._cond.notify()  # a handshake slot is free
+            self._admission.opened(self._held())
+            self._slot_freed()  # a handshake slot is free
         return record
 
-    def _free_slot(self) -> None:
+    def _connect_refused(self, exc: BaseException) -> bool:
+        """After a failed connect (or lease): free the slot; True when the caller should
+        wait for a returned connection or the next probe instead (Admission.refused)."""
         with self._cond:
             self._opening -= 1
             self._dec_overflow()
-            if self._waiting:
-                self._cond.notify()
-
-    def _lease_refused(self, exc: BaseException) -> bool:
-        """No lease (or no coordinator, failing closed): free the slot; True when the caller
-        should wait for a returned connection (or, holding none, for a lease to free)."""
-        with self._cond:
-            self._opening -= 1
-            self._dec_overflow()
-            held = self._held()
-            wait = isinstance(exc, coordination.LeaseUnavailable) or held > 0
+            wait, news = self._admission.refused(exc, self._held(), self._clock())
             if wait:
-                # Hold at what the pool has; ask again after the coordinator's hint.
-                retry = max(float(getattr(exc, "retry_after", 0.0) or 0.0), 0.05)
-                self._lease_ceiling.hit(held, self._clock(), retry)
-                self._counts["lease_waits"] += 1
-                self._last_refusal = f"no connection lease ({coordination.summary(exc)})"
-            if self._waiting:
-                self._cond.notify()
+                lease = isinstance(exc, (coordination.LeaseUnavailable,
+                                         coordination.CoordinatorUnavailable))
+                self._counts["lease_waits" if lease else "capacity_waits"] += 1
+            self._slot_freed()
+        if news is not None:  # once when the ceiling is learnt
+            log.warning("connguard: %s (see docs/sqlalchemy.md)", news)
         return wait
 
-    def _wrap_creator(self) -> None:
-        # Every new DBAPI connection, in-place reconnects included, goes through the pool's
-        # _invoke_creator (set from the creator by Pool.__init__).
-        self._invoke_creator = self._leased_creator(  # type: ignore[assignment]
-            self._invoke_creator)
-
-    def _leased_creator(self, invoke: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        """``invoke`` (the pool's creator) under a lease: the one ``_open_reserved`` took, or
-        one taken here for a reconnect in place (SQLAlchemy reconnecting a record after an
-        invalidation on checkout, or for ``pool_recycle``). A failed connect gives it back."""
+    def _guarded_creator(self, invoke: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``invoke`` (the pool's creator) for every new DBAPI connection. One opened by
+        ``_open_reserved`` has its slot (and lease) already; a reconnect in place
+        (SQLAlchemy reconnecting a record after an invalidation on checkout, or for
+        ``pool_recycle``) takes a handshake slot here, and a lease with a global budget, so
+        that a mass KILL or a restart cannot open more at once than the cap allows."""
         def invoke_creator(record: Any) -> Any:
-            budget = self._budget
-            if budget is None:
-                return invoke(record)
-            if getattr(self._local, "leased", False):
-                self._local.leased = False
-            else:
-                self._lease_in_place(budget)
+            if getattr(self._local, "reserved", False):
+                return self._leased(invoke, record)
+            deadline = self._in_place_slot()
+            self._local.deadline = deadline
             try:
-                return invoke(record)
-            except BaseException:
-                budget.release()
-                raise
+                return self._leased(invoke, record)
+            finally:
+                self._local.deadline = None
+                with self._cond:
+                    self._opening -= 1
+                    self._slot_freed()
         return invoke_creator
+
+    def _in_place_slot(self) -> float:
+        """Wait for a handshake slot for a reconnect in place (no growth: the record is
+        counted already); returns the connect's deadline (``pool_timeout`` from now)."""
+        timeout = self._timeout
+        deadline = self._clock() + (30.0 if timeout is None else timeout)
+        with self._cond:
+            self._waiting += 1
+            self._in_place_waiting += 1
+            try:
+                while self._opening >= self._admission.max_handshakes:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0 and not self._handshakes_only():
+                        self._counts["timeouts"] += 1
+                        raise self._timeout_error()
+                    self._cond.wait(max(min(remaining, storm.MAX_PAUSE), 0.01))
+                self._opening += 1
+            finally:
+                self._waiting -= 1
+                self._in_place_waiting -= 1
+        return deadline
+
+    def _leased(self, invoke: Callable[[Any], Any], record: Any) -> Any:
+        """``invoke(record)`` under a lease when there is a global budget: the one
+        ``_open_reserved`` took, or one taken here for a reconnect in place. A failed
+        connect gives it back."""
+        budget = self._budget
+        if budget is None:
+            return invoke(record)
+        if getattr(self._local, "leased", False):
+            self._local.leased = False
+        else:
+            self._lease_in_place(budget)
+        try:
+            return invoke(record)
+        except BaseException:
+            budget.release()
+            raise
 
     def _lease_in_place(self, budget: coordination.Budget) -> None:
         """A lease for a reconnect in place: asks again after each hint until the checkout's
@@ -341,32 +363,6 @@ class GuardedQueuePool(QueuePool):
             if self._budget is not None:
                 self._budget.release()
 
-    def _refused(self, exc: BaseException) -> bool:
-        """After a failed connect: free the slot; True when the caller should wait instead."""
-        code = capacity_code(exc)
-        first = False
-        with self._cond:
-            self._opening -= 1
-            self._dec_overflow()
-            held = self._held()
-            wait = code is not None and held > 0
-            if wait:
-                first = self._ceiling.value is None
-                self._ceiling.hit(held, self._clock())
-                self._counts["capacity_waits"] += 1
-                refusal = self._last_refusal = (
-                    f"the server refused a new connection with {code} "
-                    f"({type(exc).__name__}) while this pool had {held - self._opening} "
-                    "open")
-            if self._waiting:
-                self._cond.notify()
-        if wait:
-            # Once when the ceiling is learnt; every refused probe after that is routine.
-            (log.warning if first else log.debug)(
-                "connguard: %s; holding at %d, the next probe in %.1fs", refusal, held,
-                self._ceiling.probe_interval)
-        return wait
-
     def _drop_empty(self, record: Any, counted: bool = True) -> None:
         """An idle record without a connection (invalidated): forget it, so that its
         replacement is opened under the ceiling and the handshake cap."""
@@ -377,8 +373,7 @@ class GuardedQueuePool(QueuePool):
                 self._dec_overflow()
                 if counted:
                     self._counts["dropped_empty"] += 1
-                if self._waiting:
-                    self._cond.notify()  # a slot is free (this caller may take an idle one)
+                self._slot_freed()  # this caller may take an idle one
 
     def _do_return_conn(self, record: Any) -> None:
         # When it went idle, for the plugin's reaper (here rather than in a checkin listener:
@@ -390,15 +385,26 @@ class GuardedQueuePool(QueuePool):
         # it has yet to look and will find this record.
         if self._waiting:
             with self._cond:
-                self._cond.notify()
+                self._slot_freed()
 
-    def _timeout_error(self) -> sa_exc.TimeoutError:
-        # SQLAlchemy's own text and code, so that what callers match on still matches.
+    def _timeout_error(self) -> Exception:
+        """Under the lock. While connects fail for want of a server: the outage
+        (ServerUnavailable, a DBAPI error SQLAlchemy wraps as OperationalError, as without
+        a pool). Otherwise SQLAlchemy's own TimeoutError, text and code, so that what
+        callers match on still matches, naming the refusal that holds the pool back."""
+        gate = self._gate()
+        outage = gate.outage(self._timeout or 0.0) if gate is not None else None
+        if outage is not None:
+            return outage
         message = (f"QueuePool limit of size {self.size()} overflow {self.overflow()} "
                    f"reached, connection timed out, timeout {self._timeout:0.2f}")
-        if self._last_refusal is not None and self._ceiling.value is not None:
-            message += (f"; connguard: {self._last_refusal}, the pool holds at "
-                        f"{self._ceiling.value} (see docs/sqlalchemy.md)")
+        refusal = self._admission.refusal_text()
+        held_at = self._admission.ceiling.value
+        if held_at is None and self._admission.lease_ceiling is not None:
+            held_at = self._admission.lease_ceiling.value
+        if refusal is not None and held_at is not None:
+            message += (f"; connguard: {refusal}, the pool holds at {held_at} (see "
+                        "docs/sqlalchemy.md)")
         return sa_exc.TimeoutError(message, code="3o7r")
 
     # -- the global budget: housekeeping --------------------------------------------------
@@ -428,8 +434,9 @@ class GuardedQueuePool(QueuePool):
         if not taken:
             return
         with self._cond:
-            self._lease_ceiling.hit(self._held() - len(taken), self._clock(),
-                                    coordination.LEASE_PROBE_MAX)
+            if self._admission.lease_ceiling is not None:
+                self._admission.lease_ceiling.hit(self._held() - len(taken), self._clock(),
+                                                  coordination.LEASE_PROBE_MAX)
             self._counts["rebalanced"] += len(taken)
         for record in taken:
             self._drop_empty(record, counted=False)  # closes it: the lease goes back
@@ -438,8 +445,9 @@ class GuardedQueuePool(QueuePool):
         """In a forked child: new locks; the parent's leases stay the parent's."""
         self._cond = threading.Condition(threading.Lock())
         self._local = threading.local()
-        self._opening = self._waiting = 0
-        self._lease_ceiling = Ceiling(coordination.LEASE_PROBE)
+        self._opening = self._waiting = self._in_place_waiting = 0
+        if self._admission.lease_ceiling is not None:
+            self._admission.lease_ceiling = Ceiling(coordination.LEASE_PROBE)
         if self._budget is not None:
             self._budget.after_fork()
 
@@ -460,18 +468,18 @@ class GuardedQueuePool(QueuePool):
             stats: Dict[str, Any] = {
                 key: self._counts.get(key, 0)
                 for key in ("waits", "capacity_waits", "timeouts", "dropped_empty")}
-            stats.update(ceiling=self._ceiling.value, opening=self._opening,
+            stats.update(ceiling=self._admission.ceiling.value, opening=self._opening,
                          waiting=self._waiting)
-            if self._budget is not None:
+            if self._admission.lease_ceiling is not None:
                 stats.update(lease_waits=self._counts.get("lease_waits", 0),
-                             lease_ceiling=self._lease_ceiling.value,
+                             lease_ceiling=self._admission.lease_ceiling.value,
                              rebalanced=self._counts.get("rebalanced", 0))
         if self._budget is not None:
             stats.update(self._budget.stats())  # no I/O: what the last lease call saw
         return stats
 
     def __repr__(self) -> str:
-        ceiling = self._ceiling.value
+        ceiling = self._admission.ceiling.value
         return (f"<GuardedQueuePool [Connections: {self.checkedout()} checked out, "
                 f"{self.checkedin()} idle, {self._opening} opening, max "
                 f"{'unlimited' if self._max_overflow == -1 else self._max_total()}, ceiling "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, List, Tuple, Type
+from typing import Callable, Deque, List, Tuple, Type
 
 import pymysql
 
@@ -27,6 +29,9 @@ class Load:
     failures: Tuple[Type[BaseException], ...] = (pymysql.err.Error,)
     calls: List[Tuple[float, bool, float]] = field(default_factory=list)  # (start, ok, secs)
     errors: List[BaseException] = field(default_factory=list)  # the first few, for reports
+    # (start, end, error) of the latest failures: what callers saw at a given moment
+    recent_errors: Deque[Tuple[float, float, BaseException]] = field(
+        default_factory=lambda: deque(maxlen=2000))
     error_count: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _workers: List[threading.Thread] = field(default_factory=list)
@@ -42,6 +47,7 @@ class Load:
                 self.error_count += 1
                 if len(self.errors) < 20:  # each holds a traceback: keep memory bounded
                     self.errors.append(exc)
+                self.recent_errors.append((began, time.monotonic(), exc))
             self.calls.append((began, ok, time.monotonic() - began))
             if not ok:
                 self._stop.wait(0.01)
@@ -106,3 +112,79 @@ class ThreadsConnected:
         self._thread.join(30)
         self.conn.close()
         return max(self.values), max(self.app_values)
+
+
+@dataclass
+class Outage:
+    """What one outage did to a load: the moments that matter and every call around them.
+
+    ``gone``: ``stop()`` returned (the server process has exited, every socket it had is
+    closed); ``accepted``: the first moment a TCP connect to its port succeeded again, as a
+    thread trying every 5 ms saw it (before ``start()`` returns: that also waits for a login).
+    """
+
+    load: Load
+    stopped: float
+    gone: float
+    accepted: float
+    attempts: List[float]  # connect attempts (monotonic) the client made
+
+    def errors_after_gone(self) -> List[Tuple[float, bool, float]]:
+        """Failed calls that began once the server was gone (in-flight ones excluded)."""
+        return [c for c in self.load.calls if not c[1] and c[0] >= self.gone]
+
+    def errors_while_down(self) -> List[BaseException]:
+        """Errors of calls that began once the server was gone and ended before it accepted
+        again (of the latest 2,000 failures)."""
+        return [e for t, end, e in self.load.recent_errors
+                if self.gone <= t and end < self.accepted]
+
+    def in_flight_errors(self) -> int:
+        """Failed calls that began before the server was gone (the statement was cut off)."""
+        return sum(1 for t, ok, _ in self.load.calls if not ok and t < self.gone)
+
+    def attempts_per_s_down(self, settled: float = 0.0) -> float:
+        """Connect attempts per second from ``settled`` seconds after the server was gone
+        until it accepted again (``settled=1`` leaves out the handshakes that were in
+        flight when it died and the retries that opened the breaker)."""
+        start = self.gone + settled
+        down = [t for t in self.attempts if start <= t < self.accepted]
+        return len(down) / (self.accepted - start)
+
+    def waiting_at_accept(self) -> List[Tuple[float, bool, float]]:
+        """Calls that were waiting when the server accepted again (began before, ended after)."""
+        return [c for c in self.load.calls if c[0] < self.accepted <= c[0] + c[2]]
+
+
+def _first_accept(port: int, stop: threading.Event, seen: List[float]) -> None:
+    while not stop.is_set():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            time.sleep(0.005)
+            continue
+        seen.append(time.monotonic())
+        return
+
+
+def run_outage(server: MariaDB, load: Load, down: float, after: float,
+               attempts: Callable[[], List[float]]) -> Outage:
+    """Stop ``server`` under a running ``load`` for ``down`` seconds, start it again and let
+    the load run ``after`` more; ``attempts()`` gives the client's connect attempt times."""
+    stopped = time.monotonic()
+    server.stop()
+    gone = time.monotonic()
+    run_for(down)
+    seen: List[float] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_first_accept, args=(server.port, stop, seen))
+    watcher.start()
+    try:
+        server.start()
+    finally:
+        stop.set()
+        watcher.join(30)
+    accepted = seen[0] if seen else time.monotonic()
+    run_for(after)
+    load.stop()
+    return Outage(load, stopped, gone, accepted, attempts())

@@ -9,7 +9,6 @@ import gc
 import logging
 import os
 import queue
-import statistics
 import subprocess
 import threading
 import time
@@ -34,7 +33,7 @@ from connguard.sqlalchemy_plugin import OPTION_NAMES, ConnGuardPluginWarning, st
 from connguard.sqlalchemy_pool import GuardedQueuePool, capacity_code
 from connguard.storm import StormPolicy
 from tests.forking import in_forked_child
-from tests.load import Load, ThreadsConnected, run_for
+from tests.load import Load, Outage, ThreadsConnected, run_for, run_outage
 from tests.mariadb import (
     APP_PASSWORD,
     APP_USER,
@@ -820,7 +819,7 @@ def test_guarded_pool_probes_past_the_ceiling_once_per_interval() -> None:
     with pytest.raises(sa.exc.TimeoutError, match="refused a new connection with 1040") as info:
         pool.connect()  # refused, and no time to wait: SQLAlchemy's timeout, with the cause
     assert "QueuePool limit of size 4 overflow -2 reached" in str(info.value)
-    assert "while this pool had 2 open, the pool holds at 2" in str(info.value)
+    assert "the pool holds at 2 (see docs/sqlalchemy.md)" in str(info.value)
     assert server.attempts == 3
     clock.now += 1.9
     with pytest.raises(sa.exc.TimeoutError):
@@ -920,7 +919,7 @@ def test_guarded_pool_keeps_its_policy_across_dispose() -> None:
     pool = GuardedQueuePool(FakeServer(4).connect, pool_size=2, connguard_policy=policy)
     again = pool.recreate()
     assert type(again) is GuardedQueuePool and again.connguard_policy == policy
-    assert again.size() == 2 and again._ceiling.probe_interval == 7.0
+    assert again.size() == 2 and again._admission.ceiling.probe_interval == 7.0
 
 
 # --- the guarded pool in an engine --------------------------------------------------------
@@ -1026,48 +1025,60 @@ def test_saturation_pool_larger_than_the_server_allows(mariadb_factory: Any) -> 
     assert close_wait == 0
 
 
-def test_outage_through_the_engine_is_bounded_and_recovers(mariadb_factory: Any) -> None:
-    server = mariadb_factory()
+def _engine_outage(server: Any, pool_timeout: float) -> Outage:
+    """64 threads through an engine with a pool of 16; the server stops for 4 s."""
     engine = sa.create_engine(server.url() + "?plugin=connguard", pool_size=16,
-                              max_overflow=0, pool_timeout=5,
+                              max_overflow=0, pool_timeout=pool_timeout,
                               connect_args={"connect_timeout": 2})
     load = engine_load(engine, threads=64).start()
     try:
         wait_until(lambda: load.ok_rate(time.monotonic() - 1, time.monotonic()) > 0, 60,
                    message="the load to run")
-        run_for(2)
-        before = _attempts(engine)
-        stopped = time.monotonic()
-        server.stop()
-        run_for(4)
-        during = _attempts(engine) - before
-        outage = time.monotonic() - stopped
-        server.start()
-        started = time.monotonic()
-        run_for(5)
+        run_for(1)
+        gate = engine.pool._gate()
+        assert gate is not None
+        return run_outage(server, load, down=4, after=2,
+                          attempts=lambda: list(gate.attempt_times))
     finally:
         load.stop()
         engine.dispose()
-    pre_rate = load.ok_rate(stopped - 2, stopped)
-    first_ok = min(t + d for t, ok, d in load.calls if ok and t + d >= started)
-    # "Recovered": the best second after the restart against the two seconds before the
-    # outage; 0.5 s windows here swing from 16 to 1,700 q/s on a loaded 2-core machine.
-    post_rate = max(load.ok_rate(started + k / 2, started + k / 2 + 1) for k in range(2, 9))
-    failures = [d for t, ok, d in load.calls if not ok and stopped + 1 <= t < started]
-    assert during <= 5 * outage, f"{during} connect attempts in a {outage:.1f}s outage"
-    # The breaker probes at most every backoff_max + jitter (1 s by default); allow a
-    # connect and a query on a loaded machine on top of that.
-    policy = StormPolicy()
-    recovery = policy.backoff_max + policy.backoff_jitter + 0.5
-    assert first_ok - started < recovery, f"first success {first_ok - started:.2f}s after restart"
-    assert failures and statistics.median(failures) < 0.5  # callers fail fast
-    # Recovered: nothing fails after that, and the load runs again. (Its level is compared
-    # loosely: windows one after the other differ by more than 20 % on a loaded machine
-    # whatever the client does.)
-    late_failures = [t for t, ok, _ in load.calls if not ok and t >= started + recovery]
-    assert not late_failures, f"{len(late_failures)} failures {recovery:.1f}s after the restart"
-    assert post_rate >= 0.5 * pre_rate, (pre_rate, post_rate)
-    assert all(APP_PASSWORD not in str(e) for e in load.errors[:50])
+
+
+def test_outage_through_the_engine_callers_wait_and_are_served(mariadb_factory: Any) -> None:
+    outage = _engine_outage(mariadb_factory(), pool_timeout=10)
+    late = outage.errors_after_gone()
+    assert not late, f"{len(late)} calls failed after the server was gone: " \
+        f"{outage.load.errors[:3]}"
+    assert outage.in_flight_errors() <= 16  # only statements cut off by the stop
+    rate = outage.attempts_per_s_down(settled=1.0)  # see the same test in test_storm_real
+    assert 0 < rate <= 5, f"{rate:.1f} connect attempts/s while the server was down"
+    waiting = outage.waiting_at_accept()
+    assert len(waiting) >= 16 and all(ok for _, ok, _ in waiting)
+    # The first waiting callers are served as soon as the probe finds the server. The rest
+    # are not timed here: right after a restart MariaDB 10.11 leaves some of the ROLLBACKs
+    # SQLAlchemy sends on every return unanswered for ~2 s (plain QueuePool shows the same
+    # 2.2 s tail), which holds the pool's connections; connguard.Pool, which sends no
+    # ROLLBACK outside a transaction, is timed to the last caller in test_storm_real.
+    first = min(t + d for t, _, d in waiting) - outage.accepted
+    assert first <= 0.3, f"the first waiting caller was served {first:.3f} s after accept"
+    assert all(APP_PASSWORD not in str(e) for e in outage.load.errors)
+
+
+def test_outage_through_the_engine_past_pool_timeout_is_server_unavailable(
+        mariadb_factory: Any) -> None:
+    outage = _engine_outage(mariadb_factory(), pool_timeout=1)
+    assert outage.errors_after_gone(), "with a 1 s timeout in a 4 s outage some must give up"
+    # Callers that gave up while the server was down (those waiting since before it went
+    # may time out in the pool: its connections hang during the shutdown).
+    seen = outage.errors_while_down()
+    gave_up = [getattr(e, "orig", e) for e in seen]
+    assert gave_up and all(type(c) is connguard.ServerUnavailable for c in gave_up), \
+        [c for c in gave_up if type(c) is not connguard.ServerUnavailable][:3]
+    assert all(isinstance(e, sa.exc.OperationalError) for e in seen)
+    causes = [getattr(e, "orig", e) for e in outage.load.errors]
+    assert any(getattr(c, "down_for", 0) > 0 for c in gave_up)
+    assert not any(isinstance(c, connguard.CircuitOpen) or "0 failures" in str(c)
+                   for c in causes)
 
 
 # --- coordination: the global budget and the shared gate ----------------------------------

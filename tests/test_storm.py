@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import threading
 import time
-from typing import Any
+from typing import Any, List
 
 import pymysql
 import pytest
@@ -50,23 +52,100 @@ def test_breaker_opens_after_threshold_and_probes_once() -> None:
     assert breaker.admit(3.0) == (True, False) and breaker.failures == 0
 
 
-def test_gate_fails_fast_with_circuit_open_after_outage_failures() -> None:
-    clock = FakeClock()
-    gate = ConnectGate(StormPolicy(breaker_threshold=3, backoff_jitter=0.0), "127.0.0.1", 3306,
-                       clock=clock, sleep=clock.sleep)
+def _open_breaker(clock: FakeClock, **policy: Any) -> ConnectGate:
+    """A gate whose breaker three refused connects opened."""
+    gate = ConnectGate(StormPolicy(breaker_threshold=3, backoff_jitter=0.0, **policy),
+                       "127.0.0.1", 3306, clock=clock, sleep=clock.sleep)
     for _ in range(3):
         gate.admit(clock.now + 60)
         gate.failed(refused())
+    assert gate.state == "open"
+    clock.slept.clear()
+    return gate
+
+
+def test_fail_fast_answers_an_open_breaker_with_circuit_open() -> None:
+    clock = FakeClock()
+    gate = _open_breaker(clock)
     with pytest.raises(connguard.CircuitOpen) as info:
-        gate.admit(clock.now + 60)
+        gate.admit(clock.now + 60, fail_fast=True)
     assert isinstance(info.value, pymysql.err.OperationalError)
     assert info.value.retry_after > 0
     assert isinstance(info.value.last_cause, connguard.ServerUnavailable)
-    assert gate.attempts == 3 and gate.fast_failures == 1
+    assert gate.attempts == 3 and gate.fast_failures == 1 and clock.slept == []
     clock.now += 1.0  # past the backoff: one probe goes through and closes the breaker
-    assert gate.admit(clock.now + 60) is True
+    assert gate.admit(clock.now + 60, fail_fast=True) is True
     gate.succeeded()
     assert gate.state == "closed"
+
+
+def test_open_breaker_makes_callers_wait_for_the_probe() -> None:
+    clock = FakeClock()
+    gate = _open_breaker(clock, backoff_initial=0.1, backoff_max=0.25)
+    opened = clock.now
+    assert gate.admit(clock.now + 60) is True  # waited for the probe's turn, then probes
+    assert clock.now - opened == pytest.approx(0.25)  # backoff(3) = min(0.1 x 4, 0.25)
+    assert gate.fast_failures == 0 and gate.outage_waits == 1 and gate.attempts == 4
+
+
+def test_deadline_before_the_next_probe_is_server_unavailable_with_the_outage() -> None:
+    clock = FakeClock()
+    began = clock.now
+    gate = _open_breaker(clock, backoff_initial=1.0, backoff_max=1.0)
+    clock.now += 0.5
+    with pytest.raises(connguard.ServerUnavailable) as info:
+        gate.admit(clock.now + 0.2)  # the probe is due in 0.5 s: no point in waiting
+    err = info.value
+    assert not isinstance(err, connguard.CircuitOpen)
+    assert err.args[0] == 2003 and err.down_for == pytest.approx(clock.now - began)
+    assert isinstance(err.last_cause, connguard.ServerUnavailable)
+    assert err.__cause__ is err.last_cause
+    assert f"for {clock.now - began:g} s (3 failures in a row)" in str(err)
+    assert "ECONNREFUSED" in str(err) and gate.attempts == 3
+
+
+def test_waiting_callers_go_the_moment_the_probe_succeeds() -> None:
+    gate = ConnectGate(StormPolicy(breaker_threshold=1, backoff_initial=0.05, backoff_max=0.05,
+                                   backoff_jitter=0.0))  # real clock, waits on a condition
+    gate.admit(time.monotonic() + 60)
+    gate.failed(refused())
+    gate.admit(time.monotonic() + 60)  # the probe, once the 50 ms are over
+    admitted: List[float] = []
+    waiters = [threading.Thread(target=lambda: (gate.admit(time.monotonic() + 60),
+                                                admitted.append(time.monotonic())))
+               for _ in range(3)]
+    for t in waiters:
+        t.start()
+    deadline = time.monotonic() + 30
+    while gate.outage_waits < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)  # until all three wait for the probe's outcome
+    assert not admitted
+    succeeded = time.monotonic()
+    gate.succeeded()
+    for t in waiters:
+        t.join(30)
+    assert len(admitted) == 3
+    assert max(admitted) - succeeded < 0.5  # woken, not polling the breaker's next window
+
+
+def test_breaker_transitions_are_logged_once_each(caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG, logger="connguard.storm")
+    clock = FakeClock()
+    began = clock.now
+    gate = _open_breaker(clock)
+    for _ in range(3):  # failed probes re-open the breaker: routine, not news
+        clock.now += 1.0
+        gate.admit(clock.now + 60)
+        gate.failed(refused())
+    clock.now += 1.0
+    gate.admit(clock.now + 60)
+    gate.succeeded()
+    gate.admit(clock.now + 60)
+    gate.succeeded()
+    records = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in records] == [logging.WARNING, logging.INFO], records
+    assert "breaker open for 127.0.0.1:3306 after 3 failures" in records[0][1]
+    assert f"closed the breaker again after {clock.now - began:.1f} s" in records[1][1]
 
 
 def test_gate_backs_off_between_failures() -> None:
@@ -140,8 +219,9 @@ def test_gate_gives_up_at_the_deadline() -> None:
     gate.admit(clock.now + 60)
     gate.failed(refused())  # failing: the bucket paces attempts now
     gate.admit(clock.now + 60)
-    with pytest.raises(connguard.CircuitOpen):
+    with pytest.raises(connguard.ServerUnavailable) as info:
         gate.admit(clock.now + 0.5)  # the next token is 1 s away
+    assert not isinstance(info.value, connguard.CircuitOpen)
 
 
 def test_ceiling_holds_then_probes_upward() -> None:
