@@ -49,7 +49,11 @@ def pool_for(**kwargs: Any) -> Pool:
     with _lock:
         pool = _pools.get(key)
         if pool is None or pool.closed:
-            pool = Pool(**{**DROPIN_DEFAULTS, **_defaults, **options}, **connect_kwargs)
+            # An outage is waited out no longer than pymysql.connect would wait for a silent
+            # server (connect_timeout, 10 s by default), unless configured otherwise.
+            wait = {"checkout_timeout": float(connect_kwargs.get("connect_timeout") or 10)}
+            pool = Pool(**{**DROPIN_DEFAULTS, **wait, **_defaults, **options},
+                        **connect_kwargs)
             _pools[key] = pool
             return pool
     _check_same_options(pool, options)

@@ -337,7 +337,24 @@ class ConnectGate:
         with :class:`~connguard.errors.CircuitOpen` instead, without touching the network.
         """
         started = self._clock()
-        counted = False
+        waits = [False]  # counted in outage_waits yet (once per call)
+        while True:
+            probe = self._admit_local(started, deadline, fail_fast, waits)
+            shared_open = self._admit_shared(deadline)
+            if shared_open is None:
+                break
+            # Another process found the server down; the local breaker now holds open as
+            # long as the shared one: wait for its probe too, unless failing fast.
+            if fail_fast:
+                raise shared_open
+        with self._lock:
+            self.attempts += 1
+            self.attempt_times.append(self._clock())
+        return probe
+
+    def _admit_local(self, started: float, deadline: float, fail_fast: bool,
+                     waits: List[bool]) -> bool:
+        """This process's half of admit(): breaker, backoff, bucket, reconnect pace."""
         with self._lock:
             while True:
                 now = self._clock()
@@ -346,9 +363,9 @@ class ConnectGate:
                     if fail_fast:
                         self.fast_failures += 1
                         raise self._circuit_open(now)
-                    if not counted:
+                    if not waits[0]:
                         self.outage_waits += 1
-                        counted = True
+                        waits[0] = True
                     self._wait_for_probe(now, started, deadline)
                     continue
                 # A server that answers is never taxed: the bucket paces attempts only while
@@ -359,17 +376,12 @@ class ConnectGate:
                 if wait <= 0 and self._owed and now < self._owed_until:
                     wait = self._replacement_wait(now, deadline)
                 if wait <= 0:
-                    break
+                    return probe
                 if probe:
                     self._breaker.probing = False  # give the probe back while we wait
                 if now + wait > deadline:
                     raise self._unavailable(now, started)
                 self._pause(wait)
-        self._admit_shared(deadline)
-        with self._lock:
-            self.attempts += 1
-            self.attempt_times.append(self._clock())
-        return probe
 
     def _replacement_wait(self, now: float, deadline: float) -> float:
         """Under the lock: seconds until a replacement may go (0: go now, one owed less).
@@ -411,20 +423,25 @@ class ConnectGate:
         finally:
             self._lock.acquire()
 
-    def _admit_shared(self, deadline: float) -> None:
-        """Ask the shared halves in turn; fail fast when a shared breaker is open."""
-        admitted = []
+    def _admit_shared(self, deadline: float) -> Optional[errors.CircuitOpen]:
+        """Ask the shared halves in turn; when a shared breaker is open, return the
+        CircuitOpen for it (the local breaker then holds open as long)."""
+        admitted: List[SharedGate] = []
         try:
             for backend in self._shared:
                 refusal = backend.admit(deadline, self._clock, self._sleep or time.sleep)
                 if refusal is not None:
-                    raise self._shared_open(refusal)
+                    with self._lock:
+                        self._release_probe()
+                    self._finish_shared("abandoned", backends=admitted)
+                    return self._shared_open(refusal)
                 admitted.append(backend)
         except BaseException:
             with self._lock:  # this attempt never started: only the probe goes back
                 self._release_probe()
             self._finish_shared("abandoned", backends=admitted)
             raise
+        return None
 
     def _shared_open(self, refusal: Any) -> errors.CircuitOpen:
         """Another process found the server down: fail fast, and stay open locally for as

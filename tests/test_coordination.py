@@ -193,14 +193,21 @@ def test_one_process_discovering_the_outage_makes_the_others_fail_fast(coords: A
         gates[0].admit(time.monotonic() + 10)
         gates[0].failed(refused_error("10.0.0.5"))
     with pytest.raises(connguard.CircuitOpen) as info:
-        gates[1].admit(time.monotonic() + 10)
+        gates[1].admit(time.monotonic() + 10, fail_fast=True)
     assert gates[1].attempts == 0  # no network: the other process's word was enough
     assert "ServerUnavailable" in str(info.value.last_cause)
     assert 0 < info.value.retry_after <= 1.0
     with pytest.raises(connguard.CircuitOpen):
-        gates[1].admit(time.monotonic() + 10)
+        gates[1].admit(time.monotonic() + 10, fail_fast=True)
     stats = gates[1].stats()
     assert stats["fast_failures"] == 2 and stats["shared_refusals"] == 1  # asked Redis once
+    # Without fail_fast a caller whose time ends before the shared probe is due gets the
+    # outage, with the cause the other process reported.
+    with pytest.raises(connguard.ServerUnavailable) as unavailable:
+        gates[1].admit(time.monotonic() + 0.05)
+    assert not isinstance(unavailable.value, connguard.CircuitOpen)
+    assert "ServerUnavailable" in str(unavailable.value.last_cause)
+    assert gates[1].attempts == 0
 
 
 # --- fallback decisions with a fake clock ---------------------------------------------------
