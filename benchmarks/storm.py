@@ -477,9 +477,11 @@ def outage(start_server: StartServer, quick: bool, step: Step = _no_step,
                        _measurements(clients, "/s", runs, "attempts_per_s"),
                        params=params, series=chart),
         ScenarioResult("outage: application errors", f"{shape}: failed calls from the stop to "
-                       f"{after:g} s after the restart. While the server is down every call "
-                       "fails, so this counts how often callers got an answer: a client "
-                       "that fails fast fails more often (see the failed-call latency).",
+                       f"{after:g} s after the restart. A client that answers every call at "
+                       "once while the server is down fails the more often the faster it "
+                       "answers (see the failed-call latency); connguard's callers wait for "
+                       "the server within their checkout timeout (5 s here), so only "
+                       "statements cut off by the stop fail.",
                        False, _measurements(clients, "errors", runs, "errors"), params=params,
                        notes=[_codes_note(codes)]),
         ScenarioResult("outage: failed-call latency", "Median duration of a failed call while "

@@ -13,6 +13,7 @@ from connguard.errors import (
     ConnGuardError,
     Deadlock,
     FdLimitReached,
+    GateTimeout,
     HostBlocked,
     LocalPortsExhausted,
     LockWaitTimeout,
@@ -55,6 +56,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "AccessDenied",
     "CircuitOpen",
+    "GateTimeout",
     "ConnGuardError",
     "ConnectionLost",
     "CoordinatorUnavailable",

@@ -497,7 +497,7 @@ class CoordinatedGate:
                 return SharedOpen(wait, verdict.failures, verdict.cause)
             now = clock()
             if now + verdict.wait > deadline:
-                raise errors.CircuitOpen(None, verdict.wait)
+                raise errors.GateTimeout(verdict.wait, scope="cluster-wide")
             sleep(verdict.wait)
 
     def finished(self, outcome: str, error: Optional[BaseException] = None) -> None:

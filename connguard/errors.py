@@ -44,6 +44,7 @@ __all__ = [
     "ConnectionLost",
     "Deadlock",
     "FdLimitReached",
+    "GateTimeout",
     "HandshakeLost",
     "HostBlocked",
     "LocalPortsExhausted",
@@ -429,6 +430,39 @@ def outage_error(
     if last_cause is not None:
         err.__cause__ = last_cause
     return err
+
+
+class GateTimeout(ConnGuardError, pymysql.err.OperationalError):
+    """A shared connect gate (host-wide or cluster-wide rate, opt-in) had no turn for this
+    connect before the caller's deadline. Not a breaker: the server may be healthy.
+
+    ``retry_after``: seconds until the gate's next turn. ``args`` is ``(first line,)``.
+    """
+
+    transient = True
+    docs = "errors/gate-timeout.md"
+
+    def __init__(self, retry_after: float, *, scope: str = "shared",
+                 host: Optional[str] = None, port: Optional[int] = None) -> None:
+        diagnosis: Dict[str, Any] = {"retry_after": round(retry_after, 3), "scope": scope,
+                                     "host": host, "port": port}
+        cause = _render(_GATE_TIMEOUT_CAUSE, _facts(diagnosis))
+        super().__init__(cause)
+        self.retry_after = retry_after
+        _describe(self, cause, _GATE_TIMEOUT_REMEDIES, diagnosis, None)
+
+
+_GATE_TIMEOUT_CAUSE = (
+    "no turn from the {scope} connect gate[ toward {target}] before the caller's deadline; "
+    "the next in {retry_after} s"
+)
+_GATE_TIMEOUT_REMEDIES = (
+    "the {scope} gate spreads connects of many processes over time (max_connect_rate is "
+    "their rate together): raise max_connect_rate / connect_burst if the server can take "
+    "more handshakes at once",
+    "or give callers more time (checkout_timeout / pool_timeout), or keep more connections "
+    "idle (min_idle) so fewer callers need a new one",
+)
 
 
 _POOL_TIMEOUT_CAUSE = (

@@ -101,13 +101,13 @@ class HostGate:
 
     def admit(self, deadline: float, clock: Callable[[], float],
               sleep: Callable[[float], None]) -> None:
-        """Block until this process may start a handshake; raise CircuitOpen at deadline."""
+        """Block until this process may start a handshake; raise GateTimeout at deadline."""
         while True:
             wait = self._update(self._take)
             if wait <= 0:
                 return
             if clock() + wait > deadline:
-                raise errors.CircuitOpen(None, wait)
+                raise errors.GateTimeout(wait, scope="host-wide")
             sleep(wait)
 
     def release(self) -> None:

@@ -255,11 +255,24 @@ def _hammer(path: str, seconds: float, out: Any) -> None:
     while time.monotonic() < end:
         try:
             gate.admit(end, time.monotonic, time.sleep)
-        except connguard.CircuitOpen:
+        except connguard.GateTimeout:
             break
         stamps.append(time.monotonic())
         gate.release()
     out.put(stamps)
+
+
+def test_no_turn_from_a_shared_gate_is_gate_timeout_not_circuit_open(tmp_path: Any) -> None:
+    gate = HostGate(str(tmp_path / "gate.json"), rate=1.0, burst=1, max_handshakes=4)
+    gate.admit(time.monotonic() + 10, time.monotonic, time.sleep)
+    gate.release()
+    with pytest.raises(connguard.GateTimeout) as info:
+        gate.admit(time.monotonic() + 0.05, time.monotonic, time.sleep)  # next turn in ~1 s
+    err = info.value
+    assert not isinstance(err, connguard.CircuitOpen) and isinstance(
+        err, pymysql.err.OperationalError)
+    assert 0 < err.retry_after <= 1.0 and "failures" not in str(err)
+    assert "host-wide connect gate" in str(err)
 
 
 def test_host_gate_holds_the_rate_across_processes(tmp_path: Any) -> None:

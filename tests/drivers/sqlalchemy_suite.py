@@ -95,7 +95,7 @@ def cache_dir() -> Path:
 
 
 def download_sdist(version: str, into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", "sqlalchemy", "--no-deps",
            f"sqlalchemy=={version}", "-d", str(into)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     found = sorted(into.glob(f"[sS][qQ][lL][aA]lchemy-{version}.tar.gz"))
