@@ -32,6 +32,8 @@ log = logging.getLogger("connguard.admission")
 
 #: Ceiling probe interval when storm control is off (no policy).
 PROBE_WITHOUT_POLICY = 1.0
+#: How long past its own timeout a caller held back only by the handshake cap may wait.
+HANDSHAKE_GRACE = 1.0
 #: The shortest a waiting caller sleeps when a probe is due but something else (the
 #: handshake cap) holds it back: it looks again after this, not in a busy loop.
 MIN_PAUSE = 0.01
@@ -85,12 +87,15 @@ class Admission:
                 and (self.lease_ceiling is None or self.lease_ceiling.allows(held, now))
                 and self.ceiling.allows(held, now))
 
-    def handshakes_only(self, held: int, opening: int) -> bool:
+    def handshakes_only(self, held: int, opening: int, overrun: float = 0.0) -> bool:
         """Is the handshake cap all that keeps the pool from growing? Then a caller waits
-        for a handshake to finish even past its own timeout (0 included): a server that
-        answers must never turn a cold start into errors (the pool asks only while its
-        connects succeed; see ``ConnectGate.failing``)."""
-        return (held < self.limit and opening >= self.max_handshakes
+        for a handshake to finish even past its own timeout (0 included), ``overrun``
+        seconds so far, up to HANDSHAKE_GRACE: a server that answers must not turn a cold
+        start into errors (the pool asks only while its connects succeed; see
+        ``ConnectGate.failing``), and a queue of slow handshakes must not hold callers
+        without bound."""
+        return (overrun < HANDSHAKE_GRACE and held < self.limit
+                and opening >= self.max_handshakes
                 and self.ceiling.value is None
                 and (self.lease_ceiling is None or self.lease_ceiling.value is None))
 
@@ -101,11 +106,12 @@ class Admission:
                              if self.lease_ceiling is not None else None) if t is not None]
         return min(times) if times else None
 
-    def pause(self, remaining: float, now: float) -> float:
+    def pause(self, remaining: float, now: float) -> Optional[float]:
         """How long a caller with ``remaining`` seconds left sleeps before asking again
-        (a returned connection or a freed slot wakes it earlier)."""
+        (a returned connection or a freed slot wakes it earlier); None: until woken."""
         probe_in = self.next_probe(now)
-        return remaining if probe_in is None else min(remaining, max(probe_in, MIN_PAUSE))
+        wait = remaining if probe_in is None else min(remaining, max(probe_in, MIN_PAUSE))
+        return None if wait == float("inf") else wait
 
     def opened(self, held: int) -> None:
         """A connect succeeded and the pool now holds ``held``: ceilings rise with it."""
@@ -136,8 +142,12 @@ class Admission:
         """
         if isinstance(exc, (coordination.LeaseUnavailable,
                             coordination.CoordinatorUnavailable)):
+            if self.lease_ceiling is None:
+                # Not the budget's answer (the shared gate's coordinator is down, failing
+                # closed): nothing would hold the next attempt back, so no wait.
+                return False, None
             wait = isinstance(exc, coordination.LeaseUnavailable) or held > 0
-            if wait and self.lease_ceiling is not None:
+            if wait:
                 # Hold at what the pool has; ask again after the coordinator's hint.
                 retry = max(float(getattr(exc, "retry_after", 0.0) or 0.0), 0.05)
                 self.lease_ceiling.hit(held, now, retry)

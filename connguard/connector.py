@@ -21,6 +21,11 @@ from connguard.storm import ConnectGate
 OUTAGE_ERRORS = (errors.ServerUnavailable, errors.ConnectionLost, errors.ServerShuttingDown,
                  errors.ResourceTemporarilyUnavailable)
 
+#: A caller retries a failed attempt only with at least this much of its time left.
+MIN_RETRY_TIME = 0.01
+#: A failure this close to the caller's deadline may be the deadline's doing.
+DEADLINE_SLACK = 0.005
+
 #: MySQL codes whose message is worth the server's own numbers (max_connections, ...).
 SERVER_FACT_CODES = frozenset({1040, 1129, 1135, 1203, 1226})
 
@@ -73,18 +78,26 @@ class Connector:
         gate = self.gate
         return (gate is not None and not self.fail_fast and gate.reached
                 and isinstance(exc, OUTAGE_ERRORS) and exc.transient
-                and time.monotonic() < deadline)
+                and deadline - time.monotonic() > MIN_RETRY_TIME)
 
     def _attempt(self, deadline: float,
                  connect: Optional[Callable[[], Any]]) -> pymysql.connections.Connection:
         """One connect the gate admitted; its outcome is reported to the gate."""
+        # A handshake cut short by the caller's deadline (not by connect_timeout) says
+        # nothing about the server: reported as abandoned, so a breaker's probe given to a
+        # caller with little time left cannot keep a slow-to-greet server "down".
+        cut = connect is None and (  # only our own connect bounds the handshake by it
+            deadline - time.monotonic() < float(self.kwargs.get("connect_timeout") or 10))
         try:
             conn = (connect() if connect is not None else
                     driver.open_connection(self.kwargs, deadline, self.keepalive))
         except pymysql.err.Error as exc:
             translated = self.translate(exc, during_connect=True)
             if self.gate is not None:
-                self.gate.failed(translated)
+                if cut and time.monotonic() >= deadline - DEADLINE_SLACK:
+                    self.gate.abandoned()
+                else:
+                    self.gate.failed(translated)
             if translated is exc:
                 raise
             raise translated from exc

@@ -28,7 +28,11 @@ _originals: Dict[str, Any] = {}
 _UNSET = object()
 #: Drop-in pools never make a caller wait where pymysql.connect would have connected:
 #: beyond max_size, connections are opened and closed again on return (PoolSettings).
-DROPIN_DEFAULTS: Dict[str, Any] = {"max_overflow": -1}
+#: During an outage a drop-in caller fails at once, as with pymysql.connect (with
+#: ServerUnavailable, an OperationalError(2003, ...) like PyMySQL's, and no network attempt
+#: while the breaker is open): code that tries a primary, then a replica, keeps working.
+#: ``configure(checkout_timeout=N)`` lets callers wait an outage out instead.
+DROPIN_DEFAULTS: Dict[str, Any] = {"max_overflow": -1, "checkout_timeout": 0}
 
 
 def configure(**options: Any) -> None:
@@ -49,11 +53,7 @@ def pool_for(**kwargs: Any) -> Pool:
     with _lock:
         pool = _pools.get(key)
         if pool is None or pool.closed:
-            # An outage is waited out no longer than pymysql.connect would wait for a silent
-            # server (connect_timeout, 10 s by default), unless configured otherwise.
-            wait = {"checkout_timeout": float(connect_kwargs.get("connect_timeout") or 10)}
-            pool = Pool(**{**DROPIN_DEFAULTS, **wait, **_defaults, **options},
-                        **connect_kwargs)
+            pool = Pool(**{**DROPIN_DEFAULTS, **_defaults, **options}, **connect_kwargs)
             _pools[key] = pool
             return pool
     _check_same_options(pool, options)

@@ -217,11 +217,14 @@ class Pool:
         while True:
             entry = self._take_or_reserve(started)
             if entry is None:
+                # With no time to wait (drop-in pools), the server's refusal itself.
                 entry = self._open_reserved(started + self._settings.checkout_timeout,
-                                            may_wait=True)
+                                            may_wait=self._settings.checkout_timeout > 0)
                 if entry is not None:
                     return entry
-                now = self._clock()  # refused (server full, no lease): wait in line
+                # Refused (server full, no lease): wait in line; the ceiling now holds
+                # growth back, and past the deadline the line answers with the timeout.
+                now = self._clock()
                 continue
             try:
                 reason = retire_reason(entry, now, self._lifetime)
@@ -276,7 +279,7 @@ class Pool:
                 now = self._clock()
                 remaining = deadline - now
                 if remaining <= 0:
-                    if not self._handshakes_only():
+                    if not self._handshakes_only(-remaining):
                         self._stats["timeouts"] += 1
                         raise self._timeout_error()
                     remaining = storm.MAX_PAUSE  # a finished handshake wakes us earlier
@@ -322,12 +325,12 @@ class Pool:
         return self._admission.may_open(len(self._in_use) + len(self._idle) + self._opening,
                                         self._opening, now)
 
-    def _handshakes_only(self) -> bool:
+    def _handshakes_only(self, overrun: float) -> bool:
         """Under the lock: is the pool growing toward a server that answers, held back only
-        by its handshake cap? (Then a caller waits past its timeout, see Admission.)"""
+        by its handshake cap? (Then a caller waits past its timeout, a little: Admission.)"""
         gate = self._connector.gate
         return (self._admission.handshakes_only(
-            len(self._in_use) + len(self._idle) + self._opening, self._opening)
+            len(self._in_use) + len(self._idle) + self._opening, self._opening, overrun)
             and not (gate is not None and gate.failing))
 
     def _timeout_error(self) -> errors.ConnGuardError:
@@ -336,7 +339,11 @@ class Pool:
         when that is why nothing could be opened."""
         waited = self._settings.checkout_timeout
         gate = self._connector.gate
-        outage = gate.outage(waited) if gate is not None else None
+        held = len(self._in_use) + len(self._idle) + self._opening
+        # An outage only if the pool could have grown (a full pool of healthy connections
+        # timing out is a PoolTimeout, whatever failed before) and connects failed lately.
+        outage = (gate.outage(waited) if gate is not None and held < self._settings.limit
+                  else None)
         if outage is not None:
             return outage
         return errors.PoolTimeout(self._settings.max_size, len(self._in_use), waited,
@@ -527,7 +534,7 @@ class Pool:
         self._stats[reason] += 1
         self._stats["closed"] += 1
         gate = self._connector.gate
-        if gate is not None and (reason == "peer_closed" or entry.broken):
+        if gate is not None and reason in ("peer_closed", "broken"):
             gate.connection_lost()  # its replacement is a reconnect: paced
         log.debug("closing connection %s (%s)", driver.thread_id(entry.conn), reason)
         if reason == "peer_closed" or entry.broken:

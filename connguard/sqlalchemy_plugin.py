@@ -647,14 +647,18 @@ class EngineGuard:
     def _connect_deadline(self) -> float:
         """How long the storm gate may hold this connect: what is left of the checkout's
         ``pool_timeout`` (the wait a caller of this engine already accepts), or the whole
-        timeout for a connect the guarded pool did not start."""
+        timeout for a connect the guarded pool did not start. Pools without a timeout
+        (NullPool, StaticPool, ...) never wait: during an outage their connect fails at
+        once, as it would without connguard."""
         engine = self._engine()
         pool = None if engine is None else engine.pool
         if isinstance(pool, GuardedQueuePool):
             deadline = pool.connect_deadline()
             if deadline is not None:
                 return deadline
-        timeout = pool.timeout() if isinstance(pool, QueuePool) else _DEFAULT_CONNECT_WAIT
+        if not isinstance(pool, QueuePool):
+            return time.monotonic()
+        timeout = pool.timeout()
         return time.monotonic() + (_DEFAULT_CONNECT_WAIT if timeout is None else timeout)
 
     def _connector_for(self, cparams: Dict[str, Any]) -> Connector:

@@ -50,7 +50,7 @@ from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
 from connguard import coordination, storm
-from connguard.admission import Admission, capacity_code
+from connguard.admission import HANDSHAKE_GRACE, Admission, capacity_code
 from connguard.storm import Ceiling, ConnectGate, StormPolicy
 
 __all__ = ["GuardedQueuePool", "capacity_code"]
@@ -154,16 +154,18 @@ class GuardedQueuePool(QueuePool):
     def _gate(self) -> Optional[ConnectGate]:
         return self._gate_source() if self._gate_source is not None else None
 
-    def _handshakes_only(self) -> bool:
-        """Growing toward a server that answers, held back only by the handshake cap?"""
+    def _handshakes_only(self, overrun: float) -> bool:
+        """Growing toward a server that answers, held back only by the handshake cap, and
+        ``overrun`` seconds past the deadline within the grace? (see Admission)"""
         gate = self._gate()
-        return (self._admission.handshakes_only(self._held(), self._opening)
+        return (self._admission.handshakes_only(self._held(), self._opening, overrun)
                 and not (gate is not None and gate.failing))
 
     # -- checkout --------------------------------------------------------------------------
     def _do_get(self) -> Any:
         timeout = self._timeout
         deadline = float("inf") if timeout is None else self._clock() + timeout
+        self._local.checkout_deadline = deadline  # for reconnects in place in this checkout
         while True:
             # No lock of ours needed. Nothing but the assignment happens inside ``except
             # Empty``: an error raised there (a failed connect, the checkout timeout) would
@@ -219,15 +221,14 @@ class GuardedQueuePool(QueuePool):
                 return None
             remaining = deadline - now
             if remaining <= 0:
-                if not self._handshakes_only():
+                if not self._handshakes_only(-remaining):
                     self._counts["timeouts"] += 1
                     raise self._timeout_error()
                 remaining = storm.MAX_PAUSE  # a finished handshake wakes us earlier
             if not counted:
                 self._counts["waits"] += 1
                 counted = True
-            wait = self._admission.pause(remaining, now)
-            self._cond.wait(None if wait == float("inf") else wait)
+            self._cond.wait(self._admission.pause(remaining, now))
 
     def _open_reserved(self, deadline: float) -> Any:
         """Open a connection in the reserved slot. Returns the record, or None when the
@@ -299,26 +300,41 @@ class GuardedQueuePool(QueuePool):
                     self._slot_freed()
         return invoke_creator
 
+    def _checkout_deadline(self) -> float:
+        """The deadline of this thread's checkout (SQLAlchemy reconnects in place within
+        it, after ``_do_get`` returned), or ``pool_timeout`` from now outside one."""
+        now = self._clock()
+        deadline = getattr(self._local, "checkout_deadline", None)
+        if deadline is not None and deadline > now:
+            return float(deadline)
+        return now + (30.0 if self._timeout is None else self._timeout)
+
     def _in_place_slot(self) -> float:
         """Wait for a handshake slot for a reconnect in place (no growth: the record is
-        counted already); returns the connect's deadline (``pool_timeout`` from now)."""
-        timeout = self._timeout
-        deadline = self._clock() + (30.0 if timeout is None else timeout)
+        counted already); returns the connect's deadline (the checkout's)."""
+        deadline = self._checkout_deadline()
         with self._cond:
             self._waiting += 1
             self._in_place_waiting += 1
             try:
                 while self._opening >= self._admission.max_handshakes:
                     remaining = deadline - self._clock()
-                    if remaining <= 0 and not self._handshakes_only():
+                    if remaining <= 0 and not self._cap_grace(-remaining):
                         self._counts["timeouts"] += 1
                         raise self._timeout_error()
-                    self._cond.wait(max(min(remaining, storm.MAX_PAUSE), 0.01))
+                    self._cond.wait(min(remaining, storm.MAX_PAUSE) if remaining > 0
+                                    else storm.MAX_PAUSE)
                 self._opening += 1
             finally:
                 self._waiting -= 1
                 self._in_place_waiting -= 1
         return deadline
+
+    def _cap_grace(self, overrun: float) -> bool:
+        """Past its deadline, may a reconnect in place still wait for a handshake slot?
+        While the server answers, for HANDSHAKE_GRACE (see Admission.handshakes_only)."""
+        gate = self._gate()
+        return overrun < HANDSHAKE_GRACE and not (gate is not None and gate.failing)
 
     def _leased(self, invoke: Callable[[Any], Any], record: Any) -> Any:
         """``invoke(record)`` under a lease when there is a global budget: the one
@@ -340,8 +356,7 @@ class GuardedQueuePool(QueuePool):
     def _lease_in_place(self, budget: coordination.Budget) -> None:
         """A lease for a reconnect in place: asks again after each hint until the checkout's
         deadline (``pool_timeout``), then raises the refusal."""
-        timeout = self._timeout
-        deadline = self._clock() + (30.0 if timeout is None else timeout)
+        deadline = self._checkout_deadline()
         while True:
             try:
                 budget.acquire()
@@ -352,7 +367,11 @@ class GuardedQueuePool(QueuePool):
                     raise
                 with self._cond:
                     self._counts["lease_waits"] += 1
-                    self._cond.wait(wait)  # a return notifies: its release may be the lease
+                    self._in_place_waiting += 1  # so that a freed slot wakes everyone
+                    try:
+                        self._cond.wait(wait)  # a return notifies: its release may be it
+                    finally:
+                        self._in_place_waiting -= 1
 
     def _close_connection(self, connection: Any, *args: Any, **kw: Any) -> None:
         # Every DBAPI connection this pool closes (return, invalidate, recycle, reaper,
@@ -393,7 +412,11 @@ class GuardedQueuePool(QueuePool):
         a pool). Otherwise SQLAlchemy's own TimeoutError, text and code, so that what
         callers match on still matches, naming the refusal that holds the pool back."""
         gate = self._gate()
-        outage = gate.outage(self._timeout or 0.0) if gate is not None else None
+        # An outage only if the pool could have grown (a full pool of healthy connections
+        # timing out is SQLAlchemy's TimeoutError, whatever failed before).
+        could_grow = self._held() < self._admission.limit
+        outage = (gate.outage(self._timeout or 0.0) if gate is not None and could_grow
+                  else None)
         if outage is not None:
             return outage
         message = (f"QueuePool limit of size {self.size()} overflow {self.overflow()} "

@@ -213,6 +213,9 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 #: growth again, not a reconnect).
 REPLACEMENT_WINDOW = 5.0
 
+#: Seconds after which a breaker's probe that never reported is given to another caller.
+PROBE_LAPSE = 30.0
+
 #: The longest a waiting caller sleeps before it looks at the breaker again (a probe that
 #: never reports, a deadline of "forever").
 MAX_PAUSE = 1.0
@@ -227,16 +230,20 @@ class Breaker:
     failures: int = 0
     open_until: float = 0.0
     probing: bool = False
+    probe_started: float = 0.0
     last_error: Optional[BaseException] = None
 
     def admit(self, now: float) -> Tuple[bool, bool]:
-        """(allowed, is_probe). When open and the wait is over, one caller probes."""
+        """(allowed, is_probe). When open and the wait is over, one caller probes; a probe
+        that never reported (a thread killed mid-connect) lapses after PROBE_LAPSE."""
         if self.state == OPEN and now >= self.open_until:
             self.state = HALF_OPEN
         if self.state == CLOSED:
             return True, False
+        if self.probing and now - self.probe_started > PROBE_LAPSE:
+            self.probing = False
         if self.state == HALF_OPEN and not self.probing:
-            self.probing = True
+            self.probing, self.probe_started = True, now
             return True, True
         return False, False
 
@@ -313,6 +320,8 @@ class ConnectGate:
         self._breaker = Breaker(policy.breaker_threshold)
         self._not_before = 0.0  # backoff after a failure: no attempt before this time
         self._failing_since: Optional[float] = None  # first failure of the current streak
+        self._failed_at = 0.0  # the latest failure
+        self._announced = False  # the breaker's opening was logged (its closing will be)
         self.reached = False  # a connect succeeded once: failures now mean an outage
         # Shared halves, asked in this order after the local gate: the host-wide file, then
         # the cluster-wide coordinator.
@@ -474,13 +483,14 @@ class ConnectGate:
 
     def succeeded(self) -> None:
         with self._lock:
-            was, since = self._breaker.state, self._failing_since
+            announced, since = self._announced, self._failing_since
             self._breaker.succeeded()
             self._not_before = 0.0
             self._failing_since = None
+            self._announced = False
             self.reached = True
             self._settled.notify_all()
-        if was != CLOSED and since is not None:
+        if announced and since is not None:
             log.info("connguard: connecting to %s closed the breaker again after %.1f s of "
                      "failures", self._target(), self._clock() - since)
         self._finish_shared("succeeded")
@@ -502,6 +512,7 @@ class ConnectGate:
         with self._lock:
             self.failures += 1
             now = self._clock()
+            self._failed_at = now
             if self._failing_since is None:
                 self._failing_since = now
             failures = self._breaker.failures + 1
@@ -518,6 +529,7 @@ class ConnectGate:
                 was = self._breaker.state
                 self._breaker.failed(now, wait, error)
                 opened = was == CLOSED and self._breaker.state == OPEN
+                self._announced = self._announced or opened
             self._settled.notify_all()
         if opened:  # once per outage: re-opening after a failed probe is routine
             log.warning("connguard: breaker open for %s after %d failures in a row (%s); "
@@ -544,13 +556,18 @@ class ConnectGate:
 
     def outage(self, waited: float) -> Optional[errors.ServerUnavailable]:
         """The error for a caller of a pool that waited ``waited`` seconds while connects to
-        this destination kept failing for want of a server (not a full one), else None."""
+        this destination kept failing for want of a server (not a full one), else None:
+        the breaker is open, or an attempt failed during that wait (one stale failure of
+        long ago says nothing about why this caller waited)."""
         with self._lock:
             last = self._breaker.last_error
+            now = self._clock()
             if self._failing_since is None or last is None or (
                     last.args and last.args[0] in CAPACITY_CODES):
                 return None
-            return self._outage_error(self._clock(), waited)
+            if self._breaker.state == CLOSED and now - self._failed_at > waited:
+                return None
+            return self._outage_error(now, waited)
 
     def _target(self) -> str:
         return f"{self.host}:{self.port}" if self.port else (self.host or "the server")
