@@ -49,12 +49,14 @@ class Connector:
         self.server_facts = server_facts
 
     def open(self, deadline: float = float("inf"),
-             connect: Optional[Callable[[], Any]] = None) -> pymysql.connections.Connection:
+             connect: Optional[Callable[[], Any]] = None,
+             started: Optional[float] = None) -> pymysql.connections.Connection:
         """Open a connection, waiting for the gate until ``deadline`` (monotonic) at most;
         the handshake is bounded by ``connect_timeout`` and by the deadline.
 
         ``connect``: what opens it, instead of connguard's own PyMySQL connection (the
         SQLAlchemy plugin passes the dialect's connect); guard, gate and translation stay.
+        ``started``: when the caller's checkout began (monotonic), for how long it waited.
 
         During an outage of a server this process has reached before, a failed attempt is
         not the caller's answer: it waits for the gate's next attempt (backoff, breaker
@@ -62,11 +64,12 @@ class Connector:
         server never reached (a wrong port, a typo in the host) answers at once, as
         ``pymysql.connect`` would; so does every error retrying cannot fix.
         """
+        began = time.monotonic() if started is None else started
         while True:
             if self.guard is not None:
                 self.guard.preflight()
             if self.gate is not None:
-                self.gate.admit(deadline, self.fail_fast)  # its refusals are final
+                self.gate.admit(deadline, self.fail_fast, began)  # its refusals are final
             try:
                 return self._attempt(deadline, connect)
             except errors.ConnGuardError as exc:
@@ -86,8 +89,10 @@ class Connector:
         # A handshake cut short by the caller's deadline (not by connect_timeout) says
         # nothing about the server: reported as abandoned, so a breaker's probe given to a
         # caller with little time left cannot keep a slow-to-greet server "down".
-        cut = connect is None and (  # only our own connect bounds the handshake by it
-            deadline - time.monotonic() < float(self.kwargs.get("connect_timeout") or 10))
+        # Only our own connect bounds the handshake by the deadline, and only while some of
+        # it is left (past it, the handshake gets the whole connect_timeout).
+        left = deadline - time.monotonic()
+        cut = connect is None and 0 < left < float(self.kwargs.get("connect_timeout") or 10)
         try:
             conn = (connect() if connect is not None else
                     driver.open_connection(self.kwargs, deadline, self.keepalive))

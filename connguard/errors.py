@@ -384,15 +384,15 @@ class CircuitOpen(ConnGuardError, pymysql.err.OperationalError):
 
 
 _OUTAGE_CAUSE = (
-    "no new connection[ to {target}] for {down_for} s[ ({failures} failures in a row)]"
-    "[; this caller waited {waited} s for the next attempt][; last: {last_cause}]"
+    "no new connection[ to {target}][ for {down_for} s][ ({failures} failures in a row)]"
+    "[; this caller waited {waited} s][; last: {last_cause}]"
 )
 _OUTAGE_REMEDIES = (
-    "[fix the last failure (see {last_docs})|fix the last failure]: the pool keeps trying "
-    "once per backoff interval and serves waiting callers as soon as an attempt succeeds",
-    "a caller that can wait longer gets its connection without an error when the server "
-    "comes back within its timeout (checkout_timeout / pool_timeout)",
-    "fail_fast=True answers at once with CircuitOpen while the breaker is open instead",
+    "[fix the last failure (see {last_docs})|fix the last failure]: connguard tries again "
+    "once per backoff interval, and callers are served as soon as an attempt succeeds",
+    "callers given time to wait (checkout_timeout, SQLAlchemy's pool_timeout; "
+    "connguard.configure(checkout_timeout=...) for drop-in pools, before their first "
+    "connect) get their connection without an error when the server is back within it",
 )
 
 
@@ -413,7 +413,7 @@ def outage_error(
     failed connect, so handlers that look at ``args[0]`` see a connect failure.
     """
     diagnosis: Dict[str, Any] = {
-        "down_for": round(down_for, 2),
+        "down_for": round(down_for, 2) if down_for >= 0.01 else None,
         "waited": round(waited, 2) if waited >= 0.01 else None,
         "failures": failures,
         "host": host,

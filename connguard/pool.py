@@ -429,7 +429,9 @@ class Pool:
         return f"{self._host}:{self._port}" if self._port else self._host
 
     def _open_connection(self, deadline: float) -> pymysql.connections.Connection:
-        conn = self._connector.open(deadline)
+        timeout = self._settings.checkout_timeout
+        started = deadline - timeout if deadline != float("inf") else None
+        conn = self._connector.open(deadline, started=started)
         if self._wait_timeout is None:
             self._learn_server_timeouts(conn)
         return conn

@@ -611,7 +611,13 @@ class EngineGuard:
                 _close_stranded_socket(exc)
                 raise
 
-        return self._connector_for(cparams).open(self._connect_deadline(), connect=connect)
+        deadline = self._connect_deadline()
+        engine = self._engine()
+        timeout = engine.pool.timeout() if engine is not None and isinstance(
+            engine.pool, QueuePool) else None
+        started = deadline - timeout if timeout is not None and deadline != float(
+            "inf") else None
+        return self._connector_for(cparams).open(deadline, connect=connect, started=started)
 
     def _connect_reusing_tls(self, dialect: Any, cargs: List[Any],
                              cparams: Dict[str, Any]) -> Any:

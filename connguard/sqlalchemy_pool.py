@@ -165,7 +165,6 @@ class GuardedQueuePool(QueuePool):
     def _do_get(self) -> Any:
         timeout = self._timeout
         deadline = float("inf") if timeout is None else self._clock() + timeout
-        self._local.checkout_deadline = deadline  # for reconnects in place in this checkout
         while True:
             # No lock of ours needed. Nothing but the assignment happens inside ``except
             # Empty``: an error raised there (a failed connect, the checkout timeout) would
@@ -175,6 +174,9 @@ class GuardedQueuePool(QueuePool):
             except sqla_queue.Empty:
                 record = None
             if record is None:
+                # A reconnect in place later in this checkout keeps its deadline (set here,
+                # off the fast path: a checkout served at once has nearly all of it left).
+                self._local.checkout_deadline = deadline
                 record = self._take_or_reserve(deadline)
                 if record is None:  # a connect slot was reserved for us
                     record = self._open_reserved(deadline)
@@ -301,8 +303,9 @@ class GuardedQueuePool(QueuePool):
         return invoke_creator
 
     def _checkout_deadline(self) -> float:
-        """The deadline of this thread's checkout (SQLAlchemy reconnects in place within
-        it, after ``_do_get`` returned), or ``pool_timeout`` from now outside one."""
+        """The deadline of this thread's checkout if it had to wait (SQLAlchemy reconnects
+        in place within it, after ``_do_get`` returned), else ``pool_timeout`` from now. A
+        deadline left from an earlier checkout of this thread can only shorten the wait."""
         now = self._clock()
         deadline = getattr(self._local, "checkout_deadline", None)
         if deadline is not None and deadline > now:

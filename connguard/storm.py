@@ -336,7 +336,8 @@ class ConnectGate:
         self.attempt_times: Deque[float] = deque(maxlen=1024)
 
     # -- the protocol the connector follows: admit(), then succeeded() or failed() ----------
-    def admit(self, deadline: float, fail_fast: bool = False) -> bool:
+    def admit(self, deadline: float, fail_fast: bool = False,
+              started: Optional[float] = None) -> bool:
         """Wait for permission to connect; return whether this attempt is the breaker's probe.
 
         While the breaker is open the caller waits for the next probe and its outcome, up
@@ -344,8 +345,11 @@ class ConnectGate:
         it gets :class:`~connguard.errors.ServerUnavailable` with the last cause and how
         long connects have been failing. ``fail_fast=True`` answers an open breaker at once
         with :class:`~connguard.errors.CircuitOpen` instead, without touching the network.
+        ``started``: when the caller began waiting (its checkout), for the error's
+        ``waited``; default now.
         """
-        started = self._clock()
+        if started is None:
+            started = self._clock()
         waits = [False]  # counted in outage_waits yet (once per call)
         while True:
             probe = self._admit_local(started, deadline, fail_fast, waits)

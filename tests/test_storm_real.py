@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import bisect
 import multiprocessing
+import re
 import statistics
 import threading
 import time
 from typing import Any, List, Sequence, Tuple
 
+import pymysql
 import pytest
 
 import connguard
@@ -88,10 +90,14 @@ def test_outage_past_the_callers_timeout_is_server_unavailable(mariadb_factory: 
     assert late, "with a 1 s timeout in a 4 s outage some callers must give up"
     errors = outage.errors_while_down()
     assert errors and all(type(e) is connguard.ServerUnavailable for e in errors), errors[:3]
-    assert not any("0 failures" in str(e) for e in errors)
+    assert not any(re.search(r"\b0 failures", str(e)) for e in errors)
     assert all(e.down_for > 0 and isinstance(e.last_cause, connguard.ServerUnavailable)
                for e in errors if hasattr(e, "down_for"))
     assert any(hasattr(e, "down_for") for e in errors)
+    # .waited is the caller's whole wait (its own failed attempts included), not the last
+    # stretch of it.
+    assert all(e.waited >= 0.5 for e in errors if hasattr(e, "waited")), \
+        [e.waited for e in errors if hasattr(e, "waited")][:5]
     assert not any(isinstance(e, connguard.CircuitOpen) for e in outage.load.errors)
     waited = statistics.median(d for _, _, d in late)
     assert 0.5 <= waited <= 2.0, f"a failed call took {waited:.2f} s (timeout 1 s)"
@@ -211,3 +217,28 @@ def test_host_gate_holds_for_four_processes(mariadb: MariaDB, tmp_path: Any) -> 
     # four separate gates would have needed 0.3 s.
     assert stamps[-1] - stamps[0] >= 2.5
     assert max(sum(1 for u in stamps if t <= u < t + 1.0) for t in stamps) <= 5 + 10 + 1
+
+
+def test_drop_in_callers_fail_at_once_during_an_outage(mariadb_factory: Any) -> None:
+    """connguard.connect during an outage: PyMySQL's answer (an OperationalError 2003) at
+    once, not a wait; the failures still count, and the backoff then spares the network."""
+    server = mariadb_factory()
+    kwargs = server.connect_kwargs(connect_timeout=2)
+    try:
+        connguard.connect(**kwargs).close()  # reached once: failures now mean an outage
+        server.stop()
+        gate = connguard.dropin.pool_for(**kwargs)._connector.gate
+        assert gate is not None
+        before = gate.attempts
+        for _ in range(6):
+            began = time.monotonic()
+            with pytest.raises(connguard.ServerUnavailable) as info:
+                connguard.connect(**kwargs)
+            assert time.monotonic() - began < 1.0
+            assert info.value.args[0] == 2003
+            assert isinstance(info.value, pymysql.err.OperationalError)
+        # Callers faster than the backoff are answered from it, without a try of their own.
+        assert gate.stats()["consecutive_failures"] >= 2
+        assert gate.attempts - before <= 3
+    finally:
+        connguard.close_all()
