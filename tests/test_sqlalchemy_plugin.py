@@ -8,8 +8,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import re
 import queue
+import re
 import subprocess
 import threading
 import time
