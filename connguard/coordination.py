@@ -168,6 +168,13 @@ class CoordinationSettings:
     lease_ttl: float = 15.0
     key: Optional[str] = None
 
+    def __repr__(self) -> str:
+        # The coordinator URL may hold a password: shown only without it.
+        spec = self.coordinator
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["coordinator"] = redact_url(spec) if isinstance(spec, str) else spec
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in values.items())})"
+
     def __post_init__(self) -> None:
         spec = self.coordinator
         if spec is not None and not isinstance(spec, Coordinator):

@@ -1102,8 +1102,17 @@ def is_disconnect(exc: BaseException) -> bool:
 # --- secrets ------------------------------------------------------------------------------
 
 _MASK = "***"
-_SECRET_ASSIGNMENT = re.compile(r"(?i)\b(password|passwd|pwd)=('[^']*'|\"[^\"]*\"|[^\s,;)]+)")
-_URL_USERINFO = re.compile(r"(://[^/\s:@]+:)[^/\s@]+@")
+# The places a password has in text, by structure: ``password=...`` (keyword arguments,
+# DSN query strings, MYSQL_PWD=...), ``'password': '...'`` (a dict's or JSON's repr), and
+# the userinfo of ``scheme://user:password@host`` URLs.
+_SECRET_ASSIGNMENT = re.compile(r"(?i)\b(password|passwd|pwd)=('[^']*'|\"[^\"]*\"|[^\s,;)&]+)")
+_SECRET_ENTRY = re.compile(
+    r"""(?i)(['"](?:password|passwd|pwd)['"]\s*:\s*)('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|b'[^']*')""")
+_URL_USERINFO = re.compile(r"(://[^/\s:@]*:)[^/\s@]+@")
+#: A password is also masked where it appears verbatim, as a whole token, only from this
+#: length on (and not all digits): a short one would match by chance ("3" in 10.0.0.3),
+#: mangling the message and showing where the password's characters are.
+MIN_VERBATIM = 8
 
 
 def _password_text(password: Password) -> str:
@@ -1116,16 +1125,22 @@ def _password_text(password: Password) -> str:
 
 
 def redact(text: str, password: Password = None) -> str:
-    """``text`` with ``password`` and anything that looks like a credential masked.
+    """``text`` with its secrets masked, by structure: ``password=...`` assignments,
+    ``'password': ...`` entries and the password of ``scheme://user:password@`` URLs.
 
-    Masks every occurrence of ``password`` (str or bytes), ``password=...``-style
-    assignments and the password in ``scheme://user:password@`` URLs.
+    ``password`` (str or bytes) is also masked where it appears verbatim as a whole token
+    (not inside a longer word or number), when it has at least MIN_VERBATIM characters and
+    is not all digits: never by substring, which would mangle "10.0.0.3:3306" for a
+    password "3" and show where the password's characters are.
     """
-    secret = _password_text(password)
-    if secret:
-        text = text.replace(secret, _MASK)
     text = _SECRET_ASSIGNMENT.sub(rf"\1={_MASK}", text)
-    return _URL_USERINFO.sub(rf"\1{_MASK}@", text)
+    text = _SECRET_ENTRY.sub(rf"\1'{_MASK}'", text)
+    text = _URL_USERINFO.sub(rf"\1{_MASK}@", text)
+    secret = _password_text(password)
+    if len(secret) >= MIN_VERBATIM and not secret.isdigit() and secret in text:
+        token = re.compile(rf"(?<![\w]){re.escape(secret)}(?![\w])")
+        text = token.sub(_MASK, text)
+    return text
 
 
 def _redact_args(args: Tuple[Any, ...], password: Password) -> Tuple[Any, ...]:
