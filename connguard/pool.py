@@ -27,7 +27,7 @@ from connguard.admission import Admission
 from connguard.arguments import split_arguments
 from connguard.connector import Connector
 from connguard.guard import ResourceGuard
-from connguard.hostgate import HostGate, gate_path
+from connguard.hostgate import HostGate, check_option
 from connguard.liveness import Probe, peer_closed
 from connguard.policies import (
     KeepalivePolicy,
@@ -104,6 +104,7 @@ def build_policies(options: Dict[str, Any]) -> Tuple[PoolSettings, LifetimePolic
     storm.policy_from_options(options)  # validated here too, before anything is started
     coordination.settings_from_options(options)
     keepalive_from_option(options.get("keepalive", True))
+    check_option(options.get("host_gate", False))
     settings = PoolSettings(**{k: v for k, v in options.items()
                                if k in PoolSettings.__dataclass_fields__})
     lifetime = LifetimePolicy(
@@ -170,11 +171,10 @@ class Pool:
         if self._storm is None:
             return None
         host_gate = None
-        shared = options.get("host_gate", False)
-        if shared:
-            directory = shared if isinstance(shared, str) else None
-            host_gate = HostGate(gate_path(self._host, self._port, directory), self._storm.rate,
-                                 self._storm.burst, self._storm.max_handshakes)
+        chosen = options.get("host_gate", False)
+        if chosen:
+            directory = chosen if isinstance(chosen, str) else None
+            host_gate = HostGate(self._host, self._port, self._storm.max_handshakes, directory)
         shared = []
         if self._coordinator is not None:
             # The probe slot lapses a little after the longest a handshake may take.

@@ -47,7 +47,7 @@ from sqlalchemy.pool import QueuePool
 from connguard import coordination, driver, errors, reaper, storm
 from connguard.connector import Connector
 from connguard.guard import ResourceGuard
-from connguard.hostgate import HostGate, gate_path
+from connguard.hostgate import HostGate
 from connguard.liveness import Probe, peer_closed
 from connguard.policies import LifetimePolicy
 from connguard.sqlalchemy_pool import IDLE_SINCE as _IDLE_SINCE
@@ -148,8 +148,9 @@ class PluginOptions:
         "does; false keeps them (each checkout checks its own connection anyway)")
     host_gate: Union[bool, str] = _option(
         False, _as_host_gate,
-        "share the connect gate's bucket and handshake slots with the other processes of "
-        "this host through a file (true: in the default directory; or a directory)")
+        "share the handshake cap with this user's other processes of the host through "
+        "flock'd slot files (true: in a directory of this user's under $XDG_RUNTIME_DIR or "
+        "/dev/shm; or under the directory given)")
     storm_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict, metadata={
         "doc": "the gate's settings, given as connguard_<name> for each of STORM_OPTIONS"})
     coordination_settings: coordination.CoordinationSettings = dataclasses.field(
@@ -707,8 +708,7 @@ class EngineGuard:
         if self.options.host_gate:
             directory = self.options.host_gate if isinstance(self.options.host_gate, str) \
                 else None
-            host_gate = HostGate(gate_path(host, port, directory), policy.rate, policy.burst,
-                                 policy.max_handshakes)
+            host_gate = HostGate(host, port, policy.max_handshakes, directory)
         shared = []
         settings = self.options.coordination_settings
         coordinator = _coordinator(self.options)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import threading
 import time
 from typing import Any, List
@@ -12,7 +11,6 @@ import pymysql
 import pytest
 
 import connguard
-from connguard.hostgate import HostGate
 from connguard.storm import Breaker, Ceiling, ConnectGate, StormPolicy, TokenBucket
 from tests.fakes import FakeClock, refused, server_error
 
@@ -248,44 +246,3 @@ def test_bad_policy_values_are_named(kwargs: Any, word: str) -> None:
     assert word in str(info.value)
 
 
-def _hammer(path: str, seconds: float, out: Any) -> None:
-    gate = HostGate(path, rate=20.0, burst=5, max_handshakes=2)
-    stamps = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            gate.admit(end, time.monotonic, time.sleep)
-        except connguard.GateTimeout:
-            break
-        stamps.append(time.monotonic())
-        gate.release()
-    out.put(stamps)
-
-
-def test_no_turn_from_a_shared_gate_is_gate_timeout_not_circuit_open(tmp_path: Any) -> None:
-    gate = HostGate(str(tmp_path / "gate.json"), rate=1.0, burst=1, max_handshakes=4)
-    gate.admit(time.monotonic() + 10, time.monotonic, time.sleep)
-    gate.release()
-    with pytest.raises(connguard.GateTimeout) as info:
-        gate.admit(time.monotonic() + 0.05, time.monotonic, time.sleep)  # next turn in ~1 s
-    err = info.value
-    assert not isinstance(err, connguard.CircuitOpen) and isinstance(
-        err, pymysql.err.OperationalError)
-    assert 0 < err.retry_after <= 1.0 and "failures" not in str(err)
-    assert "host-wide connect gate" in str(err)
-
-
-def test_host_gate_holds_the_rate_across_processes(tmp_path: Any) -> None:
-    path = str(tmp_path / "gate.json")
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_hammer, args=(path, 2.0, out)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    stamps = sorted(t for _ in procs for t in out.get(timeout=60))
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    # 4 processes, one shared bucket of 20/s with a burst of 5: about 5 + 20 * 2 = 45 in all,
-    # where 4 separate gates would have let 4 times that through.
-    assert 20 <= len(stamps) <= 5 + 20 * 2 + 5
