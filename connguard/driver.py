@@ -31,8 +31,28 @@ PYMYSQL_ARGUMENTS: FrozenSet[str] = frozenset(
     if name != "self" and param.kind is not inspect.Parameter.VAR_KEYWORD
 )
 
-_ssl_contexts: Dict[Hashable, ssl.SSLContext] = {}
+#: ssl parameters -> (context, the files' fingerprint, when it was last checked).
+_ssl_contexts: Dict[Hashable, Tuple[ssl.SSLContext, Tuple[Any, ...], float]] = {}
 _ssl_lock = threading.Lock()
+#: ssl parameters that name files: a context is rebuilt when one of them changes.
+TLS_FILE_KEYS = ("ca", "cert", "key", "capath")
+#: Seconds between looks at those files (a stat each) for one cached context.
+TLS_RECHECK = 5.0
+
+
+def tls_fingerprint(sslp: Dict[str, Any]) -> Tuple[Any, ...]:
+    """What identifies the contents of the files ``sslp`` names (mtime, size, inode), so a
+    rotated certificate, key or CA gives a new context; a missing file counts too."""
+    marks: List[Tuple[Any, ...]] = []
+    for name in TLS_FILE_KEYS:
+        path = sslp.get(name)
+        if isinstance(path, (str, bytes, os.PathLike)):
+            try:
+                info = os.stat(path)
+                marks.append((name, info.st_mtime_ns, info.st_size, info.st_ino))
+            except OSError:
+                marks.append((name, None))
+    return tuple(marks)
 
 
 def _ssl_cache_key(sslp: Dict[str, Any]) -> Optional[Hashable]:
@@ -114,12 +134,19 @@ class GuardedConnection(pymysql.connections.Connection):
         key = _ssl_cache_key(sslp)
         if key is None:
             return super()._create_ssl_ctx(sslp)
+        now = time.monotonic()
         with _ssl_lock:
-            ctx = _ssl_contexts.get(key)
-        if ctx is None:
-            ctx = super()._create_ssl_ctx(sslp)
+            cached = _ssl_contexts.get(key)
+        if cached is not None and now - cached[2] < TLS_RECHECK:
+            return cached[0]
+        mark = tls_fingerprint(sslp)  # a stat per file, at most every TLS_RECHECK seconds
+        if cached is not None and mark == cached[1]:
             with _ssl_lock:
-                ctx = _ssl_contexts.setdefault(key, ctx)
+                _ssl_contexts[key] = (cached[0], mark, now)
+            return cached[0]
+        ctx = super()._create_ssl_ctx(sslp)  # new, or a file changed: rotated certificates
+        with _ssl_lock:
+            _ssl_contexts[key] = (ctx, mark, now)
         return ctx
 
     def connect(self, sock: Any = None) -> None:
