@@ -29,7 +29,7 @@ import pymysql
 
 import connguard
 from benchmarks.common import ScenarioResult, alternate, time_per_op
-from connguard.sandbox import RedisServer, free_port
+from connguard.testing import RedisServer, free_port
 
 LOCAL = "connguard Pool"
 REDIS = "connguard Pool + Redis coordinator"
@@ -238,7 +238,7 @@ if __name__ == "__main__":  # python -m benchmarks.coordination [--quick]
     import sys
 
     from benchmarks.common import write_report
-    from connguard.sandbox import MariaDB, Template
+    from connguard.testing import MariaDB, Template
 
     root = tempfile.mkdtemp(prefix="connguard-bench-")
     try:

@@ -160,7 +160,7 @@ def _from_dsn(dsn: str) -> Tuple[Dict[str, Any], str]:
 
 @contextlib.contextmanager
 def _throwaway_server() -> Iterator[Tuple[Dict[str, Any], str]]:
-    from connguard.sandbox import APP_PASSWORD, MariaDB, Template
+    from connguard.testing import APP_PASSWORD, MariaDB, Template
 
     root = tempfile.mkdtemp(prefix="connguard-callgrind-server-")
     os.chmod(root, 0o755)

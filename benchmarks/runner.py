@@ -3,7 +3,7 @@
 ``run(dsn=None, quick=False, scenarios=None, out_dir="bench-results")`` runs the scenarios of
 :data:`SCENARIOS` (all by default) against one server and writes ``results.json``,
 ``report.md`` and PNG charts into ``out_dir``. Without a DSN it starts a throwaway MariaDB
-from the ``mariadbd`` on PATH (:mod:`connguard.sandbox`) and stops it afterwards; the
+from the ``mariadbd`` on PATH (:mod:`connguard.testing`) and stops it afterwards; the
 outage, saturation and mass-KILL scenarios start servers of their own from the same template,
 since they stop, cap or KILL them. With a DSN those three are skipped with a note: a
 benchmark never stops or KILLs a server it did not start.
@@ -289,7 +289,7 @@ class Sandbox:
     """Throwaway MariaDB servers from one template; every one is destroyed by ``close()``."""
 
     def __init__(self) -> None:
-        from connguard.sandbox import Template
+        from connguard.testing import Template
 
         require_mariadbd()
         self.root = tempfile.mkdtemp(prefix="connguard-bench-")
@@ -305,7 +305,7 @@ class Sandbox:
             raise
 
     def start(self, **options: Any) -> Any:
-        from connguard.sandbox import MariaDB
+        from connguard.testing import MariaDB
 
         server = MariaDB(self.template, options)
         self.servers.append(server)
@@ -320,7 +320,7 @@ class Sandbox:
 
 def require_mariadbd() -> None:
     """SetupError with the install hint when there is no server binary to start."""
-    from connguard.sandbox import INSTALL_HINT, find_binary
+    from connguard.testing import INSTALL_HINT, find_binary
 
     if find_binary("mariadbd") is None and find_binary("mysqld") is None:
         raise SetupError(INSTALL_HINT)

@@ -4,7 +4,7 @@ Two claims. Its socket-level check costs a small fraction of pre_ping's round tr
 a checkout at most 0.5x the pre_ping engine's): every engine runs against the same server in
 the same run, rounds alternating between them so a noisy neighbour hurts all. And through an
 engine, the outage and saturation scenarios of issue 6 stay bounded: those run on throwaway
-servers of their own (``connguard.sandbox``), since they stop the server or cap it at 16
+servers of their own (``connguard.testing``), since they stop the server or cap it at 16
 connections.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from benchmarks.common import Measurement, ScenarioResult, time_per_op
 from connguard.census import own_sockets
-from connguard.sandbox import MariaDB, Template, wait_until
+from connguard.testing import MariaDB, Template, wait_until
 
 PLUGIN = "connguard plugin"
 PRE_PING = "pool_pre_ping=True"
@@ -299,7 +299,7 @@ StartServer = Callable[..., Any]
 
 def engine_saturation(start_server: StartServer, quick: bool) -> List[ScenarioResult]:
     """``start_server(**options)`` returns a started server of its own (a
-    :class:`connguard.sandbox.MariaDB`), destroyed here at the end."""
+    :class:`connguard.testing.MariaDB`), destroyed here at the end."""
     clients = (PLUGIN, PRE_PING, NO_PRE_PING, EXACT)
     runs: Dict[str, List[Dict[str, float]]] = {client: [] for client in clients}
     server = start_server(max_connections=SERVER_CAP)
@@ -374,7 +374,7 @@ def run_all(kwargs_or_url: Union[str, Mapping[str, Any]], quick: bool,
 
 def main() -> None:
     """``python -m benchmarks.sqlalchemy_plugin [--quick]``: these scenarios alone, on
-    throwaway MariaDB servers (``connguard.sandbox``)."""
+    throwaway MariaDB servers (``connguard.testing``)."""
     import sys
 
     from benchmarks.common import write_report

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from connguard.sandbox import REDIS_INSTALL_HINT, RedisServer
+from connguard.testing import REDIS_INSTALL_HINT, RedisServer
 
 INSTALL_HINT = REDIS_INSTALL_HINT
 

@@ -149,9 +149,9 @@ def test_bad_dsn_is_a_usage_error(capsys: Any) -> None:
 
 def test_without_mariadbd_it_says_how_to_install(monkeypatch: Any, tmp_path: Any,
                                                   capsys: Any) -> None:
-    import connguard.sandbox
+    import connguard.testing
 
-    monkeypatch.setattr(connguard.sandbox, "find_binary", lambda name: None)
+    monkeypatch.setattr(connguard.testing, "find_binary", lambda name: None)
     assert cli.main(["bench", "--quick", "--out", str(tmp_path / "out")]) == 2
     assert INSTALL_HINT in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -18,3 +18,22 @@ def test_stats_without_sqlalchemy_names_the_extra() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO_ROOT, timeout=60, check=True).stdout
     assert out.startswith("sqlalchemy |") and "pip install 'connguard[sqlalchemy]'" in out
+
+
+def test_the_library_never_imports_the_testing_sandbox() -> None:
+    code = ("import sys, connguard, connguard.sqlalchemy_plugin, connguard.sqlalchemy_pool, "
+            "connguard.doctor, connguard.cli, connguard.coordination\n"
+            "print('connguard.testing' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=60, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_the_sandbox_password_is_made_per_run() -> None:
+    code = "from connguard.testing import APP_PASSWORD; print(APP_PASSWORD)"
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k != "CONNGUARD_SANDBOX_PASSWORD"}
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=REPO_ROOT, timeout=60, check=True, env=env).stdout.strip()
+            for _ in range(2)}
+    assert len(runs) == 2 and all(len(p) >= 16 for p in runs)

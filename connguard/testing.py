@@ -1,4 +1,5 @@
-"""Throwaway MariaDB servers: for the test suite, the benchmarks and ``connguard bench``.
+"""Throwaway MariaDB and Redis servers, for testing only: the test suite, the benchmarks and
+``connguard bench`` start them. The library never imports this module.
 
 A fresh datadir copied from a template made once by ``mariadb-install-db``, a random free TCP
 port on 127.0.0.1 plus a unix socket, server options per instance, an application account
@@ -9,7 +10,9 @@ backlog fills and connects fail with errno 11), and ``nproc_headroom`` (start un
 ``prlimit --nproc`` so the server's thread budget runs out with 1135).
 
 Everything started here is stopped by ``destroy()``; nothing depends on a server it did not
-start.
+start. The application account's password is made at random for each run (and handed to
+child processes through ``CONNGUARD_SANDBOX_PASSWORD``, so that processes a run spawns
+share it): there is no fixed password to find in the package.
 """
 
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -29,7 +33,9 @@ from typing import Any, Callable, Dict, List, Optional
 import pymysql
 
 APP_USER = "app"
-APP_PASSWORD = "s3cret-Pa55-word"  # tests assert this string never shows up in connguard's text
+#: Random per run; tests assert it never shows up in connguard's text.
+APP_PASSWORD = os.environ.setdefault("CONNGUARD_SANDBOX_PASSWORD",
+                                     "cg-" + secrets.token_urlsafe(12))
 APP_DATABASE = "app"
 SERVER_USER = "mysql"
 START_DEADLINE = 60.0  # seconds; generous for a loaded 2-core machine
