@@ -91,9 +91,10 @@ class Connector:
         # caller with little time left cannot keep a slow-to-greet server "down".
         # Only our own connect bounds the handshake by the deadline, and only while some of
         # it is left (past it, the handshake gets the whole connect_timeout).
-        left = deadline - time.monotonic()
-        cut = connect is None and 0 < left < float(self.kwargs.get("connect_timeout") or 10)
+        cut = False
         try:
+            left = deadline - time.monotonic()
+            cut = connect is None and 0 < left < float(self.kwargs.get("connect_timeout") or 10)
             conn = (connect() if connect is not None else
                     driver.open_connection(self.kwargs, deadline, self.keepalive))
         except pymysql.err.Error as exc:

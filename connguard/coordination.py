@@ -35,7 +35,6 @@ import random
 import socket
 import threading
 import time
-import urllib.parse
 import weakref
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple, TypeVar, Union
 
@@ -124,26 +123,17 @@ class BackendDown(Exception):
 
 
 def summary(exc: Optional[BaseException], limit: int = 300) -> str:
-    """``ClassName: first line`` of an exception, bounded (it goes over the wire)."""
-    return (errors.summary(exc) or "")[:limit]
+    """``ClassName: first line`` of an exception, bounded and with its secrets masked by
+    structure (it goes over the wire, into Redis, where every process of the fleet reads it)."""
+    return errors.redact(errors.summary(exc) or "")[:limit]
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``: the only form that is ever shown."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparsable coordinator URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, hostpart = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0] if ":" in userinfo else userinfo
-        shown = f"{user}:***" if ":" in userinfo else ("***" if user else "")
-        netloc = f"{shown}@{hostpart}"
-    query = urllib.parse.urlencode(
-        [(k, "***" if k.lower() == "password" else v)
-         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)])
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """``url`` with its password replaced by ``***``: the only form that is ever shown.
+
+    By structure (:func:`connguard.errors.redact`): the userinfo up to the last ``@`` before
+    the host (a password may hold ``@`` and ``/``), and a ``password=`` query parameter."""
+    return errors.redact(url)
 
 
 # --- settings -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import socket
 import ssl
@@ -30,6 +31,8 @@ PYMYSQL_ARGUMENTS: FrozenSet[str] = frozenset(
     for name, param in inspect.signature(pymysql.connections.Connection.__init__).parameters.items()
     if name != "self" and param.kind is not inspect.Parameter.VAR_KEYWORD
 )
+
+log = logging.getLogger("connguard.driver")
 
 #: ssl parameters -> (context, the files' fingerprint, when it was last checked).
 _ssl_contexts: Dict[Hashable, Tuple[ssl.SSLContext, Tuple[Any, ...], float]] = {}
@@ -144,7 +147,19 @@ class GuardedConnection(pymysql.connections.Connection):
             with _ssl_lock:
                 _ssl_contexts[key] = (cached[0], mark, now)
             return cached[0]
-        ctx = super()._create_ssl_ctx(sslp)  # new, or a file changed: rotated certificates
+        try:
+            ctx = super()._create_ssl_ctx(sslp)  # new, or a file changed: rotated certificates
+        except (OSError, ssl.SSLError) as exc:
+            if cached is None:
+                raise  # no context yet: PyMySQL's own answer (a missing file, a bad key)
+            # Mid-rotation (key and certificate not both replaced yet, a file briefly
+            # missing): keep the last good context and look again after TLS_RECHECK.
+            with _ssl_lock:
+                _ssl_contexts[key] = (cached[0], cached[1], now)
+            log.warning("connguard: the TLS files changed but could not be loaded (%s); "
+                        "keeping the previous context and trying again in %.0f s",
+                        type(exc).__name__, TLS_RECHECK)
+            return cached[0]
         with _ssl_lock:
             _ssl_contexts[key] = (ctx, mark, now)
         return ctx

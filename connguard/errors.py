@@ -457,8 +457,9 @@ _GATE_TIMEOUT_CAUSE = (
     "the next in {retry_after} s"
 )
 _GATE_TIMEOUT_REMEDIES = (
-    "the {scope} gate spreads connects of many processes over time (max_connect_rate is "
-    "their rate together): raise max_connect_rate / connect_burst if the server can take "
+    "the {scope} gate spreads the connects of many processes (host-wide: at most "
+    "max_handshakes at once for all of this user's processes; cluster-wide: "
+    "max_connect_rate per second for the fleet): raise that limit if the server can take "
     "more handshakes at once",
     "or give callers more time (checkout_timeout / pool_timeout), or keep more connections "
     "idle (min_idle) so fewer callers need a new one",
@@ -1102,13 +1103,18 @@ def is_disconnect(exc: BaseException) -> bool:
 # --- secrets ------------------------------------------------------------------------------
 
 _MASK = "***"
-# The places a password has in text, by structure: ``password=...`` (keyword arguments,
-# DSN query strings, MYSQL_PWD=...), ``'password': '...'`` (a dict's or JSON's repr), and
-# the userinfo of ``scheme://user:password@host`` URLs.
-_SECRET_ASSIGNMENT = re.compile(r"(?i)\b(password|passwd|pwd)=('[^']*'|\"[^\"]*\"|[^\s,;)&]+)")
+# The places a password has in text, by structure: ``password=...`` / ``password: ...``
+# (keyword arguments, DSN query strings, MYSQL_PWD=..., db_password=..., config text), a
+# dict's or JSON's ``'password': '...'``, and the userinfo of ``scheme://user:password@host``
+# URLs (up to the last ``@`` before the host: a password may hold ``@`` and ``/``).
+_QUOTED = r"b?'(?:[^'\\]|\\.)*'|" + r'b?"(?:[^"\\]|\\.)*"'
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?i)(?<![a-z])([a-z_]*(?:password|passwd|pwd))(\s*[=:]\s*)"
+    r"(?!(?:YES|NO)\))"  # MariaDB's "(using password: YES)" says nothing secret
+    rf"({_QUOTED}|[^\s,;)&'\"]+)")
 _SECRET_ENTRY = re.compile(
-    r"""(?i)(['"](?:password|passwd|pwd)['"]\s*:\s*)('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|b'[^']*')""")
-_URL_USERINFO = re.compile(r"(://[^/\s:@]*:)[^/\s@]+@")
+    rf"(?i)(['\"][a-z_]*(?:password|passwd|pwd)['\"]\s*:\s*)({_QUOTED})")
+_URL_USERINFO = re.compile(r"(://[^/\s:@]*:)\S*@(?=[^@/\s]+)")
 #: A password is also masked where it appears verbatim, as a whole token, only from this
 #: length on (and not all digits): a short one would match by chance ("3" in 10.0.0.3),
 #: mangling the message and showing where the password's characters are.
@@ -1133,13 +1139,14 @@ def redact(text: str, password: Password = None) -> str:
     is not all digits: never by substring, which would mangle "10.0.0.3:3306" for a
     password "3" and show where the password's characters are.
     """
-    text = _SECRET_ASSIGNMENT.sub(rf"\1={_MASK}", text)
-    text = _SECRET_ENTRY.sub(rf"\1'{_MASK}'", text)
-    text = _URL_USERINFO.sub(rf"\1{_MASK}@", text)
     secret = _password_text(password)
     if len(secret) >= MIN_VERBATIM and not secret.isdigit() and secret in text:
+        # First: a URL or a quoted value holding it is then masked whole below.
         token = re.compile(rf"(?<![\w]){re.escape(secret)}(?![\w])")
         text = token.sub(_MASK, text)
+    text = _SECRET_ENTRY.sub(rf"\1'{_MASK}'", text)
+    text = _SECRET_ASSIGNMENT.sub(rf"\1\2{_MASK}", text)
+    text = _URL_USERINFO.sub(rf"\1{_MASK}@", text)
     return text
 
 

@@ -9,12 +9,13 @@ Why this shape (what another user of the host must not be able to do):
 
 * the slot files live in a directory of this user's own, ``connguard-<uid>`` under
   ``$XDG_RUNTIME_DIR`` (else ``/dev/shm``, else the temp dir) or under the directory given,
-  created 0700 and checked with ``lstat`` (a directory, not a symlink, owned by this uid,
-  no access for group or others) before every use: a directory planted by someone else is
-  refused;
-* files are opened with ``O_NOFOLLOW`` (a planted symlink is refused, never followed) and
-  checked with ``fstat`` (owner); nothing is ever read from them, so there is nothing to
-  poison;
+  whose base must be this user's or root's and sticky if others may write to it. The
+  directory is created 0700, opened with ``O_NOFOLLOW`` and checked through its descriptor
+  (this user's, no access for others) before every use; a directory planted by someone
+  else is refused;
+* slot files are opened relative to that descriptor with ``O_NOFOLLOW`` (a planted symlink
+  is refused, never followed; swapping the directory after the check changes nothing) and
+  checked with ``fstat``; nothing is ever read from them, so there is nothing to poison;
 * the kernel drops a flock when the last descriptor of the file closes, so a process killed
   with SIGKILL mid-handshake frees its slot at once: no pid bookkeeping, no PID reuse;
 * waiting for a slot polls ``LOCK_NB`` until the caller's deadline (GateTimeout then);
@@ -30,6 +31,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import random
 import stat
 import tempfile
 import threading
@@ -40,8 +42,10 @@ from connguard import errors
 
 log = logging.getLogger("connguard.hostgate")
 
-#: How often a caller waiting for a slot looks again (handshakes take milliseconds).
-POLL = 0.01
+#: How often a caller waiting for a slot looks again (handshakes take milliseconds), at
+#: first; the interval doubles up to MAX_POLL, with jitter.
+POLL = 0.005
+MAX_POLL = 0.05
 
 _held: Set[int] = set()  # slot descriptors this process holds (closed in a forked child)
 _held_lock = threading.Lock()
@@ -58,14 +62,14 @@ def base_directory() -> str:
 
 def gate_directory(base: Optional[str] = None) -> str:
     """This user's directory of slot files under ``base`` (default: base_directory())."""
-    return os.path.join(base or base_directory(), f"connguard-{os.getuid()}")
+    return os.path.join(base or base_directory(), f"connguard-{os.geteuid()}")
 
 
 def check_option(value: Any) -> Any:
     """``host_gate``: True/False, or the absolute path of a directory. ValueError otherwise."""
     if isinstance(value, bool) or value is None:
         return bool(value)
-    if isinstance(value, str) and os.path.isabs(value):
+    if isinstance(value, str) and os.path.isabs(value) and "\0" not in value:
         return value
     raise ValueError("host_gate must be True, False or the absolute path of a directory for "
                      f"the shared handshake slots; got {value!r}")
@@ -75,20 +79,37 @@ class UnsafeDirectory(Exception):
     """The gate's directory is not this user's alone."""
 
 
-def _ensure_directory(path: str) -> None:
-    """Create ``path`` 0700 if missing; raise UnsafeDirectory unless it is a real directory
-    owned by this user with no access for anyone else."""
+def _open_directory(path: str) -> int:
+    """A descriptor of ``path``, this user's own directory (created 0700 if missing).
+
+    The base it lives in must be this user's or root's, and sticky if others may write to
+    it (as /dev/shm and /tmp are): then nobody else can rename or replace ``path``. The
+    directory is opened with O_NOFOLLOW and checked through its descriptor, and the slot
+    files are opened relative to that descriptor, so a swap after the check changes
+    nothing."""
+    uid = os.geteuid()
+    base = os.stat(os.path.dirname(path))
+    if base.st_uid not in (0, uid):
+        raise UnsafeDirectory(f"{os.path.dirname(path)} belongs to uid {base.st_uid}")
+    if base.st_mode & 0o002 and not base.st_mode & stat.S_ISVTX:
+        raise UnsafeDirectory(f"{os.path.dirname(path)} is writable by others and not sticky")
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
-    info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise UnsafeDirectory(f"{path} is not a directory (a symlink or a file)")
-    if info.st_uid != os.getuid():
-        raise UnsafeDirectory(f"{path} belongs to uid {info.st_uid}, not to this user "
-                              f"(uid {os.getuid()})")
-    if info.st_mode & 0o077:
-        raise UnsafeDirectory(f"{path} is open to others (mode {info.st_mode & 0o777:o}, "
-                              "want 700)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeDirectory(f"{path} is not a directory (a symlink or a file)") from None
+        raise
+    info = os.fstat(fd)
+    problem = (f"{path} belongs to uid {info.st_uid}, not to this user (uid {uid})"
+               if info.st_uid != uid else
+               f"{path} is open to others (mode {info.st_mode & 0o777:o}, want 700)"
+               if info.st_mode & 0o077 else None)
+    if problem is not None:
+        os.close(fd)
+        raise UnsafeDirectory(problem)
+    return fd
 
 
 class HostGate:
@@ -102,8 +123,8 @@ class HostGate:
                  directory: Optional[str] = None) -> None:
         self.directory = gate_directory(directory)
         digest = hashlib.sha1(f"{host}:{port}".encode()).hexdigest()[:16]
-        self.slots = [os.path.join(self.directory, f"{digest}.{i}.lock")
-                      for i in range(max_handshakes)]
+        self.names = [f"{digest}.{i}.lock" for i in range(max_handshakes)]
+        self.slots = [os.path.join(self.directory, name) for name in self.names]
         self._local = threading.local()  # the slot this thread's attempt holds
 
     @property
@@ -118,39 +139,48 @@ class HostGate:
               sleep: Callable[[float], None] = time.sleep) -> None:
         """Take a slot, waiting until ``deadline`` (then GateTimeout). A gate that cannot be
         used admits at once (one WARNING): it must never break connects."""
+        self.finished("abandoned")  # a slot this thread still holds: its attempt is over
         try:
-            _ensure_directory(self.directory)
-            while True:
-                fd = self._try_slots()
-                if fd is not None:
-                    self._local.slot = (os.getpid(), fd)
-                    return None
-                wait = POLL
-                if clock() + wait > deadline:
-                    raise errors.GateTimeout(wait, scope="host-wide")
-                sleep(wait)
+            directory = _open_directory(self.directory)
         except (OSError, UnsafeDirectory) as exc:
             self._stand_aside(exc)
             return None
+        try:
+            wait = POLL
+            while True:
+                fd = self._try_slots(directory)
+                if fd is not None:
+                    self._local.slot = (os.getpid(), fd)
+                    return None
+                if clock() + wait > deadline:
+                    raise errors.GateTimeout(wait, scope="host-wide")
+                sleep(wait * (1.0 + random.random()))  # jitter: waiters do not poll in step
+                wait = min(wait * 2, MAX_POLL)
+        except (OSError, UnsafeDirectory) as exc:
+            self._stand_aside(exc)
+            return None
+        finally:
+            os.close(directory)
 
-    def _try_slots(self) -> Optional[int]:
+    def _try_slots(self, directory: int) -> Optional[int]:
         """A slot's descriptor, locked; None when all are taken."""
-        for path in self.slots:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        for name in self.names:
+            with _held_lock:  # opened and tracked at once: a fork never copies it untracked
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=directory)
+                _held.add(fd)
             try:
-                if os.fstat(fd).st_uid != os.getuid():
-                    raise UnsafeDirectory(f"{path} belongs to another user")
+                if os.fstat(fd).st_uid != os.geteuid():
+                    raise UnsafeDirectory(f"{name} belongs to another user")
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
-                os.close(fd)
+                _close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     continue
                 raise
             except BaseException:
-                os.close(fd)
+                _close(fd)
                 raise
-            with _held_lock:
-                _held.add(fd)
             return fd
         return None
 
@@ -179,6 +209,14 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
+def _before_fork() -> None:
+    _held_lock.acquire()  # no slot half-opened while the process is copied
+
+
+def _after_fork_in_parent() -> None:
+    _held_lock.release()
+
+
 def _after_fork_in_child() -> None:
     """The child's copies of the parent's slot descriptors: closed (the parent's locks stay,
     held by the parent's descriptors)."""
@@ -192,4 +230,5 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)

@@ -33,9 +33,21 @@ from typing import Any, Callable, Dict, List, Optional
 import pymysql
 
 APP_USER = "app"
+def _run_secret(name: str) -> str:
+    """A password made at random for this run, shared with the processes it spawns."""
+    return os.environ.setdefault(name, "cg-" + secrets.token_urlsafe(12))
+
+
 #: Random per run; tests assert it never shows up in connguard's text.
-APP_PASSWORD = os.environ.setdefault("CONNGUARD_SANDBOX_PASSWORD",
-                                     "cg-" + secrets.token_urlsafe(12))
+APP_PASSWORD = _run_secret("CONNGUARD_SANDBOX_PASSWORD")
+#: The servers' root account: unix socket only (the TCP root accounts the installer makes
+#: are dropped), with a random password, so no other local user can log in as root.
+ROOT_PASSWORD = _run_secret("CONNGUARD_SANDBOX_ROOT_PASSWORD")
+
+
+def _server_env() -> Dict[str, str]:
+    """The environment for server processes: without this run's passwords."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CONNGUARD_SANDBOX_")}
 APP_DATABASE = "app"
 SERVER_USER = "mysql"
 START_DEADLINE = 60.0  # seconds; generous for a loaded 2-core machine
@@ -152,9 +164,12 @@ class Template:
         if out.returncode != 0:
             raise RuntimeError(f"mariadb-install-db failed:\n{out.stdout}\n{out.stderr}")
         server = MariaDB(self, {}, datadir=self.datadir)
+        server.root_password = ""  # as the installer left it, until set below
         server.start()
         try:
             with server.admin() as cur:
+                _lock_down_root(cur)
+                server.root_password = ROOT_PASSWORD
                 for host in ("%%", "localhost"):
                     cur.execute(f"CREATE USER '{APP_USER}'@'{host}' IDENTIFIED BY %s",
                                 (APP_PASSWORD,))
@@ -168,6 +183,16 @@ class Template:
             server.stop()
 
 
+def _lock_down_root(cur: Any) -> None:
+    """Root over the unix socket only, with this run's password; no anonymous accounts."""
+    cur.execute("SELECT User, Host FROM mysql.user WHERE User IN ('root', '')")
+    for user, host in cur.fetchall():
+        if user == "root" and host == "localhost":
+            continue
+        cur.execute("DROP USER %s@%s", (user, host))
+    cur.execute("ALTER USER 'root'@'localhost' IDENTIFIED BY %s", (ROOT_PASSWORD,))
+
+
 class MariaDB:
     """One throwaway mariadbd: its datadir, port, socket, options and process."""
 
@@ -176,6 +201,7 @@ class MariaDB:
                  port: Optional[int] = None) -> None:
         self.template = template
         self.options = dict(options)
+        self.root_password = ROOT_PASSWORD
         self.nproc_headroom = nproc_headroom
         self.workdir = tempfile.mkdtemp(prefix="mariadb-", dir=template.root)
         os.chmod(self.workdir, 0o755)
@@ -200,7 +226,9 @@ class MariaDB:
                f"--pid-file={os.path.join(self.workdir, 'mysqld.pid')}",
                # A private tmpdir: servers started in parallel (other test runs, namespaces)
                # must not collide on temporary table names in a shared /tmp.
-               f"--tmpdir={self.workdir}"]
+               f"--tmpdir={self.workdir}",
+               # LOAD_FILE / INTO OUTFILE only inside the server's own directory.
+               f"--secure-file-priv={self.workdir}"]
         if _server_uid() is not None:
             cmd.append(f"--user={SERVER_USER}")
         cmd += option_args({**BASE_OPTIONS, **self.options})
@@ -229,7 +257,8 @@ class MariaDB:
             self._copied = True
         began = time.monotonic()
         self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                        env=_server_env())
         wait_until(self._ready, START_DEADLINE, message=f"mariadbd on port {self.port}")
         self.start_seconds = time.monotonic() - began
         return self
@@ -246,7 +275,8 @@ class MariaDB:
             except OSError:
                 return False
         try:
-            conn = pymysql.connect(unix_socket=self.socket_path, user="root", connect_timeout=2)
+            conn = pymysql.connect(unix_socket=self.socket_path, user="root",
+                                   password=self.root_password, connect_timeout=2)
         except pymysql.err.OperationalError:
             return False
         conn.close()
@@ -303,7 +333,8 @@ class MariaDB:
         return (f"{driver}://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{self.port}/{APP_DATABASE}")
 
     def admin_connection(self) -> pymysql.connections.Connection:
-        return pymysql.connect(unix_socket=self.socket_path, user="root", autocommit=True,
+        return pymysql.connect(unix_socket=self.socket_path, user="root",
+                               password=self.root_password, autocommit=True,
                                connect_timeout=10)
 
     def admin(self) -> _AdminCursor:
@@ -386,7 +417,8 @@ class RedisServer:
         if self.running:
             return self
         self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                        env=_server_env())
         wait_until(self.ping, 30, message=f"redis-server on port {self.port}")
         return self
 

@@ -265,7 +265,10 @@ def test_1203_user_connection_limit(mariadb_factory: Any) -> None:
 
 def child_host_blocked(host: str, port: int, socket_path: str, aborts: int) -> Dict[str, Any]:
     """In the namespace: interrupt ``aborts`` handshakes, then connect through connguard."""
-    admin = pymysql.connect(unix_socket=socket_path, user="root", autocommit=True)
+    from connguard.testing import ROOT_PASSWORD  # the child inherits this run's password
+
+    admin = pymysql.connect(unix_socket=socket_path, user="root", password=ROOT_PASSWORD,
+                            autocommit=True)
     try:
         with admin.cursor() as cur:
             for _ in range(aborts):

@@ -160,3 +160,19 @@ def test_namespace_port_range_gives_errno_99(mariadb_template: Any) -> None:
                           port_range=(40000, 40000 + ports - 1),
                           server_options={}, kwargs={"ports": ports})
     assert result == {"opened": ports, "errno": errno.EADDRNOTAVAIL, "code": 2003}
+
+
+def test_root_is_not_open_to_other_local_users(mariadb: MariaDB) -> None:
+    """The throwaway server (also what `connguard bench` starts) has no passwordless root:
+    none over TCP at all, and the unix socket only with this run's random password."""
+    with pytest.raises(pymysql.err.OperationalError) as tcp:
+        pymysql.connect(host="127.0.0.1", port=mariadb.port, user="root", password="",
+                        connect_timeout=10)
+    assert tcp.value.args[0] in (1045, 1130)
+    with pytest.raises(pymysql.err.OperationalError) as sock:
+        pymysql.connect(unix_socket=mariadb.socket_path, user="root", password="",
+                        connect_timeout=10)
+    assert sock.value.args[0] == 1045
+    with mariadb.admin() as cur:
+        cur.execute("SELECT @@secure_file_priv")
+        assert cur.fetchone()[0].rstrip("/") == mariadb.workdir.rstrip("/")

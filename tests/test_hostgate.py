@@ -177,7 +177,8 @@ def _open_many(kwargs: Any, base: str, n: int, out: Any) -> None:
         self._local.began = time.monotonic()
 
     def finished(self: HostGate, *args: Any, **kw: Any) -> None:
-        spans.append((self._local.began, time.monotonic()))
+        if getattr(self._local, "slot", None) is not None:  # a slot was held: its span
+            spans.append((self._local.began, time.monotonic()))
         original_finished(self, *args, **kw)
 
     HostGate.admit, HostGate.finished = admit, finished  # type: ignore[method-assign]
@@ -212,3 +213,37 @@ def test_the_cap_holds_for_four_processes(mariadb: MariaDB, base: str) -> None:
         running += step
         peak = max(peak, running)
     assert peak <= 2, f"{peak} handshakes at once across 4 processes (cap 2)"
+
+
+def test_a_slot_is_never_held_twice_by_one_thread(base: str) -> None:
+    gate, other = HostGate("db", 3306, 1, base), HostGate("db", 3306, 1, base)
+    gate.admit(time.monotonic() + 1)
+    gate.admit(time.monotonic() + 1)  # the first attempt never reported: its slot goes back
+    gate.finished("succeeded")
+    other.admit(time.monotonic() + 1)  # free: nothing leaked
+    other.finished("succeeded")
+    assert not hostgate._held
+
+
+def test_an_attempt_that_breaks_before_connecting_gives_its_slot_back(base: str) -> None:
+    from connguard.connector import Connector
+    from connguard.storm import ConnectGate, StormPolicy
+
+    slots = HostGate("db", 3306, 1, base)
+    gate = ConnectGate(StormPolicy(), "127.0.0.1", 1, host_gate=slots)
+    connector = Connector({"host": "127.0.0.1", "port": 1, "user": "u", "password": "p",
+                           "connect_timeout": "ten"}, gate=gate)
+    with pytest.raises(ValueError):
+        connector.open(time.monotonic() + 5)
+    other = HostGate("db", 3306, 1, base)
+    other.admit(time.monotonic() + 0.5)  # not GateTimeout: the slot came back
+    other.finished("succeeded")
+
+
+def test_a_base_others_may_write_to_without_the_sticky_bit_is_refused(
+        base: str, caplog: Any) -> None:
+    os.chmod(base, 0o777)  # anyone could rename our directory away and plant another
+    with caplog.at_level(logging.WARNING, logger="connguard.hostgate"):
+        HostGate("db", 3306, 1, base).admit(time.monotonic() + 1)
+    assert "writable by others and not sticky" in caplog.text
+    assert not os.path.exists(gate_directory(base))

@@ -48,6 +48,24 @@ def test_short_passwords_never_mangle_messages(password: str) -> None:
         "{'password': '***', 'port': 3306}"
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("mysql://app:p@ssw0rdXYZ@db:3306/x", "mysql://app:***@db:3306/x"),  # @ in it
+    ("redis://u:p@ss/word@h:6379/0", "redis://u:***@h:6379/0"),  # / in it
+    ("MYSQL_PWD=hunter2 mysql", "MYSQL_PWD=*** mysql"),
+    ("db_password=hunter2, x=1", "db_password=***, x=1"),
+    ("{'ssl_key_password': 'hunter2', 'a': 1}", "{'ssl_key_password': '***', 'a': 1}"),
+    ("password: hunter2", "password: ***"),
+    ("{'password': b\"it's\"}", "{'password': '***'}"),
+    ("password='ab\\'cd\"ef' user='a'", "password=*** user='a'"),
+    ('{"password": "a\\"b", "user": "x"}', '{"password": \'***\', "user": "x"}'),
+    ("Access denied for user 'app'@'localhost' (using password: YES)",
+     "Access denied for user 'app'@'localhost' (using password: YES)"),
+])
+def test_structure_finds_the_password_wherever_text_gives_it_a_place(
+        text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
 def test_distinctive_passwords_are_masked_as_whole_tokens_only() -> None:
     assert redact(f"opening /etc/{DISTINCT}.pem failed", DISTINCT) == \
         "opening /etc/***.pem failed"

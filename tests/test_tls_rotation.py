@@ -56,13 +56,23 @@ def test_a_rotated_ca_file_gives_a_new_context(tmp_path: Any, monkeypatch: Any) 
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
-def test_a_missing_file_is_not_hidden_by_the_cache(tmp_path: Any, monkeypatch: Any) -> None:
+def test_a_rotation_caught_half_done_keeps_the_last_good_context(
+        tmp_path: Any, monkeypatch: Any, caplog: Any) -> None:
     cert = _make_ca(str(tmp_path), "only-ca")
     sslp = {"ca": cert, "check_hostname": False}
     clock = [2000.0]
     monkeypatch.setattr(driver.time, "monotonic", lambda: clock[0])
-    _context(sslp)
-    os.remove(cert)
+    ctx = _context(sslp)
+    with open(cert, "w") as f:
+        f.write("not a certificate yet")  # caught between two steps of a rotation
     clock[0] += driver.TLS_RECHECK
+    assert _context(sslp) is ctx  # connects go on with what worked
+    assert "could not be loaded" in caplog.text
+    shutil.copy(_make_ca(str(tmp_path), "next-ca"), cert)
+    clock[0] += driver.TLS_RECHECK
+    assert _subjects(_context(sslp)) == {"next-ca"}
+
+
+def test_without_a_context_yet_a_missing_file_is_pymysqls_error(tmp_path: Any) -> None:
     with pytest.raises(OSError):
-        _context(sslp)  # as PyMySQL would say: the file is gone
+        _context({"ca": str(tmp_path / "missing.pem"), "check_hostname": False})
