@@ -1205,7 +1205,8 @@ def test_coordinator_without_budget_shares_the_gate_and_host_gate_is_used(
     counts = stats(engine)
     assert counts["host_gate"] is True and counts["connect_attempts"] >= 1
     assert counts["coordinator_state"] == "ok" and "leases_held" not in counts
-    assert [p for p in os.listdir(tmp_path) if p.startswith("connguard-gate-")]
+    slots = os.path.join(tmp_path, f"connguard-{os.geteuid()}")  # the host gate's slots
+    assert [p for p in os.listdir(slots) if p.endswith(".lock")]
     with fresh_redis.client() as client:
         assert client.keys("connguard:*")  # the shared gate's state is kept there
     plain = make_engine()
