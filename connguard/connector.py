@@ -99,8 +99,11 @@ class Connector:
                     driver.open_connection(self.kwargs, deadline, self.keepalive))
         except pymysql.err.Error as exc:
             translated = self.translate(exc, during_connect=True)
+            deadline_cut = cut and time.monotonic() >= deadline - DEADLINE_SLACK
+            if deadline_cut:
+                errors.note_deadline_cut(translated, left)
             if self.gate is not None:
-                if cut and time.monotonic() >= deadline - DEADLINE_SLACK:
+                if deadline_cut:
                     self.gate.abandoned()
                 else:
                     self.gate.failed(translated)

@@ -396,6 +396,19 @@ _OUTAGE_REMEDIES = (
 )
 
 
+def note_deadline_cut(err: BaseException, left: float) -> None:
+    """``err`` ended a handshake that had only ``left`` seconds of its caller's wait: say
+    so first, since the rest of its advice is about a server that was slow."""
+    if not isinstance(err, ConnGuardError):
+        return
+    err.remedies.insert(0, (
+        f"this handshake had only {left:.2g} s of the caller's wait left (checkout_timeout, "
+        "pool_timeout), less than connect_timeout: give callers more time, or keep "
+        "connections idle (min_idle) so fewer of them need a new one"))
+    err._message = _compose(err.cause, err.remedies, redact(_original_text(err.original)),
+                            err.docs)
+
+
 def outage_error(
     last_cause: Optional[BaseException],
     down_for: float,
@@ -442,14 +455,20 @@ class GateTimeout(ConnGuardError, pymysql.err.OperationalError):
     transient = True
     docs = "errors/gate-timeout.md"
 
-    def __init__(self, retry_after: float, *, scope: str = "shared",
-                 host: Optional[str] = None, port: Optional[int] = None) -> None:
+    def __init__(self, retry_after: float, *, scope: str = "cluster-wide",
+                 host: Optional[str] = None, port: Optional[int] = None,
+                 slots: Optional[int] = None) -> None:
         diagnosis: Dict[str, Any] = {"retry_after": round(retry_after, 3), "scope": scope,
-                                     "host": host, "port": port}
-        cause = _render(_GATE_TIMEOUT_CAUSE, _facts(diagnosis))
+                                     "host": host, "port": port, "slots": slots}
+        if slots is not None:  # host-wide: slots come free when handshakes end, not on a clock
+            cause = _render(_HOST_GATE_TIMEOUT_CAUSE, _facts(diagnosis))
+            remedies = _HOST_GATE_TIMEOUT_REMEDIES
+        else:
+            cause = _render(_GATE_TIMEOUT_CAUSE, _facts(diagnosis))
+            remedies = _GATE_TIMEOUT_REMEDIES
         super().__init__(cause)
         self.retry_after = retry_after
-        _describe(self, cause, _GATE_TIMEOUT_REMEDIES, diagnosis, None)
+        _describe(self, cause, remedies, diagnosis, None)
 
 
 _GATE_TIMEOUT_CAUSE = (
@@ -457,10 +476,19 @@ _GATE_TIMEOUT_CAUSE = (
     "the next in {retry_after} s"
 )
 _GATE_TIMEOUT_REMEDIES = (
-    "the {scope} gate spreads the connects of many processes (host-wide: at most "
-    "max_handshakes at once for all of this user's processes; cluster-wide: "
-    "max_connect_rate per second for the fleet): raise that limit if the server can take "
-    "more handshakes at once",
+    "the cluster-wide gate spreads the connects of the whole fleet (max_connect_rate per "
+    "second together, connect_burst at once): raise them if the server can take more "
+    "handshakes",
+    "or give callers more time (checkout_timeout / pool_timeout), or keep more connections "
+    "idle (min_idle) so fewer callers need a new one",
+)
+_HOST_GATE_TIMEOUT_CAUSE = (
+    "all {slots} host-wide handshake slots[ toward {target}] stayed busy until the caller's "
+    "deadline (this user's processes share max_handshakes)"
+)
+_HOST_GATE_TIMEOUT_REMEDIES = (
+    "raise max_handshakes if the server can take more logins at once; slow logins (a busy "
+    "server, TLS, init_command) hold the slots longer",
     "or give callers more time (checkout_timeout / pool_timeout), or keep more connections "
     "idle (min_idle) so fewer callers need a new one",
 )

@@ -122,6 +122,7 @@ class HostGate:
     def __init__(self, host: str, port: int, max_handshakes: int,
                  directory: Optional[str] = None) -> None:
         self.directory = gate_directory(directory)
+        self.host, self.port = host, port
         digest = hashlib.sha1(f"{host}:{port}".encode()).hexdigest()[:16]
         self.names = [f"{digest}.{i}.lock" for i in range(max_handshakes)]
         self.slots = [os.path.join(self.directory, name) for name in self.names]
@@ -153,7 +154,8 @@ class HostGate:
                     self._local.slot = (os.getpid(), fd)
                     return None
                 if clock() + wait > deadline:
-                    raise errors.GateTimeout(wait, scope="host-wide")
+                    raise errors.GateTimeout(wait, scope="host-wide", host=self.host,
+                                             port=self.port or None, slots=len(self.names))
                 sleep(wait * (1.0 + random.random()))  # jitter: waiters do not poll in step
                 wait = min(wait * 2, MAX_POLL)
         except (OSError, UnsafeDirectory) as exc:

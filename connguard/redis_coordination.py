@@ -173,7 +173,15 @@ class RedisCoordinator(Coordinator):
             options = {"socket_connect_timeout": 1.0, "socket_timeout": 1.0,
                        "retry": Retry(NoBackoff(), 0), "client_name": "connguard",
                        **client_options}
-            client = redis.Redis.from_url(url, **options)
+            try:
+                client = redis.Redis.from_url(url, **options)
+            except ValueError:
+                # urllib's own words may quote a piece of the password ("Port could not be
+                # cast to integer value as 'Zq9x'"): not shown.
+                raise ValueError(
+                    f"coordinator URL {self.address!r} could not be parsed: percent-encode "
+                    "characters such as / @ : # ? in its user name and password (/ is "
+                    "%2F)") from None
         self.client = client
         self._errors = (redis.exceptions.RedisError, OSError)
         self._lease = client.register_script(LEASE)

@@ -551,7 +551,17 @@ class ConnectGate:
             return {"breaker": self._breaker.state, "consecutive_failures": self._breaker.failures,
                     "connect_attempts": self.attempts, "connect_failures": self.failures,
                     "fast_failures": self.fast_failures, "outage_waits": self.outage_waits,
-                    "shared_refusals": self.shared_refusals}
+                    "shared_refusals": self.shared_refusals,
+                    "host_gate_directory": self.host_gate_directory}
+
+    @property
+    def host_gate_directory(self) -> Optional[str]:
+        """Where the host-wide gate's slot files are, if this gate has one."""
+        for backend in self._shared:
+            directory = getattr(backend, "directory", None)
+            if directory is not None:
+                return str(directory)
+        return None
 
     @property
     def failing(self) -> bool:

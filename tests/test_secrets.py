@@ -7,6 +7,7 @@ import logging
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from typing import Any, Iterator, Tuple
 
@@ -136,3 +137,29 @@ def test_access_denied_never_shows_the_password(mariadb: MariaDB) -> None:
         assert DISTINCT not in _printed(info.value) and DISTINCT not in repr(info.value)
     finally:
         pool.close()
+
+
+def test_an_unparsable_coordinator_url_never_quotes_the_password() -> None:
+    pytest.importorskip("redis")
+    with pytest.raises(ValueError) as info:  # a "/" in the password, not percent-encoded
+        connguard.Pool(host="127.0.0.1", port=1, user="u", password="p",
+                       coordinator="redis://:Zq9x/Secret@127.0.0.1:1/0", global_max=3)
+    assert "Zq9x" not in str(info.value) and "Secret" not in str(info.value)
+    assert "percent-encode" in str(info.value)
+
+
+def test_a_handshake_cut_by_the_callers_timeout_says_so(closed_port: int) -> None:
+    from connguard.connector import Connector
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)  # accepts, never greets
+    try:
+        connector = Connector({"host": "127.0.0.1", "port": listener.getsockname()[1],
+                               "user": "u", "password": DISTINCT, "connect_timeout": 10})
+        with pytest.raises(connguard.errors.HandshakeLost) as info:
+            connector.open(time.monotonic() + 0.3)
+        assert "of the caller's wait left" in str(info.value).split("\n")[0]
+        assert DISTINCT not in _printed(info.value)
+    finally:
+        listener.close()
