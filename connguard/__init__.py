@@ -31,6 +31,7 @@ from connguard.errors import (
 )
 from connguard.limits import limits, raise_fd_soft_limit
 from connguard.liveness import peer_closed
+from connguard.metrics import stats
 from connguard.policies import KeepalivePolicy, LifetimePolicy, PoolSettings, ResetPolicy
 from connguard.pool import Pool
 from connguard.proxy import PooledConnection
@@ -41,7 +42,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> object:
     # The SQLAlchemy plugin's helpers load on first use: SQLAlchemy is an optional extra,
     # and `import connguard` must not require it.
-    if name in ("stats", "ConnGuardPluginWarning"):
+    if name == "ConnGuardPluginWarning":
         try:
             from connguard import sqlalchemy_plugin
         except ModuleNotFoundError as exc:
@@ -91,6 +92,7 @@ __all__ = [
     "limits",
     "peer_closed",
     "raise_fd_soft_limit",
+    "stats",
     "translate",
     "uninstall",
 ]

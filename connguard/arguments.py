@@ -9,7 +9,7 @@ from connguard.driver import PYMYSQL_ARGUMENTS
 
 #: Options the pool itself takes; everything else must be a ``pymysql.connect`` argument.
 POOL_OPTIONS = frozenset({
-    "max_size", "max_overflow", "min_idle", "checkout_timeout", "leak_threshold",
+    "name", "max_size", "max_overflow", "min_idle", "checkout_timeout", "leak_threshold",
     "max_lifetime", "lifetime_jitter", "idle_timeout", "reset", "keepalive",
     "resource_guard", "fd_reserve", "port_reserve",
     "storm_control", "host_gate", "max_connect_rate", "connect_burst", "max_handshakes",

@@ -22,13 +22,14 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import pymysql
 
-from connguard import coordination, driver, errors, reaper, storm
+from connguard import coordination, driver, errors, events, metrics, reaper, storm
 from connguard.admission import Admission
 from connguard.arguments import split_arguments
 from connguard.connector import Connector
 from connguard.guard import ResourceGuard
 from connguard.hostgate import HostGate, check_option
 from connguard.liveness import Probe, peer_closed
+from connguard.metrics import Histogram
 from connguard.policies import (
     KeepalivePolicy,
     LifetimePolicy,
@@ -44,6 +45,10 @@ log = logging.getLogger("connguard.pool")
 Clock = Callable[[], float]
 
 #: What driver.restore_session did -> the stats() counter it counts in.
+#: Why a pooled connection was closed (the ``closed`` counter's keys).
+CLOSE_REASONS = ("peer_closed", "expired", "idle_timeout", "broken", "discarded", "overflow",
+                 "rebalanced", "pool_closed", "lost")
+
 _RESET_COUNTERS = {"rollback": "rollbacks", "reset": "resets", "restored": "restored",
                    "discard": "discarded"}
 
@@ -159,6 +164,19 @@ class Pool:
         self._top_up_running = False
         self._closed = False
         self._stats: Counter = Counter()
+        # Counters bumped where the pool's lock may or may not be held (closing, resets).
+        self._count_lock = threading.Lock()
+        self._failures: Counter = Counter()  # connect failures by exception class
+        self._retired_uses = 0  # checkouts of connections since closed
+        self._waited = Histogram()  # checkouts that did not get a connection at once
+        self._connect_time = Histogram()
+        self._held = Histogram()
+        self._listeners = events.Listeners()
+        name = options.get("name")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        self.name: str = name or self._describe_destination()
+        metrics.register(self)
         reaper.register(self)
 
     def _make_guard(self, options: Dict[str, Any]) -> Optional[ResourceGuard]:
@@ -196,12 +214,16 @@ class Pool:
     # -- checkout --------------------------------------------------------------------------
     def connect(self) -> PooledConnection:
         """A live connection from the pool; waits up to ``checkout_timeout`` for one."""
+        began = self._clock() if events.active else 0.0
         entry = self._checkout()
         handle = None
         try:
             handle = PooledConnection(entry.conn)
             handle._self_pool = self
             handle._self_entry = entry
+            if began:
+                events.dispatch(self._listeners, self.name, "checkout",
+                                waited=entry.checked_out_at - began)
             return handle
         except BaseException:  # interrupted before the caller could hold it
             if handle is not None:
@@ -273,6 +295,9 @@ class Pool:
             while True:
                 self._serve_waiters()
                 if waiter.entry is not None or waiter.may_open:
+                    if waiter.entry is not None:  # served a returned connection
+                        timeout = self._settings.checkout_timeout
+                        self._waited.observe(self._clock() - (deadline - timeout))
                     return waiter.entry
                 if self._closed:
                     raise errors.PoolClosed(repr(self))
@@ -367,6 +392,7 @@ class Pool:
         budget = self._budget
         leased = counted = False
         conn = None
+        began = self._clock()
         try:
             if budget is not None:
                 budget.acquire()
@@ -380,6 +406,9 @@ class Pool:
                 counted = True
                 self._opening -= 1
                 self._stats["opened"] += 1
+                self._connect_time.observe(now - began)
+                if deadline != float("inf"):  # the caller waited for this connect
+                    self._waited.observe(now - (deadline - self._settings.checkout_timeout))
                 closed = self._closed
                 if not closed:
                     self._in_use.add(entry)
@@ -407,22 +436,35 @@ class Pool:
             entry.broken = True
             self._release(entry)
             raise
+        if events.active:
+            events.dispatch(self._listeners, self.name, "connect", seconds=now - began)
         return entry
 
     def _connect_failed(self, exc: BaseException) -> bool:
         """Free the slot of a failed connect and learn from the answer (Admission.refused);
         True when the caller should wait in line instead of getting ``exc``."""
+        lease = isinstance(exc, (coordination.LeaseUnavailable,
+                                 coordination.CoordinatorUnavailable))
         with self._lock:
             self._opening -= 1
             wait, news = self._admission.refused(
                 exc, len(self._in_use) + len(self._idle) + self._opening, self._clock())
             if wait:
-                lease = isinstance(exc, (coordination.LeaseUnavailable,
-                                         coordination.CoordinatorUnavailable))
                 self._stats["lease_waits" if lease else "capacity_waits"] += 1
+            if isinstance(exc, Exception) and not lease:
+                self._failures[type(exc).__name__] += 1
+            ceiling = self._admission.ceiling.value
             self._serve_waiters()
         if news is not None:
             log.warning("connguard: %s (%s)", news, self._destination_label())
+        if events.active:
+            if lease:
+                events.dispatch(self._listeners, self.name, "lease_denied",
+                                retry_after=getattr(exc, "retry_after", None))
+            elif news is not None:
+                events.dispatch(self._listeners, self.name, "ceiling_lowered", ceiling=ceiling)
+            elif isinstance(exc, Exception):
+                events.dispatch(self._listeners, self.name, "connect_failed", error=exc)
         return wait
 
     def _destination_label(self) -> str:
@@ -467,6 +509,7 @@ class Pool:
         now = self._clock()
         rebalance = False
         with self._lock:
+            self._held.observe(now - entry.checked_out_at)
             keep = keep and not self._closed and now < entry.expires_at
             overflow = (keep and not self._waiters and len(self._in_use) + len(self._idle)
                         + self._opening > self._settings.max_size)
@@ -493,6 +536,9 @@ class Pool:
                 self._in_use.discard(entry)
                 self._serve_waiters()
             closed = self._closed
+        if events.active:
+            events.dispatch(self._listeners, self.name, "checkin",
+                            held=now - entry.checked_out_at)
         if not keep:
             self._close_entry(entry, "rebalanced" if rebalance else "overflow" if overflow else
                               "broken" if entry.broken else "discarded")
@@ -522,7 +568,10 @@ class Pool:
         except Exception:  # noqa: BLE001 - an unknown session must not reach the next borrower
             log.exception("reset on return failed unexpectedly, discarding the connection")
             return False
-        self._stats[_RESET_COUNTERS[action]] += 1
+        with self._count_lock:
+            self._stats[_RESET_COUNTERS[action]] += 1
+        if action in ("rollback", "reset") and (events.active):
+            events.dispatch(self._listeners, self.name, "reset", kind=action)
         return action != "discard"
 
     def _discard(self, entry: Entry, reason: str) -> None:
@@ -533,8 +582,12 @@ class Pool:
         self._close_entry(entry, reason)
 
     def _close_entry(self, entry: Entry, reason: str) -> None:
-        self._stats[reason] += 1
-        self._stats["closed"] += 1
+        with self._count_lock:
+            self._stats[reason] += 1
+            self._stats["closed"] += 1
+            self._retired_uses += entry.uses
+        if reason == "peer_closed" and (events.active):
+            events.dispatch(self._listeners, self.name, "peer_closed")
         gate = self._connector.gate
         if gate is not None and reason in ("peer_closed", "broken"):
             gate.connection_lost()  # its replacement is a reconnect: paced
@@ -631,10 +684,16 @@ class Pool:
                         self._idle.remove(entry)
                         removed.append((entry, reason))
                 self._serve_waiters()  # freed room may let a waiter open
+        reaped = len(removed)
         if self._budget is not None and self._budget.surplus:
             removed += self._surplus_idle(now)
-        for entry, reason in removed:
+        if reaped:
+            with self._count_lock:
+                self._stats["reaped"] += reaped
+        for index, (entry, reason) in enumerate(removed):
             self._close_entry(entry, reason)
+            if index < reaped and (events.active):
+                events.dispatch(self._listeners, self.name, "reaped", reason=reason)
         self._report_leaks(now)
         self._top_up()
         if self._budget is not None:
@@ -760,9 +819,12 @@ class Pool:
                              lease_ceiling=self._admission.lease_ceiling.value
                              if self._admission.lease_ceiling is not None else None,
                              rebalanced=self._stats.get("rebalanced", 0))
+            stats.update(self._schema())
         gate = self._connector.gate
         if gate is not None:
-            stats.update(gate.stats())
+            gate_stats = gate.stats()
+            stats.update(gate_stats)
+            stats["counters"]["breaker_opens"] = gate_stats["breaker_opens"]
         if self._budget is not None:
             stats.update(self._budget.stats())
         elif self._coordinator is not None:
@@ -772,6 +834,35 @@ class Pool:
                              "fallback" if self._coordination.fail == "open" else "refusing"),
                          coordinator_outages=health.outages)
         return stats
+
+    def _schema(self) -> Dict[str, Any]:
+        """Under the lock: the part every pool kind shares (connguard.metrics, docs/metrics.md)."""
+        checkouts = self._retired_uses + sum(e.uses for e in self._idle) + sum(
+            e.uses for e in self._in_use)
+        waited = self._waited.snapshot()
+        served_at_once = max(0, checkouts - waited["count"])  # counted, never observed
+        waited["count"] += served_at_once
+        waited["buckets"] = [[le, n + served_at_once] for le, n in waited["buckets"]]
+        with self._count_lock:
+            closed = {reason: self._stats.get(reason, 0) for reason in CLOSE_REASONS
+                      if self._stats.get(reason, 0)}
+            counters = {
+                "checkouts": checkouts, "opened": self._stats.get("opened", 0),
+                "closed": closed, "peer_closed": self._stats.get("peer_closed", 0),
+                "reaped": self._stats.get("reaped", 0),
+                "timeouts": self._stats.get("timeouts", 0),
+                "waits": self._stats.get("waits", 0),
+                "connect_failures": dict(self._failures),
+                "rollbacks": self._stats.get("rollbacks", 0),
+                "resets": self._stats.get("resets", 0), "breaker_opens": 0}
+        return {"name": self.name, "kind": "pool",
+                "sizes": {"idle": len(self._idle), "in_use": len(self._in_use),
+                          "opening": self._opening, "max": self._settings.max_size,
+                          "ceiling": self._admission.ceiling.value},
+                "counters": counters,
+                "distributions": {"checkout_wait_s": waited,
+                                  "connect_s": self._connect_time.snapshot(),
+                                  "hold_s": self._held.snapshot()}}
 
     def _describe_destination(self) -> str:
         user = self._connect_kwargs.get("user") or ""

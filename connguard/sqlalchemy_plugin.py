@@ -44,11 +44,12 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CreateEnginePlugin
 from sqlalchemy.pool import QueuePool
 
-from connguard import coordination, driver, errors, reaper, storm
+from connguard import coordination, driver, errors, events, reaper, storm
 from connguard.connector import Connector
 from connguard.guard import ResourceGuard
 from connguard.hostgate import HostGate
 from connguard.liveness import Probe, peer_closed
+from connguard.metrics import Histogram, empty_distribution
 from connguard.policies import LifetimePolicy
 from connguard.sqlalchemy_pool import IDLE_SINCE as _IDLE_SINCE
 from connguard.sqlalchemy_pool import GuardedQueuePool
@@ -395,6 +396,20 @@ def _choose_pool_class(url: Any, kwargs: Dict[str, Any]) -> None:
 
 _guards: weakref.WeakKeyDictionary[Any, EngineGuard] = weakref.WeakKeyDictionary()
 
+
+def guarded_engines() -> List[Any]:
+    """Every live engine made with the plugin (for ``connguard.stats()``)."""
+    engines = (guard._engine() for guard in list(_guards.values()))
+    return [engine for engine in engines if engine is not None]
+
+
+def _engine_name(url: Any) -> str:
+    """``user@host:port/db`` of an engine's URL: its name in stats (never the password)."""
+    where = url.host or "localhost"
+    if url.port:
+        where = f"{where}:{url.port}"
+    return f"{url.username or ''}@{where}" + (f"/{url.database}" if url.database else "")
+
 FULL, PARTIAL, NONE = "full", "partial", "none"
 
 #: Seconds the storm gate may hold a connect for pools without a checkout timeout.
@@ -515,6 +530,10 @@ class EngineGuard:
         self._foreign_warned = False
         self.wait_timeout: Optional[int] = None
         self.idle_timeout: Optional[float] = options.idle_timeout or None
+        self.name = _engine_name(engine.url)
+        self._listeners = events.Listeners()
+        self._failures: Counter = Counter()  # connect failures by exception class
+        self._connect_time = Histogram()
 
     # -- installation ----------------------------------------------------------------------
     def install(self, custom_creator: bool) -> None:
@@ -592,12 +611,23 @@ class EngineGuard:
             conn = fn(dialect, record, cargs, cparams)
             if conn is not None:
                 return conn
+        began = time.monotonic()
         try:
             conn = self._open(dialect, cargs, cparams)
-        except BaseException:
-            self._count("connect_errors")
+        except BaseException as exc:
+            with self._lock:
+                self._counts["connect_errors"] += 1
+                if isinstance(exc, Exception):
+                    self._failures[type(exc).__name__] += 1
+            if events.active and isinstance(exc, Exception):
+                events.dispatch(self._listeners, self.name, "connect_failed", error=exc)
             raise
-        self._count("connects")
+        seconds = time.monotonic() - began
+        with self._lock:
+            self._counts["connects"] += 1
+            self._connect_time.observe(seconds)
+        if events.active:
+            events.dispatch(self._listeners, self.name, "connect", seconds=seconds)
         return conn
 
     def _open(self, dialect: Any, cargs: List[Any], cparams: Dict[str, Any]) -> Any:
@@ -938,6 +968,7 @@ class EngineGuard:
         if connector is not None and connector.gate is not None:
             result.update(connector.gate.stats())  # the process-wide gate toward this server
         result["host_gate"] = bool(self.options.host_gate)
+        result.update(self._schema(engine, counts, result))
         coordinator = _coordinator(self.options)
         if coordinator is not None and "coordinator_state" not in result:
             health = coordinator.health  # a shared gate without a global budget
@@ -947,6 +978,40 @@ class EngineGuard:
                               "fallback" if fail == "open" else "refusing"),
                           coordinator_outages=health.outages)
         return result
+
+    def _schema(self, engine: Any, counts: Dict[str, int], flat: Dict[str, Any]
+                ) -> Dict[str, Any]:
+        """The part every pool kind shares (connguard.metrics, docs/metrics.md). Hold times
+        and resets are not measured for engines: SQLAlchemy resets every return itself, and
+        timing each checkout would cost every checkout."""
+        pool: Any = None if engine is None else engine.pool
+        guarded = isinstance(pool, GuardedQueuePool)
+        queue = isinstance(pool, QueuePool)
+        with self._lock:
+            failures = dict(self._failures)
+            connect_s = self._connect_time.snapshot()
+        closed = {reason: counts.get(key, 0) for reason, key in (
+            ("peer_closed", "reaped"), ("idle_timeout", "idle_evicted"),
+            ("invalidated", "invalidated")) if counts.get(key, 0)}
+        size = (pool.size() + pool._max_overflow if queue and pool._max_overflow >= 0
+                else None)
+        return {"name": self.name, "kind": "engine",
+                "sizes": {"idle": pool.checkedin() if queue else None,
+                          "in_use": pool.checkedout() if queue else None,
+                          "opening": flat.get("opening", 0), "max": size,
+                          "ceiling": flat.get("ceiling")},
+                "counters": {"checkouts": counts.get("checkouts", 0),
+                             "opened": counts.get("connects", 0), "closed": closed,
+                             "peer_closed": counts.get("peer_closed", 0),
+                             "reaped": counts.get("reaped", 0),
+                             "timeouts": flat.get("timeouts", 0),
+                             "waits": flat.get("waits", 0), "connect_failures": failures,
+                             "rollbacks": None, "resets": None,
+                             "breaker_opens": flat.get("breaker_opens", 0)},
+                "distributions": {
+                    "checkout_wait_s": pool.waited(counts.get("checkouts", 0)) if guarded
+                    else empty_distribution(),
+                    "connect_s": connect_s, "hold_s": None}}
 
     def __repr__(self) -> str:
         engine = self._engine()

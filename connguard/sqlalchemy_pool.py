@@ -51,6 +51,7 @@ from sqlalchemy.util import queue as sqla_queue
 
 from connguard import coordination, storm
 from connguard.admission import HANDSHAKE_GRACE, Admission, capacity_code
+from connguard.metrics import Histogram
 from connguard.storm import Ceiling, ConnectGate, StormPolicy
 
 __all__ = ["GuardedQueuePool", "capacity_code"]
@@ -94,6 +95,7 @@ class GuardedQueuePool(QueuePool):
         self._in_place_waiting = 0  # reconnects in place waiting for a handshake slot
         self._local = threading.local()  # the deadline of this thread's checkout
         self._counts: Counter = Counter()
+        self._waited = Histogram()  # checkouts that waited (observed under self._cond)
         self._gate_source = connguard_gate
         self._budget_factory = connguard_budget
         self._budget: Optional[coordination.Budget] = None
@@ -214,9 +216,14 @@ class GuardedQueuePool(QueuePool):
         while True:
             record = self._idle_record()
             if record is not None:
+                if counted:  # waited for it
+                    timeout = self._timeout
+                    self._waited.observe(self._clock() - deadline + (timeout or 0.0))
                 return record
             now = self._clock()
             if self._may_open(now):
+                if counted:  # waited for a connect slot
+                    self._waited.observe(now - deadline + (self._timeout or 0.0))
                 reserved = self._inc_overflow()
                 assert reserved, "overflow is only raised under the pool's lock"
                 self._opening += 1
@@ -466,6 +473,16 @@ class GuardedQueuePool(QueuePool):
             self._counts["rebalanced"] += len(taken)
         for record in taken:
             self._drop_empty(record, counted=False)  # closes it: the lease goes back
+
+    def waited(self, checkouts: int) -> Dict[str, Any]:
+        """The checkout-wait distribution; of ``checkouts``, those never observed waiting
+        were served at once (the first bucket)."""
+        with self._cond:
+            snapshot = self._waited.snapshot()
+        at_once = max(0, checkouts - snapshot["count"])
+        snapshot["count"] += at_once
+        snapshot["buckets"] = [[le, n + at_once] for le, n in snapshot["buckets"]]
+        return snapshot
 
     def connguard_after_fork(self) -> None:
         """In a forked child: new locks; the parent's leases stay the parent's."""

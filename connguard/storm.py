@@ -45,7 +45,7 @@ from typing import (
 
 import tenacity
 
-from connguard import errors
+from connguard import errors, events
 
 log = logging.getLogger("connguard.storm")
 
@@ -331,6 +331,7 @@ class ConnectGate:
         self.failures = 0
         self.fast_failures = 0
         self.outage_waits = 0  # callers that waited for a probe instead of failing at once
+        self.opens = 0  # times the breaker opened (from closed)
         self.shared_refusals = 0  # fast failures because a shared breaker was open
         # Monotonic times of recent attempts: how a storm (or its absence) looks over time.
         self.attempt_times: Deque[float] = deque(maxlen=1024)
@@ -363,6 +364,9 @@ class ConnectGate:
         with self._lock:
             self.attempts += 1
             self.attempt_times.append(self._clock())
+        if probe and events.active:
+            events.dispatch(None, self._target(), "breaker_half_open",
+                            failures=self._breaker.failures)
         return probe
 
     def _admit_local(self, started: float, deadline: float, fail_fast: bool,
@@ -497,6 +501,8 @@ class ConnectGate:
         if announced and since is not None:
             log.info("connguard: connecting to %s closed the breaker again after %.1f s of "
                      "failures", self._target(), self._clock() - since)
+            if events.active:
+                events.dispatch(None, self._target(), "breaker_closed", failures=0)
         self._finish_shared("succeeded")
 
     def abandoned(self) -> None:
@@ -534,11 +540,15 @@ class ConnectGate:
                 self._breaker.failed(now, wait, error)
                 opened = was == CLOSED and self._breaker.state == OPEN
                 self._announced = self._announced or opened
+                self.opens += opened
             self._settled.notify_all()
         if opened:  # once per outage: re-opening after a failed probe is routine
             log.warning("connguard: breaker open for %s after %d failures in a row (%s); "
                         "one attempt per backoff interval until one succeeds",
                         self._target(), failures, errors.summary(error))
+            if events.active:
+                events.dispatch(None, self._target(), "breaker_open", failures=failures,
+                                cause=errors.redact(errors.summary(error) or ""))
         self._finish_shared("capacity" if code in CAPACITY_CODES else "outage", error)
 
     # -- introspection ---------------------------------------------------------------------
@@ -551,7 +561,7 @@ class ConnectGate:
             return {"breaker": self._breaker.state, "consecutive_failures": self._breaker.failures,
                     "connect_attempts": self.attempts, "connect_failures": self.failures,
                     "fast_failures": self.fast_failures, "outage_waits": self.outage_waits,
-                    "shared_refusals": self.shared_refusals,
+                    "shared_refusals": self.shared_refusals, "breaker_opens": self.opens,
                     "host_gate_directory": self.host_gate_directory}
 
     @property

@@ -12,7 +12,7 @@ def test_stats_without_sqlalchemy_names_the_extra() -> None:
     code = ("import sys; sys.modules['sqlalchemy'] = None\n"  # as if it were not installed
             "import connguard\n"
             "try:\n"
-            "    connguard.stats\n"
+            "    connguard.stats(object())\n"  # an engine, as far as it can tell
             "except ModuleNotFoundError as exc:\n"
             "    print(exc.name, '|', exc)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

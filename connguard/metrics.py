@@ -1,0 +1,102 @@
+"""Numbers an operator reads: fixed-bucket histograms, and ``connguard.stats()``.
+
+Every pool (``connguard.Pool``, drop-in pools, engines made with the SQLAlchemy plugin) has a
+name and gives one schema (``docs/metrics.md``)::
+
+    {"name": "app@10.0.0.5:3306/app", "kind": "pool" | "engine",
+     "sizes": {"idle", "in_use", "opening", "max", "ceiling"},
+     "counters": {"checkouts", "opened", "closed": {reason: n}, "peer_closed", "reaped",
+                  "timeouts", "waits", "connect_failures": {class: n}, "rollbacks",
+                  "resets", "breaker_opens"},
+     "distributions": {"checkout_wait_s", "connect_s", "hold_s"}}
+
+beside the flat keys each kind has always had. Histograms have fixed buckets: observing a
+value is a bisect and an increment, nothing is allocated per event.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import weakref
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+#: Bucket upper bounds in seconds (Prometheus' ``le``), the last bucket is +Inf: from
+#: 100 µs (a checkout served from the idle queue) to 30 s (a long wait, a slow login).
+BOUNDS: Tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                             0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Histogram:
+    """Counts of observations per bucket, and their sum. Not thread-safe on its own: the
+    owner observes under its lock (or accepts a rare lost increment, as noted where)."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Tuple[float, ...] = BOUNDS) -> None:
+        self.bounds = bounds
+        self.counts: List[int] = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def snapshot(self) -> Dict[str, Any]:
+        """``{"count", "sum", "buckets": [[le, cumulative count], ...]}`` (le: None = +Inf)."""
+        cumulative, buckets = 0, []
+        for bound, count in zip((*self.bounds, None), self.counts):
+            cumulative += count
+            buckets.append([bound, cumulative])
+        return {"count": cumulative, "sum": round(self.total, 6), "buckets": buckets}
+
+
+def empty_distribution() -> Dict[str, Any]:
+    return Histogram().snapshot()
+
+
+# -- every pool of the process ------------------------------------------------------------------
+
+_pools: weakref.WeakSet[Any] = weakref.WeakSet()
+_pools_lock = threading.Lock()
+
+
+def register(pool: Any) -> None:
+    """A connguard.Pool, for ``connguard.stats()`` with no argument."""
+    with _pools_lock:
+        _pools.add(pool)
+
+
+def _engines() -> Iterable[Any]:
+    try:
+        from connguard import sqlalchemy_plugin
+    except ImportError:  # no SQLAlchemy: no engines
+        return ()
+    return sqlalchemy_plugin.guarded_engines()
+
+
+def stats(target: Optional[Any] = None) -> Dict[str, Any]:
+    """The stats of a Pool, of an engine made with the plugin, or (no argument) of every open
+    pool and plugin engine of the process, by name."""
+    if target is None:
+        with _pools_lock:
+            pools = [p for p in _pools if not p.closed]
+        result = {p.name: p.stats() for p in pools}
+        for engine in _engines():
+            from connguard import sqlalchemy_plugin
+            entry = sqlalchemy_plugin.stats(engine)
+            result[entry["name"]] = entry
+        return result
+    from connguard.pool import Pool
+
+    if isinstance(target, Pool):
+        return target.stats()
+    try:
+        from connguard import sqlalchemy_plugin  # an engine: needs the sqlalchemy extra
+    except ModuleNotFoundError as exc:
+        if exc.name != "sqlalchemy":
+            raise
+        raise ModuleNotFoundError(
+            "connguard.stats(engine) is for SQLAlchemy engines and needs SQLAlchemy: "
+            "pip install 'connguard[sqlalchemy]'", name="sqlalchemy") from None
+    return sqlalchemy_plugin.stats(target)

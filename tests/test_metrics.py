@@ -1,0 +1,183 @@
+"""Observability against a real MariaDB: one stats schema for pools and engines, exact
+counters and distributions, events (a listener cannot break the pool), stats() of all."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import Counter
+from typing import Any, Dict, List
+
+import pytest
+import sqlalchemy as sa
+
+import connguard
+from connguard import events
+from tests.mariadb import MariaDB, wait_until
+
+SECTIONS = {"name", "kind", "sizes", "counters", "distributions"}
+SIZES = {"idle", "in_use", "opening", "max", "ceiling"}
+COUNTERS = {"checkouts", "opened", "closed", "peer_closed", "reaped", "timeouts", "waits",
+            "connect_failures", "rollbacks", "resets", "breaker_opens"}
+DISTRIBUTIONS = {"checkout_wait_s", "connect_s", "hold_s"}
+
+
+@pytest.fixture
+def recorded() -> Any:
+    """Every event of every pool, as (pool name, event, details)."""
+    seen: List[Any] = []
+
+    def make(name: str) -> Any:
+        return lambda pool, **details: seen.append((pool, name, details))
+
+    listeners = {name: make(name) for name in events.EVENTS}
+    for name, fn in listeners.items():
+        events.listen(None, name, fn)
+    try:
+        yield seen
+    finally:
+        for name, fn in listeners.items():
+            events.remove(None, name, fn)
+    assert events.active == 0
+
+
+def _select_one(conn: Any) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+        cur.fetchall()
+
+
+def _shape(stats: Dict[str, Any]) -> None:
+    assert set(stats) >= SECTIONS
+    assert set(stats["sizes"]) == SIZES and set(stats["counters"]) == COUNTERS
+    assert set(stats["distributions"]) == DISTRIBUTIONS
+
+
+def test_pool_counters_distributions_and_events_are_exact(mariadb: MariaDB,
+                                                           recorded: Any) -> None:
+    pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=2, name="orders")
+    try:
+        first, second = pool.connect(), pool.connect()
+        _select_one(first)
+        first.close()
+        second.close()
+        for _ in range(3):
+            with pool.connect() as conn:
+                _select_one(conn)
+        # The server kills one idle connection: the reaper finds it closed.
+        mariadb.kill(mariadb.app_threads()[0])
+        wait_until(lambda: pool.stats()["counters"]["reaped"] == 1, 30,
+                   message="the reaper to close the killed connection")
+        stats = pool.stats()
+    finally:
+        pool.close()
+    _shape(stats)
+    counters, dist = stats["counters"], stats["distributions"]
+    assert stats["name"] == "orders" and stats["kind"] == "pool"
+    assert counters["checkouts"] == 5 and counters["opened"] == 2
+    assert counters["peer_closed"] == 1 and counters["reaped"] == 1
+    assert counters["closed"] == {"peer_closed": 1}
+    assert dist["checkout_wait_s"]["count"] == 5 and dist["connect_s"]["count"] == 2
+    assert dist["hold_s"]["count"] == 5
+    assert dist["connect_s"]["buckets"][-1] == [None, 2]  # cumulative, +Inf last
+    mine = Counter(event for name, event, _ in recorded if name == "orders")
+    assert mine == {"connect": 2, "checkout": 5, "checkin": 5, "peer_closed": 1, "reaped": 1}
+    assert all(details["held"] >= 0 for name, event, details in recorded
+               if event == "checkin")
+
+
+def test_timeouts_and_waits_are_counted(mariadb: MariaDB) -> None:
+    pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=1, checkout_timeout=0.2)
+    try:
+        held = pool.connect()
+        with pytest.raises(connguard.PoolTimeout):
+            pool.connect()
+        held.close()
+        counters = pool.stats()["counters"]
+    finally:
+        pool.close()
+    assert counters["timeouts"] == 1 and counters["waits"] == 1
+    assert counters["checkouts"] == 1
+
+
+def test_the_idle_timeout_count_is_not_the_setting(mariadb: MariaDB) -> None:
+    pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=2, idle_timeout=0.2)
+    try:
+        pool.connect().close()
+        wait_until(lambda: pool.stats()["counters"]["closed"].get("idle_timeout") == 1, 30,
+                   message="the reaper to retire the idle connection")
+        stats = pool.stats()
+    finally:
+        pool.close()
+    assert stats["idle_timeout"] == 0.2  # the setting, as before
+    assert stats["counters"]["closed"] == {"idle_timeout": 1}
+
+
+def test_a_listener_that_raises_cannot_break_the_pool(mariadb: MariaDB, caplog: Any) -> None:
+    calls: List[str] = []
+
+    def broken(pool: str, **details: Any) -> None:
+        calls.append(pool)
+        raise RuntimeError("listener bug")
+
+    pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=1)
+    events.listen(pool, "checkout", broken)
+    try:
+        with caplog.at_level(logging.WARNING, logger="connguard.events"):
+            for _ in range(3):
+                with pool.connect() as conn:
+                    _select_one(conn)
+    finally:
+        events.remove(pool, "checkout", broken)
+        pool.close()
+    assert len(calls) == 3
+    assert len([r for r in caplog.records if "listener" in r.getMessage()]) == 1
+    with pytest.raises(ValueError, match="unknown connguard event"):
+        events.listen(None, "chekout", broken)
+
+
+def test_breaker_transitions_are_events_and_counted(recorded: Any) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))  # refuses every connect
+    port = listener.getsockname()[1]
+    pool = connguard.Pool(host="127.0.0.1", port=port, user="u", password="p",
+                          checkout_timeout=0.05)
+    try:
+        for _ in range(4):
+            with pytest.raises(connguard.ServerUnavailable):
+                pool.connect()
+            time.sleep(0.3)  # past the backoff: each call makes an attempt
+        stats = pool.stats()
+    finally:
+        pool.close()
+        listener.close()
+    opened = [d for name, event, d in recorded if event == "breaker_open"
+              and name == f"127.0.0.1:{port}"]
+    assert len(opened) == 1 and opened[0]["failures"] >= 3 and "ECONNREFUSED" in \
+        opened[0]["cause"]
+    assert stats["counters"]["breaker_opens"] == 1
+    assert stats["counters"]["connect_failures"].get("ServerUnavailable", 0) >= 3
+
+
+def test_engines_have_the_same_schema_and_stats_lists_everything(mariadb: MariaDB) -> None:
+    pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=1, name="jobs")
+    engine = sa.create_engine(mariadb.url() + "?plugin=connguard", pool_size=2)
+    try:
+        pool.connect().close()
+        for _ in range(3):
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        everything = connguard.stats()
+        one = connguard.stats(engine)
+    finally:
+        engine.dispose()
+        pool.close()
+    _shape(one)
+    assert one["kind"] == "engine" and one["name"] == f"app@127.0.0.1:{mariadb.port}/app"
+    assert one["counters"]["checkouts"] == 3 and one["counters"]["opened"] == 1
+    assert one["distributions"]["checkout_wait_s"]["count"] == 3
+    assert one["distributions"]["connect_s"]["count"] == 1
+    assert everything["jobs"]["counters"]["checkouts"] == 1
+    assert everything[one["name"]]["kind"] == "engine"
+    _shape(everything["jobs"])
