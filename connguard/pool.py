@@ -410,10 +410,12 @@ class Pool:
                 if deadline != float("inf"):  # the caller waited for this connect
                     self._waited.observe(now - (deadline - self._settings.checkout_timeout))
                 closed = self._closed
+                ceiling = self._admission.ceiling.value
                 if not closed:
                     self._in_use.add(entry)
                     self._admission.opened(len(self._in_use) + len(self._idle)
                                            + self._opening)
+                raised = ceiling is not None and self._admission.ceiling.value != ceiling
                 # A handshake slot is free (and the entry counted): the next waiter may open.
                 self._serve_waiters()
         except BaseException as exc:
@@ -438,6 +440,9 @@ class Pool:
             raise
         if events.active:
             events.dispatch(self._listeners, self.name, "connect", seconds=now - began)
+            if raised:
+                events.dispatch(self._listeners, self.name, "ceiling_raised",
+                                ceiling=self._admission.ceiling.value)
         return entry
 
     def _connect_failed(self, exc: BaseException) -> bool:

@@ -181,3 +181,66 @@ def test_engines_have_the_same_schema_and_stats_lists_everything(mariadb: MariaD
     assert everything["jobs"]["counters"]["checkouts"] == 1
     assert everything[one["name"]]["kind"] == "engine"
     _shape(everything["jobs"])
+
+
+def _sample_stats(mariadb: MariaDB) -> Any:
+    pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=2, name="exported")
+    for _ in range(4):
+        with pool.connect() as conn:
+            _select_one(conn)
+    return pool
+
+
+def test_a_prometheus_scrape_parses_and_matches_stats(mariadb: MariaDB) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from connguard.prometheus import register
+
+    pool = _sample_stats(mariadb)
+    registry = prometheus_client.CollectorRegistry()
+    register(registry)
+    try:
+        text = prometheus_client.generate_latest(registry).decode()
+    finally:
+        pool.close()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    mine = (("kind", "pool"), ("pool", "exported"))
+    assert samples[("connguard_checkouts_total", mine)] == 4
+    assert samples[("connguard_opened_total", mine)] == 1
+    assert samples[("connguard_checkout_wait_seconds_count", mine)] == 4
+    assert samples[("connguard_hold_seconds_bucket", (*mine[:1], ("le", "+Inf"),
+                                                     *mine[1:]))] == 4
+    assert samples[("connguard_max", mine)] == 2
+    assert "# TYPE connguard_connect_seconds histogram" in text
+    assert mariadb.connect_kwargs()["password"] not in text
+
+
+def test_opentelemetry_metrics_read_the_same_numbers(mariadb: MariaDB) -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from connguard.otel import instrument
+
+    pool = _sample_stats(mariadb)
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        instrument(provider)
+        data = reader.get_metrics_data()
+    finally:
+        pool.close()
+        provider.shutdown()
+    points = {}
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    if point.attributes.get("pool.name") == "exported":
+                        points[metric.name] = point.value
+    assert points["connguard.pool.checkouts"] == 4
+    assert points["connguard.pool.opened"] == 1
+    assert points["connguard.pool.checkout_wait.duration.count"] == 4
+    assert points["connguard.pool.max"] == 2

@@ -1,0 +1,111 @@
+"""A Prometheus collector for every connguard pool and plugin engine of the process.
+
+``connguard.prometheus.register()`` (extra ``prometheus``: ``pip install
+'connguard[prometheus]'``) adds it to ``prometheus_client``'s default registry; each scrape
+reads ``connguard.stats()``. Metric names follow Prometheus' conventions: ``connguard_`` prefix,
+base units (seconds), ``_total`` for counters; labels ``pool`` (the pool's name) and ``kind``
+(``pool`` or ``engine``), plus ``reason`` for closes and ``error`` for connect failures.
+The list, with types and units, is in docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+from prometheus_client.core import (
+    REGISTRY,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from connguard import metrics
+
+#: sizes.<key> -> (metric name, help)
+GAUGES = {
+    "idle": ("connguard_idle", "Idle connections in the pool."),
+    "in_use": ("connguard_in_use", "Connections checked out."),
+    "opening": ("connguard_opening", "Handshakes running."),
+    "max": ("connguard_max", "The pool's size (connections)."),
+    "ceiling": ("connguard_ceiling", "Where the pool holds after 'too many connections'."),
+}
+#: counters.<key> -> (metric name without _total, help)
+COUNTERS = {
+    "checkouts": ("connguard_checkouts", "Connections handed to callers."),
+    "opened": ("connguard_opened", "New server connections."),
+    "peer_closed": ("connguard_peer_closed", "Pooled connections found closed by the server."),
+    "reaped": ("connguard_reaped", "Idle connections the reaper closed."),
+    "timeouts": ("connguard_timeouts", "Checkouts whose wait ran out."),
+    "waits": ("connguard_waits", "Checkouts that had to wait."),
+    "rollbacks": ("connguard_rollbacks", "Returned sessions rolled back."),
+    "resets": ("connguard_resets", "Returned sessions reset (COM_RESET_CONNECTION)."),
+    "breaker_opens": ("connguard_breaker_opens",
+                      "Times the connect gate toward the server opened (shared per server)."),
+}
+#: distributions.<key> -> (metric name, help)
+HISTOGRAMS = {
+    "checkout_wait_s": ("connguard_checkout_wait_seconds", "How long checkouts waited."),
+    "connect_s": ("connguard_connect_seconds", "New connections, gate wait included."),
+    "hold_s": ("connguard_hold_seconds", "How long callers held a connection."),
+}
+LABELS = ["pool", "kind"]
+
+
+def _le(bound: Optional[float]) -> str:
+    return "+Inf" if bound is None else repr(float(bound))
+
+
+class ConnguardCollector(Collector):
+    """Reads ``source()`` (default ``connguard.stats()``) at every scrape."""
+
+    def __init__(self, source: Callable[[], Dict[str, Dict[str, Any]]] = metrics.stats
+                 ) -> None:
+        self._source = source
+
+    def describe(self) -> List[Any]:
+        return []  # collected fresh at each scrape: no fixed description
+
+    def collect(self) -> Iterator[Any]:
+        everything = self._source()
+        gauges = {k: GaugeMetricFamily(n, h, labels=LABELS) for k, (n, h) in GAUGES.items()}
+        counters = {k: CounterMetricFamily(n, h, labels=LABELS)
+                    for k, (n, h) in COUNTERS.items()}
+        closed = CounterMetricFamily("connguard_closed", "Pooled connections closed, by reason.",
+                                     labels=[*LABELS, "reason"])
+        failures = CounterMetricFamily("connguard_connect_failures",
+                                       "Failed connects, by connguard exception class.",
+                                       labels=[*LABELS, "error"])
+        histograms = {k: HistogramMetricFamily(n, h, labels=LABELS)
+                      for k, (n, h) in HISTOGRAMS.items()}
+        for stats in everything.values():
+            labels = [stats["name"], stats["kind"]]
+            for key, gauge in gauges.items():
+                value = stats["sizes"].get(key)
+                if value is not None:
+                    gauge.add_metric(labels, float(value))
+            for key, count in counters.items():
+                value = stats["counters"].get(key)
+                if value is not None:
+                    count.add_metric(labels, float(value))
+            for reason, value in stats["counters"]["closed"].items():
+                closed.add_metric([*labels, reason], float(value))
+            for error, value in stats["counters"]["connect_failures"].items():
+                failures.add_metric([*labels, error], float(value))
+            for key, histogram in histograms.items():
+                dist = stats["distributions"].get(key)
+                if dist is not None:
+                    histogram.add_metric(labels, [(_le(le), n) for le, n in dist["buckets"]],
+                                         sum_value=dist["sum"])
+        yield from gauges.values()
+        yield from counters.values()
+        yield closed
+        yield failures
+        yield from histograms.values()
+
+
+def register(registry: CollectorRegistry = REGISTRY) -> ConnguardCollector:
+    """Add the collector to ``registry`` (default: prometheus_client's) and return it."""
+    collector = ConnguardCollector()
+    registry.register(collector)
+    return collector
