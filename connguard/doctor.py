@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import resource
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -46,16 +47,54 @@ IO_TIMEOUT = 10  # seconds for any one read or write of the doctor's queries
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """One line of the report."""
+    """One line of the report.
+
+    ``value`` is what a person reads ("1,234 of 20,000"); ``amount`` and ``limit`` are the
+    same numbers for a program, in ``unit`` (``--json``; docs/doctor.md has the schema).
+    ``id`` (``section.name`` in snake case) is stable across releases.
+    """
 
     section: str  # "host", "sockets" or "server"
     name: str
-    value: Any  # JSON-serialisable
+    value: Any  # JSON-serialisable display value
     verdict: str
     note: str = ""
+    amount: Optional[float] = None
+    limit: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.amount is None and isinstance(self.value, (int, float)) \
+                and not isinstance(self.value, bool):
+            object.__setattr__(self, "amount", self.value)  # frozen: set once, here
+
+    @property
+    def id(self) -> str:
+        return f"{self.section}.{re.sub(r'[^a-z0-9]+', '_', self.name.lower()).strip('_')}"
+
+    @property
+    def unit(self) -> Optional[str]:
+        if self.amount is None and self.limit is None:
+            return None
+        return UNITS.get(self.id) or ("sockets" if self.section == "sockets" else "count")
 
     def as_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"id": self.id, **dataclasses.asdict(self), "unit": self.unit}
+
+
+#: The unit of each check's ``amount`` and ``limit`` (default: a count of things).
+UNITS = {
+    "host.open_files_soft_hard": "descriptors", "host.open_files_in_use": "descriptors",
+    "host.ephemeral_port_range": "ports", "host.system_file_table": "files",
+    "host.net_core_somaxconn": "connections", "sockets.ports_in_use_toward_server": "ports",
+    "host.net_ipv4_tcp_tw_reuse": "mode",
+    "server.wait_timeout": "seconds", "server.interactive_timeout": "seconds",
+    "server.connect_timeout": "seconds", "server.thread_pool_stall_limit": "milliseconds",
+    "server.thread_pool_idle_timeout": "seconds", "server.threads_connected": "connections",
+    "server.max_used_connections": "connections", "server.max_connections": "connections",
+    "server.max_user_connections": "connections", "server.back_log": "connections",
+    "server.threadpool_threads": "threads", "server.thread_pool_size": "groups",
+    "server.thread_pool_max_threads": "threads",
+}
 
 
 def worst(checks: Sequence[Check]) -> str:
@@ -159,8 +198,8 @@ def check_fd_soft_limit(soft: Optional[int], hard: Optional[int]) -> Check:
         return Check("host", "open files soft / hard", value, YELLOW,
                      f"the soft limit stops the process at {_n(soft)} descriptors; raise it "
                      "toward the hard limit (LimitNOFILE=, ulimit -n, "
-                     "connguard.limits.raise_fd_soft_limit())")
-    return Check("host", "open files soft / hard", value, GREEN)
+                     "connguard.limits.raise_fd_soft_limit())", amount=soft, limit=hard)
+    return Check("host", "open files soft / hard", value, GREEN, amount=soft, limit=hard)
 
 
 def _limit_text(value: Optional[int]) -> str:
@@ -176,11 +215,12 @@ def check_fd_headroom(in_use: Optional[int], soft: Optional[int],
     value = f"{in_use:,} of {soft:,}"
     if left < reserve:
         return Check("host", "open files in use", value, RED,
-                     f"only {_n(left)} left: new sockets fail with errno 24 (EMFILE)")
+                     f"only {_n(left)} left: new sockets fail with errno 24 (EMFILE)",
+                     amount=in_use, limit=soft)
     if left < soft * 0.2:
         return Check("host", "open files in use", value, YELLOW,
-                     f"{_n(left)} left under the soft limit")
-    return Check("host", "open files in use", value, GREEN)
+                     f"{_n(left)} left under the soft limit", amount=in_use, limit=soft)
+    return Check("host", "open files in use", value, GREEN, amount=in_use, limit=soft)
 
 
 def check_port_range(port_range: Optional[Tuple[int, int]]) -> Check:
@@ -194,8 +234,8 @@ def check_port_range(port_range: Optional[Tuple[int, int]]) -> Check:
             f"(each close holds a port {TIME_WAIT_SECONDS} s in TIME_WAIT)")
     if size < 10_000:
         return Check("host", "ephemeral port range", value, YELLOW,
-                     note + "; widen net.ipv4.ip_local_port_range")
-    return Check("host", "ephemeral port range", value, GREEN, note)
+                     note + "; widen net.ipv4.ip_local_port_range", amount=size)
+    return Check("host", "ephemeral port range", value, GREEN, note, amount=size)
 
 
 def check_tw_reuse(value: Optional[int]) -> Check:
@@ -213,7 +253,8 @@ def check_file_table(file_nr: Optional[Tuple[int, int]]) -> Check:
     allocated, maximum = file_nr
     verdict = _ratio_verdict(allocated, maximum, 0.7, 0.9)
     note = "" if verdict == GREEN else "raise fs.file-max; find the process holding most fds"
-    return Check("host", "system file table", f"{allocated:,} of {maximum:,}", verdict, note)
+    return Check("host", "system file table", f"{allocated:,} of {maximum:,}", verdict, note,
+                 amount=allocated, limit=maximum)
 
 
 def check_somaxconn(value: Optional[int]) -> Check:
@@ -236,11 +277,13 @@ def check_ports_toward(counts: Mapping[str, int], port_range: Optional[Tuple[int
     if size - used <= reserve:
         return Check("sockets", "ports in use toward server", value, RED,
                      f"{_n(size - used)} free toward {target}: new connections fail with "
-                     "errno 99 soon (the connguard guard refuses them now)")
+                     "errno 99 soon (the connguard guard refuses them now)",
+                     amount=used, limit=size)
     if used >= size / 2:
         return Check("sockets", "ports in use toward server", value, YELLOW,
-                     "half the range is taken: reuse connections")
-    return Check("sockets", "ports in use toward server", value, GREEN)
+                     "half the range is taken: reuse connections", amount=used, limit=size)
+    return Check("sockets", "ports in use toward server", value, GREEN, amount=used,
+                 limit=size)
 
 
 def check_time_wait(counts: Mapping[str, int], port_range: Optional[Tuple[int, int]],
@@ -291,7 +334,7 @@ def check_connections(threads_connected: Optional[int], max_connections: Optiona
         note = (f"{threads_connected / max_connections:.0%} of max_connections: new "
                 "connections will get 1040 Too many connections; " + note)
     return Check("server", "Threads_connected", f"{threads_connected:,} of {max_connections:,}",
-                 verdict, note)
+                 verdict, note, amount=threads_connected, limit=max_connections)
 
 
 def check_max_used(max_used: Optional[int], max_connections: Optional[int]) -> Check:
@@ -300,23 +343,32 @@ def check_max_used(max_used: Optional[int], max_connections: Optional[int]) -> C
     value = f"{max_used:,} of {max_connections:,}"
     if max_used >= max_connections:
         return Check("server", "Max_used_connections", value, YELLOW,
-                     "the server was full at some point since it started: cap client pools")
-    return Check("server", "Max_used_connections", value, GREEN, "peak since the server started")
+                     "the server was full at some point since it started: cap client pools",
+                     amount=max_used, limit=max_connections)
+    return Check("server", "Max_used_connections", value, GREEN, "peak since the server started",
+                 amount=max_used, limit=max_connections)
+
+
+def _seconds(seconds: Optional[int]) -> Optional[str]:
+    return None if seconds is None else f"{seconds:,} s"
 
 
 def check_wait_timeout(name: str, seconds: Optional[int]) -> Check:
     if seconds is not None and seconds < 60:
-        return Check("server", name, seconds, YELLOW,
+        return Check("server", name, _seconds(seconds), YELLOW,
                      "idle connections are killed within a minute: pools reconnect often "
-                     "(connguard retires them first)")
-    return Check("server", name, seconds, GREEN, "idle connections are closed after this")
+                     "(connguard retires them first)", amount=seconds)
+    return Check("server", name, _seconds(seconds), GREEN,
+                 "idle connections are closed after this", amount=seconds)
 
 
 def check_connect_timeout(seconds: Optional[int]) -> Check:
     if seconds is not None and seconds < 5:
-        return Check("server", "connect_timeout", seconds, YELLOW,
-                     "slow logins on a busy server are dropped (2013 during handshake)")
-    return Check("server", "connect_timeout", seconds, GREEN, "seconds a login may take")
+        return Check("server", "connect_timeout", _seconds(seconds), YELLOW,
+                     "slow logins on a busy server are dropped (2013 during handshake)",
+                     amount=seconds)
+    return Check("server", "connect_timeout", _seconds(seconds), GREEN,
+                 "seconds a login may take", amount=seconds)
 
 
 def check_max_connect_errors(value: Optional[int]) -> Check:
@@ -343,8 +395,10 @@ def check_aborted_connects(aborted: Optional[int], connections: Optional[int]) -
         return Check("server", "Aborted_connects", aborted, GREEN)
     if aborted >= 10 and aborted / connections >= 0.05:
         return Check("server", "Aborted_connects", f"{aborted:,} of {connections:,}", YELLOW,
-                     "many failed logins or handshakes: wrong passwords, timeouts, probes")
-    return Check("server", "Aborted_connects", f"{aborted:,} of {connections:,}", GREEN)
+                     "many failed logins or handshakes: wrong passwords, timeouts, probes",
+                     amount=aborted, limit=connections)
+    return Check("server", "Aborted_connects", f"{aborted:,} of {connections:,}", GREEN,
+                 amount=aborted, limit=connections)
 
 
 def check_connection_errors(status: Mapping[str, Any]) -> List[Check]:
@@ -383,7 +437,8 @@ def check_thread_pool(variables: Mapping[str, Any], status: Mapping[str, Any]) -
     if threads is not None and maximum:
         verdict = _ratio_verdict(threads, maximum, 0.75, 0.9)
         checks.append(Check("server", "Threadpool_threads", f"{threads:,} of {maximum:,}",
-                            verdict, "" if verdict == GREEN else "new logins will queue"))
+                            verdict, "" if verdict == GREEN else "new logins will queue",
+                            amount=threads, limit=maximum))
     return checks
 
 

@@ -26,7 +26,7 @@ TOP_KEYS = {"connguard_version", "worst", "target", "host", "server", "checks"}
 HOST_KEYS = {"process", "limits", "census", "max_connect_rate"}
 PROCESS_KEYS = {"pid", "fd_soft", "fd_hard", "fd_in_use"}
 SERVER_KEYS = {"reachable", "error", "version", "variables", "status"}
-CHECK_KEYS = {"section", "name", "value", "verdict", "note"}
+CHECK_KEYS = {"id", "section", "name", "value", "verdict", "note", "amount", "limit", "unit"}
 TARGET_KEYS = {"host", "port", "user", "database", "unix_socket"}
 SERVER_LINES = {"max_connections", "Threads_connected", "Max_used_connections", "wait_timeout",
                 "interactive_timeout", "connect_timeout", "max_connect_errors",
@@ -306,3 +306,28 @@ def test_console_script_exit_status_and_secrecy(mariadb_factory: Any, held: List
     assert full.returncode == cli.EXIT_RED, full.stdout + full.stderr
     for run in (calm, full):
         assert APP_PASSWORD not in run.stdout + run.stderr
+
+
+
+def test_json_checks_have_stable_ids_and_numbers_with_units(mariadb: MariaDB) -> None:
+    env = dict(os.environ, MYSQL_PWD=APP_PASSWORD)
+    out = subprocess.run([sys.executable, "-m", "connguard.cli", "doctor", "--json", "--dsn",
+                          dsn(mariadb)], capture_output=True, text=True, env=env, timeout=120)
+    document = json.loads(out.stdout)
+    checks = document["checks"]
+    ids = [c["id"] for c in checks]
+    assert len(ids) == len(set(ids)) and len(ids) > 15
+    for check in checks:
+        assert set(check) == CHECK_KEYS, check
+        assert re.fullmatch(r"(host|sockets|server)\.[a-z0-9_]+", check["id"]), check
+        value, amount, limit = check["value"], check["amount"], check["limit"]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert amount == value and check["unit"] is not None
+        if isinstance(value, str) and " of " in value and limit is not None:
+            assert value == f"{amount:,} of {limit:,}"  # the display shows the same numbers
+    by_id = {c["id"]: c for c in checks}
+    wait = by_id["server.wait_timeout"]
+    assert wait["unit"] == "seconds" and wait["value"] == f"{wait['amount']:,} s"
+    connected = by_id["server.threads_connected"]
+    assert connected["unit"] == "connections" and connected["limit"] >= connected["amount"] >= 1
+    assert by_id["host.open_files_in_use"]["unit"] == "descriptors"
