@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import threading
 import weakref
+from collections import Counter
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 #: Bucket upper bounds in seconds (Prometheus' ``le``), the last bucket is +Inf: from
@@ -49,6 +50,30 @@ class Histogram:
             cumulative += count
             buckets.append([bound, cumulative])
         return {"count": cumulative, "sum": round(self.total, 6), "buckets": buckets}
+
+
+class PoolMetrics:
+    """What a connguard.Pool counts and times, in one object: the pool's own attributes stay
+    few enough for CPython to keep its fast attribute access on the checkout path."""
+
+    __slots__ = ("name", "listeners", "lock", "failures", "retired_uses", "waited",
+                 "connect_time", "held", "held_counts", "held_sum")
+
+    def __init__(self, name: str, listeners: Any) -> None:
+        self.name = name
+        self.listeners = listeners
+        self.lock = threading.Lock()  # counters bumped with or without the pool's lock
+        self.failures: Counter = Counter()  # connect failures by exception class
+        self.retired_uses = 0  # checkouts of connections since closed
+        self.waited = Histogram()  # checkouts that did not get a connection at once
+        self.connect_time = Histogram()
+        self.held = Histogram()
+        self.held_counts = self.held.counts  # observed inline on the return path
+        self.held_sum = 0.0
+
+    def hold_snapshot(self) -> Dict[str, Any]:
+        self.held.total = self.held_sum
+        return self.held.snapshot()
 
 
 def empty_distribution() -> Dict[str, Any]:

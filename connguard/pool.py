@@ -11,6 +11,7 @@ Rules the code keeps (after httpcore and SQLAlchemy's pool):
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import logging
@@ -29,7 +30,7 @@ from connguard.connector import Connector
 from connguard.guard import ResourceGuard
 from connguard.hostgate import HostGate, check_option
 from connguard.liveness import Probe, peer_closed
-from connguard.metrics import Histogram
+from connguard.metrics import BOUNDS, PoolMetrics
 from connguard.policies import (
     KeepalivePolicy,
     LifetimePolicy,
@@ -41,6 +42,7 @@ from connguard.proxy import Lease, PooledConnection
 from connguard.storm import Ceiling, StormPolicy
 
 log = logging.getLogger("connguard.pool")
+_bucket = bisect.bisect_left
 
 Clock = Callable[[], float]
 
@@ -164,18 +166,10 @@ class Pool:
         self._top_up_running = False
         self._closed = False
         self._stats: Counter = Counter()
-        # Counters bumped where the pool's lock may or may not be held (closing, resets).
-        self._count_lock = threading.Lock()
-        self._failures: Counter = Counter()  # connect failures by exception class
-        self._retired_uses = 0  # checkouts of connections since closed
-        self._waited = Histogram()  # checkouts that did not get a connection at once
-        self._connect_time = Histogram()
-        self._held = Histogram()
-        self._listeners = events.Listeners()
         name = options.get("name")
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"name must be a non-empty string, got {name!r}")
-        self.name: str = name or self._describe_destination()
+        self._metrics = PoolMetrics(name or self._describe_destination(), events.Listeners())
         metrics.register(self)
         reaper.register(self)
 
@@ -214,16 +208,12 @@ class Pool:
     # -- checkout --------------------------------------------------------------------------
     def connect(self) -> PooledConnection:
         """A live connection from the pool; waits up to ``checkout_timeout`` for one."""
-        began = self._clock() if events.active else 0.0
         entry = self._checkout()
         handle = None
         try:
             handle = PooledConnection(entry.conn)
             handle._self_pool = self
             handle._self_entry = entry
-            if began:
-                events.dispatch(self._listeners, self.name, "checkout",
-                                waited=entry.checked_out_at - began)
             return handle
         except BaseException:  # interrupted before the caller could hold it
             if handle is not None:
@@ -243,6 +233,9 @@ class Pool:
                 entry = self._open_reserved(started + self._settings.checkout_timeout,
                                             may_wait=self._settings.checkout_timeout > 0)
                 if entry is not None:
+                    if events.active:
+                        events.dispatch(self._listeners, self.name, "checkout",
+                                        waited=self._clock() - started)
                     return entry
                 # Refused (server full, no lease): wait in line; the ceiling now holds
                 # growth back, and past the deadline the line answers with the timeout.
@@ -256,6 +249,9 @@ class Pool:
                         entry.checked_out_at = now
                     else:
                         self._mark_checked_out(entry, now)
+                    if events.active:
+                        events.dispatch(self._listeners, self.name, "checkout",
+                                        waited=now - started)
                     return entry
             except BaseException:
                 self._discard(entry, "broken")
@@ -297,7 +293,7 @@ class Pool:
                 if waiter.entry is not None or waiter.may_open:
                     if waiter.entry is not None:  # served a returned connection
                         timeout = self._settings.checkout_timeout
-                        self._waited.observe(self._clock() - (deadline - timeout))
+                        self._metrics.waited.observe(self._clock() - (deadline - timeout))
                     return waiter.entry
                 if self._closed:
                     raise errors.PoolClosed(repr(self))
@@ -406,9 +402,9 @@ class Pool:
                 counted = True
                 self._opening -= 1
                 self._stats["opened"] += 1
-                self._connect_time.observe(now - began)
+                self._metrics.connect_time.observe(now - began)
                 if deadline != float("inf"):  # the caller waited for this connect
-                    self._waited.observe(now - (deadline - self._settings.checkout_timeout))
+                    self._metrics.waited.observe(now - (deadline - self._settings.checkout_timeout))
                 closed = self._closed
                 ceiling = self._admission.ceiling.value
                 if not closed:
@@ -457,7 +453,7 @@ class Pool:
             if wait:
                 self._stats["lease_waits" if lease else "capacity_waits"] += 1
             if isinstance(exc, Exception) and not lease:
-                self._failures[type(exc).__name__] += 1
+                self._metrics.failures[type(exc).__name__] += 1
             ceiling = self._admission.ceiling.value
             self._serve_waiters()
         if news is not None:
@@ -513,11 +509,17 @@ class Pool:
             entry.broken, keep, interrupted = True, False, exc
         now = self._clock()
         rebalance = False
+        held = now - entry.checked_out_at
         with self._lock:
-            self._held.observe(now - entry.checked_out_at)
+            # Histogram.observe, inlined: the return path runs on every checkout.
+            self._metrics.held_counts[_bucket(BOUNDS, held)] += 1
+            self._metrics.held_sum += held
             keep = keep and not self._closed and now < entry.expires_at
-            overflow = (keep and not self._waiters and len(self._in_use) + len(self._idle)
-                        + self._opening > self._settings.max_size)
+            # Above max_size with nobody waiting: an overflow connection, closed. Only
+            # possible with max_overflow (0, the default, skips the count).
+            overflow = (keep and self._settings.max_overflow != 0 and not self._waiters
+                        and len(self._in_use) + len(self._idle) + self._opening
+                        > self._settings.max_size)
             keep = keep and not overflow  # above max_size with nobody waiting: closed
             if keep and self._budget is not None and self._budget.surplus:
                 # Another pool below its fair share waits for a lease: give this one back
@@ -573,7 +575,7 @@ class Pool:
         except Exception:  # noqa: BLE001 - an unknown session must not reach the next borrower
             log.exception("reset on return failed unexpectedly, discarding the connection")
             return False
-        with self._count_lock:
+        with self._metrics.lock:
             self._stats[_RESET_COUNTERS[action]] += 1
         if action in ("rollback", "reset") and (events.active):
             events.dispatch(self._listeners, self.name, "reset", kind=action)
@@ -587,10 +589,10 @@ class Pool:
         self._close_entry(entry, reason)
 
     def _close_entry(self, entry: Entry, reason: str) -> None:
-        with self._count_lock:
+        with self._metrics.lock:
             self._stats[reason] += 1
             self._stats["closed"] += 1
-            self._retired_uses += entry.uses
+            self._metrics.retired_uses += entry.uses
         if reason == "peer_closed" and (events.active):
             events.dispatch(self._listeners, self.name, "peer_closed")
         gate = self._connector.gate
@@ -693,7 +695,7 @@ class Pool:
         if self._budget is not None and self._budget.surplus:
             removed += self._surplus_idle(now)
         if reaped:
-            with self._count_lock:
+            with self._metrics.lock:
                 self._stats["reaped"] += reaped
         for index, (entry, reason) in enumerate(removed):
             self._close_entry(entry, reason)
@@ -842,13 +844,13 @@ class Pool:
 
     def _schema(self) -> Dict[str, Any]:
         """Under the lock: the part every pool kind shares (connguard.metrics, docs/metrics.md)."""
-        checkouts = self._retired_uses + sum(e.uses for e in self._idle) + sum(
+        checkouts = self._metrics.retired_uses + sum(e.uses for e in self._idle) + sum(
             e.uses for e in self._in_use)
-        waited = self._waited.snapshot()
+        waited = self._metrics.waited.snapshot()
         served_at_once = max(0, checkouts - waited["count"])  # counted, never observed
         waited["count"] += served_at_once
         waited["buckets"] = [[le, n + served_at_once] for le, n in waited["buckets"]]
-        with self._count_lock:
+        with self._metrics.lock:
             closed = {reason: self._stats.get(reason, 0) for reason in CLOSE_REASONS
                       if self._stats.get(reason, 0)}
             counters = {
@@ -857,7 +859,7 @@ class Pool:
                 "reaped": self._stats.get("reaped", 0),
                 "timeouts": self._stats.get("timeouts", 0),
                 "waits": self._stats.get("waits", 0),
-                "connect_failures": dict(self._failures),
+                "connect_failures": dict(self._metrics.failures),
                 "rollbacks": self._stats.get("rollbacks", 0),
                 "resets": self._stats.get("resets", 0), "breaker_opens": 0}
         return {"name": self.name, "kind": "pool",
@@ -866,8 +868,17 @@ class Pool:
                           "ceiling": self._admission.ceiling.value},
                 "counters": counters,
                 "distributions": {"checkout_wait_s": waited,
-                                  "connect_s": self._connect_time.snapshot(),
-                                  "hold_s": self._held.snapshot()}}
+                                  "connect_s": self._metrics.connect_time.snapshot(),
+                                  "hold_s": self._metrics.hold_snapshot()}}
+
+    @property
+    def name(self) -> str:
+        """The pool's name in stats, events and exports (``name=``; default user@host/db)."""
+        return self._metrics.name
+
+    @property
+    def _listeners(self) -> events.Listeners:
+        return self._metrics.listeners
 
     def _describe_destination(self) -> str:
         user = self._connect_kwargs.get("user") or ""
