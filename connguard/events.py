@@ -24,9 +24,16 @@ Events (``details``):
 ``reaped``
     An idle connection closed by the reaper: ``reason`` ("peer_closed", "idle_timeout",
     "expired").
+``ceiling_raised``
+    A connect succeeded past the ceiling: ``ceiling`` (None: no limit any more).
 ``breaker_open`` / ``breaker_half_open`` / ``breaker_closed``
-    The connect gate toward ``destination`` changed state (target None only): ``failures``,
-    and for ``breaker_open`` the ``cause`` (a one-line summary).
+    The connect gate toward a server changed state (target None only; the first argument
+    is then ``host:port``, the gate's, shared by the pools toward it): ``failures``, and for
+    ``breaker_open`` the ``cause`` (a one-line summary).
+
+Engines made with the SQLAlchemy plugin emit ``connect`` and ``connect_failed`` (SQLAlchemy
+has its own pool events for the rest: ``checkout``, ``checkin``, ``reset``,
+``invalidate``).
 ``ceiling_lowered`` / ``ceiling_raised``
     The pool holds at ``ceiling`` connections after the server refused one more (lowered),
     or grew past it (raised; ``ceiling`` None: no limit any more).
@@ -37,6 +44,7 @@ Events (``details``):
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -58,6 +66,13 @@ class Listeners:
         self._by_name: Dict[str, Tuple[Listener, ...]] = {}
         self._lock = threading.Lock()
 
+    def __del__(self) -> None:
+        # A pool collected with listeners still registered: they no longer count.
+        by_name = getattr(self, "_by_name", {})
+        names = tuple(name for name, fns in by_name.items() for _ in fns)
+        if names:
+            _counted(-len(names), names)
+
     def __bool__(self) -> bool:
         return bool(self._by_name)
 
@@ -65,17 +80,19 @@ class Listeners:
         _check(name, fn)
         with self._lock:
             self._by_name[name] = (*self._by_name.get(name, ()), fn)
-        _counted(1)
+        _counted(1, (name,))
 
     def remove(self, name: str, fn: Listener) -> None:
         with self._lock:
             before = self._by_name.get(name, ())
-            kept = tuple(f for f in before if f is not fn)
+            kept = tuple(f for f in before if f != fn)  # == : bound methods are made anew
             if kept:
                 self._by_name[name] = kept
             else:
                 self._by_name.pop(name, None)
-        _counted(len(kept) - len(before))
+        removed = len(before) - len(kept)
+        if removed:
+            _counted(-removed, (name,) * removed)
 
     def get(self, name: str) -> Tuple[Listener, ...]:
         return self._by_name.get(name, ())
@@ -83,16 +100,22 @@ class Listeners:
 
 #: Listeners for every pool of the process.
 everywhere = Listeners()
-#: How many listeners are registered anywhere: the one thing a pool's hot path reads.
+#: How many listeners are registered anywhere, and the event names that have one: all a
+#: pool's hot path reads (``if "checkin" in events.wanted``).
 active = 0
+wanted: frozenset = frozenset()
+_per_name: Dict[str, int] = {}
 _active_lock = threading.Lock()
+_reported: Set[Tuple[int, str]] = set()  # (listener, event) already logged
 
 
-def _counted(delta: int) -> None:
-    global active
+def _counted(delta: int, names: Tuple[str, ...] = ()) -> None:
+    global active, wanted
     with _active_lock:
         active += delta
-_reported: Set[Tuple[int, str]] = set()
+        for name in names:
+            _per_name[name] = _per_name.get(name, 0) + (1 if delta > 0 else -1)
+        wanted = frozenset(n for n, count in _per_name.items() if count > 0)
 
 
 def _check(name: str, fn: Any) -> None:
@@ -103,22 +126,52 @@ def _check(name: str, fn: Any) -> None:
         raise TypeError(f"a listener must be callable, got {fn!r}")
 
 
+def _of(target: Optional[Any]) -> Listeners:
+    """The listeners of a Pool, of an engine made with the plugin, or of everything."""
+    if target is None:
+        return everywhere
+    own = getattr(target, "_listeners", None)
+    if isinstance(own, Listeners):
+        return own
+    dialect = getattr(target, "dialect", None)
+    if dialect is not None:
+        from connguard import sqlalchemy_plugin
+        guard = sqlalchemy_plugin._guards.get(dialect)
+        if guard is not None:
+            return guard._listeners
+    raise TypeError(f"cannot listen to {target!r}: give a connguard.Pool, an engine made "
+                    "with the connguard plugin, or None (every pool)")
+
+
 def listen(target: Optional[Any], name: str, fn: Listener) -> None:
     """Call ``fn(pool_name, **details)`` on event ``name`` of ``target`` (None: all)."""
-    (everywhere if target is None else target._listeners).add(name, fn)
+    _of(target).add(name, fn)
 
 
 def remove(target: Optional[Any], name: str, fn: Listener) -> None:
-    (everywhere if target is None else target._listeners).remove(name, fn)
+    _of(target).remove(name, fn)
+
+
+def _after_fork_in_child() -> None:
+    global _active_lock
+    _active_lock = threading.Lock()
+    everywhere._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def dispatch(own: Optional[Listeners], pool_name: str, name: str, **details: Any) -> None:
-    """Call the listeners of ``name`` (the pool's own, then everyone's); never raises."""
+    """Call the listeners of ``name`` (the pool's own, then everyone's); an Exception from
+    one is logged, never raised (a BaseException, such as SystemExit, propagates)."""
     listeners: List[Listener] = []
     if own:
         listeners.extend(own.get(name))
     if everywhere:
         listeners.extend(everywhere.get(name))
+    if not listeners:
+        return
     for fn in listeners:
         try:
             fn(pool_name, **details)

@@ -17,6 +17,8 @@ value is a bisect and an increment, nothing is allocated per event.
 from __future__ import annotations
 
 import bisect
+import itertools
+import os
 import threading
 import weakref
 from collections import Counter
@@ -56,7 +58,7 @@ class PoolMetrics:
     """What a connguard.Pool counts and times, in one object: the pool's own attributes stay
     few enough for CPython to keep its fast attribute access on the checkout path."""
 
-    __slots__ = ("name", "listeners", "lock", "failures", "retired_uses", "waited",
+    __slots__ = ("name", "listeners", "lock", "failures", "checkouts", "waited",
                  "connect_time", "held", "held_counts", "held_sum")
 
     def __init__(self, name: str, listeners: Any) -> None:
@@ -64,12 +66,20 @@ class PoolMetrics:
         self.listeners = listeners
         self.lock = threading.Lock()  # counters bumped with or without the pool's lock
         self.failures: Counter = Counter()  # connect failures by exception class
-        self.retired_uses = 0  # checkouts of connections since closed
+        # Handed to callers: next() on it is one C call, atomic under the GIL, no lock.
+        self.checkouts = itertools.count()
         self.waited = Histogram()  # checkouts that did not get a connection at once
         self.connect_time = Histogram()
         self.held = Histogram()
         self.held_counts = self.held.counts  # observed inline on the return path
         self.held_sum = 0.0
+
+    def checkouts_so_far(self) -> int:
+        return int(self.checkouts.__reduce__()[1][0])
+
+    def after_fork(self) -> None:
+        self.lock = threading.Lock()
+        self.listeners._lock = threading.Lock()
 
     def hold_snapshot(self) -> Dict[str, Any]:
         self.held.total = self.held_sum
@@ -86,6 +96,15 @@ _pools: weakref.WeakSet[Any] = weakref.WeakSet()
 _pools_lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    global _pools_lock
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def register(pool: Any) -> None:
     """A connguard.Pool, for ``connguard.stats()`` with no argument."""
     with _pools_lock:
@@ -93,11 +112,27 @@ def register(pool: Any) -> None:
 
 
 def _engines() -> Iterable[Any]:
-    try:
-        from connguard import sqlalchemy_plugin
-    except ImportError:  # no SQLAlchemy: no engines
-        return ()
-    return sqlalchemy_plugin.guarded_engines()
+    import sys
+
+    plugin = sys.modules.get("connguard.sqlalchemy_plugin")  # loaded by any plugin engine
+    return () if plugin is None else plugin.guarded_engines()
+
+
+def _engine_stats(engine: Any) -> Dict[str, Any]:
+    from connguard import sqlalchemy_plugin
+    return sqlalchemy_plugin.stats(engine)
+
+
+def _unique(taken: Dict[str, Any], stats: Dict[str, Any]) -> str:
+    """The key of ``stats`` in stats(): its name, or ``name#2``, ``#3``... when pools share
+    a name (two pools toward one database): none is dropped. The key is also written back
+    as the entry's ``name``, so exporters never see two series with the same labels."""
+    name, n = stats["name"], 1
+    while name in taken:
+        n += 1
+        name = f"{stats['name']}#{n}"
+    stats["name"] = name
+    return name
 
 
 def stats(target: Optional[Any] = None) -> Dict[str, Any]:
@@ -106,11 +141,9 @@ def stats(target: Optional[Any] = None) -> Dict[str, Any]:
     if target is None:
         with _pools_lock:
             pools = [p for p in _pools if not p.closed]
-        result = {p.name: p.stats() for p in pools}
-        for engine in _engines():
-            from connguard import sqlalchemy_plugin
-            entry = sqlalchemy_plugin.stats(engine)
-            result[entry["name"]] = entry
+        result: Dict[str, Any] = {}
+        for each in [p.stats() for p in pools] + [_engine_stats(e) for e in _engines()]:
+            result[_unique(result, each)] = each
         return result
     from connguard.pool import Pool
 

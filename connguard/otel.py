@@ -2,14 +2,20 @@
 
 ``connguard.otel.instrument()`` (extra ``otel``: ``pip install 'connguard[otel]'``) registers
 observable instruments on a meter (from the global MeterProvider unless one is given); each
-collection reads ``connguard.stats()``. Names follow OpenTelemetry's conventions
-(``connguard.pool.<what>``, attributes ``pool.name`` and ``pool.kind``, plus ``reason`` and
-``error.type``). Distributions are exported as their count and sum (observable instruments
-cannot carry buckets); the Prometheus collector has the buckets.
+collection reads ``connguard.stats()`` once (one consistent snapshot for all instruments).
+
+Names follow OpenTelemetry's database client semantic conventions where they have one
+(``db.client.connection.count`` with ``db.client.connection.state`` idle/used,
+``db.client.connection.max``, ``db.client.connection.timeouts``; attribute
+``db.client.connection.pool.name``), and ``connguard.pool.*`` for the rest. Distributions
+are exported as their count and sum (observable instruments carry no buckets; the Prometheus
+collector has them).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from opentelemetry import metrics as otel_metrics
@@ -18,57 +24,106 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from connguard import metrics
 
 Source = Callable[[], Dict[str, Dict[str, Any]]]
+Callback = Callable[[CallbackOptions], Iterable[Observation]]
+POOL = "db.client.connection.pool.name"
+KIND = "connguard.pool.kind"
+#: A collection calls every callback within this many seconds: one stats() for all.
+SNAPSHOT_TTL = 0.5
+
+#: connguard counter -> (instrument name, unit)
+COUNTERS = {
+    "checkouts": ("connguard.pool.checkouts", "{checkout}"),
+    "opened": ("connguard.pool.opened", "{connection}"),
+    "closed": ("connguard.pool.closed", "{connection}"),
+    "peer_closed": ("connguard.pool.peer_closed", "{connection}"),
+    "reaped": ("connguard.pool.reaped", "{connection}"),
+    "timeouts": ("db.client.connection.timeouts", "{timeout}"),
+    "waits": ("connguard.pool.waits", "{checkout}"),
+    "connect_failures": ("connguard.pool.connect_failures", "{connect}"),
+    "rollbacks": ("connguard.pool.rollbacks", "{return}"),
+    "resets": ("connguard.pool.resets", "{return}"),
+    "breaker_opens": ("connguard.pool.breaker_opens", "{open}"),
+}
+DISTRIBUTIONS = {"checkout_wait_s": "connguard.pool.wait_time",
+                 "connect_s": "connguard.pool.create_time",
+                 "hold_s": "connguard.pool.use_time"}
+
+
+class _Snapshot:
+    """``source()`` taken once per collection (within SNAPSHOT_TTL)."""
+
+    def __init__(self, source: Source) -> None:
+        self._source = source
+        self._lock = threading.Lock()
+        self._taken = -SNAPSHOT_TTL
+        self._data: Dict[str, Dict[str, Any]] = {}
+
+    def __call__(self) -> Iterable[Dict[str, Any]]:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._taken >= SNAPSHOT_TTL:
+                self._data, self._taken = self._source(), now
+            return list(self._data.values())
 
 
 def _attributes(stats: Dict[str, Any], **extra: str) -> Dict[str, str]:
-    return {"pool.name": stats["name"], "pool.kind": stats["kind"], **extra}
+    return {POOL: stats["name"], KIND: stats["kind"], **extra}
 
 
 def instrument(meter_provider: Optional[Any] = None, source: Source = metrics.stats) -> List[Any]:
     """Register the instruments; returns them (keep a reference as long as they should
     report)."""
     meter = (meter_provider or otel_metrics.get_meter_provider()).get_meter("connguard")
+    snapshot = _Snapshot(source)
 
-    def sizes(key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def count(options: CallbackOptions) -> Iterable[Observation]:
+        for stats in snapshot():
+            for state, key in (("idle", "idle"), ("used", "in_use")):
+                value = stats["sizes"].get(key)
+                if value is not None:
+                    yield Observation(value, _attributes(
+                        stats, **{"db.client.connection.state": state}))
+
+    def size(key: str) -> Callback:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            for stats in source().values():
+            for stats in snapshot():
                 value = stats["sizes"].get(key)
                 if value is not None:
                     yield Observation(value, _attributes(stats))
         return callback
 
-    def counter(key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def counter(key: str) -> Callback:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            for stats in source().values():
+            for stats in snapshot():
                 value = stats["counters"].get(key)
                 if isinstance(value, dict):
                     label = "reason" if key == "closed" else "error.type"
-                    for name, count in value.items():
-                        yield Observation(count, _attributes(stats, **{label: name}))
+                    for name, n in value.items():
+                        yield Observation(n, _attributes(stats, **{label: name}))
                 elif value is not None:
                     yield Observation(value, _attributes(stats))
         return callback
 
-    def distribution(key: str, part: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def distribution(key: str, part: str) -> Callback:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            for stats in source().values():
+            for stats in snapshot():
                 dist = stats["distributions"].get(key)
                 if dist is not None:
                     yield Observation(dist[part], _attributes(stats))
         return callback
 
     made = [meter.create_observable_up_down_counter(
-        f"connguard.pool.{key}", callbacks=[sizes(key)], unit="{connection}")
-        for key in ("idle", "in_use", "opening", "max", "ceiling")]
-    made += [meter.create_observable_counter(
-        f"connguard.pool.{key}", callbacks=[counter(key)])
-        for key in ("checkouts", "opened", "closed", "peer_closed", "reaped", "timeouts",
-                    "waits", "connect_failures", "rollbacks", "resets", "breaker_opens")]
-    for key, name in (("checkout_wait_s", "checkout_wait"), ("connect_s", "connect"),
-                      ("hold_s", "hold")):
+        "db.client.connection.count", callbacks=[count], unit="{connection}")]
+    made += [meter.create_observable_up_down_counter(name, callbacks=[size(key)],
+                                                     unit="{connection}")
+             for key, name in (("max", "db.client.connection.max"),
+                               ("opening", "connguard.pool.opening"),
+                               ("ceiling", "connguard.pool.ceiling"))]
+    made += [meter.create_observable_counter(name, callbacks=[counter(key)], unit=unit)
+             for key, (name, unit) in COUNTERS.items()]
+    for key, name in DISTRIBUTIONS.items():
         made.append(meter.create_observable_counter(
-            f"connguard.pool.{name}.duration.count", callbacks=[distribution(key, "count")]))
+            f"{name}.count", callbacks=[distribution(key, "count")], unit="{event}"))
         made.append(meter.create_observable_counter(
-            f"connguard.pool.{name}.duration.sum", callbacks=[distribution(key, "sum")],
-            unit="s"))
+            f"{name}.sum", callbacks=[distribution(key, "sum")], unit="s"))
     return made

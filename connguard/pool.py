@@ -49,7 +49,7 @@ Clock = Callable[[], float]
 #: What driver.restore_session did -> the stats() counter it counts in.
 #: Why a pooled connection was closed (the ``closed`` counter's keys).
 CLOSE_REASONS = ("peer_closed", "expired", "idle_timeout", "broken", "discarded", "overflow",
-                 "rebalanced", "pool_closed", "lost")
+                 "rebalanced", "pool_closed", "reconnected")
 
 _RESET_COUNTERS = {"rollback": "rollbacks", "reset": "resets", "restored": "restored",
                    "discard": "discarded"}
@@ -209,6 +209,7 @@ class Pool:
     def connect(self) -> PooledConnection:
         """A live connection from the pool; waits up to ``checkout_timeout`` for one."""
         entry = self._checkout()
+        next(self._metrics.checkouts)
         handle = None
         try:
             handle = PooledConnection(entry.conn)
@@ -231,11 +232,11 @@ class Pool:
             if entry is None:
                 # With no time to wait (drop-in pools), the server's refusal itself.
                 entry = self._open_reserved(started + self._settings.checkout_timeout,
-                                            may_wait=self._settings.checkout_timeout > 0)
+                                            may_wait=self._settings.checkout_timeout > 0,
+                                            started=started)
                 if entry is not None:
-                    if events.active:
-                        events.dispatch(self._listeners, self.name, "checkout",
-                                        waited=self._clock() - started)
+                    if "checkout" in events.wanted:
+                        self._announce(entry, "checkout", waited=self._clock() - started)
                     return entry
                 # Refused (server full, no lease): wait in line; the ceiling now holds
                 # growth back, and past the deadline the line answers with the timeout.
@@ -249,9 +250,8 @@ class Pool:
                         entry.checked_out_at = now
                     else:
                         self._mark_checked_out(entry, now)
-                    if events.active:
-                        events.dispatch(self._listeners, self.name, "checkout",
-                                        waited=now - started)
+                    if "checkout" in events.wanted:
+                        self._announce(entry, "checkout", waited=now - started)
                     return entry
             except BaseException:
                 self._discard(entry, "broken")
@@ -277,9 +277,9 @@ class Pool:
                 if self._may_open(self._clock()):
                     self._opening += 1
                     return None
-            return self._wait_in_line(started + self._settings.checkout_timeout)
+            return self._wait_in_line(started + self._settings.checkout_timeout, started)
 
-    def _wait_in_line(self, deadline: float) -> Optional[Entry]:
+    def _wait_in_line(self, deadline: float, started: float) -> Optional[Entry]:
         """Under the lock: queue up and wait to be served an entry or a slot, or time out.
 
         Whatever happens (timeout, close, KeyboardInterrupt while waiting), an entry or slot
@@ -292,8 +292,7 @@ class Pool:
                 self._serve_waiters()
                 if waiter.entry is not None or waiter.may_open:
                     if waiter.entry is not None:  # served a returned connection
-                        timeout = self._settings.checkout_timeout
-                        self._metrics.waited.observe(self._clock() - (deadline - timeout))
+                        self._metrics.waited.observe(self._clock() - started)
                     return waiter.entry
                 if self._closed:
                     raise errors.PoolClosed(repr(self))
@@ -378,13 +377,14 @@ class Pool:
             entry.checkout_stack = "".join(traceback.format_stack(limit=12)[:-3])
             entry.leak_reported = False
 
-    def _open_reserved(self, deadline: float = float("inf"),
-                       may_wait: bool = False) -> Optional[Entry]:
+    def _open_reserved(self, deadline: float = float("inf"), may_wait: bool = False,
+                       started: Optional[float] = None) -> Optional[Entry]:
         """Open a connection in the slot reserved under the lock; the slot is freed on error.
 
         With a global budget the lease comes first (outside the lock, like the connect).
         ``may_wait``: return None instead of raising when the refusal means "wait" (the
-        server is full, no lease: see Admission.refused)."""
+        server is full, no lease: see Admission.refused). ``started``: when the caller's
+        checkout began (its wait is timed); None for the pool's own top-ups."""
         budget = self._budget
         leased = counted = False
         conn = None
@@ -403,8 +403,8 @@ class Pool:
                 self._opening -= 1
                 self._stats["opened"] += 1
                 self._metrics.connect_time.observe(now - began)
-                if deadline != float("inf"):  # the caller waited for this connect
-                    self._metrics.waited.observe(now - (deadline - self._settings.checkout_timeout))
+                if started is not None:  # a caller waited for this connect
+                    self._metrics.waited.observe(now - started)
                 closed = self._closed
                 ceiling = self._admission.ceiling.value
                 if not closed:
@@ -435,11 +435,19 @@ class Pool:
             self._release(entry)
             raise
         if events.active:
-            events.dispatch(self._listeners, self.name, "connect", seconds=now - began)
+            self._announce(entry, "connect", seconds=now - began)
             if raised:
-                events.dispatch(self._listeners, self.name, "ceiling_raised",
-                                ceiling=self._admission.ceiling.value)
+                self._announce(entry, "ceiling_raised", ceiling=self._admission.ceiling.value)
         return entry
+
+    def _announce(self, entry: Entry, name: str, **details: Any) -> None:
+        """An event about ``entry``, checked out to the caller: a listener's BaseException
+        (a timeout of gevent's, SystemExit) gives the entry back before it propagates."""
+        try:
+            events.dispatch(self._listeners, self.name, name, **details)
+        except BaseException:
+            self._release(entry, borrowed=False)
+            raise
 
     def _connect_failed(self, exc: BaseException) -> bool:
         """Free the slot of a failed connect and learn from the answer (Admission.refused);
@@ -495,8 +503,10 @@ class Pool:
         self._lifetime = self._lifetime.for_server(self._wait_timeout)
 
     # -- return ----------------------------------------------------------------------------
-    def _release(self, entry: Entry) -> None:
+    def _release(self, entry: Entry, borrowed: bool = True) -> None:
         """Take a connection back: reset it outside the lock, then park or discard it.
+        ``borrowed=False``: the pool's own use (a top-up, a server query), not a caller's:
+        no hold time, no checkin event.
 
         Accounting stays exact whatever happens in the reset: an interrupt there (Ctrl-C,
         SystemExit, an async exception) discards the connection and is then re-raised."""
@@ -511,9 +521,9 @@ class Pool:
         rebalance = False
         held = now - entry.checked_out_at
         with self._lock:
-            # Histogram.observe, inlined: the return path runs on every checkout.
-            self._metrics.held_counts[_bucket(BOUNDS, held)] += 1
-            self._metrics.held_sum += held
+            if borrowed:  # Histogram.observe, inlined: the return path runs on every checkout
+                self._metrics.held_counts[_bucket(BOUNDS, held)] += 1
+                self._metrics.held_sum += held
             keep = keep and not self._closed and now < entry.expires_at
             # Above max_size with nobody waiting: an overflow connection, closed. Only
             # possible with max_overflow (0, the default, skips the count).
@@ -543,14 +553,13 @@ class Pool:
                 self._in_use.discard(entry)
                 self._serve_waiters()
             closed = self._closed
-        if events.active:
-            events.dispatch(self._listeners, self.name, "checkin",
-                            held=now - entry.checked_out_at)
         if not keep:
             self._close_entry(entry, "rebalanced" if rebalance else "overflow" if overflow else
                               "broken" if entry.broken else "discarded")
             if closed and self._budget is not None:
                 self._budget.close()  # send the release now: the reaper no longer runs
+        if borrowed and "checkin" in events.wanted:  # last: accounting done, whatever it raises
+            events.dispatch(self._listeners, self.name, "checkin", held=held)
         if interrupted is not None:
             try:
                 raise interrupted
@@ -577,7 +586,7 @@ class Pool:
             return False
         with self._metrics.lock:
             self._stats[_RESET_COUNTERS[action]] += 1
-        if action in ("rollback", "reset") and (events.active):
+        if action in ("rollback", "reset") and events.active:
             events.dispatch(self._listeners, self.name, "reset", kind=action)
         return action != "discard"
 
@@ -592,8 +601,7 @@ class Pool:
         with self._metrics.lock:
             self._stats[reason] += 1
             self._stats["closed"] += 1
-            self._metrics.retired_uses += entry.uses
-        if reason == "peer_closed" and (events.active):
+        if reason == "peer_closed" and events.active:
             events.dispatch(self._listeners, self.name, "peer_closed")
         gate = self._connector.gate
         if gate is not None and reason in ("peer_closed", "broken"):
@@ -615,14 +623,19 @@ class Pool:
             entry.lease = None
         driver.drop(entry.conn)
         entry.broken = True  # until the new connection is in place
-        self._stats["closed"] += 1
-        conn = self._connector.open(self._clock() + self._settings.checkout_timeout)
+        with self._metrics.lock:
+            self._stats["closed"] += 1
+            self._stats["reconnected"] += 1
+        began = self._clock()
+        conn = self._connector.open(began + self._settings.checkout_timeout)
         now = self._clock()
         conn._cg_on_error = functools.partial(self.statement_failed, entry)
         entry.conn, entry.broken, entry.probe = conn, False, Probe()
         entry.opened_at, entry.expires_at = now, self._lifetime.expiry(now)
         entry.autocommit = driver.autocommit(conn)
-        self._stats["opened"] += 1
+        with self._lock:
+            self._stats["opened"] += 1
+            self._metrics.connect_time.observe(now - began)
         return conn
 
     def _lost_handle(self, entry: Entry) -> None:
@@ -668,7 +681,7 @@ class Pool:
         facts = {**self._server_limits, **driver.server_capacity(entry.conn, timeout=1.0)}
         if not facts:
             entry.broken = True
-        self._release(entry)
+        self._release(entry, borrowed=False)
         return facts
 
     # -- housekeeping (called by the reaper thread) ----------------------------------------
@@ -699,7 +712,7 @@ class Pool:
                 self._stats["reaped"] += reaped
         for index, (entry, reason) in enumerate(removed):
             self._close_entry(entry, reason)
-            if index < reaped and (events.active):
+            if index < reaped and events.active:
                 events.dispatch(self._listeners, self.name, "reaped", reason=reason)
         self._report_leaks(now)
         self._top_up()
@@ -764,12 +777,13 @@ class Pool:
         finally:
             self._top_up_running = False
         assert entry is not None  # may_wait=False: a refusal raises
-        self._release(entry)
+        self._release(entry, borrowed=False)
 
     # -- fork safety -----------------------------------------------------------------------
     def _after_fork_in_child(self) -> None:
         """The child must never talk on the parent's sockets: drop them without a word."""
         self._lock = threading.Lock()
+        self._metrics.after_fork()
         inherited = list(self._idle) + list(self._in_use) + list(self._lost)
         self._idle.clear()
         self._in_use.clear()
@@ -844,8 +858,7 @@ class Pool:
 
     def _schema(self) -> Dict[str, Any]:
         """Under the lock: the part every pool kind shares (connguard.metrics, docs/metrics.md)."""
-        checkouts = self._metrics.retired_uses + sum(e.uses for e in self._idle) + sum(
-            e.uses for e in self._in_use)
+        checkouts = self._metrics.checkouts_so_far()
         waited = self._metrics.waited.snapshot()
         served_at_once = max(0, checkouts - waited["count"])  # counted, never observed
         waited["count"] += served_at_once

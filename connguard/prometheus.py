@@ -104,8 +104,14 @@ class ConnguardCollector(Collector):
         yield from histograms.values()
 
 
+_registered: Dict[int, ConnguardCollector] = {}
+
+
 def register(registry: CollectorRegistry = REGISTRY) -> ConnguardCollector:
-    """Add the collector to ``registry`` (default: prometheus_client's) and return it."""
-    collector = ConnguardCollector()
-    registry.register(collector)
+    """Add the collector to ``registry`` (default: prometheus_client's) and return it; a
+    second call for the same registry returns the first collector (every series once)."""
+    collector = _registered.get(id(registry))
+    if collector is None:
+        collector = _registered[id(registry)] = ConnguardCollector()
+        registry.register(collector)
     return collector

@@ -990,9 +990,12 @@ class EngineGuard:
         with self._lock:
             failures = dict(self._failures)
             connect_s = self._connect_time.snapshot()
-        closed = {reason: counts.get(key, 0) for reason, key in (
-            ("peer_closed", "reaped"), ("idle_timeout", "idle_evicted"),
-            ("invalidated", "invalidated")) if counts.get(key, 0)}
+        # Every invalidation counts in "invalidated", the reaper's too: those are
+        # peer_closed here, not twice.
+        closed = {reason: n for reason, n in (
+            ("peer_closed", counts.get("reaped", 0)),
+            ("idle_timeout", counts.get("idle_evicted", 0)),
+            ("invalidated", counts.get("invalidated", 0) - counts.get("reaped", 0))) if n > 0}
         size = (pool.size() + pool._max_overflow if queue and pool._max_overflow >= 0
                 else None)
         return {"name": self.name, "kind": "engine",
@@ -1004,8 +1007,9 @@ class EngineGuard:
                              "opened": counts.get("connects", 0), "closed": closed,
                              "peer_closed": counts.get("peer_closed", 0),
                              "reaped": counts.get("reaped", 0),
-                             "timeouts": flat.get("timeouts", 0),
-                             "waits": flat.get("waits", 0), "connect_failures": failures,
+                             "timeouts": flat.get("timeouts") if guarded else None,
+                             "waits": flat.get("waits") if guarded else None,
+                             "connect_failures": failures,
                              "rollbacks": None, "resets": None,
                              "breaker_opens": flat.get("breaker_opens", 0)},
                 "distributions": {

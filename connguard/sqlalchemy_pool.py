@@ -213,17 +213,17 @@ class GuardedQueuePool(QueuePool):
 
     def _take_or_reserve_locked(self, deadline: float) -> Any:
         counted = False
+        began = 0.0  # when this caller started to wait (timed from here: no timeout math)
         while True:
             record = self._idle_record()
             if record is not None:
                 if counted:  # waited for it
-                    timeout = self._timeout
-                    self._waited.observe(self._clock() - deadline + (timeout or 0.0))
+                    self._waited.observe(self._clock() - began)
                 return record
             now = self._clock()
             if self._may_open(now):
                 if counted:  # waited for a connect slot
-                    self._waited.observe(now - deadline + (self._timeout or 0.0))
+                    self._waited.observe(now - began)
                 reserved = self._inc_overflow()
                 assert reserved, "overflow is only raised under the pool's lock"
                 self._opening += 1
@@ -236,7 +236,7 @@ class GuardedQueuePool(QueuePool):
                 remaining = storm.MAX_PAUSE  # a finished handshake wakes us earlier
             if not counted:
                 self._counts["waits"] += 1
-                counted = True
+                counted, began = True, now
             self._cond.wait(self._admission.pause(remaining, now))
 
     def _open_reserved(self, deadline: float) -> Any:

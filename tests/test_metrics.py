@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections import Counter
 from typing import Any, Dict, List
@@ -238,9 +239,107 @@ def test_opentelemetry_metrics_read_the_same_numbers(mariadb: MariaDB) -> None:
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
                 for point in metric.data.data_points:
-                    if point.attributes.get("pool.name") == "exported":
-                        points[metric.name] = point.value
+                    if point.attributes.get("db.client.connection.pool.name") == "exported":
+                        state = point.attributes.get("db.client.connection.state")
+                        points[metric.name + (f"/{state}" if state else "")] = point.value
     assert points["connguard.pool.checkouts"] == 4
     assert points["connguard.pool.opened"] == 1
-    assert points["connguard.pool.checkout_wait.duration.count"] == 4
-    assert points["connguard.pool.max"] == 2
+    assert points["connguard.pool.wait_time.count"] == 4
+    assert points["db.client.connection.max"] == 2
+    assert points["db.client.connection.count/idle"] == 1
+    assert points["db.client.connection.count/used"] == 0
+
+
+def test_checkouts_never_go_down_and_top_ups_are_not_checkouts(mariadb: MariaDB) -> None:
+    seen: List[int] = []
+    pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=3, min_idle=2)
+    events.listen(pool, "checkin",
+                  lambda name, held: seen.append(pool.stats()["counters"]["checkouts"]))
+    try:
+        wait_until(lambda: pool.stats()["idle"] >= 2, 30, message="min_idle top-ups")
+        assert pool.stats()["counters"]["checkouts"] == 0  # the pool's own, not callers'
+        assert pool.stats()["distributions"]["hold_s"]["count"] == 0
+        for i in range(6):
+            with pool.connect() as conn:
+                _select_one(conn)
+            if i == 2:  # connections that served checkouts die and are discarded
+                mariadb.kill_app_connections()
+        stats = pool.stats()
+    finally:
+        pool.close()
+    assert seen == sorted(seen) and seen[-1] == 6, seen
+    assert stats["counters"]["checkouts"] == 6
+    assert stats["distributions"]["hold_s"]["count"] == 6
+
+
+def test_pools_that_share_a_name_are_all_listed(mariadb: MariaDB) -> None:
+    first = connguard.Pool(**mariadb.connect_kwargs(), max_size=1)
+    second = connguard.Pool(**mariadb.connect_kwargs(), max_size=1)
+    try:
+        names = [n for n in connguard.stats() if n.startswith("app@")]
+    finally:
+        first.close()
+        second.close()
+    base = f"app@127.0.0.1:{mariadb.port}/app"
+    assert base in names and f"{base}#2" in names
+
+
+def test_a_wait_without_a_timeout_is_timed(mariadb: MariaDB) -> None:
+    pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=1,
+                          checkout_timeout=float("inf"))
+    try:
+        held = pool.connect()
+        waiter = threading.Thread(target=lambda: pool.connect().close())
+        waiter.start()
+        wait_until(lambda: pool.stats()["waiting"] == 1, 30, message="a waiter")
+        held.close()
+        waiter.join(30)
+        waited = pool.stats()["distributions"]["checkout_wait_s"]
+    finally:
+        pool.close()
+    assert waited["count"] == 2 and 0 <= waited["sum"] < 30  # not nan, not inf
+
+
+def test_removing_a_bound_method_listener_counts_it_off() -> None:
+    class Watcher:
+        def on_connect(self, pool: str, seconds: float) -> None:
+            pass
+
+    watcher = Watcher()
+    before = events.active
+    events.listen(None, "connect", watcher.on_connect)
+    assert events.active == before + 1 and "connect" in events.wanted
+    events.remove(None, "connect", watcher.on_connect)  # a new bound method object: ==
+    assert events.active == before and "connect" not in events.wanted
+
+
+def test_a_listener_raising_systemexit_leaves_no_connection_behind(mariadb: MariaDB) -> None:
+    def leave(pool: str, waited: float) -> None:
+        raise SystemExit(3)
+
+    pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=1)
+    try:
+        pool.connect().close()
+        events.listen(pool, "checkout", leave)
+        with pytest.raises(SystemExit):
+            pool.connect()
+        events.remove(pool, "checkout", leave)
+        assert pool.stats()["in_use"] == 0
+        with pool.connect() as conn:  # the one connection came back: usable at once
+            _select_one(conn)
+    finally:
+        pool.close()
+
+
+def test_registering_the_collector_twice_exports_every_series_once(mariadb: MariaDB) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from connguard.prometheus import register
+
+    registry = prometheus_client.CollectorRegistry()
+    assert register(registry) is register(registry)
+    pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=1, name="twice")
+    try:
+        text = prometheus_client.generate_latest(registry).decode()
+    finally:
+        pool.close()
+    assert text.count('connguard_max{kind="pool",pool="twice"}') == 1
