@@ -25,11 +25,17 @@ Handler = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="connguard", description="Client-side guard for MySQL/MariaDB connections.")
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     add_doctor(commands)
     add_bench(commands)
     return parser
+
+
+def _version() -> str:
+    from connguard import __version__
+    return f"connguard {__version__}"
 
 
 def add_doctor(commands: Any) -> None:
@@ -87,6 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run_doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.pid is not None and not _process_exists(args.pid):
+        parser.error(f"--pid {args.pid}: no such process")
     target = _target(args, parser)
     report = doctor.diagnose(target, pid=args.pid)
     out = sys.stdout
@@ -96,6 +104,20 @@ def run_doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     else:
         write_report(report, out)
     return EXIT_RED if report.worst == RED else EXIT_OK
+
+
+def _has_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # someone else's process (or a number no process can have)
+    return pid > 0
 
 
 def _target(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optional[Target]:
@@ -108,13 +130,21 @@ def _target(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Option
         parser.error(f"--dsn: {exc}")
     if args.socket:
         target = dataclasses.replace(target, unix_socket=args.socket)
-    return dataclasses.replace(target, password=_password(args, target))
+    return dataclasses.replace(target, password=_password(args, target, parser))
 
 
-def _password(args: argparse.Namespace, target: Target) -> Optional[str]:
+def _password(args: argparse.Namespace, target: Target,
+              parser: argparse.ArgumentParser) -> Optional[str]:
     """--password-prompt, else the DSN's, else MYSQL_PWD (as the mysql client reads it)."""
     if args.password_prompt:
-        return getpass.getpass(f"Password for {target.describe()}: ")
+        if not _has_terminal():
+            parser.error("--password-prompt needs a terminal; give the password through "
+                         "MYSQL_PWD instead")
+        try:
+            return getpass.getpass(f"Password for {target.describe()}: ")
+        except (EOFError, KeyboardInterrupt):
+            sys.stderr.write("\n")
+            parser.error("no password entered")
     if target.password is not None:
         return target.password
     return os.environ.get("MYSQL_PWD")

@@ -145,6 +145,10 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: Query parameters a DSN may carry.
+DSN_PARAMETERS = ("unix_socket",)
+
+
 def parse_dsn(dsn: str) -> Target:
     """``mysql://user[:password]@host[:port][/database][?unix_socket=PATH]`` as a Target.
 
@@ -155,12 +159,25 @@ def parse_dsn(dsn: str) -> Target:
         raise ValueError(f"DSN scheme must be one of {', '.join(DSN_SCHEMES)}: "
                          f"mysql://user@host:port/db")
     try:
-        port = parts.port or 3306
+        port = parts.port
     except ValueError:
         raise ValueError("DSN port must be a number in 1..65535") from None
-    query = parse_qs(parts.query)
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError("DSN port must be a number in 1..65535")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - set(DSN_PARAMETERS))
+    if unknown:
+        raise ValueError(f"unknown DSN parameter{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(unknown)}; allowed: {', '.join(DSN_PARAMETERS)}")
     socket_path = query.get("unix_socket", [None])[0]
-    return Target(host=unquote(parts.hostname or "localhost"), port=port,
+    if not parts.hostname and not socket_path:
+        raise ValueError("DSN names no server: mysql://user@host:port/db, or "
+                         "mysql://user@/db?unix_socket=PATH")
+    host = unquote(parts.hostname or "localhost")
+    if any(len(label) > 63 for label in host.split(".")) or len(host) > 253:
+        raise ValueError("DSN host name is not valid: a name has labels of at most 63 "
+                         "characters, 253 in all")
+    return Target(host=host, port=port or 3306,
                   user=unquote(parts.username) if parts.username else None,
                   database=unquote(parts.path.lstrip("/")) or None,
                   unix_socket=socket_path,
@@ -599,13 +616,23 @@ def _server(target: Target, connect: Connect) -> Tuple[Dict[str, Any], List[Chec
     try:
         server = read_server(target, connect)
     except (pymysql.err.Error, OSError) as exc:
-        translated = errors.translate(exc, host=target.host, port=target.port,
+        # A unix socket is the address: named in the message, not host:port.
+        host, port = ((target.unix_socket, None) if target.unix_socket
+                      else (target.host, target.port))
+        translated = errors.translate(exc, host=host, port=port,
                                       password=target.password, during_connect=True)
         text = getattr(translated, "cause", "") or str(translated).split("\n", 1)[0]
         text = errors.redact(text, target.password)
-        check = Check("server", "reachable", False, RED, text)
-        return {"reachable": False, "error": text, "version": None, "variables": {},
-                "status": {}}, [check]
+        # The server answered, but refused this login (wrong password, blocked host,
+        # too many connections): it is reachable; the login is what failed.
+        answered = isinstance(translated, pymysql.err.OperationalError) and bool(
+            translated.args) and isinstance(translated.args[0], int) and \
+            1000 <= translated.args[0] < 2000
+        checks = ([Check("server", "reachable", True, GREEN, "the server answered"),
+                   Check("server", "login", False, RED, text)] if answered else
+                  [Check("server", "reachable", False, RED, text)])
+        return {"reachable": answered, "error": text, "version": None, "variables": {},
+                "status": {}}, checks
     checks = [Check("server", "reachable", True, GREEN, server["version"] or "")]
     return server, checks + server_checks(server["variables"], server["status"])
 

@@ -244,6 +244,7 @@ def test_password_prompt(mariadb: MariaDB, capsys: pytest.CaptureFixture[str],
         return APP_PASSWORD
 
     monkeypatch.setattr(cli.getpass, "getpass", fake_getpass)
+    monkeypatch.setattr(cli, "_has_terminal", lambda: True)
     monkeypatch.delenv("MYSQL_PWD", raising=False)
     _, out, err = run_doctor(capsys, "--dsn", dsn(mariadb), "--password-prompt", "--json")
     assert len(asked) == 1 and APP_PASSWORD not in asked[0]
@@ -331,3 +332,55 @@ def test_json_checks_have_stable_ids_and_numbers_with_units(mariadb: MariaDB) ->
     connected = by_id["server.threads_connected"]
     assert connected["unit"] == "connections" and connected["limit"] >= connected["amount"] >= 1
     assert by_id["host.open_files_in_use"]["unit"] == "descriptors"
+
+
+def _cli(*argv: str, env: Any = None) -> Tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "connguard.cli", *argv], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL,
+                          env=env if env is not None else dict(os.environ))
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_version() -> None:
+    code, out = _cli("--version")
+    assert code == 0 and re.fullmatch(r"connguard \d+\.\d+\.\d+\n", out), out
+
+
+@pytest.mark.parametrize("dsn, says", [
+    ("mysql://", "names no server"),
+    ("mysql://app@127.0.0.1:0/app", "port must be a number in 1..65535"),
+    ("mysql://app@127.0.0.1:3306/app?foo=bar", "unknown DSN parameter foo"),
+    ("mysql://app@" + "a" * 70 + ":3306/app", "labels of at most 63"),
+])
+def test_bad_dsns_are_usage_errors_without_a_traceback(dsn: str, says: str) -> None:
+    code, out = _cli("doctor", "--dsn", dsn)
+    assert code == cli.EXIT_USAGE and says in out and "Traceback" not in out, out
+
+
+def test_a_pid_that_does_not_exist_is_a_usage_error() -> None:
+    code, out = _cli("doctor", "--pid", "999999999")
+    assert code == cli.EXIT_USAGE and "no such process" in out, out
+
+
+def test_password_prompt_without_a_terminal_says_what_to_do() -> None:
+    code, out = _cli("doctor", "--dsn", "mysql://app@127.0.0.1:1/app", "--password-prompt")
+    assert code == cli.EXIT_USAGE and "MYSQL_PWD" in out and "Traceback" not in out, out
+
+
+def test_a_missing_socket_is_named(tmp_path: Any) -> None:
+    path = str(tmp_path / "nonexistent.sock")
+    code, out = _cli("doctor", "--socket", path)
+    assert code == cli.EXIT_RED and f"cannot reach the MySQL server at {path}" in out, out
+    assert "3306" not in out.split("Server", 1)[1]
+
+
+def test_a_wrong_password_is_a_refused_login_on_a_reachable_server(mariadb: MariaDB) -> None:
+    env = dict(os.environ, MYSQL_PWD="not-" + APP_PASSWORD)
+    code, out = _cli("doctor", "--json", "--dsn", dsn(mariadb), env=env)
+    document = json.loads(out[:out.rindex("}") + 1])
+    by_id = {c["id"]: c for c in document["checks"]}
+    assert by_id["server.reachable"]["verdict"] == GREEN
+    assert by_id["server.login"]["verdict"] == RED
+    assert "access denied" in by_id["server.login"]["note"].lower()
+    assert document["server"]["reachable"] is True and code == cli.EXIT_RED
+    assert APP_PASSWORD not in out
