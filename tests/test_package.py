@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -37,3 +38,13 @@ def test_the_sandbox_password_is_made_per_run() -> None:
                            cwd=REPO_ROOT, timeout=60, check=True, env=env).stdout.strip()
             for _ in range(2)}
     assert len(runs) == 2 and all(len(p) >= 16 for p in runs)
+
+
+def test_every_option_is_in_the_reference() -> None:
+    from connguard.arguments import POOL_OPTIONS
+    from connguard.sqlalchemy_plugin import OPTION_NAMES
+
+    with open(os.path.join(REPO_ROOT, "docs", "reference.md")) as f:
+        reference = f.read()
+    missing = sorted(o for o in (*POOL_OPTIONS, *OPTION_NAMES) if f"`{o}`" not in reference)
+    assert not missing, f"options not in docs/reference.md: {missing}"
