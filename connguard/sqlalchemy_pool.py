@@ -42,6 +42,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from collections import Counter
 from typing import Any, Callable, Dict, Optional
 
@@ -294,19 +295,28 @@ class GuardedQueuePool(QueuePool):
         ``_open_reserved`` has its slot (and lease) already; a reconnect in place
         (SQLAlchemy reconnecting a record after an invalidation on checkout, or for
         ``pool_recycle``) takes a handshake slot here, and a lease with a global budget, so
-        that a mass KILL or a restart cannot open more at once than the cap allows."""
+        that a mass KILL or a restart cannot open more at once than the cap allows.
+
+        The pool is held weakly: a closure over it, stored on it, would be a reference
+        cycle, and the pool (with its engine's listeners) would wait for the garbage
+        collector instead of going when its engine goes."""
+        pool_ref = weakref.ref(self)
+
         def invoke_creator(record: Any) -> Any:
-            if getattr(self._local, "reserved", False):
-                return self._leased(invoke, record)
-            deadline = self._in_place_slot()
-            self._local.deadline = deadline
+            pool = pool_ref()
+            if pool is None:
+                return invoke(record)
+            if getattr(pool._local, "reserved", False):
+                return pool._leased(invoke, record)
+            deadline = pool._in_place_slot()
+            pool._local.deadline = deadline
             try:
-                return self._leased(invoke, record)
+                return pool._leased(invoke, record)
             finally:
-                self._local.deadline = None
-                with self._cond:
-                    self._opening -= 1
-                    self._slot_freed()
+                pool._local.deadline = None
+                with pool._cond:
+                    pool._opening -= 1
+                    pool._slot_freed()
         return invoke_creator
 
     def _checkout_deadline(self) -> float:
