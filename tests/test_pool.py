@@ -1,7 +1,8 @@
 """The pool against a real MariaDB: dead sockets, CLOSE_WAIT, port churn, isolation, forks."""
 
-from __future__ import gc
+from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections import defaultdict
