@@ -15,6 +15,7 @@ The password is never part of a report: :class:`Target` keeps it out of ``repr``
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import resource
@@ -145,6 +146,21 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address, or a host name of dot-separated labels (253 characters at most)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(label)
+                                        for label in name.split("."))
+
+
 #: Query parameters a DSN may carry.
 DSN_PARAMETERS = ("unix_socket",)
 
@@ -174,9 +190,9 @@ def parse_dsn(dsn: str) -> Target:
         raise ValueError("DSN names no server: mysql://user@host:port/db, or "
                          "mysql://user@/db?unix_socket=PATH")
     host = unquote(parts.hostname or "localhost")
-    if any(len(label) > 63 for label in host.split(".")) or len(host) > 253:
-        raise ValueError("DSN host name is not valid: a name has labels of at most 63 "
-                         "characters, 253 in all")
+    if not _valid_host(host):
+        raise ValueError("DSN host is not a valid IP address or host name (letters, digits, "
+                         "- and _ in dot-separated labels of at most 63 characters)")
     return Target(host=host, port=port or 3306,
                   user=unquote(parts.username) if parts.username else None,
                   database=unquote(parts.path.lstrip("/")) or None,

@@ -24,25 +24,24 @@ Events (``details``):
 ``reaped``
     An idle connection closed by the reaper: ``reason`` ("peer_closed", "idle_timeout",
     "expired").
-``ceiling_raised``
-    A connect succeeded past the ceiling: ``ceiling`` (None: no limit any more).
 ``breaker_open`` / ``breaker_half_open`` / ``breaker_closed``
     The connect gate toward a server changed state (target None only; the first argument
     is then ``host:port``, the gate's, shared by the pools toward it): ``failures``, and for
     ``breaker_open`` the ``cause`` (a one-line summary).
-
-Engines made with the SQLAlchemy plugin emit ``connect`` and ``connect_failed`` (SQLAlchemy
-has its own pool events for the rest: ``checkout``, ``checkin``, ``reset``,
-``invalidate``).
 ``ceiling_lowered`` / ``ceiling_raised``
     The pool holds at ``ceiling`` connections after the server refused one more (lowered),
     or grew past it (raised; ``ceiling`` None: no limit any more).
 ``lease_denied``
     A global budget had no lease for a new connection: ``retry_after`` (seconds).
+
+Engines made with the SQLAlchemy plugin emit ``connect`` and ``connect_failed`` (SQLAlchemy
+has its own pool events for the rest: ``checkout``, ``checkin``, ``reset``,
+``invalidate``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -67,11 +66,14 @@ class Listeners:
         self._lock = threading.Lock()
 
     def __del__(self) -> None:
-        # A pool collected with listeners still registered: they no longer count.
+        # A pool collected with listeners still registered: they no longer count. (At
+        # interpreter exit the module may be torn down already: nothing left to count.)
         by_name = getattr(self, "_by_name", {})
         names = tuple(name for name, fns in by_name.items() for _ in fns)
-        if names:
-            _counted(-len(names), names)
+        counted = globals().get("_counted")
+        if names and callable(counted):
+            with contextlib.suppress(Exception):  # a finalizer never raises
+                counted(-len(names), names)
 
     def __bool__(self) -> bool:
         return bool(self._by_name)

@@ -96,6 +96,29 @@ _pools: weakref.WeakSet[Any] = weakref.WeakSet()
 _pools_lock = threading.Lock()
 
 
+_names: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+def claim_name(base: str, owner: Any) -> str:
+    """A name for ``owner`` (a pool or an engine's guard) no other live one has: ``base``,
+    else ``base#2``, ``#3``... Claimed once, at creation: a pool keeps its name for life,
+    so exported series never change owner."""
+    with _pools_lock:
+        name, n = base, 1
+        while _names.get(name) is not None:
+            n += 1
+            name = f"{base}#{n}"
+        _names[name] = owner
+        return name
+
+
+def release_name(name: str, owner: Any) -> None:
+    """A closed pool gives its name back (the next pool of that name gets it plain)."""
+    with _pools_lock:
+        if _names.get(name) is owner:
+            del _names[name]
+
+
 def _after_fork_in_child() -> None:
     global _pools_lock
     _pools_lock = threading.Lock()

@@ -169,7 +169,8 @@ class Pool:
         name = options.get("name")
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"name must be a non-empty string, got {name!r}")
-        self._metrics = PoolMetrics(name or self._describe_destination(), events.Listeners())
+        self._metrics = PoolMetrics(metrics.claim_name(name or self._describe_destination(),
+                                                       self), events.Listeners())
         metrics.register(self)
         reaper.register(self)
 
@@ -250,12 +251,13 @@ class Pool:
                         entry.checked_out_at = now
                     else:
                         self._mark_checked_out(entry, now)
-                    if "checkout" in events.wanted:
-                        self._announce(entry, "checkout", waited=now - started)
-                    return entry
             except BaseException:
                 self._discard(entry, "broken")
                 raise
+            if reason is None:
+                if "checkout" in events.wanted:  # outside the try: _announce cleans up
+                    self._announce(entry, "checkout", waited=now - started)
+                return entry
             self._discard(entry, reason)
             now = self._clock()
 
@@ -812,6 +814,7 @@ class Pool:
             self._close_entry(entry, "pool_closed")
         if self._budget is not None:
             self._budget.close()
+        metrics.release_name(self.name, self)
         reaper.unregister(self)
 
     @property

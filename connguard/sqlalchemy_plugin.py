@@ -44,7 +44,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CreateEnginePlugin
 from sqlalchemy.pool import QueuePool
 
-from connguard import coordination, driver, errors, events, reaper, storm
+from connguard import coordination, driver, errors, events, metrics, reaper, storm
 from connguard.connector import Connector
 from connguard.guard import ResourceGuard
 from connguard.hostgate import HostGate
@@ -530,7 +530,7 @@ class EngineGuard:
         self._foreign_warned = False
         self.wait_timeout: Optional[int] = None
         self.idle_timeout: Optional[float] = options.idle_timeout or None
-        self.name = _engine_name(engine.url)
+        self.name = metrics.claim_name(_engine_name(engine.url), self)
         self._listeners = events.Listeners()
         self._failures: Counter = Counter()  # connect failures by exception class
         self._connect_time = Histogram()

@@ -351,6 +351,9 @@ def test_version() -> None:
     ("mysql://app@127.0.0.1:0/app", "port must be a number in 1..65535"),
     ("mysql://app@127.0.0.1:3306/app?foo=bar", "unknown DSN parameter foo"),
     ("mysql://app@" + "a" * 70 + ":3306/app", "labels of at most 63"),
+    ("mysql://app@a..b:3306/app", "not a valid IP address or host name"),
+    ("mysql://app@bad_host!name:3306/app", "not a valid IP address or host name"),
+    ("mysql://app@-bad-:3306/app", "not a valid IP address or host name"),
 ])
 def test_bad_dsns_are_usage_errors_without_a_traceback(dsn: str, says: str) -> None:
     code, out = _cli("doctor", "--dsn", dsn)

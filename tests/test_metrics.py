@@ -284,6 +284,20 @@ def test_pools_that_share_a_name_are_all_listed(mariadb: MariaDB) -> None:
     assert base in names and f"{base}#2" in names
 
 
+def test_names_stay_with_their_pools(mariadb: MariaDB) -> None:
+    a = connguard.Pool(**mariadb.connect_kwargs(), max_size=1, name="orders")
+    b = connguard.Pool(**mariadb.connect_kwargs(), max_size=1, name="orders")
+    try:
+        assert (a.name, b.name) == ("orders", "orders#2")
+        a.close()
+        c = connguard.Pool(**mariadb.connect_kwargs(), max_size=1, name="orders")
+        assert b.name == "orders#2" and c.name == "orders"  # b keeps its series
+        assert connguard.stats()["orders#2"]["name"] == "orders#2"
+        c.close()
+    finally:
+        b.close()
+
+
 def test_a_wait_without_a_timeout_is_timed(mariadb: MariaDB) -> None:
     pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=1,
                           checkout_timeout=float("inf"))
@@ -324,9 +338,11 @@ def test_a_listener_raising_systemexit_leaves_no_connection_behind(mariadb: Mari
         with pytest.raises(SystemExit):
             pool.connect()
         events.remove(pool, "checkout", leave)
-        assert pool.stats()["in_use"] == 0
+        assert pool.stats()["in_use"] == 0 and pool.stats()["idle"] == 1
         with pool.connect() as conn:  # the one connection came back: usable at once
             _select_one(conn)
+        counters = pool.stats()["counters"]
+        assert counters["closed"] == {} and counters["opened"] == 1  # given back, not closed
     finally:
         pool.close()
 
