@@ -17,7 +17,6 @@ value is a bisect and an increment, nothing is allocated per event.
 from __future__ import annotations
 
 import bisect
-import itertools
 import os
 import threading
 import weakref
@@ -58,7 +57,7 @@ class PoolMetrics:
     """What a connguard.Pool counts and times, in one object: the pool's own attributes stay
     few enough for CPython to keep its fast attribute access on the checkout path."""
 
-    __slots__ = ("name", "listeners", "lock", "failures", "checkouts", "waited",
+    __slots__ = ("name", "listeners", "lock", "failures", "retired_uses", "waited",
                  "connect_time", "held", "held_counts", "held_sum")
 
     def __init__(self, name: str, listeners: Any) -> None:
@@ -66,16 +65,15 @@ class PoolMetrics:
         self.listeners = listeners
         self.lock = threading.Lock()  # counters bumped with or without the pool's lock
         self.failures: Counter = Counter()  # connect failures by exception class
-        # Handed to callers: next() on it is one C call, atomic under the GIL, no lock.
-        self.checkouts = itertools.count()
+        # Checkouts of connections no longer in the pool, added under the pool's lock in the
+        # same step that takes them out (so the total never goes down): the pool counts
+        # checkouts per connection (Entry.uses), which costs the checkout nothing more.
+        self.retired_uses = 0
         self.waited = Histogram()  # checkouts that did not get a connection at once
         self.connect_time = Histogram()
         self.held = Histogram()
         self.held_counts = self.held.counts  # observed inline on the return path
         self.held_sum = 0.0
-
-    def checkouts_so_far(self) -> int:
-        return int(self.checkouts.__reduce__()[1][0])
 
     def after_fork(self) -> None:
         self.lock = threading.Lock()

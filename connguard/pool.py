@@ -210,7 +210,6 @@ class Pool:
     def connect(self) -> PooledConnection:
         """A live connection from the pool; waits up to ``checkout_timeout`` for one."""
         entry = self._checkout()
-        next(self._metrics.checkouts)
         handle = None
         try:
             handle = PooledConnection(entry.conn)
@@ -319,6 +318,7 @@ class Pool:
             self._in_use.discard(entry)
             if self._closed:
                 entry.broken = True  # dropped without a word: no network I/O under the lock
+                self._metrics.retired_uses += entry.uses
                 self._close_entry(entry, "pool_closed")
             else:
                 self._idle.append(entry)
@@ -431,10 +431,13 @@ class Pool:
                 budget.close()
             raise errors.PoolClosed(repr(self))
         try:
-            self._mark_checked_out(entry, now)
+            if started is None:  # the pool's own top-up: not a caller's checkout
+                entry.checked_out_at = now
+            else:
+                self._mark_checked_out(entry, now)
         except BaseException:
             entry.broken = True
-            self._release(entry)
+            self._release(entry, borrowed=started is not None)
             raise
         if events.active:
             self._announce(entry, "connect", seconds=now - began)
@@ -553,6 +556,7 @@ class Pool:
                     self._idle.append(entry)
             else:
                 self._in_use.discard(entry)
+                self._metrics.retired_uses += entry.uses  # with the removal: no dip
                 self._serve_waiters()
             closed = self._closed
         if not keep:
@@ -596,6 +600,7 @@ class Pool:
         """An entry taken for checkout turned out unusable: forget it, serve a waiter, close."""
         with self._lock:
             self._in_use.discard(entry)
+            self._metrics.retired_uses += entry.uses
             self._serve_waiters()
         self._close_entry(entry, reason)
 
@@ -676,8 +681,9 @@ class Pool:
         with self._lock:
             entry = self._idle.pop() if self._idle else None
             if entry is not None:
+                # Out of the idle queue while in use here: the reaper cannot take it. Not a
+                # caller's checkout: entry.uses (the checkout count) stays.
                 self._in_use.add(entry)
-                entry.uses += 1  # the reaper's snapshot must not take it while in use here
         if entry is None:
             return dict(self._server_limits)  # read at the first connect: better than nothing
         facts = {**self._server_limits, **driver.server_capacity(entry.conn, timeout=1.0)}
@@ -704,6 +710,7 @@ class Pool:
                     # Skip entries checked out (and maybe returned) since the snapshot.
                     if entry.uses == uses and entry in self._idle:
                         self._idle.remove(entry)
+                        self._metrics.retired_uses += entry.uses
                         removed.append((entry, reason))
                 self._serve_waiters()  # freed room may let a waiter open
         reaped = len(removed)
@@ -728,6 +735,7 @@ class Pool:
         with self._lock:
             while self._idle and self._budget.take_surplus():
                 removed.append((self._idle.popleft(), "rebalanced"))  # the coldest first
+                self._metrics.retired_uses += removed[-1][0].uses
             if removed:
                 self._lease_held_at(len(self._in_use) + len(self._idle) + self._opening, now)
         return removed
@@ -787,6 +795,7 @@ class Pool:
         self._lock = threading.Lock()
         self._metrics.after_fork()
         inherited = list(self._idle) + list(self._in_use) + list(self._lost)
+        self._metrics.retired_uses += sum(e.uses for e in list(self._idle) + list(self._in_use))
         self._idle.clear()
         self._in_use.clear()
         self._lost.clear()
@@ -808,6 +817,7 @@ class Pool:
             self._closed = True
             idle = list(self._idle)
             self._idle.clear()
+            self._metrics.retired_uses += sum(e.uses for e in idle)
             for waiter in self._waiters:
                 waiter.cond.notify()  # each raises PoolClosed
         for entry in idle:
@@ -861,7 +871,8 @@ class Pool:
 
     def _schema(self) -> Dict[str, Any]:
         """Under the lock: the part every pool kind shares (connguard.metrics, docs/metrics.md)."""
-        checkouts = self._metrics.checkouts_so_far()
+        checkouts = self._metrics.retired_uses + sum(e.uses for e in self._idle) + sum(
+            e.uses for e in self._in_use)
         waited = self._metrics.waited.snapshot()
         served_at_once = max(0, checkouts - waited["count"])  # counted, never observed
         waited["count"] += served_at_once
