@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -107,7 +108,10 @@ def num(value: Optional[float]) -> str:
         return f"{value:,.1f}"
     if value == 0:
         return "0"
-    return f"{value:.2f}" if magnitude >= 0.01 else f"{value:.2g}"
+    if magnitude >= 0.01:
+        return f"{value:.2f}"
+    digits = min(9, 1 - math.floor(math.log10(magnitude)))  # two significant digits, no e-05
+    return f"{value:.{digits}f}"
 
 
 def ratio_text(value: Optional[float]) -> str:
@@ -116,11 +120,40 @@ def ratio_text(value: Optional[float]) -> str:
     return f"{value:.2f}×"
 
 
+#: Scenarios that compare connguard with itself (a feature on and off): no ratio shown.
+INTERNAL_PREFIXES = ("guard:",)
+
+
+def _factor(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}×"
+    if value >= 10:
+        return f"{value:.0f}×"
+    return f"{value:.1f}×"
+
+
+def verdict_text(ours: Optional[float], best: Optional[float], higher_is_better: bool) -> str:
+    """connguard against the best alternative in one direction: "3.1× better", "1.3× worse",
+    "same", or "better (0 vs 1,277)" when a zero makes a ratio meaningless."""
+    if ours is None or best is None or any(math.isnan(v) or math.isinf(v)
+                                            for v in (ours, best)):
+        return "—"
+    if ours == best:
+        return "same"
+    ours_better = ours > best if higher_is_better else ours < best
+    if ours == 0 or best == 0:
+        return f"{'better' if ours_better else 'worse'} ({num(ours)} vs {num(best)})"
+    factor = max(ours, best) / min(ours, best)
+    if factor < 1.05:
+        return "about the same"
+    return f"{_factor(factor)} {'better' if ours_better else 'worse'}"
+
+
 # --- summary -------------------------------------------------------------------------------------
 
 
 def summary_rows(doc: Dict[str, Any]) -> List[Tuple[str, str, str, str, str]]:
-    """(scenario, unit and direction, connguard, best alternative, connguard ÷ alternative)."""
+    """(scenario, unit and direction, connguard, best alternative, connguard vs it)."""
     rows = []
     for s in doc["scenarios"]:
         if s["skipped"]:
@@ -131,12 +164,11 @@ def summary_rows(doc: Dict[str, Any]) -> List[Tuple[str, str, str, str, str]]:
         if ours is None or best is None:
             continue
         direction = "higher is better" if s["higher_is_better"] else "lower is better"
-        ratio = ours["median"] / best["median"] if best["median"] else None
-        if ratio is None and ours["median"] == best["median"]:
-            ratio = 1.0
+        verdict = ("— (connguard vs itself)" if s["name"].startswith(INTERNAL_PREFIXES) else
+                   verdict_text(ours["median"], best["median"], s["higher_is_better"]))
         rows.append((s["name"], f"{ours['unit']}, {direction}",
                      f"{num(ours['median'])} ({ours['client']})",
-                     f"{num(best['median'])} ({best['client']})", ratio_text(ratio)))
+                     f"{num(best['median'])} ({best['client']})", verdict))
     return rows
 
 
@@ -174,7 +206,7 @@ def summary(doc: Dict[str, Any]) -> str:
     rows = summary_rows(doc)
     if rows:
         lines += markdown_table(("scenario", "unit", "connguard", "best alternative",
-                                 "connguard ÷ best"), rows, ("l", "l", "r", "r", "r"))
+                                 "connguard vs best"), rows, ("l", "l", "r", "r", "r"))
     else:
         lines.append("(no scenario compared connguard with an alternative)")
     for run in doc["runs"]:
@@ -201,7 +233,7 @@ def markdown(doc: Dict[str, Any]) -> str:
              "connguard's. Server: " + (doc["server"].get("address") or "—") + ".", "",
              "## Summary", ""]
     lines += markdown_table(("scenario", "unit", "connguard", "best alternative",
-                             "connguard ÷ best"), summary_rows(doc), ("l", "l", "r", "r", "r"))
+                             "connguard vs best"), summary_rows(doc), ("l", "l", "r", "r", "r"))
     for chart in doc["charts"]:
         lines += ["", f"![{CHART_TITLES.get(chart, chart)}]({chart})"]
     lines += ["", "## Scenarios", ""]
@@ -284,30 +316,32 @@ def _outage_chart(plt: Any, doc: Dict[str, Any]) -> Any:
     if not clients:
         return None
     width = float(series.get("bucket_s", 0.1))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
-    first = next(iter(clients.values()))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    # Each client had its round: one marker for all, the median moment the server was up.
+    stop = statistics.median(data["stop"] for data in clients.values())
+    ready = statistics.median(data["ready"] for data in clients.values())
     for client, data in clients.items():
         color = _color(client)
         for axis, key in ((top, "attempts"), (bottom, "errors")):
             xs = [i * width for i in range(len(data[key]))]
-            axis.step(xs, data[key], where="post", label=client, color=color,
-                      linewidth=2.2 if is_connguard(client) else 1.2)
-            axis.axvline(data["ready"], color=color, linestyle=":", linewidth=1)
+            axis.step(xs, data[key], where="post", label=client if axis is top else None,
+                      color=color, linewidth=2.2 if is_connguard(client) else 1.2)
     for axis in (top, bottom):
-        axis.axvspan(first["stop"], first["restart"], color="#999999", alpha=0.2, lw=0)
+        axis.axvspan(stop, ready, color="#999999", alpha=0.2, lw=0)
+        axis.axvline(ready, color="#555555", linestyle=":", linewidth=1.2)
         axis.set_yscale("symlog", linthresh=1)
         axis.set_ylim(bottom=0)
         axis.grid(True, alpha=0.3)
     top.set_ylabel(f"connect attempts\nper {width * 1000:.0f} ms")
     bottom.set_ylabel(f"failed calls\nper {width * 1000:.0f} ms")
-    bottom.set_xlabel("seconds (grey: server stopped; dotted: it accepts connections again, "
-                      "one line per client's round)")
+    bottom.set_xlabel("seconds (grey: the server is down; dotted: it accepts connections "
+                      "again, median of the clients' rounds)")
     params = (s or {}).get("params") or {}
-    top.set_title(f"Outage: {params.get('threads', '?')} threads, pools of "
-                  f"{params.get('pool_size', '?')}, server stopped for "
-                  f"{params.get('outage_s', '?')} s then restarted", fontsize=9)
-    top.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
+    fig.suptitle(f"Outage: {params.get('threads', '?')} threads, pools of "
+                 f"{params.get('pool_size', '?')}, server stopped for "
+                 f"{params.get('outage_s', '?')} s then restarted", fontsize=10)
+    fig.legend(fontsize=8, loc="lower center", ncol=3, frameon=False)  # outside the lines
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
     return fig
 
 
@@ -359,10 +393,12 @@ def _census_chart(plt: Any, doc: Dict[str, Any]) -> Any:
                       yerr=[[v[1] - v[2] for v in values], [v[3] - v[1] for v in values]],
                       marker="o", capsize=3, label=client)
     axis.set_yscale("log")
+    axis.set_title("Socket census: cost of one count against the sockets toward the server",
+                   fontsize=10)
     axis.set_xlabel("sockets toward the destination")
     axis.set_ylabel("ms per count (median, min-max)")
     axis.grid(True, alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 

@@ -76,7 +76,7 @@ def test_report_and_summary(quick_run: Dict[str, Any]) -> None:
     for heading in ("## Summary", "### checkout+return", "### port churn: TIME_WAIT left"):
         assert heading in text
     summary = report.summary(quick_run["doc"])
-    assert "| scenario" in summary and "connguard ÷ best" in summary
+    assert "| scenario" in summary and "connguard vs best" in summary
     assert "port churn: TIME_WAIT left" in summary
     assert "--quick run" in summary
 
@@ -283,3 +283,19 @@ def test_window_counts() -> None:
     assert storm.peak_per_window(times) == 4
     assert storm.count_between(times, 0.3, 1.0) == 4
     assert storm.buckets(times, 0.0, 0.4) == [3, 0, 0, 4]
+
+
+@pytest.mark.parametrize("ours, best, higher, expected", [
+    (2.81, 42.7, False, "15× better"),        # µs: lower is better
+    (3046, 3061, True, "about the same"),
+    (0.013, 0.0001, False, "130× worse"),      # recovery: we lose, and say so
+    (0, 1277, False, "better (0 vs 1,277)"),   # errors: no ratio to a zero
+    (15, 0, False, "worse (15 vs 0)"),
+    (10864, 8607, True, "1.3× better"),
+    (5, 5, True, "same"),
+])
+def test_every_ratio_reads_in_one_direction(ours: float, best: float, higher: bool,
+                                             expected: str) -> None:
+    from benchmarks.report import verdict_text
+
+    assert verdict_text(ours, best, higher) == expected
