@@ -111,6 +111,14 @@ def _patched_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any
     return connect(**kwargs)
 
 
+class _PooledConnect(wrapt.FunctionWrapper):
+    """``pymysql.connect`` once installed: says so in its repr."""
+
+    def __repr__(self) -> str:
+        return (f"<pymysql.{self.__wrapped__.__name__} pooled by connguard (install()); "
+                "connguard.uninstall() restores it>")
+
+
 def install() -> None:
     """Make ``pymysql.connect`` / ``pymysql.Connect`` pooled; idempotent.
 
@@ -121,7 +129,7 @@ def install() -> None:
             return
         for name in ("connect", "Connect"):
             _originals[name] = getattr(pymysql, name)
-            setattr(pymysql, name, wrapt.FunctionWrapper(_originals[name], _patched_connect))
+            setattr(pymysql, name, _PooledConnect(_originals[name], _patched_connect))
 
 
 def uninstall() -> None:

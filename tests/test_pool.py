@@ -370,3 +370,19 @@ def test_reaper_thread_stops_with_last_pool(mariadb: MariaDB) -> None:
     gc.collect()
     assert not list(reaper._pools)
     wait_until(lambda: not reaper.running(), 30, message="the reaper thread to exit")
+
+
+def test_installed_connect_says_so_and_returns_pymysql_connections(mariadb: MariaDB) -> None:
+    connguard.install()
+    try:
+        assert "pooled by connguard" in repr(pymysql.connect)
+        conn = pymysql.connect(**mariadb.connect_kwargs())
+        try:
+            assert isinstance(conn, pymysql.connections.Connection)
+            assert isinstance(conn, connguard.PooledConnection)
+        finally:
+            conn.close()
+    finally:
+        connguard.uninstall()
+        connguard.close_all()
+    assert "pooled by connguard" not in repr(pymysql.connect)
