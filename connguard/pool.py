@@ -250,13 +250,13 @@ class Pool:
                         entry.checked_out_at = now
                     else:
                         self._mark_checked_out(entry, now)
+                    if events.wanted:  # a listener's BaseException: discarded below, once
+                        events.dispatch(self._listeners, self.name, "checkout",
+                                        waited=now - started)
+                    return entry
             except BaseException:
                 self._discard(entry, "broken")
                 raise
-            if reason is None:
-                if "checkout" in events.wanted:  # outside the try: _announce cleans up
-                    self._announce(entry, "checkout", waited=now - started)
-                return entry
             self._discard(entry, reason)
             now = self._clock()
 
@@ -564,7 +564,7 @@ class Pool:
                               "broken" if entry.broken else "discarded")
             if closed and self._budget is not None:
                 self._budget.close()  # send the release now: the reaper no longer runs
-        if borrowed and "checkin" in events.wanted:  # last: accounting done, whatever it raises
+        if events.wanted and borrowed:  # last: the accounting is done, whatever it raises
             events.dispatch(self._listeners, self.name, "checkin", held=held)
         if interrupted is not None:
             try:
