@@ -1,8 +1,5 @@
-"""``python -m benchmarks``: the same as ``connguard bench`` (see :mod:`benchmarks.runner`)."""
+"""``python -m benchmarks``: ``python -m connguard.bench`` (the same as ``connguard bench``)."""
 
-import sys
+from connguard.bench.runner import main
 
-from benchmarks.runner import main
-
-if __name__ == "__main__":
-    sys.exit(main())
+raise SystemExit(main())

@@ -57,9 +57,9 @@ def add_doctor(commands: Any) -> None:
 
 
 def add_bench(commands: Any) -> None:
-    """Register ``connguard bench`` (the runner lives in :mod:`benchmarks.runner`)."""
+    """Register ``connguard bench`` (the runner lives in :mod:`connguard.bench.runner`)."""
     try:
-        from benchmarks import runner
+        from connguard.bench import runner
     except ImportError as exc:  # an install without the benchmarks package: say so on use
         reason = f"the benchmarks package is not importable ({exc}); reinstall connguard"
         missing = commands.add_parser("bench", help="(unavailable: benchmarks not installed)")

@@ -12,9 +12,9 @@ from typing import Any, Dict
 
 import pytest
 
-from benchmarks import report, runner
-from benchmarks.common import Measurement, ScenarioResult
 from connguard import cli
+from connguard.bench import report, runner
+from connguard.bench.common import Measurement, ScenarioResult
 from tests.mariadb import APP_PASSWORD, INSTALL_HINT, MariaDB
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,7 +224,7 @@ def test_plain_and_rich_progress(capsys: Any) -> None:
     assert "checkout: ok in 0.5 s" in capsys.readouterr().err
 
 
-def test_setuptools_ships_the_benchmarks_package() -> None:
+def test_setuptools_ships_the_benchmarks_inside_connguard_only() -> None:
     tomllib = pytest.importorskip("tomllib") if sys.version_info >= (3, 11) else \
         pytest.importorskip("tomli")
     setuptools = pytest.importorskip("setuptools")
@@ -232,7 +232,8 @@ def test_setuptools_ships_the_benchmarks_package() -> None:
         config = tomllib.load(f)
     include = config["tool"]["setuptools"]["packages"]["find"]["include"]
     found = setuptools.find_packages(where=REPO, include=include)
-    assert "benchmarks" in found and "connguard" in found and "tests" not in found
+    assert "connguard.bench" in found and "connguard" in found
+    assert "benchmarks" not in found and "tests" not in found  # no top-level package
     extras = config["project"]["optional-dependencies"]
     assert {"matplotlib", "rich"} <= set(extras["bench"])
     assert "connguard[bench]" in extras["dev"] and "connguard[docs]" in extras["dev"]
@@ -257,7 +258,7 @@ def test_a_failing_scenario_is_recorded_not_fatal(capsys: Any) -> None:
 
 
 def test_connect_attempts_are_counted_reconnects_included(mariadb: MariaDB) -> None:
-    from benchmarks import storm
+    from connguard.bench import storm
     from tests.mariadb import wait_until
 
     pytest.importorskip("dbutils")
@@ -277,7 +278,7 @@ def test_connect_attempts_are_counted_reconnects_included(mariadb: MariaDB) -> N
 
 
 def test_window_counts() -> None:
-    from benchmarks import storm
+    from connguard.bench import storm
 
     times = [0.0, 0.01, 0.05, 0.3, 0.31, 0.32, 0.33, 1.0]
     assert storm.peak_per_window(times) == 4
@@ -296,6 +297,6 @@ def test_window_counts() -> None:
 ])
 def test_every_ratio_reads_in_one_direction(ours: float, best: float, higher: bool,
                                              expected: str) -> None:
-    from benchmarks.report import verdict_text
+    from connguard.bench.report import verdict_text
 
     assert verdict_text(ours, best, higher) == expected

@@ -1,4 +1,4 @@
-"""One runner for every scenario: ``connguard bench`` and ``python -m benchmarks``.
+"""One runner for every scenario: ``connguard bench`` and ``python -m connguard.bench``.
 
 ``run(dsn=None, quick=False, scenarios=None, out_dir="bench-results")`` runs the scenarios of
 :data:`SCENARIOS` (all by default) against one server and writes ``results.json``,
@@ -28,8 +28,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO
 
-from benchmarks.common import ScenarioResult
-from benchmarks.report import results_document, summary, write_all
+from connguard.bench.common import ScenarioResult
+from connguard.bench.report import results_document, summary, write_all
 
 DEFAULT_OUT = "bench-results"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -68,47 +68,47 @@ class Scenario:
 
 
 def _checkout(ctx: Context) -> List[ScenarioResult]:
-    from benchmarks import pool_overhead
+    from connguard.bench import pool_overhead
 
     return [pool_overhead.checkout_return(ctx.kwargs, ctx.rounds,
                                           2000 if ctx.quick else 20000)]
 
 
 def _query(ctx: Context) -> List[ScenarioResult]:
-    from benchmarks import pool_overhead
+    from connguard.bench import pool_overhead
 
     return [pool_overhead.checkout_select_return(ctx.kwargs, ctx.rounds,
                                                  500 if ctx.quick else 5000)]
 
 
 def _connect_per_request(ctx: Context) -> List[ScenarioResult]:
-    from benchmarks import pool_overhead
+    from connguard.bench import pool_overhead
 
     return [pool_overhead.connect_per_request(ctx.kwargs, ctx.rounds,
                                               200 if ctx.quick else 2000)]
 
 
 def _cold_connect(ctx: Context) -> List[ScenarioResult]:
-    from benchmarks import pool_overhead
+    from connguard.bench import pool_overhead
 
     return [pool_overhead.cold_connect(ctx.kwargs, ctx.rounds, 12 if ctx.quick else 100)]
 
 
 def _threads(ctx: Context) -> List[ScenarioResult]:
-    from benchmarks import pool_overhead
+    from connguard.bench import pool_overhead
 
     return [pool_overhead.threaded_throughput(ctx.kwargs, ctx.rounds,
                                               640 if ctx.quick else 20000)]
 
 
 def _census(ctx: Context) -> List[ScenarioResult]:
-    from benchmarks import census_cost
+    from connguard.bench import census_cost
 
     return census_cost.run_all(ctx.kwargs, ctx.quick)
 
 
 def _sqlalchemy(ctx: Context) -> List[ScenarioResult]:
-    from benchmarks import sqlalchemy_plugin
+    from connguard.bench import sqlalchemy_plugin
 
     # Lend it this run's throwaway servers if its run_all takes them (no second template).
     extra: Dict[str, Any] = {}
@@ -119,34 +119,34 @@ def _sqlalchemy(ctx: Context) -> List[ScenarioResult]:
 
 
 def _coordination(ctx: Context) -> List[ScenarioResult]:
-    from benchmarks import coordination
+    from connguard.bench import coordination
 
     return coordination.run_all(ctx.kwargs, ctx.quick)
 
 
 def _outage(ctx: Context) -> List[ScenarioResult]:
-    from benchmarks import storm
+    from connguard.bench import storm
 
     assert ctx.start_server is not None
     return storm.outage(ctx.start_server, ctx.quick, ctx.step)
 
 
 def _saturation(ctx: Context) -> List[ScenarioResult]:
-    from benchmarks import storm
+    from connguard.bench import storm
 
     assert ctx.start_server is not None
     return storm.saturation(ctx.start_server, ctx.quick, ctx.step)
 
 
 def _mass_kill(ctx: Context) -> List[ScenarioResult]:
-    from benchmarks import storm
+    from connguard.bench import storm
 
     assert ctx.start_server is not None
     return storm.mass_kill(ctx.start_server, ctx.quick, ctx.step)
 
 
 def _port_churn(ctx: Context) -> List[ScenarioResult]:
-    from benchmarks import storm
+    from connguard.bench import storm
 
     return storm.port_churn(ctx.kwargs, ctx.quick, ctx.step, no_tls=ctx.throwaway)
 
@@ -160,7 +160,7 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in (
     Scenario("threads", "64 threads on a pool of 8", _threads),
     Scenario("census", "socket census cost vs sockets; the resource guard's overhead",
              _census),
-    Scenario("sqlalchemy", "the SQLAlchemy plugin vs pool_pre_ping (benchmarks/"
+    Scenario("sqlalchemy", "the SQLAlchemy plugin vs pool_pre_ping (connguard/bench/"
              "sqlalchemy_plugin.py)", _sqlalchemy),
     Scenario("outage", "server restart under 64 threads", _outage, own_server=True),
     Scenario("saturation", "64 threads, max_connections 16, pools allowed 64", _saturation,
@@ -168,7 +168,7 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in (
     Scenario("mass-kill", "every connection KILLed at once", _mass_kill, own_server=True),
     Scenario("port-churn", "connect per request: TIME_WAIT left behind", _port_churn),
     Scenario("coordination", "Redis lease cost; global attempt rate in an outage with 1, 4 "
-             "and 16 processes (benchmarks/coordination.py)", _coordination),
+             "and 16 processes (connguard/bench/coordination.py)", _coordination),
 )}
 SCENARIO_NAMES = tuple(SCENARIOS)
 
@@ -482,7 +482,7 @@ def _run_one(scenario: Scenario, ctx: Context) -> tuple:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``connguard bench`` / ``python -m benchmarks``."""
+    """The options of ``connguard bench`` / ``python -m connguard.bench``."""
     parser.add_argument("--dsn", metavar="URL", help="benchmark this server instead of a "
                         "throwaway MariaDB: mysql://user[:password]@host[:port]/db (the "
                         "password may instead come from MYSQL_PWD or --password-prompt); "
@@ -521,7 +521,7 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description="connguard's benchmarks: every scenario, "
+        prog="python -m connguard.bench", description="connguard's benchmarks: every scenario, "
         "every client side by side (same as `connguard bench`).")
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv), parser)

@@ -2,7 +2,7 @@
 
 Everything here works from the results *document* (the dict written to ``results.json``, see
 docs/bench.md), so a report and its charts can be rebuilt from a saved run:
-``python -m benchmarks.report DIR`` rewrites ``DIR/report.md`` and the charts from
+``python -m connguard.bench.report DIR`` rewrites ``DIR/report.md`` and the charts from
 ``DIR/results.json``.
 """
 
@@ -15,7 +15,7 @@ import statistics
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from benchmarks.common import ScenarioResult, is_connguard, machine
+from connguard.bench.common import ScenarioResult, is_connguard, machine
 
 SCHEMA_VERSION = 1
 
@@ -406,7 +406,7 @@ def _census_chart(plt: Any, doc: Dict[str, Any]) -> Any:
 def main(argv: Optional[List[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m benchmarks.report DIR  (rebuilds DIR/report.md and charts)",
+        print("usage: python -m connguard.bench.report DIR  (rebuilds DIR/report.md and charts)",
               file=sys.stderr)
         return 2
     with open(os.path.join(args[0], "results.json")) as f:

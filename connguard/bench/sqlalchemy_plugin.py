@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
-from benchmarks.common import Measurement, ScenarioResult, time_per_op
+from connguard.bench.common import Measurement, ScenarioResult, time_per_op
 from connguard.census import own_sockets
 from connguard.testing import MariaDB, Template, wait_until
 
@@ -373,11 +373,11 @@ def run_all(kwargs_or_url: Union[str, Mapping[str, Any]], quick: bool,
 
 
 def main() -> None:
-    """``python -m benchmarks.sqlalchemy_plugin [--quick]``: these scenarios alone, on
+    """``python -m connguard.bench.sqlalchemy_plugin [--quick]``: these scenarios alone, on
     throwaway MariaDB servers (``connguard.testing``)."""
     import sys
 
-    from benchmarks.common import write_report
+    from connguard.bench.common import write_report
 
     with _server_starter() as start_server:
         server = start_server(max_connections=500)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pymysql
 
 import connguard
-from benchmarks.common import ScenarioResult, alternate, time_per_op
+from connguard.bench.common import ScenarioResult, alternate, time_per_op
 from connguard.testing import RedisServer, free_port
 
 LOCAL = "connguard Pool"
@@ -234,10 +234,10 @@ def run_all(kwargs: Dict[str, Any], quick: bool) -> List[ScenarioResult]:
     return results
 
 
-if __name__ == "__main__":  # python -m benchmarks.coordination [--quick]
+if __name__ == "__main__":  # python -m connguard.bench.coordination [--quick]
     import sys
 
-    from benchmarks.common import write_report
+    from connguard.bench.common import write_report
     from connguard.testing import MariaDB, Template
 
     root = tempfile.mkdtemp(prefix="connguard-bench-")

@@ -5,7 +5,7 @@ Each scenario runs in a child process under callgrind twice, with two loop lengt
 difference of the two totals divided by the difference of the lengths is the cost of one
 operation, with start-up, imports and set-up cancelled out.
 
-    python -m benchmarks.instructions [--dsn mysql://user@host:port/db] [--out DIR]
+    python -m connguard.bench.instructions [--dsn mysql://user@host:port/db] [--out DIR]
 
 Without ``--dsn`` a throwaway MariaDB is started (``mariadbd`` on PATH). The password comes
 from ``MYSQL_PWD`` (never the command line). Needs ``valgrind``.
@@ -103,7 +103,7 @@ def instructions(name: str, loops: int, env: Dict[str, str], workdir: str) -> in
     """Total instructions (Ir) of a child running ``loops`` operations of ``name``."""
     out = os.path.join(workdir, f"callgrind.{abs(hash((name, loops)))}.out")
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-           sys.executable, "-m", "benchmarks.instructions", "--child", name, str(loops)]
+           sys.executable, "-m", "connguard.bench.instructions", "--child", name, str(loops)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} ({loops} loops) failed:\n{proc.stderr[-2000:]}")

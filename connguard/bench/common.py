@@ -139,12 +139,12 @@ def _version(distribution: str) -> Optional[str]:
 
 
 def write_report(results: List[ScenarioResult], out_dir: str, server_version: str) -> str:
-    """results.json, report.md and charts (see :mod:`benchmarks.report`); returns the Markdown.
+    """results.json, report.md and charts (see :mod:`connguard.bench.report`); returns the Markdown.
 
     Kept for the per-module ``main()`` entry points; ``connguard bench`` goes through
-    :func:`benchmarks.runner.run`.
+    :func:`connguard.bench.runner.run`.
     """
-    from benchmarks import report
+    from connguard.bench import report
 
     doc = report.results_document(results, server_version)
     return report.write_all(doc, out_dir)

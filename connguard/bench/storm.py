@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import pymysql
 
 import connguard
-from benchmarks.common import Measurement, ScenarioResult
+from connguard.bench.common import Measurement, ScenarioResult
 from connguard.testing import wait_until
 
 PLAIN = "pymysql (connect per request)"
