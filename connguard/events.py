@@ -73,7 +73,7 @@ class Listeners:
         counted = globals().get("_counted")
         if names and callable(counted):
             with contextlib.suppress(Exception):  # a finalizer never raises
-                counted(-len(names), names)
+                counted(names, -1)
 
     def __bool__(self) -> bool:
         return bool(self._by_name)
@@ -82,7 +82,7 @@ class Listeners:
         _check(name, fn)
         with self._lock:
             self._by_name[name] = (*self._by_name.get(name, ()), fn)
-        _counted(1, (name,))
+        _counted((name,), 1)
 
     def remove(self, name: str, fn: Listener) -> None:
         with self._lock:
@@ -94,7 +94,7 @@ class Listeners:
                 self._by_name.pop(name, None)
         removed = len(before) - len(kept)
         if removed:
-            _counted(-removed, (name,) * removed)
+            _counted((name,) * removed, -1)
 
     def get(self, name: str) -> Tuple[Listener, ...]:
         return self._by_name.get(name, ())
@@ -111,12 +111,13 @@ _active_lock = threading.Lock()
 _reported: Set[Tuple[int, str]] = set()  # (listener, event) already logged
 
 
-def _counted(delta: int, names: Tuple[str, ...] = ()) -> None:
+def _counted(names: Tuple[str, ...], step: int) -> None:
+    """One listener more (``step`` 1) or less (-1) for each of ``names``."""
     global active, wanted
     with _active_lock:
-        active += delta
         for name in names:
-            _per_name[name] = _per_name.get(name, 0) + (1 if delta > 0 else -1)
+            _per_name[name] = _per_name.get(name, 0) + step
+        active = sum(_per_name.values())
         wanted = frozenset(n for n, count in _per_name.items() if count > 0)
 
 

@@ -201,8 +201,6 @@ class HostGate:
         if slot is not None and slot[0] == os.getpid():
             _close(slot[1])
 
-    release = finished  # the attempt is over: the same thing
-
 
 def _close(fd: int) -> None:
     with _held_lock:

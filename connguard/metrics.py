@@ -144,28 +144,15 @@ def _engine_stats(engine: Any) -> Dict[str, Any]:
     return sqlalchemy_plugin.stats(engine)
 
 
-def _unique(taken: Dict[str, Any], stats: Dict[str, Any]) -> str:
-    """The key of ``stats`` in stats(): its name, or ``name#2``, ``#3``... when pools share
-    a name (two pools toward one database): none is dropped. The key is also written back
-    as the entry's ``name``, so exporters never see two series with the same labels."""
-    name, n = stats["name"], 1
-    while name in taken:
-        n += 1
-        name = f"{stats['name']}#{n}"
-    stats["name"] = name
-    return name
-
-
 def stats(target: Optional[Any] = None) -> Dict[str, Any]:
     """The stats of a Pool, of an engine made with the plugin, or (no argument) of every open
     pool and plugin engine of the process, by name."""
     if target is None:
         with _pools_lock:
             pools = [p for p in _pools if not p.closed]
-        result: Dict[str, Any] = {}
-        for each in [p.stats() for p in pools] + [_engine_stats(e) for e in _engines()]:
-            result[_unique(result, each)] = each
-        return result
+        # Names are unique among live pools and engines (claim_name): one key each.
+        every = [p.stats() for p in pools] + [_engine_stats(e) for e in _engines()]
+        return {each["name"]: each for each in every}
     from connguard.pool import Pool
 
     if isinstance(target, Pool):

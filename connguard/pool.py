@@ -395,7 +395,7 @@ class Pool:
             if budget is not None:
                 budget.acquire()
                 leased = True
-            conn = self._open_connection(deadline)
+            conn = self._open_connection(deadline, started)
             now = self._clock()
             entry = Entry(conn=conn, opened_at=now, expires_at=self._lifetime.expiry(now),
                           autocommit=driver.autocommit(conn), last_used=now)
@@ -484,9 +484,8 @@ class Pool:
     def _destination_label(self) -> str:
         return f"{self._host}:{self._port}" if self._port else self._host
 
-    def _open_connection(self, deadline: float) -> pymysql.connections.Connection:
-        timeout = self._settings.checkout_timeout
-        started = deadline - timeout if deadline != float("inf") else None
+    def _open_connection(self, deadline: float,
+                         started: Optional[float]) -> pymysql.connections.Connection:
         conn = self._connector.open(deadline, started=started)
         if self._wait_timeout is None:
             self._learn_server_timeouts(conn)

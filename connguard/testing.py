@@ -183,6 +183,16 @@ class Template:
             server.stop()
 
 
+def _terminate(proc: subprocess.Popen, deadline: float) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after ``deadline`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=deadline)
+
+
 def _lock_down_root(cur: Any) -> None:
     """Root over the unix socket only, with this run's password; no anonymous accounts."""
     cur.execute("SELECT User, Host FROM mysql.user WHERE User IN ('root', '')")
@@ -288,12 +298,7 @@ class MariaDB:
         if proc is None or proc.poll() is not None:
             return
         self.thaw()
-        proc.terminate()
-        try:
-            proc.wait(timeout=STOP_DEADLINE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_DEADLINE)
+        _terminate(proc, STOP_DEADLINE)
 
     def destroy(self) -> None:
         self.stop()
@@ -440,12 +445,7 @@ class RedisServer:
         proc = self.process
         if proc is None or proc.poll() is not None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        _terminate(proc, 10)
 
     def client(self) -> Any:
         """A redis-py client (the caller closes it)."""
