@@ -139,9 +139,9 @@ class Probe:
         self._fd = -1
         self._poller = select.poll()
 
-    def dead(self, sock: SocketLike) -> bool:
-        """Whether the connection behind ``sock`` is dead; never blocks."""
-        fd = sock if isinstance(sock, int) else sock.fileno()  # _fileno, inlined: hot path
+    def dead(self, sock: HasFileno) -> bool:
+        """Whether the connection behind socket ``sock`` is dead; never blocks."""
+        fd = sock.fileno()  # a socket, never a bare fd: no isinstance on the hot path
         if fd < 0:
             return True
         if fd != self._fd:  # first use, or the driver reconnected on a new socket
@@ -149,4 +149,4 @@ class Probe:
                 self._poller.unregister(self._fd)
             self._poller.register(fd, _DEAD_EVENTS)
             self._fd = fd
-        return bool(self._poller.poll(0))
+        return self._poller.poll(0) != []  # no bool() call: the hot path
