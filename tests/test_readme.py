@@ -70,7 +70,12 @@ def test_the_first_command_installs_and_runs_the_bench(tmp_path: Path) -> None:
     results = clone / "bench-results"
     doc = json.loads((results / "results.json").read_text())
     assert validate(doc) == [] and doc["quick"] is True
-    assert all(r["status"] == "ok" for r in doc["runs"]), doc["runs"]
+    # Every scenario ran, but the shared-gate one, which needs the redis extra (not named by
+    # the command) and says so once.
+    status = {r["name"]: (r["status"], r["note"]) for r in doc["runs"]}
+    assert status.pop("coordination") in (("ok", ""), (
+        "skipped", "skipped: the redis package is not installed (pip install 'connguard[redis]')"))
+    assert all(s == "ok" for s, _ in status.values()), status
     assert "connguard Pool" in (results / "report.md").read_text()
     for chart in ("outage.png", "saturation.png", "census.png"):
         data = (results / chart).read_bytes()
