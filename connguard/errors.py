@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_codes
+import functools
 import importlib
 import ipaddress
 import os
@@ -1633,13 +1634,39 @@ def _original_text(exc: Optional[BaseException]) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+@functools.lru_cache(maxsize=None)
+def docs_base() -> str:
+    """Where the built docs are published: the ``Documentation`` project URL of the
+    installed distribution (``[project.urls]`` in pyproject.toml), or "" when it names none."""
+    try:
+        from importlib.metadata import metadata
+
+        urls = metadata("connguard").get_all("Project-URL") or []
+    except Exception:  # noqa: BLE001 - not installed as a distribution (a bare checkout)
+        return ""
+    for entry in urls:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() == "documentation" and url.strip():
+            return url.strip().rstrip("/") + "/"
+    return ""
+
+
+def docs_link(page: str) -> str:
+    """``page`` (``errors/access-denied.md``) as a link to the published page when the
+    distribution names where its docs live; else the page under the project's ``docs/``."""
+    base = docs_base()
+    if not base:
+        return page
+    return base + (page[:-3] + "/" if page.endswith(".md") else page)  # mkdocs' page URLs
+
+
 def _compose(cause: str, remedies: List[str], original: str, docs: str) -> str:
     """First line: cause and top remedy; then the other remedies, the original, the page."""
     lines = [f"{cause} — {remedies[0]}" if remedies else cause]
     lines.extend(f"  - {remedy}" for remedy in remedies[1:])
     if original:
         lines.append(f"original: {original}")
-    lines.append(f"docs: {docs}")
+    lines.append(f"docs: {docs_link(docs)}")
     return "\n".join(lines)
 
 

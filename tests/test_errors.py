@@ -993,3 +993,31 @@ def test_real_emfile_in_a_child_process() -> None:
     assert (result["errno"], result["fd_soft"]) == (errno.EMFILE, 64)
     first = result["message"].split("\n", 1)[0]
     assert "64" in first and "None" not in result["message"]
+
+
+def test_the_docs_line_links_to_the_published_page_when_the_project_names_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from connguard import errors as errors_module
+
+    class Metadata:
+        def __init__(self, urls: list) -> None:
+            self.urls = urls
+
+        def get_all(self, name: str) -> list:
+            return self.urls if name == "Project-URL" else []
+
+    for urls, expected in [
+        ([], "docs: errors/local-ports-exhausted.md"),
+        (["Source, https://example.org/src"], "docs: errors/local-ports-exhausted.md"),
+        (["Documentation, https://docs.example.org/connguard"],
+         "docs: https://docs.example.org/connguard/errors/local-ports-exhausted/"),
+    ]:
+        monkeypatch.setattr(importlib.metadata, "metadata", lambda _name, u=urls: Metadata(u))
+        errors_module.docs_base.cache_clear()
+        new = translate(pymysql.err.OperationalError(
+            2003, "Can't connect to MySQL server on '10.0.0.5' ([Errno 99] Cannot assign "
+                  "requested address)"))
+        assert str(new).split("\n")[-1] == expected
+    errors_module.docs_base.cache_clear()
