@@ -366,9 +366,9 @@ def _saturation_chart(plt: Any, doc: Dict[str, Any]) -> Any:
     axis.invert_yaxis()
     axis.set_xlabel("successful calls per second (median, min-max)")
     params = s.get("params") or {}
-    axis.set_title(f"{params.get('threads', '?')} threads, server max_connections "
-                   f"{params.get('max_connections', '?')}, pools allowed "
-                   f"{params.get('pool_size', '?')}", fontsize=9)
+    axis.set_title(f"Saturation: {params.get('threads', '?')} threads, server "
+                   f"max_connections {params.get('max_connections', '?')}, pools allowed "
+                   f"{params.get('pool_size', '?')}")
     axis.set_xlim(0, max(medians + [1]) * 1.45)
     fig.tight_layout()
     return fig
