@@ -97,7 +97,15 @@ class Connector:
             cut = connect is None and 0 < left < float(self.kwargs.get("connect_timeout") or 10)
             conn = (connect() if connect is not None else
                     driver.open_connection(self.kwargs, deadline, self.keepalive))
-        except pymysql.err.Error as exc:
+        except UnicodeEncodeError as exc:  # a password PyMySQL cannot encode: not shown
+            if self.gate is not None:
+                self.gate.abandoned()
+            raise UnicodeEncodeError(exc.encoding, "", 0, 0, f"{exc.reason} (a connect "
+                                     "argument, perhaps the password: not shown)") from None
+        except Exception as exc:
+            if not errors.is_driver_error(exc):  # the server's answer, or the network's
+                self._abandon(exc)
+                raise
             translated = self.translate(exc, during_connect=True)
             deadline_cut = cut and time.monotonic() >= deadline - DEADLINE_SLACK
             if deadline_cut:
@@ -110,19 +118,18 @@ class Connector:
             if translated is exc:
                 raise
             raise translated from exc
-        except UnicodeEncodeError as exc:  # a password PyMySQL cannot encode: not shown
-            if self.gate is not None:
-                self.gate.abandoned()
-            raise UnicodeEncodeError(exc.encoding, "", 0, 0, f"{exc.reason} (a connect "
-                                     "argument, perhaps the password: not shown)") from None
         except BaseException as exc:  # e.g. a missing ssl file, Ctrl-C: not the server's doing
-            if self.gate is not None:
-                self.gate.abandoned()
-            errors.redact_exception(exc, self.kwargs.get("password"))
+            self._abandon(exc)
             raise
         if self.gate is not None:
             self.gate.succeeded()
         return conn
+
+    def _abandon(self, exc: BaseException) -> None:
+        """An attempt ended by something that says nothing about the server."""
+        if self.gate is not None:
+            self.gate.abandoned()
+        errors.redact_exception(exc, self.kwargs.get("password"))
 
     def translate(self, exc: BaseException, during_connect: bool = False,
                   extra: Optional[Dict[str, Any]] = None) -> BaseException:

@@ -551,6 +551,18 @@ def _restore(
     return inst
 
 
+def as_driver_error(err: BaseException, driver_error: Type[BaseException]) -> BaseException:
+    """``err``, an error connguard raised itself (the storm gate, the resource guard: no
+    driver error behind it), as an instance of ``driver_error`` too, so that code and
+    SQLAlchemy catching another driver's classes see it as that driver's. ``err`` itself when
+    it is not connguard's or already is one."""
+    if not isinstance(err, ConnGuardError) or isinstance(err, driver_error):
+        return err
+    new = _restore(err._static or type(err), driver_error, err.args, dict(err.__dict__))
+    new.__cause__, new.__traceback__ = err.__cause__, err.__traceback__
+    return new
+
+
 # --- the table ----------------------------------------------------------------------------
 
 
@@ -1009,9 +1021,27 @@ _HANDSHAKE_TEXT = re.compile(r"reading (initial communication|authorization) pac
 _HOST_IN_TEXT = re.compile(r"MySQL server on '([^']*)'")
 
 
+#: The top-level modules of the other MySQL drivers whose exceptions carry PyMySQL's shape
+#: (``args == (code, message)``): mysqlclient's ``MySQLdb``, and ``asyncmy``. aiomysql
+#: raises PyMySQL's own. Named, not imported: connguard never imports a driver it is not
+#: given.
+OTHER_DRIVERS = frozenset({"MySQLdb", "asyncmy"})
+
+
+def is_driver_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an error of a MySQL driver connguard knows: PyMySQL's
+    ``MySQLError`` or one of :data:`OTHER_DRIVERS`' (found by the class named ``MySQLError``
+    in its bases, since their modules are not imported here)."""
+    if isinstance(exc, pymysql.err.MySQLError):
+        return True
+    return any(cls.__name__ == "MySQLError"
+               and cls.__module__.partition(".")[0] in OTHER_DRIVERS
+               for cls in type(exc).__mro__)
+
+
 def _mysql_code(exc: BaseException) -> Optional[int]:
-    """``args[0]`` of a PyMySQL error when it is an int we can trust; None otherwise."""
-    if not isinstance(exc, pymysql.err.MySQLError):
+    """``args[0]`` of a driver's error when it is an int we can trust; None otherwise."""
+    if not is_driver_error(exc):
         return None
     args = getattr(exc, "args", ())
     code = args[0] if isinstance(args, tuple) and args else None
@@ -1076,6 +1106,10 @@ def _identify(exc: BaseException, during_connect: bool) -> Optional[Identity]:
         # The message only says which errno for connect failures; elsewhere a number in
         # parentheses may be anything.
         errno = _errno_from_text(text) if code in _CONNECT_CODES else None
+        if errno == errno_codes.EINPROGRESS:
+            # MariaDB's libmysqlclient (mysqlclient's): its non-blocking connect reports the
+            # errno of starting it, whatever ended it (refused, unreachable): unknown.
+            errno = None
         timed_out = bool(_TIMED_OUT_TEXT.search(text))
     connecting = during_connect or bool(_HANDSHAKE_TEXT.search(text))
     return Identity(code, errno, timed_out, connecting)
@@ -1119,7 +1153,7 @@ def is_disconnect(exc: BaseException) -> bool:
             return exc.original is not None and is_disconnect(exc.original)
         if isinstance(exc, OSError):
             return True
-        if not isinstance(exc, pymysql.err.MySQLError):
+        if not is_driver_error(exc):
             return False
         if _mysql_code(exc) in DISCONNECT_CODES:
             return True
@@ -1631,10 +1665,12 @@ def _original_text(exc: Optional[BaseException]) -> str:
         return ""
     if isinstance(exc, pymysql.err.MySQLError):
         return str(exc.args)  # PyMySQL's own str(): (2003, "Can't connect ...")
+    if is_driver_error(exc):
+        return f"{type(exc).__module__.partition('.')[0]}.{type(exc).__name__}{exc.args}"
     return f"{type(exc).__name__}: {exc}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def docs_base() -> str:
     """Where the built docs are published: the ``Documentation`` project URL of the
     installed distribution (``[project.urls]`` in pyproject.toml), or "" when it names none."""

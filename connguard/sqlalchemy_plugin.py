@@ -1,6 +1,7 @@
 """SQLAlchemy engine plugin: ``create_engine(url + "?plugin=connguard")``.
 
-What it does to an engine on the ``mysql+pymysql`` (or ``mariadb+pymysql``) dialect:
+What it does to an engine on the ``mysql+pymysql`` or ``mysql+mysqldb`` (mysqlclient)
+dialect (or ``mariadb+...``):
 
 * every new DBAPI connection is opened by the dialect's own ``connect`` (so the engine's
   DBAPI module, ``module=`` or a patched ``pymysql.connect``, does the connecting) inside
@@ -19,8 +20,9 @@ What it does to an engine on the ``mysql+pymysql`` (or ``mariadb+pymysql``) dial
   when the server is full it holds what it has and makes callers wait (adaptive ceiling), and
   it opens at most ``max_handshakes`` connections at once.
 
-Other MySQL drivers get the parts that do not depend on PyMySQL (recycling below
+Other MySQL drivers get the parts that do not depend on the driver (recycling below
 ``wait_timeout``, the guarded pool) and a warning; other databases get a warning only.
+What differs between drivers is in :mod:`connguard.dbapis`.
 ``docs/sqlalchemy.md`` is the guide.
 """
 
@@ -44,7 +46,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CreateEnginePlugin
 from sqlalchemy.pool import QueuePool
 
-from connguard import coordination, driver, errors, events, metrics, reaper, storm
+from connguard import coordination, dbapis, driver, errors, events, metrics, reaper, storm
 from connguard.connector import Connector
 from connguard.guard import ResourceGuard
 from connguard.hostgate import HostGate
@@ -419,7 +421,7 @@ _DEFAULT_CONNECT_WAIT = 30.0
 def _support(dialect: Any) -> str:
     if dialect.name not in ("mysql", "mariadb"):
         return NONE
-    return FULL if dialect.driver == "pymysql" else PARTIAL
+    return FULL if dialect.driver in dbapis.GUARDED else PARTIAL
 
 
 def _idle_queue(pool: Any) -> Any:
@@ -437,12 +439,6 @@ def _idle_queue(pool: Any) -> Any:
 
 
 _PYMYSQL_CONNECTION = pymysql.connections.Connection
-
-
-def _is_pymysql(conn: Any) -> bool:
-    """Whether connguard can watch ``conn``'s socket: a PyMySQL connection, or a proxy that
-    passes for one and shows its ``_sock`` (a do_connect listener may return anything)."""
-    return isinstance(conn, pymysql.connections.Connection) and hasattr(conn, "_sock")
 
 
 def _tls_left_to_pymysql(dialect: Any, cargs: List[Any], cparams: Dict[str, Any]) -> bool:
@@ -514,7 +510,12 @@ class EngineGuard:
                  password: Any) -> None:
         self._engine = weakref.ref(engine)
         self.options = options
-        self.support = _support(engine.dialect)
+        facts = dbapis.facts_for(engine.dialect)  # the module the dialect really loaded
+        support = _support(engine.dialect)
+        self.support = PARTIAL if support == FULL and facts is None else support
+        # How to watch this driver's connections (PyMySQL's when it has none: a do_connect
+        # listener may still return PyMySQL connections, which are then watched).
+        self.facts = facts or dbapis.PYMYSQL
         self._user_recycle = user_recycle
         self._password = password
         self._lock = threading.Lock()
@@ -546,11 +547,12 @@ class EngineGuard:
             return
         event.listen(engine.pool, "connect", self._on_connect)
         if self.support == PARTIAL:
-            _warn(f"connguard: driver {engine.dialect.driver!r} is not PyMySQL; only "
+            _warn(f"connguard: driver {engine.dialect.driver!r} is not one connguard "
+                  "guards (pymysql, mysqldb); only "
                   "recycling below the server's wait_timeout and the guarded pool (adaptive "
                   "ceiling, handshake cap) apply. Not applied: guarded connects (resource "
                   "guard, storm gate), the peer-closed check on checkout, the reaper, error "
-                  "translation. Use mysql+pymysql for all of it.")
+                  "translation. Use mysql+pymysql or mysql+mysqldb for all of it.")
             if self._budget() is not None:
                 reaper.register(self)  # refreshes the leases (the rest is for PyMySQL only)
             return
@@ -648,7 +650,14 @@ class EngineGuard:
             engine.pool, QueuePool) else None
         started = deadline - timeout if timeout is not None and deadline != float(
             "inf") else None
-        return self._connector_for(cparams).open(deadline, connect=connect, started=started)
+        try:
+            return self._connector_for(cparams).open(deadline, connect=connect,
+                                                     started=started)
+        except errors.ConnGuardError as exc:  # the gate's or the guard's own refusal
+            own = self.facts.own_error(exc)
+            if own is exc:
+                raise
+            raise own from exc.__cause__
 
     def _connect_reusing_tls(self, dialect: Any, cargs: List[Any],
                              cparams: Dict[str, Any]) -> Any:
@@ -751,7 +760,7 @@ class EngineGuard:
         return storm.gate_for(host, port, policy, host_gate, shared=shared)
 
     def _on_connect(self, dbapi_conn: Any, record: Any) -> None:
-        if not _is_pymysql(dbapi_conn):
+        if not self._watches(dbapi_conn):
             if self.support == FULL:
                 self._warn_foreign(dbapi_conn)
             return  # not a connection to ask anything of (a listener's own, a test double)
@@ -766,10 +775,18 @@ class EngineGuard:
                 return
             self._foreign_warned = True
         kind = type(dbapi_conn)
-        log.warning("connguard: a do_connect listener returned a %s.%s, not a PyMySQL "
+        log.warning("connguard: a do_connect listener returned a %s.%s, not a %s "
                     "connection; such connections are used as they are, without the "
                     "peer-closed check on checkout and without reaping when their server end "
-                    "closes (said once per engine)", kind.__module__, kind.__qualname__)
+                    "closes (said once per engine)", kind.__module__, kind.__qualname__,
+                    self.facts.name)
+
+    def _watches(self, conn: Any) -> bool:
+        """Whether the peer-closed check and the reaper can watch ``conn``."""
+        return self.facts.watches(conn) or dbapis.PYMYSQL.watches(conn)
+
+    def _facts_of(self, conn: Any) -> dbapis.DriverFacts:
+        return dbapis.PYMYSQL if isinstance(conn, _PYMYSQL_CONNECTION) else self.facts
 
     def _learn_wait_timeout(self, dbapi_conn: Any) -> None:
         """Read the server's wait_timeout once and derive the idle limit from it.
@@ -813,19 +830,30 @@ class EngineGuard:
         """Refuse a connection whose server end is gone; SQLAlchemy then invalidates it and
         connects again (at most once more per checkout), and the caller never sees it."""
         self._checkouts += 1
-        # _is_pymysql, driver.raw_socket and _probe, inlined: every checkout passes here.
-        if not isinstance(dbapi_conn, _PYMYSQL_CONNECTION):
-            return  # a do_connect listener's own connection: nothing to check (warned once)
-        sock = getattr(dbapi_conn, "_sock", None)
+        # PyMySQL's socket and _probe, inlined: every checkout passes here.
         probe = record.info.get(_PROBE)
         if probe is None:
             probe = record.info[_PROBE] = Probe()
-        if sock is not None and not probe.dead(sock):
+        if isinstance(dbapi_conn, _PYMYSQL_CONNECTION):
+            sock = getattr(dbapi_conn, "_sock", None)
+            if sock is not None and not probe.dead(sock):
+                return
+        elif not self.facts.watches(dbapi_conn):
+            return  # a do_connect listener's own connection: nothing to check (warned once)
+        elif not self._other_driver_dead(dbapi_conn, probe):
             return
         self._count("peer_closed")
         raise sa_exc.DisconnectionError(
-            f"connguard: connection {driver.thread_id(dbapi_conn)} was closed by the server "
-            "while idle in the pool (peer closed)")
+            f"connguard: connection {self._facts_of(dbapi_conn).thread_id(dbapi_conn)} was "
+            "closed by the server while idle in the pool (peer closed)")
+
+    def _other_driver_dead(self, conn: Any, probe: Probe) -> bool:
+        """The peer-closed check for a driver other than PyMySQL (see connguard.dbapis)."""
+        try:
+            pollable = self.facts.pollable(conn)
+            return pollable is None or probe.dead(pollable)
+        except self.facts.error_class:  # closed under us: fileno() refuses
+            return True
 
     def _lost(self) -> None:
         """A connection lost to an error (the server closed it, a disconnect): its
@@ -847,7 +875,7 @@ class EngineGuard:
         """Decide is_disconnect with connguard's table and put the translated error in
         ``.orig``; returning the new exception is SQLAlchemy's chaining protocol."""
         original = ctx.original_exception
-        if not isinstance(original, (pymysql.err.Error, OSError)):
+        if not (errors.is_driver_error(original) or isinstance(original, OSError)):
             return None  # KeyboardInterrupt and friends: SQLAlchemy's own rules apply
         if ctx.is_disconnect and _trigger_4031(original):
             ctx.is_disconnect = False  # the one verdict of SQLAlchemy's that is wrong (MariaDB)
@@ -897,9 +925,14 @@ class EngineGuard:
     def _retire_reason(self, record: Any, conn: Any, now: float) -> Optional[str]:
         if conn is None:
             return None  # already invalidated: connects again on checkout
-        if _is_pymysql(conn):  # another kind (a do_connect listener's) has no socket to check
-            sock = driver.raw_socket(conn)
-            if sock is None or peer_closed(sock):
+        if self._watches(conn):  # another kind (a do_connect listener's) has no socket to check
+            facts = self._facts_of(conn)
+            try:
+                sock = facts.pollable(conn)
+                dead = sock is None or peer_closed(sock)
+            except facts.error_class:  # closed under us: fileno() refuses
+                dead = True
+            if dead:
                 return "reaped"
         if self._idle_too_long(record, now):
             return "idle_evicted"
@@ -943,8 +976,9 @@ class EngineGuard:
             return
         queue = _idle_queue(engine.pool)
         for rec in list(queue.queue) if queue is not None else []:
-            if rec.dbapi_connection is not None and _is_pymysql(rec.dbapi_connection):
-                driver.drop_inherited(rec.dbapi_connection)
+            conn = rec.dbapi_connection
+            if conn is not None and self._watches(conn):
+                self._facts_of(conn).drop_inherited(conn)
         if isinstance(engine.pool, GuardedQueuePool):
             engine.pool.connguard_after_fork()  # the parent's leases stay the parent's
         engine.dispose(close=False)
@@ -1038,8 +1072,9 @@ def _rewrapped(ctx: Any, translated: BaseException) -> Any:
     """SQLAlchemy's exception for ``translated``, like the one it built for the original."""
     old = ctx.sqlalchemy_exception
     dialect = getattr(ctx, "dialect", None) or ctx.engine.dialect
+    dbapi = getattr(dialect, "loaded_dbapi", None) or dialect.dbapi
     return sa_exc.DBAPIError.instance(
-        ctx.statement, ctx.parameters, translated, pymysql.err.Error,
+        ctx.statement, ctx.parameters, translated, dbapi.Error,
         hide_parameters=getattr(old, "hide_parameters", False),
         connection_invalidated=ctx.is_disconnect, dialect=dialect,
         ismulti=getattr(old, "ismulti", None))

@@ -50,7 +50,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
-from connguard import coordination, storm
+from connguard import coordination, dbapis, storm
 from connguard.admission import HANDSHAKE_GRACE, Admission, capacity_code
 from connguard.metrics import Histogram
 from connguard.storm import Ceiling, ConnectGate, StormPolicy
@@ -426,7 +426,7 @@ class GuardedQueuePool(QueuePool):
             with self._cond:
                 self._slot_freed()
 
-    def _timeout_error(self) -> Exception:
+    def _timeout_error(self) -> BaseException:
         """Under the lock. While connects fail for want of a server: the outage
         (ServerUnavailable, a DBAPI error SQLAlchemy wraps as OperationalError, as without
         a pool). Otherwise SQLAlchemy's own TimeoutError, text and code, so that what
@@ -437,8 +437,9 @@ class GuardedQueuePool(QueuePool):
         could_grow = self._held() < self._admission.limit
         outage = (gate.outage(self._timeout or 0.0) if gate is not None and could_grow
                   else None)
-        if outage is not None:
-            return outage
+        if outage is not None:  # as the engine's driver's error, which SQLAlchemy wraps
+            facts = dbapis.facts_for(self._dialect) if hasattr(self, "_dialect") else None
+            return outage if facts is None else facts.own_error(outage)
         message = (f"QueuePool limit of size {self.size()} overflow {self.overflow()} "
                    f"reached, connection timed out, timeout {self._timeout:0.2f}")
         refusal = self._admission.refusal_text()

@@ -371,10 +371,10 @@ def test_bad_plugin_options_are_rejected_clearly(
 
 
 def test_other_mysql_drivers_get_a_warning_not_a_crash(mariadb: MariaDB) -> None:
-    # mysqlclient is not installed here; the mysqldb dialect runs on PyMySQL's
-    # MySQLdb-compatible module, which is enough to build the engine.
+    # The mysqldb dialect on PyMySQL's MySQLdb-compatible module (not mysqlclient): a driver
+    # connguard does not know, which is enough to build the engine.
     url = mariadb.url("mysql+mysqldb") + "?plugin=connguard"
-    with pytest.warns(ConnGuardPluginWarning, match="not PyMySQL"):
+    with pytest.warns(ConnGuardPluginWarning, match="is not one connguard guards"):
         engine = sa.create_engine(url, module=pymysql)
     assert stats(engine)["support"] == "partial"
     engine.dispose()

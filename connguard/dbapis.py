@@ -1,0 +1,110 @@
+"""What the SQLAlchemy plugin needs to know of each MySQL DBAPI driver it guards.
+
+One small value object per driver (:class:`DriverFacts`): which connections it can watch,
+how to find the descriptor to poll for a peer close, how to let go of a connection a forked
+child inherited, the driver's error base. The plugin asks :func:`facts_for` once per engine;
+a driver module is only ever taken from the dialect (never imported here), so nothing is
+imported unless an engine uses it.
+
+PyMySQL: the socket object (``conn._sock``). mysqlclient (``mysql+mysqldb``): the connection
+itself, which answers ``fileno()`` with its socket's descriptor while open (and raises once
+closed, which counts as dead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from typing import Any, Callable, Optional, Type
+
+import pymysql
+
+from connguard import driver, errors
+
+
+@dataclasses.dataclass(frozen=True)
+class DriverFacts:
+    """How the plugin watches one driver's connections."""
+
+    name: str  #: the dialect's driver name (``pymysql``, ``mysqldb``)
+    connection_class: type  #: its connections (a do_connect listener may return others)
+    error_class: Type[Exception]  #: the DBAPI ``Error`` every error of the driver derives from
+    pollable: Callable[[Any], Any]  #: something with ``fileno()``, or None once closed
+    drop_inherited: Callable[[Any], None]  #: in a forked child: let go without a word
+    thread_id: Callable[[Any], Optional[int]]  #: the server's id of the session, for messages
+    module: Any = pymysql  #: the DBAPI module
+
+    def own_error(self, err: BaseException) -> BaseException:
+        """``err``, raised by connguard itself (no driver error behind it), as this driver's
+        ``OperationalError`` (``InterfaceError``) too: SQLAlchemy wraps only the engine's
+        DBAPI errors, and users catch their driver's classes."""
+        interface = isinstance(err, pymysql.err.InterfaceError)
+        return errors.as_driver_error(
+            err, getattr(self.module, "InterfaceError" if interface else "OperationalError"))
+
+    def watches(self, conn: Any) -> bool:
+        """Whether ``conn`` is one of this driver's connections (a proxy that passes for one
+        but hides its socket is not)."""
+        return isinstance(conn, self.connection_class) and (
+            self.name != "pymysql" or hasattr(conn, "_sock"))
+
+
+# -- PyMySQL ---------------------------------------------------------------------------------
+PYMYSQL = DriverFacts("pymysql", pymysql.connections.Connection, pymysql.err.Error,
+                      driver.raw_socket, driver.drop_inherited, driver.thread_id)
+
+
+# -- mysqlclient (MySQLdb) -------------------------------------------------------------------
+def _mysqldb_pollable(conn: Any) -> Any:
+    """The connection itself while open (``fileno()`` is its socket's descriptor)."""
+    return conn if conn.open else None
+
+
+def _mysqldb_drop_inherited(conn: Any) -> None:
+    """In a forked child: make the inherited descriptor a dead end.
+
+    libmysqlclient's close (also on garbage collection) sends COM_QUIT on the socket, which
+    the parent still uses: that would end the parent's session. The descriptor is replaced
+    in this process only (``dup2``) by one end of a socket pair whose other end is closed, so
+    whatever the child's copy later writes goes nowhere; the parent's socket is untouched."""
+    try:
+        fd = conn.fileno()
+    except Exception:  # noqa: BLE001 - already closed: nothing inherited to let go of
+        return
+    ours, other = socket.socketpair()
+    try:
+        os.dup2(ours.fileno(), fd)
+    finally:
+        ours.close()
+        other.close()
+
+
+def _mysqldb_thread_id(conn: Any) -> Optional[int]:
+    try:
+        return int(conn.thread_id())
+    except Exception:  # noqa: BLE001 - closed: no session to name
+        return None
+
+
+def _mysqldb(dbapi: Any) -> DriverFacts:
+    import importlib  # the submodule of the driver the dialect already loaded
+
+    connections = importlib.import_module(dbapi.__name__ + ".connections")
+    return DriverFacts("mysqldb", connections.Connection, dbapi.Error,
+                       _mysqldb_pollable, _mysqldb_drop_inherited, _mysqldb_thread_id, dbapi)
+
+
+#: The dialects' driver names connguard guards fully.
+GUARDED = frozenset({"pymysql", "mysqldb"})
+
+
+def facts_for(dialect: Any) -> Optional[DriverFacts]:
+    """The facts for the driver of ``dialect`` (an instance: its DBAPI module loaded), or
+    None for a driver connguard cannot watch."""
+    if dialect.driver == "pymysql":
+        return PYMYSQL
+    dbapi = getattr(dialect, "loaded_dbapi", None) or getattr(dialect, "dbapi", None)
+    if dialect.driver == "mysqldb" and getattr(dbapi, "__name__", None) == "MySQLdb":
+        return _mysqldb(dbapi)  # not another module given as module= (PyMySQL's shim, say)
+    return None
