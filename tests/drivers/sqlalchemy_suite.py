@@ -140,8 +140,8 @@ def provision(server: MariaDB) -> None:
             cur.execute(f"GRANT ALL ON {schema}.* TO %s@'%%'", (DB_USER,))
 
 
-def dburi(server: MariaDB) -> str:
-    return (f"mysql+pymysql://{DB_USER}:{DB_PASSWORD}@127.0.0.1:{server.port}/{DB_NAME}"
+def dburi(server: MariaDB, driver: str = "pymysql") -> str:
+    return (f"mysql+{driver}://{DB_USER}:{DB_PASSWORD}@127.0.0.1:{server.port}/{DB_NAME}"
             "?charset=utf8mb4")
 
 
@@ -182,7 +182,7 @@ def run_suite(args: argparse.Namespace, template: Template, run: str) -> PluginR
     for path in (junit, counts):
         path.unlink(missing_ok=True)
     with fresh_server(template) as server:
-        cmd = pytest_command(args, run, dburi(server), junit)
+        cmd = pytest_command(args, run, dburi(server, args.driver), junit)
         began = time.monotonic()
         returncode = call_pytest(cmd, args, log, counts)
         seconds = time.monotonic() - began
@@ -276,6 +276,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--src", type=Path,
                         help="unpacked SQLAlchemy sdist (default: download into the cache)")
     parser.add_argument("--only", choices=RUNS, help="run one configuration, compare nothing")
+    parser.add_argument("--driver", choices=("pymysql", "mysqldb"), default="pymysql",
+                        help="the DBAPI driver of --dburi (mysqldb: mysqlclient)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="per-test timeout in seconds (pytest-timeout)")
     parser.add_argument("--session-timeout", type=float, default=3600.0,
@@ -307,8 +309,8 @@ def plugin_options(parser: argparse.ArgumentParser, given: List[str]) -> Dict[st
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    print(f"SQLAlchemy {sqlalchemy_version()} suite from {args.src}; reports and logs in "
-          f"{args.workdir}", flush=True)
+    print(f"SQLAlchemy {sqlalchemy_version()} suite from {args.src} on mysql+{args.driver}; "
+          f"reports and logs in {args.workdir}", flush=True)
     root = tempfile.mkdtemp(prefix="sqla-suite-servers-")
     os.chmod(root, 0o755)  # the server may run as another user (sandbox drops root)
     results = {}
