@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_codes
-import functools
 import importlib
 import ipaddress
 import os
@@ -1670,30 +1669,41 @@ def _original_text(exc: Optional[BaseException]) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-@functools.cache
+_docs_base: Optional[str] = None  # found once; a failed lookup is tried again next time
+
+
 def docs_base() -> str:
     """Where the built docs are published: the ``Documentation`` project URL of the
     installed distribution (``[project.urls]`` in pyproject.toml), or "" when it names none."""
-    try:
-        from importlib.metadata import metadata
+    global _docs_base
+    if _docs_base is None:
+        try:
+            from importlib.metadata import metadata
 
-        urls = metadata("connguard").get_all("Project-URL") or []
-    except Exception:  # noqa: BLE001 - not installed as a distribution (a bare checkout)
-        return ""
-    for entry in urls:
-        label, _, url = entry.partition(",")
-        if label.strip().lower() == "documentation" and url.strip():
-            return url.strip().rstrip("/") + "/"
-    return ""
+            urls = metadata("connguard").get_all("Project-URL") or []
+        except ModuleNotFoundError:  # not installed as a distribution (a bare checkout)
+            urls = []
+        except Exception:  # noqa: BLE001 - e.g. no descriptor left (EMFILE): try again later
+            return ""
+        found = [url.strip() for label, _, url in (u.partition(",") for u in urls)
+                 if label.strip().lower() == "documentation" and url.strip()]
+        _docs_base = found[0].rstrip("/") + "/" if found else ""
+    return _docs_base
 
 
 def docs_link(page: str) -> str:
-    """``page`` (``errors/access-denied.md``) as a link to the published page when the
-    distribution names where its docs live; else the page under the project's ``docs/``."""
+    """``page`` (``errors/access-denied.md``, ``errors/index.md#table``) as a link to the
+    published page when the distribution names where its docs live (mkdocs' directory URLs);
+    else the page under the project's ``docs/``."""
     base = docs_base()
     if not base:
         return page
-    return base + (page[:-3] + "/" if page.endswith(".md") else page)  # mkdocs' page URLs
+    path, hash_, fragment = page.partition("#")
+    if path.endswith("index.md"):
+        path = path[:-len("index.md")]
+    elif path.endswith(".md"):
+        path = path[:-3] + "/"
+    return base + path + hash_ + fragment
 
 
 def _compose(cause: str, remedies: List[str], original: str, docs: str) -> str:

@@ -140,7 +140,8 @@ class Probe:
         self._poller = select.poll()
 
     def dead(self, sock: HasFileno) -> bool:
-        """Whether the connection behind socket ``sock`` is dead; never blocks."""
+        """Whether the connection behind ``sock`` (a socket, or anything with ``fileno()``;
+        not a bare descriptor: use :func:`peer_closed` for that) is dead; never blocks."""
         fd = sock.fileno()  # a socket, never a bare fd: no isinstance on the hot path
         if fd < 0:
             return True

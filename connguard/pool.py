@@ -515,6 +515,9 @@ class Pool:
         Accounting stays exact whatever happens in the reset: an interrupt there (Ctrl-C,
         SystemExit, an async exception) discards the connection and is then re-raised."""
         interrupted: Optional[BaseException] = None
+        if entry.lease is not None:  # a close() interrupted before it ended the lease
+            lease, entry.lease = entry.lease, None
+            lease.returned = True  # the old checkout's cursors must not reach the next one
         try:
             keep = not entry.broken and (
                 (self._tracked_reset and driver.clean_return(entry.conn, entry.autocommit))

@@ -74,12 +74,14 @@ class PooledConnection(_ProxyBase):
         if entry is None:
             raise pymysql.err.Error("Already closed")
         self._self_entry = None
-        self.__wrapped__ = _RETURNED
-        lease = entry.lease  # _end_lease, inlined: every return passes here
-        if lease is not None:
-            lease.returned = True
-            entry.lease = None
-        self._self_pool._release(entry)
+        try:  # whatever interrupts these steps (Ctrl-C), the entry goes back to the pool
+            self.__wrapped__ = _RETURNED
+            lease = entry.lease  # _end_lease, inlined: every return passes here
+            if lease is not None:
+                lease.returned = True
+                entry.lease = None
+        finally:
+            self._self_pool._release(entry)
 
     def connect(self, sock: Any = None) -> None:
         """PyMySQL reopens a closed connection object with ``connect()``; a closed handle
@@ -89,9 +91,11 @@ class PooledConnection(_ProxyBase):
         if self._self_entry is not None:
             entry = self._self_entry
             self._self_entry = None
-            self.__wrapped__ = _RETURNED
-            _end_lease(entry)
-            self._self_pool._release(entry)  # PyMySQL drops the old session too
+            try:
+                self.__wrapped__ = _RETURNED
+                _end_lease(entry)
+            finally:
+                self._self_pool._release(entry)  # PyMySQL drops the old session too
         entry = self._self_pool._checkout()
         self.__wrapped__ = entry.conn
         self._self_entry = entry

@@ -73,6 +73,14 @@ THREAD_MSG = (
 # --- building errors the way PyMySQL does ---------------------------------------------------
 
 
+
+@pytest.fixture(autouse=True)
+def _docs_without_a_published_base(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages as a checkout shows them, whatever distribution metadata is installed."""
+    from connguard import errors as errors_module
+
+    monkeypatch.setattr(errors_module, "_docs_base", "")
+
 def connect_error(os_error: OSError, host: str = "127.0.0.1") -> pymysql.err.OperationalError:
     """What Connection.connect() raises for an OSError (PyMySQL 1.x)."""
     exc = OperationalError(2003, f"Can't connect to MySQL server on {host!r} ({os_error})")
@@ -995,29 +1003,45 @@ def test_real_emfile_in_a_child_process() -> None:
     assert "64" in first and "None" not in result["message"]
 
 
+@pytest.mark.parametrize("base, page, expected", [
+    ("", "errors/local-ports-exhausted.md", "errors/local-ports-exhausted.md"),
+    ("https://docs.example.org/connguard/", "errors/local-ports-exhausted.md",
+     "https://docs.example.org/connguard/errors/local-ports-exhausted/"),
+    ("https://docs.example.org/connguard/", "errors/index.md",
+     "https://docs.example.org/connguard/errors/"),
+    ("https://docs.example.org/connguard/", "errors/index.md#the-table",
+     "https://docs.example.org/connguard/errors/#the-table"),
+])
 def test_the_docs_line_links_to_the_published_page_when_the_project_names_one(
+        monkeypatch: pytest.MonkeyPatch, base: str, page: str, expected: str) -> None:
+    from connguard import errors as errors_module
+
+    monkeypatch.setattr(errors_module, "_docs_base", base)
+    assert errors_module.docs_link(page) == expected
+    if page == "errors/local-ports-exhausted.md":
+        new = translate(pymysql.err.OperationalError(
+            2003, "Can't connect to MySQL server on '10.0.0.5' ([Errno 99] Cannot assign "
+                  "requested address)"))
+        assert str(new).split("\n")[-1] == "docs: " + expected
+
+
+def test_the_docs_base_is_read_from_the_distribution_and_a_failure_is_not_kept(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.metadata
 
     from connguard import errors as errors_module
 
     class Metadata:
-        def __init__(self, urls: list) -> None:
-            self.urls = urls
-
         def get_all(self, name: str) -> list:
-            return self.urls if name == "Project-URL" else []
+            assert name == "Project-URL"
+            return ["Source, https://example.org/src",
+                    "Documentation, https://docs.example.org/connguard"]
 
-    for urls, expected in [
-        ([], "docs: errors/local-ports-exhausted.md"),
-        (["Source, https://example.org/src"], "docs: errors/local-ports-exhausted.md"),
-        (["Documentation, https://docs.example.org/connguard"],
-         "docs: https://docs.example.org/connguard/errors/local-ports-exhausted/"),
-    ]:
-        monkeypatch.setattr(importlib.metadata, "metadata", lambda _name, u=urls: Metadata(u))
-        errors_module.docs_base.cache_clear()
-        new = translate(pymysql.err.OperationalError(
-            2003, "Can't connect to MySQL server on '10.0.0.5' ([Errno 99] Cannot assign "
-                  "requested address)"))
-        assert str(new).split("\n")[-1] == expected
-    errors_module.docs_base.cache_clear()
+    def out_of_descriptors(_name: str) -> Any:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(errors_module, "_docs_base", None)
+    monkeypatch.setattr(importlib.metadata, "metadata", out_of_descriptors)
+    assert errors_module.docs_base() == ""  # not kept: asked again next time
+    monkeypatch.setattr(importlib.metadata, "metadata", lambda _name: Metadata())
+    assert errors_module.docs_base() == "https://docs.example.org/connguard/"

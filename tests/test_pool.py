@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
@@ -386,3 +387,33 @@ def test_installed_connect_says_so_and_returns_pymysql_connections(mariadb: Mari
         connguard.uninstall()
         connguard.close_all()
     assert "pooled by connguard" not in repr(pymysql.connect)
+
+
+def test_an_interrupt_inside_close_still_gives_the_connection_back(mariadb: MariaDB) -> None:
+    class InterruptedLease:
+        """A lease whose first end is interrupted (Ctrl-C landing inside close())."""
+
+        ends = 0
+        value = False
+
+        @property
+        def returned(self) -> bool:
+            return self.value
+
+        @returned.setter
+        def returned(self, value: bool) -> None:
+            self.ends += 1
+            if self.ends == 1:
+                raise KeyboardInterrupt
+            self.value = value
+
+    with contextlib.closing(connguard.Pool(**mariadb.connect_kwargs(), max_size=1,
+                                           checkout_timeout=5)) as pool:
+        conn = pool.connect()
+        lease = conn._self_entry.lease = InterruptedLease()
+        with pytest.raises(KeyboardInterrupt):
+            conn.close()
+        assert pool.stats()["in_use"] == 0
+        assert lease.returned is True  # ended on the way back: its cursors are done
+        with pool.connect() as again:  # the one slot is free: no PoolTimeout
+            assert _select_one(again) == 1

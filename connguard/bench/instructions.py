@@ -39,6 +39,10 @@ SCENARIOS: Dict[str, Tuple[str, Optional[str], Optional[float]]] = {
     "plugin engine checkout": ("engine.connect() + close() with plugins=['connguard']",
                                "engine checkout", 1.1),
     "engine checkout": ("engine.connect() + close(), plain QueuePool, no pre-ping", None, None),
+    "plugin engine checkout (mysqlclient)": ("the same on mysql+mysqldb with the plugin",
+                                             "engine checkout pre_ping (mysqlclient)", None),
+    "engine checkout pre_ping (mysqlclient)": ("engine.connect() + close() on mysql+mysqldb "
+                                               "with pool_pre_ping", None, None),
 }
 
 
@@ -49,15 +53,16 @@ def _select_one(conn: Any) -> None:
         cur.fetchall()
 
 
-def _engine(kwargs: Dict[str, Any], plugin: bool, pre_ping: bool = False) -> Any:
+def _engine(kwargs: Dict[str, Any], plugin: bool, pre_ping: bool = False,
+            driver: str = "pymysql") -> Any:
     import pymysql
     import sqlalchemy
 
     url = sqlalchemy.engine.URL.create(
-        "mysql+pymysql", username=kwargs["user"], password=kwargs["password"],
+        f"mysql+{driver}", username=kwargs["user"], password=kwargs["password"],
         host=kwargs["host"], port=kwargs["port"], database=kwargs["database"])
-    extra: Dict[str, Any] = {"plugins": ["connguard"]} if plugin else {
-        "creator": lambda: pymysql.connect(**kwargs)}
+    extra: Dict[str, Any] = {"plugins": ["connguard"]} if plugin else {} if (
+        driver != "pymysql") else {"creator": lambda: pymysql.connect(**kwargs)}
     return sqlalchemy.create_engine(url, pool_size=2, pool_pre_ping=pre_ping, **extra)
 
 
@@ -83,7 +88,8 @@ def operation(name: str, kwargs: Dict[str, Any]) -> Callable[[], None]:
         held = pymysql.connect(**kwargs)
         op = lambda: _select_one(held)  # noqa: E731
     else:
-        engine = _engine(kwargs, plugin=name.startswith("plugin"))
+        engine = _engine(kwargs, plugin=name.startswith("plugin"), pre_ping="pre_ping" in name,
+                         driver="mysqldb" if "mysqlclient" in name else "pymysql")
         op = lambda: engine.connect().close()  # noqa: E731
     for _ in range(50):
         op()

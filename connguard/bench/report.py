@@ -368,7 +368,7 @@ def _saturation_chart(plt: Any, doc: Dict[str, Any]) -> Any:
     params = s.get("params") or {}
     axis.set_title(f"Saturation: {params.get('threads', '?')} threads, server "
                    f"max_connections {params.get('max_connections', '?')}, pools allowed "
-                   f"{params.get('pool_size', '?')}")
+                   f"{params.get('pool_size', '?')}", fontsize=10)
     axis.set_xlim(0, max(medians + [1]) * 1.45)
     fig.tight_layout()
     return fig
