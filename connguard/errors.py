@@ -1697,7 +1697,7 @@ def docs_link(page: str) -> str:
     else the page under the project's ``docs/``."""
     base = docs_base()
     if not base:
-        return page
+        return "docs/" + page  # as a checkout or the sdist has it
     path, hash_, fragment = page.partition("#")
     if path.endswith("index.md"):
         path = path[:-len("index.md")]

@@ -477,7 +477,7 @@ def test_first_line_names_the_numbers() -> None:
     assert any("ip_local_port_range (now 32768-60999)" in line for line in lines)
     assert any("tcp_tw_reuse=1 (now 2)" in line for line in lines)
     assert lines[-2].startswith("original: (2003, \"Can't connect to MySQL server on '10.0.0.5'")
-    assert lines[-1] == "docs: errors/local-ports-exhausted.md"
+    assert lines[-1] == "docs: docs/errors/local-ports-exhausted.md"
     assert new.cause == lines[0].split(" — ")[0]
 
 
@@ -1004,7 +1004,7 @@ def test_real_emfile_in_a_child_process() -> None:
 
 
 @pytest.mark.parametrize("base, page, expected", [
-    ("", "errors/local-ports-exhausted.md", "errors/local-ports-exhausted.md"),
+    ("", "errors/local-ports-exhausted.md", "docs/errors/local-ports-exhausted.md"),
     ("https://docs.example.org/connguard/", "errors/local-ports-exhausted.md",
      "https://docs.example.org/connguard/errors/local-ports-exhausted/"),
     ("https://docs.example.org/connguard/", "errors/index.md",

@@ -472,7 +472,8 @@ def _run_one(scenario: Scenario, ctx: Context) -> tuple:
     for result in produced:
         result.group = scenario.name
     if produced and all(r.skipped for r in produced):
-        reasons = [n for r in produced for n in r.notes if n.startswith("skipped")]
+        reasons = [n.split(":", 1)[-1].strip() for r in produced for n in r.notes
+                   if n.startswith("skipped")]  # "skipped: why": the status says skipped
         record.update(status="skipped", note="; ".join(dict.fromkeys(reasons))[:500])  # once each
     record["seconds"] = round(time.monotonic() - began, 1)
     return record, produced
