@@ -300,3 +300,19 @@ def test_every_ratio_reads_in_one_direction(ours: float, best: float, higher: bo
     from connguard.bench.report import verdict_text
 
     assert verdict_text(ours, best, higher) == expected
+
+
+def test_scenario_tables_say_better_or_worse_in_one_direction() -> None:
+    latency = ScenarioResult("checkout+return", "µs per checkout", False, [
+        Measurement("connguard", "µs", [1.0]), Measurement("sqlalchemy QueuePool", "µs", [2.0]),
+        Measurement("DBUtils PooledDB", "µs", [4.0])])
+    throughput = ScenarioResult("port churn: requests", "requests/s", True, [
+        Measurement("connguard.connect", "req/s", [100.0]),
+        Measurement("pymysql.connect", "req/s", [400.0])])
+    doc = report.results_document([latency, throughput], "10.11")
+    text = report.markdown(doc)
+    assert "| connguard " in text and "2.0× better |" in text  # 1 µs vs the best's 2 µs
+    assert "| DBUtils PooledDB " in text and "2.0× worse |" in text
+    assert "4.0× worse |" in text  # 100 req/s vs 400: higher is better here
+    assert "×" not in text.split("| pymysql.connect")[1].split("\n")[0]  # the best itself
+    assert "0.50×" not in text and "0.25×" not in text  # no raw quotients

@@ -114,12 +114,6 @@ def num(value: Optional[float]) -> str:
     return f"{value:.{digits}f}"
 
 
-def ratio_text(value: Optional[float]) -> str:
-    if value is None or math.isnan(value) or math.isinf(value):
-        return "—"
-    return f"{value:.2f}×"
-
-
 #: Scenarios that compare connguard with itself (a feature on and off): no ratio shown.
 INTERNAL_PREFIXES = ("guard:",)
 
@@ -246,16 +240,26 @@ def markdown(doc: Dict[str, Any]) -> str:
         lines += [f"### {s['name']}", "", s["description"], ""]
         if s["measurements"]:
             rows = [(m["client"], f"{num(m['median'])} {m['unit']}", num(m["min"]),
-                     num(m["max"]), str(len(m["rounds"])), ratio_text(m["ratio"]))
+                     num(m["max"]), str(len(m["rounds"])), _versus_best(s, m))
                     for m in s["measurements"]]
             lines += markdown_table(("client", "median", "min", "max", "rounds",
-                                     "ratio vs best alternative"), rows,
+                                     "vs best alternative"), rows,
                                     ("l", "r", "r", "r", "r", "r"))
             lines.append("")
         lines += [f"- {n}" for n in s["notes"]]
         if s["notes"]:
             lines.append("")
     return "\n".join(lines)
+
+
+def _versus_best(scenario: Dict[str, Any], m: Dict[str, Any]) -> str:
+    """One client against the best alternative, in the summary's words ("3.1× better");
+    nothing for the best alternative itself and for connguard-vs-connguard scenarios."""
+    best = scenario.get("best_alternative")
+    if best is None or best == m["client"] or scenario["name"].startswith(INTERNAL_PREFIXES):
+        return "—"
+    medians = {x["client"]: x["median"] for x in scenario["measurements"]}
+    return verdict_text(m["median"], medians.get(best), scenario["higher_is_better"])
 
 
 def write_all(doc: Dict[str, Any], out_dir: str) -> str:
