@@ -316,3 +316,10 @@ def test_scenario_tables_say_better_or_worse_in_one_direction() -> None:
     assert "4.0× worse |" in text  # 100 req/s vs 400: higher is better here
     assert "×" not in text.split("| pymysql.connect")[1].split("\n")[0]  # the best itself
     assert "0.50×" not in text and "0.25×" not in text  # no raw quotients
+
+
+@pytest.mark.parametrize("value, shown", [
+    (3.0, "3"), (1.0, "1"), (0.0, "0"), (12345.0, "12,345"), (0.5, "0.50"), (76.5, "76.5"),
+    (2.8234, "2.82"), (0.000058, "0.000058"), (None, "—")])
+def test_figures_are_shown_with_sensible_precision(value: Any, shown: str) -> None:
+    assert report.num(value) == shown

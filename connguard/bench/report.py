@@ -102,7 +102,7 @@ def num(value: Optional[float]) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     magnitude = abs(value)
-    if magnitude >= 100 or value == int(value) and magnitude >= 10:
+    if magnitude >= 100 or value == int(value):  # counts are whole: "3 errors", not "3.00"
         return f"{value:,.0f}"
     if magnitude >= 10:
         return f"{value:,.1f}"
