@@ -408,8 +408,8 @@ def guarded_engines() -> List[Any]:
 def _engine_name(url: Any) -> str:
     """``user@host:port/db`` of an engine's URL: its name in stats (never the password)."""
     where = url.host or "localhost"
-    if url.port:
-        where = f"{where}:{url.port}"
+    if url.port or not url.query.get("unix_socket"):  # named like a Pool: the port always
+        where = f"{where}:{url.port or 3306}"
     return f"{url.username or ''}@{where}" + (f"/{url.database}" if url.database else "")
 
 FULL, PARTIAL, NONE = "full", "partial", "none"
