@@ -323,3 +323,17 @@ def test_scenario_tables_say_better_or_worse_in_one_direction() -> None:
     (2.8234, "2.82"), (0.000058, "0.000058"), (None, "—")])
 def test_figures_are_shown_with_sensible_precision(value: Any, shown: str) -> None:
     assert report.num(value) == shown
+
+
+def test_a_client_that_never_failed_has_no_failure_latency() -> None:
+    from connguard.bench.common import failure_latency
+
+    latency = failure_latency(ScenarioResult("outage: failed-call latency", "ms", False, [
+        Measurement("connguard Pool", "ms", [0.0, 0.0]),
+        Measurement("sqlalchemy QueuePool", "ms", [6.5, 6.1])]))
+    assert [m.client for m in latency.measurements] == ["sqlalchemy QueuePool"]
+    assert latency.notes == ["no failed calls, so no failure latency: connguard Pool"]
+    doc = report.results_document([latency], "10.11")
+    row = report.summary_rows(doc)[0]
+    assert row[2] == "no failed calls (connguard Pool)" and row[4] == "better (none failed)"
+    assert "| 0 (connguard" not in report.markdown(doc)

@@ -87,6 +87,20 @@ class ScenarioResult:
                 "series": self.series}
 
 
+NO_FAILURES = "no failed calls, so no failure latency: "
+
+
+def failure_latency(result: ScenarioResult) -> ScenarioResult:
+    """A failure-latency scenario: a client none of whose calls failed has no latency to
+    show (a 0 would read as "fastest to fail"): it is left out and named in a note."""
+    none = [m.client for m in result.measurements
+            if m.rounds and all(r == 0 for r in m.rounds)]
+    if none:
+        result.measurements = [m for m in result.measurements if m.client not in none]
+        result.notes.append(NO_FAILURES + ", ".join(none))
+    return result
+
+
 def is_connguard(client: str) -> bool:
     """Whether a client name stands for connguard (its pool, drop-in, plugin or census)."""
     return client.startswith("connguard")

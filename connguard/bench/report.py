@@ -15,7 +15,7 @@ import statistics
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from connguard.bench.common import ScenarioResult, is_connguard, machine
+from connguard.bench.common import NO_FAILURES, ScenarioResult, is_connguard, machine
 
 SCHEMA_VERSION = 1
 
@@ -155,15 +155,30 @@ def summary_rows(doc: Dict[str, Any]) -> List[Tuple[str, str, str, str, str]]:
         ms = {m["client"]: m for m in s["measurements"]}
         ours = next((m for m in s["measurements"] if is_connguard(m["client"])), None)
         best = ms.get(s["best_alternative"] or "")
+        direction = "higher is better" if s["higher_is_better"] else "lower is better"
+        never = _never_failed(s)
+        if ours is None and never and best is not None:
+            rows.append((s["name"], f"{best['unit']}, {direction}", f"no failed calls ({never})",
+                         f"{num(best['median'])} ({best['client']})", "better (none failed)"))
+            continue
         if ours is None or best is None:
             continue
-        direction = "higher is better" if s["higher_is_better"] else "lower is better"
         verdict = ("— (connguard vs itself)" if s["name"].startswith(INTERNAL_PREFIXES) else
                    verdict_text(ours["median"], best["median"], s["higher_is_better"]))
         rows.append((s["name"], f"{ours['unit']}, {direction}",
                      f"{num(ours['median'])} ({ours['client']})",
                      f"{num(best['median'])} ({best['client']})", verdict))
     return rows
+
+
+def _never_failed(scenario: Dict[str, Any]) -> Optional[str]:
+    """The connguard client a failure-latency scenario left out for having no failed call."""
+    for note in scenario["notes"]:
+        if note.startswith(NO_FAILURES):
+            ours = [c for c in note[len(NO_FAILURES):].split(", ") if is_connguard(c)]
+            if ours:
+                return ours[0]
+    return None
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import pymysql
 
 import connguard
-from connguard.bench.common import Measurement, ScenarioResult
+from connguard.bench.common import Measurement, ScenarioResult, failure_latency
 from connguard.testing import wait_until
 
 PLAIN = "pymysql (connect per request)"
@@ -484,9 +484,10 @@ def outage(start_server: StartServer, quick: bool, step: Step = _no_step,
                        "statements cut off by the stop fail.",
                        False, _measurements(clients, "errors", runs, "errors"), params=params,
                        notes=[_codes_note(codes)]),
-        ScenarioResult("outage: failed-call latency", "Median duration of a failed call while "
-                       "the server is down (fail fast: lower is better).", False,
-                       _measurements(clients, "ms", runs, "failed_call_ms"), params=params),
+        failure_latency(ScenarioResult(
+            "outage: failed-call latency", "Median duration of a failed call while the server "
+            "is down (fail fast: lower is better).", False,
+            _measurements(clients, "ms", runs, "failed_call_ms"), params=params)),
         ScenarioResult("outage: recovery", "Seconds from the server accepting connections "
                        "again to the first successful call.", False,
                        _measurements(clients, "s", runs, "recovery"), params=params,
