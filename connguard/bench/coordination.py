@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import multiprocessing
 import shutil
 import tempfile
@@ -129,6 +130,9 @@ def _knock(pool: connguard.Pool, start_at: float, end: float) -> None:
 
 def _outage_worker(pipe: Any) -> None:
     """Runs in a spawned process: for each job, threads knock on a dead port through one pool."""
+    # The breaker opening on a port nobody listens on is the scenario, not news: its WARNING
+    # from every worker would bury the bench's own output.
+    logging.getLogger("connguard.storm").setLevel(logging.ERROR)
     while True:
         job = pipe.recv()
         if job is None:
