@@ -638,6 +638,9 @@ def _server(target: Target, connect: Connect) -> Tuple[Dict[str, Any], List[Chec
         translated = errors.translate(exc, host=host, port=port,
                                       password=target.password, during_connect=True)
         text = getattr(translated, "cause", "") or str(translated).split("\n", 1)[0]
+        remedies = getattr(translated, "remedies", None)
+        if remedies:  # what to do, as the library's own error says it
+            text += f" — {remedies[0]}"
         text = errors.redact(text, target.password)
         # The server answered, but refused this login (wrong password, blocked host,
         # too many connections): it is reachable; the login is what failed.

@@ -21,6 +21,7 @@ and :func:`is_disconnect` answer the questions the pool and reconnect logic ask.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno as errno_codes
 import importlib
 import ipaddress
@@ -548,6 +549,21 @@ def _restore(
     inst.args = args
     inst.__dict__.update(state)
     return inst
+
+
+def detached(err: BaseException) -> BaseException:
+    """A copy of ``err`` that keeps no frame alive: no traceback, no chained exceptions, its
+    ``original`` detached too. What a long-lived object (a process-wide storm gate) keeps:
+    a traceback holds every local of every frame it passed (engines, pools, connections)."""
+    try:
+        new = copy.copy(err)
+    except Exception:  # noqa: BLE001 - an exception class that cannot be rebuilt
+        new = Exception(f"{type(err).__name__}: {err}")
+    new.__traceback__ = new.__cause__ = new.__context__ = None
+    original = getattr(new, "original", None)
+    if isinstance(original, BaseException) and original is not err:
+        new.original = detached(original)  # type: ignore[attr-defined]
+    return new
 
 
 def as_driver_error(err: BaseException, driver_error: Type[BaseException]) -> BaseException:

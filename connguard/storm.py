@@ -252,7 +252,7 @@ class Breaker:
 
     def failed(self, now: float, wait: float, error: BaseException) -> None:
         self.failures += 1
-        self.last_error = error
+        self.last_error = error  # detached by the gate: it outlives every caller
         self.probing = False
         if self.state == HALF_OPEN or self.failures >= self.threshold:
             self.state, self.open_until = OPEN, now + wait
@@ -264,8 +264,8 @@ class Breaker:
         self.state, self.probing = OPEN, False
         self.open_until = max(self.open_until, now + wait)
         self.failures = max(self.failures, failures)
-        if self.last_error is None:
-            self.last_error = error
+        if self.last_error is None and error is not None:
+            self.last_error = errors.detached(error)
 
     def retry_after(self, now: float) -> float:
         return max(0.0, self.open_until - now)
@@ -514,6 +514,7 @@ class ConnectGate:
     def failed(self, error: BaseException) -> None:
         """Record a failed attempt (``error`` translated). Permanent errors do not count."""
         code = error.args[0] if error.args else None
+        kept = errors.detached(error)  # the gate outlives its callers: keep no frame alive
         if errors.is_transient(error) is False:
             with self._lock:
                 self._release_probe()
@@ -534,10 +535,10 @@ class ConnectGate:
             if code in CAPACITY_CODES:
                 self._breaker.probing = False  # the server is up, only full: no breaker
                 self._breaker.failures += 1
-                self._breaker.last_error = error
+                self._breaker.last_error = kept
             else:
                 was = self._breaker.state
-                self._breaker.failed(now, wait, error)
+                self._breaker.failed(now, wait, kept)
                 opened = was == CLOSED and self._breaker.state == OPEN
                 self._announced = self._announced or opened
                 self.opens += opened

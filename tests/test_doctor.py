@@ -228,6 +228,7 @@ def test_unreachable_and_refused_logins_are_red_without_the_password(
     line = by_name(json.loads(out)["checks"])["reachable"]
     assert code == cli.EXIT_RED and line["verdict"] == RED
     assert "cannot reach" in line["note"]
+    assert "check that the server is running" in line["note"]  # and what to do about it
     wrong = APP_PASSWORD + "-wrong"
     code, out, err = run_doctor(capsys, "--dsn",
                                 f"mysql://app:{wrong}@127.0.0.1:{mariadb.port}/app")
@@ -385,5 +386,6 @@ def test_a_wrong_password_is_a_refused_login_on_a_reachable_server(mariadb: Mari
     assert by_id["server.reachable"]["verdict"] == GREEN
     assert by_id["server.login"]["verdict"] == RED
     assert "access denied" in by_id["server.login"]["note"].lower()
+    assert "check the user name, the password" in by_id["server.login"]["note"]
     assert document["server"]["reachable"] is True and code == cli.EXIT_RED
     assert APP_PASSWORD not in out

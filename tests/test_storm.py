@@ -246,3 +246,35 @@ def test_bad_policy_values_are_named(kwargs: Any, word: str) -> None:
     assert word in str(info.value)
 
 
+
+
+def test_the_gate_keeps_no_frame_of_a_failed_caller_alive() -> None:
+    # The gate lives as long as the process; the error it keeps for its messages must not
+    # keep the failed caller's frames (and their engines, pools, connections) alive with it.
+    import gc
+    import weakref
+
+    class Engine:
+        pass
+
+    def fail_inside(engine: Engine) -> BaseException:
+        try:
+            raise pymysql.err.OperationalError(
+                2003, "Can't connect to MySQL server on '127.0.0.1' ([Errno 111] refused)")
+        except pymysql.err.OperationalError as exc:
+            return connguard.translate(exc, host="127.0.0.1", port=3306, diagnose=False)
+
+    clock = FakeClock()
+    gate = ConnectGate(StormPolicy(breaker_threshold=1), "127.0.0.1", 3306, clock=clock,
+                       sleep=clock.sleep)
+    engine = Engine()
+    alive = weakref.ref(engine)
+    error = fail_inside(engine)
+    gate.admit(clock.now + 60)
+    gate.failed(error)
+    del engine, error
+    gc.collect()
+    assert alive() is None
+    with pytest.raises(connguard.CircuitOpen) as info:  # and the message still names it
+        gate.admit(clock.now + 60, fail_fast=True)
+    assert "ServerUnavailable" in str(info.value) or "cannot reach" in str(info.value)
