@@ -50,13 +50,16 @@ class Connector:
 
     def open(self, deadline: float = float("inf"),
              connect: Optional[Callable[[], Any]] = None,
-             started: Optional[float] = None) -> pymysql.connections.Connection:
+             started: Optional[float] = None,
+             pause: Optional[Callable[[float], None]] = None) -> pymysql.connections.Connection:
         """Open a connection, waiting for the gate until ``deadline`` (monotonic) at most;
         the handshake is bounded by ``connect_timeout`` and by the deadline.
 
         ``connect``: what opens it, instead of connguard's own PyMySQL connection (the
         SQLAlchemy plugin passes the dialect's connect); guard, gate and translation stay.
         ``started``: when the caller's checkout began (monotonic), for how long it waited.
+        ``pause``: how the caller waits for the gate when it must not block its thread (an
+        event loop's sleep; see ConnectGate.admit).
 
         During an outage of a server this process has reached before, a failed attempt is
         not the caller's answer: it waits for the gate's next attempt (backoff, breaker
@@ -69,7 +72,7 @@ class Connector:
             if self.guard is not None:
                 self.guard.preflight()
             if self.gate is not None:
-                self.gate.admit(deadline, self.fail_fast, began)  # its refusals are final
+                self.gate.admit(deadline, self.fail_fast, began, pause)  # refusals are final
             try:
                 return self._attempt(deadline, connect)
             except errors.ConnGuardError as exc:

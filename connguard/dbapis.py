@@ -8,7 +8,9 @@ imported unless an engine uses it.
 
 PyMySQL: the socket object (``conn._sock``). mysqlclient (``mysql+mysqldb``): the connection
 itself, which answers ``fileno()`` with its socket's descriptor while open (and raises once
-closed, which counts as dead).
+closed, which counts as dead). aiomysql and asyncmy (async engines): SQLAlchemy's adapter
+wraps the driver's connection; the descriptor is the socket of its asyncio transport, which
+only the event loop may close (see :attr:`DriverFacts.is_async` and the plugin's reaper).
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ class DriverFacts:
     pollable: Callable[[Any], Any]  #: something with ``fileno()``, or None once closed
     drop_inherited: Callable[[Any], None]  #: in a forked child: let go without a word
     thread_id: Callable[[Any], Optional[int]]  #: the server's id of the session, for messages
-    module: Any = pymysql  #: the DBAPI module
+    module: Any = pymysql  #: the DBAPI module (for async engines: SQLAlchemy's adapter of it)
+    #: Connections live on an event loop: never wait in the loop's thread, and let the loop
+    #: close their transports.
+    is_async: bool = False
 
     def own_error(self, err: BaseException) -> BaseException:
         """``err``, raised by connguard itself (no driver error behind it), as this driver's
@@ -45,7 +50,9 @@ class DriverFacts:
 
     def watches(self, conn: Any) -> bool:
         """Whether ``conn`` is one of this driver's connections (a proxy that passes for one
-        but hides its socket is not)."""
+        but hides its socket is not; for async engines, SQLAlchemy's adapter of one)."""
+        if self.is_async:
+            conn = getattr(conn, "_connection", None)
         return isinstance(conn, self.connection_class) and (
             self.name != "pymysql" or hasattr(conn, "_sock"))
 
@@ -95,8 +102,51 @@ def _mysqldb(dbapi: Any) -> DriverFacts:
                        _mysqldb_pollable, _mysqldb_drop_inherited, _mysqldb_thread_id, dbapi)
 
 
+# -- aiomysql and asyncmy (async engines) -------------------------------------------------------
+def transport_of(adapted: Any) -> Any:
+    """The asyncio transport under SQLAlchemy's adapter of an aiomysql or asyncmy connection,
+    or None once the driver let go of it (closed)."""
+    conn = adapted._connection
+    writer = getattr(conn, "_writer", None)  # aiomysql: a StreamWriter
+    return writer.transport if writer is not None else getattr(conn, "_transport", None)
+
+
+def _async_pollable(adapted: Any) -> Any:
+    """The transport's socket while the transport is open (the loop reads it: a FIN it has
+    already read leaves the transport closing, one it has not shows in a poll)."""
+    transport = transport_of(adapted)
+    if transport is None or transport.is_closing():
+        return None
+    return transport.get_extra_info("socket")
+
+
+def _async_thread_id(adapted: Any) -> Optional[int]:
+    conn = adapted._connection
+    tid = getattr(conn, "server_thread_id", None)  # PyMySQL-style (asyncmy): a tuple
+    if tid:
+        return int(tid[0])
+    try:
+        return int(conn.thread_id())  # aiomysql
+    except Exception:  # noqa: BLE001 - closed: no session to name
+        return None
+
+
+def _left_to_the_parent(conn: Any) -> None:
+    """In a forked child, an async connection is not touched: its loop is the parent's, and
+    closing the inherited descriptor alone sends nothing while the parent holds it."""
+
+
+def _async(name: str, dbapi: Any) -> DriverFacts:
+    import importlib  # the driver the dialect already loaded
+
+    connection = importlib.import_module(name + ".connection")
+    return DriverFacts(name, connection.Connection, dbapi.Error,
+                       _async_pollable, _left_to_the_parent, _async_thread_id, dbapi,
+                       is_async=True)
+
+
 #: The dialects' driver names connguard guards fully.
-GUARDED = frozenset({"pymysql", "mysqldb"})
+GUARDED = frozenset({"pymysql", "mysqldb", "aiomysql", "asyncmy"})
 
 
 def facts_for(dialect: Any) -> Optional[DriverFacts]:
@@ -107,4 +157,6 @@ def facts_for(dialect: Any) -> Optional[DriverFacts]:
     dbapi = getattr(dialect, "loaded_dbapi", None) or getattr(dialect, "dbapi", None)
     if dialect.driver == "mysqldb" and getattr(dbapi, "__name__", None) == "MySQLdb":
         return _mysqldb(dbapi)  # not another module given as module= (PyMySQL's shim, say)
+    if dialect.driver in ("aiomysql", "asyncmy") and getattr(dialect, "is_async", False):
+        return _async(dialect.driver, dbapi)
     return None

@@ -1,7 +1,9 @@
 """SQLAlchemy engine plugin: ``create_engine(url + "?plugin=connguard")``.
 
 What it does to an engine on the ``mysql+pymysql`` or ``mysql+mysqldb`` (mysqlclient)
-dialect (or ``mariadb+...``):
+dialect (or ``mariadb+...``), and to async engines on ``mysql+aiomysql`` and ``mysql+asyncmy``
+(their waits yield to the event loop, their dead idle connections are closed by their loop,
+their pool stays SQLAlchemy's):
 
 * every new DBAPI connection is opened by the dialect's own ``connect`` (so the engine's
   DBAPI module, ``module=`` or a patched ``pymysql.connect``, does the connecting) inside
@@ -28,6 +30,7 @@ What differs between drivers is in :mod:`connguard.dbapis`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import socket
@@ -535,6 +538,9 @@ class EngineGuard:
         self._listeners = events.Listeners()
         self._failures: Counter = Counter()  # connect failures by exception class
         self._connect_time = Histogram()
+        # Async engines: idle connections and the loop each lives on, for the reaper, which
+        # may only ask that loop to close a dead one (checkin adds, checkout removes).
+        self._idle_on_loop: Dict[Any, Tuple[Any, asyncio.AbstractEventLoop]] = {}
 
     # -- installation ----------------------------------------------------------------------
     def install(self, custom_creator: bool) -> None:
@@ -548,11 +554,12 @@ class EngineGuard:
         event.listen(engine.pool, "connect", self._on_connect)
         if self.support == PARTIAL:
             _warn(f"connguard: driver {engine.dialect.driver!r} is not one connguard "
-                  "guards (pymysql, mysqldb); only "
+                  "guards (pymysql, mysqldb, aiomysql, asyncmy); only "
                   "recycling below the server's wait_timeout and the guarded pool (adaptive "
                   "ceiling, handshake cap) apply. Not applied: guarded connects (resource "
                   "guard, storm gate), the peer-closed check on checkout, the reaper, error "
-                  "translation. Use mysql+pymysql or mysql+mysqldb for all of it.")
+                  "translation. Use mysql+pymysql, mysql+mysqldb, mysql+aiomysql or mysql+asyncmy "
+                  "for all of it.")
             if self._budget() is not None:
                 reaper.register(self)  # refreshes the leases (the rest is for PyMySQL only)
             return
@@ -650,9 +657,10 @@ class EngineGuard:
             engine.pool, QueuePool) else None
         started = deadline - timeout if timeout is not None and deadline != float(
             "inf") else None
+        pause = _loop_pause if self.facts.is_async else None  # never block an event loop
         try:
             return self._connector_for(cparams).open(deadline, connect=connect,
-                                                     started=started)
+                                                     started=started, pause=pause)
         except errors.ConnGuardError as exc:  # the gate's or the guard's own refusal
             own = self.facts.own_error(exc)
             if own is exc:
@@ -751,6 +759,10 @@ class EngineGuard:
         shared = []
         settings = self.options.coordination_settings
         coordinator = _coordinator(self.options)
+        if coordinator is not None and self.facts.is_async:
+            _warn("connguard: a shared coordinator (Redis) is not used by async engines: its "
+                  "client would block the event loop; the local gate and the host gate apply")
+            coordinator = None
         if coordinator is not None:
             # The probe slot lapses a little after the longest a handshake may take.
             probe_timeout = float(kwargs.get("connect_timeout") or 10) + 1.0
@@ -822,7 +834,9 @@ class EngineGuard:
         limit = self.idle_timeout
         if engine is None or limit is None or self._user_recycle:
             return
-        if self.support == PARTIAL or not self.options.reaper:
+        # The reaper closes idle connections of async engines only when dead (their
+        # transports are the loop's): SQLAlchemy's recycle keeps them below wait_timeout.
+        if self.support == PARTIAL or not self.options.reaper or self.facts.is_async:
             engine.pool._recycle = int(limit)
 
     # -- checkout / checkin ----------------------------------------------------------------
@@ -840,8 +854,12 @@ class EngineGuard:
                 return
         elif not self.facts.watches(dbapi_conn):
             return  # a do_connect listener's own connection: nothing to check (warned once)
-        elif not self._other_driver_dead(dbapi_conn, probe):
-            return
+        else:
+            if self.facts.is_async:
+                with self._lock:
+                    self._idle_on_loop.pop(record, None)
+            if not self._other_driver_dead(dbapi_conn, probe):
+                return
         self._count("peer_closed")
         raise sa_exc.DisconnectionError(
             f"connguard: connection {self._facts_of(dbapi_conn).thread_id(dbapi_conn)} was "
@@ -864,6 +882,14 @@ class EngineGuard:
 
     def _on_checkin(self, dbapi_conn: Any, record: Any) -> None:
         record.info[_IDLE_SINCE] = time.monotonic()
+        if self.facts.is_async and self.options.reaper and dbapi_conn is not None \
+                and self.facts.watches(dbapi_conn):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # returned outside its loop (a finalizer): not watched
+                return
+            with self._lock:
+                self._idle_on_loop[record] = (dbapi_conn, loop)
 
     def _on_invalidate(self, dbapi_conn: Any, record: Any, exception: Any) -> None:
         self._count("invalidated")
@@ -911,6 +937,10 @@ class EngineGuard:
         pool = engine.pool
         if isinstance(pool, GuardedQueuePool):
             pool.connguard_refresh()  # the global budget: surplus, leases kept alive
+        if self.facts.is_async:
+            if self.options.reaper:
+                self._reap_on_loops()
+            return
         queue = _idle_queue(pool)
         if queue is None or not self.options.reaper or self.support != FULL:
             return
@@ -921,6 +951,30 @@ class EngineGuard:
                   if (reason := self._retire_reason(rec, conn, now)) is not None]
         if doomed:
             self._close_idle(pool, queue, doomed, now)
+
+    def _reap_on_loops(self) -> None:
+        """Async engines: find idle connections whose server end closed and ask their event
+        loop to close the transport (only the loop may); the record stays in the pool and
+        connects again at its next checkout, when the checkout check finds it closed."""
+        with self._lock:
+            idle = list(self._idle_on_loop.items())
+        for record, (conn, loop) in idle:
+            if record.dbapi_connection is not conn:
+                dead = False  # replaced since (invalidated, recycled): forget it below
+            else:
+                sock = self.facts.pollable(conn)
+                dead = sock is not None and peer_closed(sock)
+                if not dead:
+                    continue
+                try:
+                    loop.call_soon_threadsafe(_close_transport, conn)
+                except RuntimeError:  # the loop is closed: its transports went with it
+                    dead = False
+            with self._lock:
+                if self._idle_on_loop.get(record, (None,))[0] is conn:
+                    del self._idle_on_loop[record]
+            if dead:
+                self._count("reaped")
 
     def _retire_reason(self, record: Any, conn: Any, now: float) -> Optional[str]:
         if conn is None:
@@ -1059,6 +1113,27 @@ class EngineGuard:
 
 _COUNTERS = ("checkouts", "peer_closed", "reaped", "idle_evicted", "connects",
              "connect_errors", "invalidated", "disconnects", "translated")
+
+
+def _loop_pause(seconds: float) -> None:
+    """Wait without blocking the event loop: inside SQLAlchemy's greenlet, hand the loop an
+    ``asyncio.sleep`` and come back when it is done."""
+    from sqlalchemy.util import await_only
+
+    await_only(asyncio.sleep(seconds))
+
+
+def _close_transport(conn: Any) -> None:
+    """On the connection's event loop: close a dead idle connection the driver's own way
+    without a word to the server (its ``close()``, which SQLAlchemy's terminate uses too):
+    the socket leaves CLOSE_WAIT, and the driver knows it is closed, so SQLAlchemy's later
+    invalidation finds nothing left to close."""
+    try:
+        conn._connection.close()
+    except Exception:  # noqa: BLE001 - a dead connection may fail to close: it is gone
+        transport = dbapis.transport_of(conn)
+        if transport is not None:
+            transport.close()
 
 
 def _trigger_4031(exc: BaseException) -> bool:

@@ -216,6 +216,10 @@ REPLACEMENT_WINDOW = 5.0
 #: Seconds after which a breaker's probe that never reported is given to another caller.
 PROBE_LAPSE = 30.0
 
+#: How often a caller that waits on an event loop looks at the gate again (it cannot be woken
+#: by a condition): a probe's success reaches it this much later at most.
+ASYNC_POLL = 0.02
+
 #: The longest a waiting caller sleeps before it looks at the breaker again (a probe that
 #: never reports, a deadline of "forever").
 MAX_PAUSE = 1.0
@@ -338,7 +342,7 @@ class ConnectGate:
 
     # -- the protocol the connector follows: admit(), then succeeded() or failed() ----------
     def admit(self, deadline: float, fail_fast: bool = False,
-              started: Optional[float] = None) -> bool:
+              started: Optional[float] = None, pause: Optional[Sleep] = None) -> bool:
         """Wait for permission to connect; return whether this attempt is the breaker's probe.
 
         While the breaker is open the caller waits for the next probe and its outcome, up
@@ -347,14 +351,16 @@ class ConnectGate:
         long connects have been failing. ``fail_fast=True`` answers an open breaker at once
         with :class:`~connguard.errors.CircuitOpen` instead, without touching the network.
         ``started``: when the caller began waiting (its checkout), for the error's
-        ``waited``; default now.
+        ``waited``; default now. ``pause``: how this caller waits, when it must not block its
+        thread (an event loop's: it sleeps a little at a time, the lock released), instead
+        of the gate's condition.
         """
         if started is None:
             started = self._clock()
         waits = [False]  # counted in outage_waits yet (once per call)
         while True:
-            probe = self._admit_local(started, deadline, fail_fast, waits)
-            shared_open = self._admit_shared(deadline)
+            probe = self._admit_local(started, deadline, fail_fast, waits, pause)
+            shared_open = self._admit_shared(deadline, pause)
             if shared_open is None:
                 break
             # Another process found the server down; the local breaker now holds open as
@@ -370,7 +376,7 @@ class ConnectGate:
         return probe
 
     def _admit_local(self, started: float, deadline: float, fail_fast: bool,
-                     waits: List[bool]) -> bool:
+                     waits: List[bool], pause: Optional[Sleep] = None) -> bool:
         """This process's half of admit(): breaker, backoff, bucket, reconnect pace."""
         with self._lock:
             while True:
@@ -383,7 +389,7 @@ class ConnectGate:
                     if not waits[0]:
                         self.outage_waits += 1
                         waits[0] = True
-                    self._wait_for_probe(now, started, deadline)
+                    self._wait_for_probe(now, started, deadline, pause)
                     continue
                 # A server that answers is never taxed: the bucket paces attempts only while
                 # they fail (an outage, a full server), and relaxes at the first success.
@@ -398,7 +404,7 @@ class ConnectGate:
                     self._breaker.probing = False  # give the probe back while we wait
                 if now + wait > deadline:
                     raise self._unavailable(now, started)
-                self._pause(wait)
+                self._pause(wait, pause)
 
     def _replacement_wait(self, now: float, deadline: float) -> float:
         """Under the lock: seconds until a replacement may go (0: go now, one owed less).
@@ -419,7 +425,8 @@ class ConnectGate:
             self._owed += 1
             self._owed_until = now + REPLACEMENT_WINDOW
 
-    def _wait_for_probe(self, now: float, started: float, deadline: float) -> None:
+    def _wait_for_probe(self, now: float, started: float, deadline: float,
+                        pause: Optional[Sleep] = None) -> None:
         """Under the lock: the breaker is open (or its probe is out); wait for the probe's
         turn or outcome, or raise ServerUnavailable if that comes after ``deadline``."""
         breaker = self._breaker
@@ -427,26 +434,31 @@ class ConnectGate:
         if resume > deadline or now >= deadline:
             raise self._unavailable(now, started)
         # Bounded by the caller's deadline; an attempt's end wakes everyone earlier.
-        self._pause(min(max(resume - now, 0.001), MAX_PAUSE))
+        self._pause(min(max(resume - now, 0.001), MAX_PAUSE), pause)
 
-    def _pause(self, seconds: float) -> None:
-        """Under the lock: let others in for ``seconds`` (or until an attempt ends)."""
-        if self._sleep is None:
+    def _pause(self, seconds: float, pause: Optional[Sleep] = None) -> None:
+        """Under the lock: let others in for ``seconds`` (or until an attempt ends). A
+        caller's own ``pause`` (an event loop's) is not woken by the end of an attempt: it
+        looks again every ASYNC_POLL seconds instead."""
+        sleep = self._sleep if pause is None else pause
+        if sleep is None:
             self._settled.wait(seconds)
             return
         self._lock.release()
         try:
-            self._sleep(seconds)
+            sleep(seconds if pause is None else min(seconds, ASYNC_POLL))
         finally:
             self._lock.acquire()
 
-    def _admit_shared(self, deadline: float) -> Optional[errors.CircuitOpen]:
+    def _admit_shared(self, deadline: float,
+                      pause: Optional[Sleep] = None) -> Optional[errors.CircuitOpen]:
         """Ask the shared halves in turn; when a shared breaker is open, return the
         CircuitOpen for it (the local breaker then holds open as long)."""
         admitted: List[SharedGate] = []
         try:
             for backend in self._shared:
-                refusal = backend.admit(deadline, self._clock, self._sleep or time.sleep)
+                refusal = backend.admit(deadline, self._clock,
+                                        pause or self._sleep or time.sleep)
                 if refusal is not None:
                     with self._lock:
                         self._release_probe()

@@ -276,8 +276,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--src", type=Path,
                         help="unpacked SQLAlchemy sdist (default: download into the cache)")
     parser.add_argument("--only", choices=RUNS, help="run one configuration, compare nothing")
-    parser.add_argument("--driver", choices=("pymysql", "mysqldb"), default="pymysql",
-                        help="the DBAPI driver of --dburi (mysqldb: mysqlclient)")
+    parser.add_argument("--driver", choices=("pymysql", "mysqldb", "aiomysql"),
+                        default="pymysql", help="the DBAPI driver of --dburi (mysqldb: "
+                        "mysqlclient; aiomysql: SQLAlchemy's async support)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="per-test timeout in seconds (pytest-timeout)")
     parser.add_argument("--session-timeout", type=float, default=3600.0,

@@ -1,0 +1,221 @@
+"""The SQLAlchemy plugin on async engines (``mysql+aiomysql``, ``mysql+asyncmy``) against a
+real MariaDB: the checkout check without a round trip, dead idle connections closed by their
+event loop (no CLOSE_WAIT, no checkout needed), an outage waited out through the storm gate
+without ever blocking the loop (a ticker measures the loop's stalls), 1040 translated.
+
+Each test runs its own event loop (``asyncio.run``). ``.ci/run`` sets
+``CONNGUARD_REQUIRE_DRIVERS=1``: a missing driver is then a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib
+import os
+import time
+from typing import Any, Awaitable, Callable, Dict, List
+
+import pytest
+import sqlalchemy as sa
+
+from connguard.sqlalchemy_plugin import stats
+from tests.mariadb import MariaDB, socket_states
+from tests.test_errors_real import DEADLINE, check, fill, raw_connections, report
+
+pytest.importorskip("sqlalchemy.ext.asyncio")
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine  # noqa: E402
+
+DRIVERS = ("aiomysql", "asyncmy")
+POOL_SIZE = 4
+
+
+def _driver(name: str) -> Any:
+    if os.environ.get("CONNGUARD_REQUIRE_DRIVERS") == "1":
+        importlib.import_module("greenlet")
+        return importlib.import_module(name)
+    pytest.importorskip("greenlet", reason="SQLAlchemy's async engines need greenlet")
+    return pytest.importorskip(name, reason=f"{name} is not installed")
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    _driver(request.param)
+    return str(request.param)
+
+
+def engine_for(server: MariaDB, driver: str, **kwargs: Any) -> AsyncEngine:
+    kwargs.setdefault("pool_size", POOL_SIZE)
+    return create_async_engine(server.url(f"mysql+{driver}") + "?plugin=connguard", **kwargs)
+
+
+def run(body: Callable[[], Awaitable[Any]]) -> Any:
+    try:
+        return asyncio.run(body())
+    finally:
+        gc.collect()  # engines sit in cycles; the reaper holds them weakly
+
+
+async def until(condition: Callable[[], bool], deadline: float, message: str) -> None:
+    """Wait on the loop (it must keep running: it does the closing) for ``condition``."""
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, f"timed out after {deadline:.0f}s waiting for {message}"
+        await asyncio.sleep(0.02)
+
+
+async def connection_id(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.exec_driver_sql("SELECT CONNECTION_ID()")).scalar())
+
+
+async def fill_idle(engine: AsyncEngine, n: int) -> List[int]:
+    conns = [await engine.connect() for _ in range(n)]
+    ids = [int((await c.exec_driver_sql("SELECT CONNECTION_ID()")).scalar()) for c in conns]
+    for c in conns:
+        await c.close()
+    return ids
+
+
+def test_async_engines_are_guarded_fully(mariadb: MariaDB, driver: str) -> None:
+    async def body() -> Dict[str, Any]:
+        engine = engine_for(mariadb, driver)
+        try:
+            assert await connection_id(engine) > 0
+            return stats(engine.sync_engine)
+        finally:
+            await engine.dispose()
+    counts = run(body)
+    assert counts["support"] == "full" and counts["connects"] == 1
+
+
+def test_killed_idle_connections_are_replaced_without_a_ping(mariadb: MariaDB,
+                                                             driver: str) -> None:
+    async def body() -> None:
+        engine = engine_for(mariadb, driver, connguard_reaper=False)
+        try:
+            killed = await fill_idle(engine, POOL_SIZE)
+            for tid in killed:
+                mariadb.kill(tid)
+            await until(lambda: mariadb.app_threads() == [], DEADLINE, "the KILLs")
+            pings = mariadb.status("Com_admin_commands")
+            failures = []
+            for _ in range(200):
+                try:
+                    assert await connection_id(engine) not in killed
+                except Exception as exc:  # noqa: BLE001 - counted below
+                    failures.append(exc)
+            assert not failures, failures[:3]
+            assert mariadb.status("Com_admin_commands") == pings  # no COM_PING
+            assert stats(engine.sync_engine)["peer_closed"] == POOL_SIZE
+        finally:
+            await engine.dispose()
+    run(body)
+
+
+# aiomysql keeps a transport open after the server's FIN (asyncio's stream protocol leaves it
+# half open), so the socket sits in CLOSE_WAIT until the reaper asks the loop to close it;
+# asyncmy closes its transport at EOF itself, leaving the reaper nothing to do.
+REAPED_BY_CONNGUARD = {"aiomysql": POOL_SIZE, "asyncmy": 0}
+
+
+def test_dead_idle_connections_leave_close_wait_without_a_checkout(mariadb: MariaDB,
+                                                                   driver: str) -> None:
+    async def body() -> float:
+        engine = engine_for(mariadb, driver)
+        try:
+            killed = await fill_idle(engine, POOL_SIZE)
+            began = time.monotonic()
+            for tid in killed:
+                mariadb.kill(tid)
+            await until(lambda: mariadb.app_threads() == [], DEADLINE, "the KILLs")
+            # The documented bound is 2 s (reaper period 0.5 s); generous for a loaded box.
+            await until(lambda: stats(engine.sync_engine)["reaped"]
+                        == REAPED_BY_CONNGUARD[driver]
+                        and socket_states(mariadb.port).get("close_wait", 0) == 0, DEADLINE,
+                        "no CLOSE_WAIT toward the server")
+            took = time.monotonic() - began
+            for _ in range(20):  # the emptied connections connect again, without an error
+                assert await connection_id(engine) not in killed
+            return took
+        finally:
+            await engine.dispose()
+    print(f"{driver}: no CLOSE_WAIT {run(body):.2f} s after the KILLs")
+
+
+async def _ticker(gaps: List[float], stop: asyncio.Event) -> None:
+    """The loop's stalls: how late each 1 ms sleep comes back."""
+    while not stop.is_set():
+        before = time.monotonic()
+        await asyncio.sleep(0.001)
+        gaps.append(time.monotonic() - before - 0.001)
+
+
+def test_an_outage_is_waited_out_without_blocking_the_loop(mariadb_factory: Any,
+                                                           driver: str) -> None:
+    server = mariadb_factory()
+
+    async def caller(engine: AsyncEngine, outcomes: List[str]) -> None:
+        try:
+            await connection_id(engine)
+            outcomes.append("served")
+        except sa.exc.OperationalError as exc:
+            outcomes.append(type(exc.orig).__name__)
+
+    async def body() -> Dict[str, Any]:
+        engine = engine_for(server, driver, pool_timeout=10)
+        try:
+            await fill_idle(engine, POOL_SIZE)
+            gaps: List[float] = []
+            stop = asyncio.Event()
+            ticker = asyncio.ensure_future(_ticker(gaps, stop))
+            server.kill_app_connections()
+            server.stop()
+            outcomes: List[str] = []
+            callers = [asyncio.ensure_future(caller(engine, outcomes)) for _ in range(20)]
+            # The storm: 20 callers against a stopped server. Attempts are counted once the
+            # breaker is open (the first failures open it), over 1.5 s.
+            await until(lambda: stats(engine.sync_engine)["breaker"] == "open", DEADLINE,
+                        "the breaker to open")
+            attempts_before = stats(engine.sync_engine)["connect_attempts"]
+            await asyncio.sleep(1.5)
+            attempts = stats(engine.sync_engine)["connect_attempts"] - attempts_before
+            await asyncio.get_running_loop().run_in_executor(None, server.start)
+            await asyncio.wait_for(asyncio.gather(*callers), DEADLINE)
+            stop.set()
+            await ticker
+            return {"gaps": sorted(gaps), "outcomes": outcomes, "attempts": attempts}
+        finally:
+            await engine.dispose()
+    result = run(body)
+    gaps = result["gaps"]
+    print(f"{driver}: loop stalls p50 {gaps[len(gaps) // 2] * 1000:.2f} ms, p99 "
+          f"{gaps[int(len(gaps) * 0.99)] * 1000:.2f} ms, max {gaps[-1] * 1000:.2f} ms over "
+          f"{len(gaps)} ticks; connect attempts in 1.5 s with the breaker open: "
+          f"{result['attempts']}")
+    assert result["outcomes"] == ["served"] * 20  # all waited for the server, none failed
+    assert 0 < result["attempts"] <= 8  # one probe per 0.2-0.25 s: <= 5/s, as without async
+    assert gaps[int(len(gaps) * 0.99)] < 0.005  # the loop never waited on the gate
+    assert gaps[-1] < 0.2  # a blocking gate pause would stall it 0.2-1 s
+
+
+def test_1040_comes_out_translated(mariadb_factory: Any, driver: str) -> None:
+    server = mariadb_factory(max_connections=10)
+
+    async def body() -> BaseException:
+        engine = engine_for(server, driver, pool_timeout=1)
+        try:
+            with pytest.raises(sa.exc.OperationalError) as info:
+                await connection_id(engine)
+            return info.value.orig
+        finally:
+            await engine.dispose()
+
+    with raw_connections() as held:
+        assert fill(server, held).args[0] == 1040
+        err = run(body)
+    rep = report(err)
+    check(rep, "TooManyConnections", transient=True, code=1040,
+          first_has=[f"too many connections to 127.0.0.1:{server.port}"])
+    module = "pymysql" if driver == "aiomysql" else driver  # aiomysql raises PyMySQL's
+    assert any(c.startswith(module) and c.endswith(".OperationalError") for c in rep["classes"])
