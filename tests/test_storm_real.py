@@ -80,7 +80,9 @@ def test_outage_callers_wait_and_are_served_when_the_server_returns(
     waiting = outage.waiting_at_accept()
     assert len(waiting) >= 16 and all(ok for _, ok, _ in waiting)
     served = max(t + d for t, _, d in waiting) - outage.accepted
-    assert served <= 0.3, f"the last waiting caller was served {served:.3f} s after accept"
+    # Goal 0.3 s: the next probe (every 0.2-0.25 s) plus a handshake (0.05-0.23 s measured on
+    # an idle machine). Bound 0.5 s: a loaded 2-core machine wakes and greets later.
+    assert served <= 0.5, f"the last waiting caller was served {served:.3f} s after accept"
 
 
 def test_outage_past_the_callers_timeout_is_server_unavailable(mariadb_factory: Any) -> None:
