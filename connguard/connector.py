@@ -7,6 +7,8 @@ with the cached SSL context, and any failure leaves here translated.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -18,6 +20,8 @@ from connguard.storm import ConnectGate
 
 #: Connect failures of a server that is down or restarting (refused, unreachable, timed out,
 #: cut off during the handshake, shutting down, listen queue full): worth waiting out.
+_TIMEOUTS = (asyncio.TimeoutError, socket.timeout)
+
 OUTAGE_ERRORS = (errors.ServerUnavailable, errors.ConnectionLost, errors.ServerShuttingDown,
                  errors.ResourceTemporarilyUnavailable)
 
@@ -106,7 +110,9 @@ class Connector:
             raise UnicodeEncodeError(exc.encoding, "", 0, 0, f"{exc.reason} (a connect "
                                      "argument, perhaps the password: not shown)") from None
         except Exception as exc:
-            if not errors.is_driver_error(exc):  # the server's answer, or the network's
+            # The server's answer, or the network's: a driver's error, or a connect timeout a
+            # driver let through unwrapped (asyncmy, on Python < 3.11 asyncio's own class).
+            if not (errors.is_driver_error(exc) or isinstance(exc, _TIMEOUTS)):
                 self._abandon(exc)
                 raise
             translated = self.translate(exc, during_connect=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from typing import Any, Callable, Optional, Type
+from typing import Any, Callable, Optional, Tuple, Type
 
 import pymysql
 
@@ -39,6 +39,8 @@ class DriverFacts:
     #: Connections live on an event loop: never wait in the loop's thread, and let the loop
     #: close their transports.
     is_async: bool = False
+    #: Called with each new connection (on the thread that opened it).
+    connected: Callable[[Any], None] = lambda conn: None
 
     def own_error(self, err: BaseException) -> BaseException:
         """``err``, raised by connguard itself (no driver error behind it), as this driver's
@@ -63,9 +65,52 @@ PYMYSQL = DriverFacts("pymysql", pymysql.connections.Connection, pymysql.err.Err
 
 
 # -- mysqlclient (MySQLdb) -------------------------------------------------------------------
+# libmysqlclient owns its descriptor: after a lost connection it keeps the number even once
+# the descriptor was closed and the number reused for another file. Each connection's socket
+# is remembered by (number, device, inode) when it connects, and only that socket is polled or,
+# in a forked child, replaced.
+_IDENTITY = "_cg_socket_identity"
+
+
+def _socket_identity(fd: int) -> Tuple[int, int, int]:
+    st = os.fstat(fd)
+    return fd, st.st_dev, st.st_ino
+
+
+def _mysqldb_connected(conn: Any) -> None:
+    setattr(conn, _IDENTITY, _socket_identity(conn.fileno()))
+    _dead_end()  # made now, in the process that connects: a forked child needs no new fd
+
+
+def _mysqldb_socket(conn: Any) -> Optional[int]:
+    """The connection's descriptor while it still is the socket it connected on."""
+    known = getattr(conn, _IDENTITY, None)
+    try:
+        if known is None or not conn.open or _socket_identity(conn.fileno()) != known:
+            return None
+    except Exception:  # noqa: BLE001 - closed (fileno() refuses) or the number is free
+        return None
+    return int(known[0])
+
+
 def _mysqldb_pollable(conn: Any) -> Any:
-    """The connection itself while open (``fileno()`` is its socket's descriptor)."""
-    return conn if conn.open else None
+    """The connection itself while its socket is the one it connected on (``fileno()`` is
+    its descriptor); None (dead) once it is closed or the number names another file."""
+    return conn if _mysqldb_socket(conn) is not None else None
+
+
+_dead_end_socket: Optional[socket.socket] = None
+
+
+def _dead_end() -> int:
+    """A socket whose peer is gone: what a forked child puts in place of an inherited
+    mysqlclient descriptor. Made once per process before any fork needs it."""
+    global _dead_end_socket
+    if _dead_end_socket is None:
+        ours, other = socket.socketpair()
+        other.close()
+        _dead_end_socket = ours
+    return _dead_end_socket.fileno()
 
 
 def _mysqldb_drop_inherited(conn: Any) -> None:
@@ -73,18 +118,12 @@ def _mysqldb_drop_inherited(conn: Any) -> None:
 
     libmysqlclient's close (also on garbage collection) sends COM_QUIT on the socket, which
     the parent still uses: that would end the parent's session. The descriptor is replaced
-    in this process only (``dup2``) by one end of a socket pair whose other end is closed, so
-    whatever the child's copy later writes goes nowhere; the parent's socket is untouched."""
-    try:
-        fd = conn.fileno()
-    except Exception:  # noqa: BLE001 - already closed: nothing inherited to let go of
-        return
-    ours, other = socket.socketpair()
-    try:
-        os.dup2(ours.fileno(), fd)
-    finally:
-        ours.close()
-        other.close()
+    in this process only (``dup2``) by the dead-end socket (made before the fork), so
+    whatever the child's copy later writes goes nowhere; the parent's socket is untouched.
+    Only the socket the connection connected on is replaced, never a reused number."""
+    fd = _mysqldb_socket(conn)
+    if fd is not None:
+        os.dup2(_dead_end(), fd)
 
 
 def _mysqldb_thread_id(conn: Any) -> Optional[int]:
@@ -99,7 +138,8 @@ def _mysqldb(dbapi: Any) -> DriverFacts:
 
     connections = importlib.import_module(dbapi.__name__ + ".connections")
     return DriverFacts("mysqldb", connections.Connection, dbapi.Error,
-                       _mysqldb_pollable, _mysqldb_drop_inherited, _mysqldb_thread_id, dbapi)
+                       _mysqldb_pollable, _mysqldb_drop_inherited, _mysqldb_thread_id, dbapi,
+                       connected=_mysqldb_connected)
 
 
 # -- aiomysql and asyncmy (async engines) -------------------------------------------------------

@@ -560,9 +560,10 @@ def detached(err: BaseException) -> BaseException:
     except Exception:  # noqa: BLE001 - an exception class that cannot be rebuilt
         new = Exception(f"{type(err).__name__}: {err}")
     new.__traceback__ = new.__cause__ = new.__context__ = None
-    original = getattr(new, "original", None)
-    if isinstance(original, BaseException) and original is not err:
-        new.original = detached(original)  # type: ignore[attr-defined]
+    for name in ("original", "original_exception"):  # connguard's, and PyMySQL's socket error
+        inner = getattr(new, name, None)
+        if isinstance(inner, BaseException) and inner is not err:
+            setattr(new, name, detached(inner))
     return new
 
 

@@ -15,6 +15,8 @@ socket object, 3.6 µs for a bare descriptor, which needs a borrowed socket obje
 readable and only then calls recv, so the flag does not stop it from blocking.
 """
 
+import contextlib
+import fcntl
 import select
 import socket
 from typing import Optional, Protocol, Union
@@ -55,8 +57,11 @@ def _state_of_socket(sock: socket.socket) -> Optional[int]:
 
 
 def _state_of_fd(fd: int) -> Optional[int]:
-    """Read ``tcpi_state`` from a bare descriptor without taking ownership of it."""
+    """Read ``tcpi_state`` from a bare descriptor without taking ownership of it, and without
+    changing it: a socket object made on it would switch it to non-blocking when a default
+    timeout is set (``socket.setdefaulttimeout``), under its owner's feet (libmysqlclient)."""
     try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         borrowed = socket.socket(fileno=fd)
     except OSError:
         # Not a socket (ENOTSOCK) or not open (EBADF).
@@ -67,6 +72,8 @@ def _state_of_fd(fd: int) -> Optional[int]:
         # detach() hands the descriptor back; letting the object close it would close the
         # caller's connection.
         borrowed.detach()
+        with contextlib.suppress(OSError):  # closed meanwhile by its owner: nothing to keep
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
 def tcp_state(sock: SocketLike) -> Optional[int]:

@@ -88,7 +88,10 @@ def _after_fork_in_child() -> None:
     _thread = None
     pools = list(_pools)
     for pool in pools:
-        pool._after_fork_in_child()
+        try:
+            pool._after_fork_in_child()
+        except Exception:  # noqa: BLE001 - one pool's failure must not spare the others
+            log.exception("connguard: a pool could not drop its inherited connections")
     if pools:
         for pool in pools:
             register(pool)

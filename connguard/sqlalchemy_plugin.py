@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import socket
 import ssl
@@ -381,8 +382,9 @@ def _choose_pool_class(url: Any, kwargs: Dict[str, Any]) -> None:
         dialect_cls = url.get_dialect()
     except Exception:  # noqa: BLE001 - create_engine reports an unknown dialect itself
         return
-    if _support(dialect_cls) == NONE or kwargs.get("_is_async"):
-        return  # nothing to guard, or async engines (not supported)
+    if _support(dialect_cls) == NONE or kwargs.get("_is_async") \
+            or getattr(dialect_cls, "is_async", False) is True:
+        return  # nothing to guard, or an async engine: its pool stays SQLAlchemy's (documented)
     if kwargs.get("pool") is not None:
         chosen = type(kwargs["pool"])
     else:
@@ -736,6 +738,8 @@ class EngineGuard:
         host, port = driver.destination(kwargs)
         if not self.options.resource_guard or not port:
             return None  # opted out, or a unix socket: no ephemeral port to run out of
+        if self.facts.is_async and not _is_ip_literal(host):
+            return None  # its census resolves the host: a DNS lookup would block the loop
         guard = self._resource_guard
         if guard is None or (guard.host, guard.port) != (host, port):
             reserves = {name: getattr(self.options, name)
@@ -752,7 +756,11 @@ class EngineGuard:
         host, port = driver.destination(kwargs)
         policy = storm.policy_from_options(dict(self.options.storm_settings))
         host_gate = None
-        if self.options.host_gate:
+        if self.options.host_gate and self.facts.is_async:
+            # Its slots are held per thread, and a loop's coroutines share one thread.
+            _warn("connguard: the host gate is not used by async engines (its slots are held "
+                  "per thread); the process's own gate applies")
+        elif self.options.host_gate:
             directory = self.options.host_gate if isinstance(self.options.host_gate, str) \
                 else None
             host_gate = HostGate(host, port, policy.max_handshakes, directory)
@@ -761,7 +769,7 @@ class EngineGuard:
         coordinator = _coordinator(self.options)
         if coordinator is not None and self.facts.is_async:
             _warn("connguard: a shared coordinator (Redis) is not used by async engines: its "
-                  "client would block the event loop; the local gate and the host gate apply")
+                  "client would block the event loop; the process's own gate applies")
             coordinator = None
         if coordinator is not None:
             # The probe slot lapses a little after the longest a handshake may take.
@@ -776,6 +784,7 @@ class EngineGuard:
             if self.support == FULL:
                 self._warn_foreign(dbapi_conn)
             return  # not a connection to ask anything of (a listener's own, a test double)
+        self._facts_of(dbapi_conn).connected(dbapi_conn)
         if self.wait_timeout is None:
             self._learn_wait_timeout(dbapi_conn)
 
@@ -954,27 +963,42 @@ class EngineGuard:
 
     def _reap_on_loops(self) -> None:
         """Async engines: find idle connections whose server end closed and ask their event
-        loop to close the transport (only the loop may); the record stays in the pool and
-        connects again at its next checkout, when the checkout check finds it closed."""
+        loop to close them (only the loop may touch a transport). The loop decides again:
+        a connection checked out since this pass looked is not idle any more, and a reply
+        it is waiting for would make its socket look dead here."""
         with self._lock:
             idle = list(self._idle_on_loop.items())
         for record, (conn, loop) in idle:
-            if record.dbapi_connection is not conn:
-                dead = False  # replaced since (invalidated, recycled): forget it below
-            else:
-                sock = self.facts.pollable(conn)
-                dead = sock is not None and peer_closed(sock)
-                if not dead:
-                    continue
-                try:
-                    loop.call_soon_threadsafe(_close_transport, conn)
-                except RuntimeError:  # the loop is closed: its transports went with it
-                    dead = False
-            with self._lock:
-                if self._idle_on_loop.get(record, (None,))[0] is conn:
-                    del self._idle_on_loop[record]
-            if dead:
-                self._count("reaped")
+            if record.dbapi_connection is not conn or loop.is_closed():
+                self._forget_idle(record, conn)  # replaced since, or its loop is gone
+                continue
+            sock = self.facts.pollable(conn)
+            if sock is None or not peer_closed(sock):
+                continue
+            try:
+                loop.call_soon_threadsafe(self._close_if_still_idle, record, conn)
+            except RuntimeError:  # the loop closed meanwhile: its transports went with it
+                self._forget_idle(record, conn)
+
+    def _close_if_still_idle(self, record: Any, conn: Any) -> None:
+        """On the connection's loop: close it if it still is idle and dead. Checkouts run on
+        this same thread and take the record out of the idle map first, so this decision
+        cannot race with one."""
+        with self._lock:
+            entry = self._idle_on_loop.get(record)
+            if entry is None or entry[0] is not conn:
+                return  # checked out (or replaced) since the reaper looked
+        sock = self.facts.pollable(conn)
+        if sock is None or not peer_closed(sock):
+            return
+        self._forget_idle(record, conn)
+        _close_transport(conn)
+        self._count("reaped")
+
+    def _forget_idle(self, record: Any, conn: Any) -> None:
+        with self._lock:
+            if self._idle_on_loop.get(record, (None,))[0] is conn:
+                del self._idle_on_loop[record]
 
     def _retire_reason(self, record: Any, conn: Any, now: float) -> Optional[str]:
         if conn is None:
@@ -1025,17 +1049,23 @@ class EngineGuard:
         """The child must not talk on the parent's sockets: drop the idle ones without a word
         (the parent's sessions survive) and give the engine a new pool."""
         self._lock = threading.Lock()
+        self._idle_on_loop = {}  # the parent's loops: not this process's to wake
         engine = self._engine()
         if engine is None:
             return
         queue = _idle_queue(engine.pool)
-        for rec in list(queue.queue) if queue is not None else []:
-            conn = rec.dbapi_connection
-            if conn is not None and self._watches(conn):
-                self._facts_of(conn).drop_inherited(conn)
-        if isinstance(engine.pool, GuardedQueuePool):
-            engine.pool.connguard_after_fork()  # the parent's leases stay the parent's
-        engine.dispose(close=False)
+        try:
+            for rec in list(queue.queue) if queue is not None else []:
+                conn = rec.dbapi_connection
+                try:
+                    if conn is not None and self._watches(conn):
+                        self._facts_of(conn).drop_inherited(conn)
+                except Exception:  # noqa: BLE001 - one connection must not spare the rest
+                    log.exception("connguard: could not let go of an inherited connection")
+            if isinstance(engine.pool, GuardedQueuePool):
+                engine.pool.connguard_after_fork()  # the parent's leases stay the parent's
+        finally:
+            engine.dispose(close=False)  # whatever happened: the child gets its own pool
 
     # -- introspection ---------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
@@ -1113,6 +1143,14 @@ class EngineGuard:
 
 _COUNTERS = ("checkouts", "peer_closed", "reaped", "idle_evicted", "connects",
              "connect_errors", "invalidated", "disconnects", "translated")
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _loop_pause(seconds: float) -> None:

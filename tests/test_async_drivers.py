@@ -13,6 +13,7 @@ import asyncio
 import gc
 import importlib
 import os
+import threading
 import time
 from typing import Any, Awaitable, Callable, Dict, List
 
@@ -115,8 +116,8 @@ def test_killed_idle_connections_are_replaced_without_a_ping(mariadb: MariaDB,
 
 # aiomysql keeps a transport open after the server's FIN (asyncio's stream protocol leaves it
 # half open), so the socket sits in CLOSE_WAIT until the reaper asks the loop to close it;
-# asyncmy closes its transport at EOF itself, leaving the reaper nothing to do.
-REAPED_BY_CONNGUARD = {"aiomysql": POOL_SIZE, "asyncmy": 0}
+# asyncmy closes its transport at EOF itself, usually before the reaper looks.
+REAPED_BY_CONNGUARD = {"aiomysql": (POOL_SIZE,), "asyncmy": tuple(range(POOL_SIZE + 1))}
 
 
 def test_dead_idle_connections_leave_close_wait_without_a_checkout(mariadb: MariaDB,
@@ -131,7 +132,7 @@ def test_dead_idle_connections_leave_close_wait_without_a_checkout(mariadb: Mari
             await until(lambda: mariadb.app_threads() == [], DEADLINE, "the KILLs")
             # The documented bound is 2 s (reaper period 0.5 s); generous for a loaded box.
             await until(lambda: stats(engine.sync_engine)["reaped"]
-                        == REAPED_BY_CONNGUARD[driver]
+                        in REAPED_BY_CONNGUARD[driver]
                         and socket_states(mariadb.port).get("close_wait", 0) == 0, DEADLINE,
                         "no CLOSE_WAIT toward the server")
             took = time.monotonic() - began
@@ -141,6 +142,42 @@ def test_dead_idle_connections_leave_close_wait_without_a_checkout(mariadb: Mari
         finally:
             await engine.dispose()
     print(f"{driver}: no CLOSE_WAIT {run(body):.2f} s after the KILLs")
+
+
+def test_the_reaper_never_closes_a_connection_in_use(mariadb: MariaDB, driver: str) -> None:
+    # A reply on its way makes a busy connection's socket readable, which is what a dead idle
+    # one looks like from the reaper's thread: the loop must decide again before closing.
+    # The reaper's pass runs back to back here (not every 0.5 s), against 16 busy callers.
+    from connguard import sqlalchemy_plugin
+
+    async def body() -> List[BaseException]:
+        engine = engine_for(mariadb, driver, pool_size=8, max_overflow=8)
+        guard = sqlalchemy_plugin._guards[engine.sync_engine.dialect]
+        stop = threading.Event()
+        reaper = threading.Thread(target=lambda: [guard._reap_on_loops()
+                                                  for _ in iter(stop.is_set, True)])
+        failures: List[BaseException] = []
+
+        async def busy(until_: float) -> None:
+            while time.monotonic() < until_:
+                try:
+                    async with engine.connect() as conn:
+                        await conn.exec_driver_sql("SELECT 1")
+                except Exception as exc:  # noqa: BLE001 - counted
+                    failures.append(exc)
+
+        reaper.start()
+        try:
+            end = time.monotonic() + 2.0
+            await asyncio.gather(*(busy(end) for _ in range(16)))
+        finally:
+            stop.set()
+            reaper.join(DEADLINE)
+            await engine.dispose()
+        assert stats(engine.sync_engine)["reaped"] == 0
+        return failures
+    failures = run(body)
+    assert not failures, failures[:3]
 
 
 async def _ticker(gaps: List[float], stop: asyncio.Event) -> None:

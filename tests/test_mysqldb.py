@@ -209,3 +209,28 @@ def test_a_forked_child_leaves_the_parents_sessions_alone(mariadb: MariaDB) -> N
         assert set(parent_ids) <= set(mariadb.app_threads())  # the parent's sessions live on
         with engine.connect() as conn:  # and answer
             assert int(conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar()) in parent_ids
+
+
+def test_a_reused_descriptor_number_is_never_polled_or_replaced(mariadb: MariaDB,
+                                                                 tmp_path: Any) -> None:
+    # libmysqlclient keeps a lost connection's descriptor number after the descriptor is
+    # gone; the number may then name another file, which must be left alone.
+    from connguard import dbapis
+
+    with engine_of(mariadb) as engine:
+        facts = dbapis.facts_for(engine.dialect)
+        assert facts is not None
+        conn = MySQLdb.connect(**_mysqldb_kwargs(mariadb))
+        facts.connected(conn)
+        assert facts.pollable(conn) is conn
+        fd = conn.fileno()
+        os.close(fd)  # as after a lost connection: the number is free
+        other = os.open(tmp_path / "other", os.O_CREAT | os.O_RDWR)
+        try:
+            assert other == fd  # the lowest free number: the connection's old one
+            assert facts.pollable(conn) is None  # dead, not "whatever that file says"
+            facts.drop_inherited(conn)
+            assert os.fstat(other).st_ino == os.stat(tmp_path / "other").st_ino  # untouched
+        finally:
+            os.close(other)
+        conn.close()

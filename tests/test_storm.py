@@ -258,11 +258,17 @@ def test_the_gate_keeps_no_frame_of_a_failed_caller_alive() -> None:
         pass
 
     def fail_inside(engine: Engine) -> BaseException:
-        try:
-            raise pymysql.err.OperationalError(
-                2003, "Can't connect to MySQL server on '127.0.0.1' ([Errno 111] refused)")
+        import socket
+
+        with socket.socket() as closed:  # a port nobody listens on
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        try:  # PyMySQL's own error: its socket error attached, with a traceback
+            pymysql.connect(host="127.0.0.1", port=port, connect_timeout=5)
         except pymysql.err.OperationalError as exc:
-            return connguard.translate(exc, host="127.0.0.1", port=3306, diagnose=False)
+            assert exc.original_exception.__traceback__ is not None
+            return connguard.translate(exc, host="127.0.0.1", port=port, diagnose=False)
+        raise AssertionError("connected to a closed port")
 
     clock = FakeClock()
     gate = ConnectGate(StormPolicy(breaker_threshold=1), "127.0.0.1", 3306, clock=clock,
