@@ -25,7 +25,7 @@ import pymysql
 
 from connguard import coordination, driver, errors, events, metrics, reaper, storm
 from connguard.admission import Admission
-from connguard.arguments import split_arguments
+from connguard.arguments import POOL_OPTIONS, split_arguments
 from connguard.connector import Connector
 from connguard.guard import ResourceGuard
 from connguard.hostgate import HostGate, check_option
@@ -926,3 +926,8 @@ class Pool:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+Pool.__doc__ = (Pool.__doc__ or "") + (
+    "\n    Options (keyword arguments beside PyMySQL's): "
+    + ", ".join(sorted(POOL_OPTIONS)) + ".\n")

@@ -48,3 +48,10 @@ def test_every_option_is_in_the_reference() -> None:
         reference = f.read()
     missing = sorted(o for o in (*POOL_OPTIONS, *OPTION_NAMES) if f"`{o}`" not in reference)
     assert not missing, f"options not in docs/reference.md: {missing}"
+
+
+def test_help_of_pool_names_every_option() -> None:
+    import connguard
+    from connguard.arguments import POOL_OPTIONS
+
+    assert all(name in connguard.Pool.__doc__ for name in POOL_OPTIONS)
