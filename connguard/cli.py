@@ -144,7 +144,8 @@ def _password(args: argparse.Namespace, target: Target,
             return getpass.getpass(f"Password for {target.describe()}: ")
         except (EOFError, KeyboardInterrupt):
             sys.stderr.write("\n")
-            parser.error("no password entered")
+            parser.error("no password entered (set MYSQL_PWD instead to run without a "
+                         "prompt)")
     if target.password is not None:
         return target.password
     return os.environ.get("MYSQL_PWD")
@@ -152,7 +153,7 @@ def _password(args: argparse.Namespace, target: Target,
 
 # --- plain-text tables ------------------------------------------------------------------------
 
-_TITLES = {"host": "Host (fd limits of {process}; --pid PID for a service's)",
+_TITLES = {"host": "Host (fd limits of {process}{pid_hint})",
            "sockets": "Sockets toward {address} (every process on this host)",
            "server": "Server {target}"}
 
@@ -160,7 +161,9 @@ _TITLES = {"host": "Host (fd limits of {process}; --pid PID for a service's)",
 def write_report(report: Report, out: TextIO) -> None:
     target = report.target
     where = target.describe() if target else "this host"
-    names = {"target": where, "process": f"pid {report.process.get('pid')}",
+    pid = report.process.get("pid")
+    names = {"target": where, "process": f"pid {pid}",
+             "pid_hint": "; --pid PID for a service's" if pid == os.getpid() else "",
              "address": target.address() if target else ""}
     out.write(f"connguard doctor: {where}\n")
     for section, title in _TITLES.items():
