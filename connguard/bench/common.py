@@ -152,18 +152,6 @@ def _version(distribution: str) -> Optional[str]:
         return None
 
 
-def write_report(results: List[ScenarioResult], out_dir: str, server_version: str) -> str:
-    """results.json, report.md and charts (see :mod:`connguard.bench.report`); returns the Markdown.
-
-    Kept for the per-module ``main()`` entry points; ``connguard bench`` goes through
-    :func:`connguard.bench.runner.run`.
-    """
-    from connguard.bench import report
-
-    doc = report.results_document(results, server_version)
-    return report.write_all(doc, out_dir)
-
-
 def alternate(rounds: int, clients: Dict[str, Callable[[], float]], unit: str
               ) -> List[Measurement]:
     """Run each client once per round, in turn, for ``rounds`` rounds: a noisy neighbour

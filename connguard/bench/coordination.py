@@ -241,7 +241,7 @@ def run_all(kwargs: Dict[str, Any], quick: bool) -> List[ScenarioResult]:
 if __name__ == "__main__":  # python -m connguard.bench.coordination [--quick]
     import sys
 
-    from connguard.bench.common import write_report
+    from connguard.bench.report import write_results
     from connguard.testing import MariaDB, Template
 
     root = tempfile.mkdtemp(prefix="connguard-bench-")
@@ -256,7 +256,7 @@ if __name__ == "__main__":  # python -m connguard.bench.coordination [--quick]
             began = time.monotonic()
             found = run_all(server.connect_kwargs(), "--quick" in sys.argv)
             print(f"(coordination scenarios took {time.monotonic() - began:.1f}s)")
-            print(write_report(found, os.path.join(root, "out"), server.variable("version")))
+            print(write_results(found, os.path.join(root, "out"), server.variable("version")))
         finally:
             server.destroy()
     finally:

@@ -277,6 +277,13 @@ def _versus_best(scenario: Dict[str, Any], m: Dict[str, Any]) -> str:
     return verdict_text(m["median"], medians.get(best), scenario["higher_is_better"])
 
 
+def write_results(results: Sequence[ScenarioResult], out_dir: str, server_version: str) -> str:
+    """results.json, report.md and charts for ``results``; returns the Markdown. For the
+    per-module ``main()`` entry points; ``connguard bench`` goes through
+    :func:`connguard.bench.runner.run`."""
+    return write_all(results_document(results, server_version), out_dir)
+
+
 def write_all(doc: Dict[str, Any], out_dir: str) -> str:
     """Write the charts (when matplotlib is importable), results.json and report.md."""
     os.makedirs(out_dir, exist_ok=True)

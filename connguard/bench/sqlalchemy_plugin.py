@@ -383,7 +383,7 @@ def main() -> None:
     throwaway MariaDB servers (``connguard.testing``)."""
     import sys
 
-    from connguard.bench.common import write_report
+    from connguard.bench.report import write_results
 
     with _server_starter() as start_server:
         server = start_server(max_connections=500)
@@ -393,7 +393,7 @@ def main() -> None:
                               start_server=start_server)
         finally:
             server.destroy()
-    print(write_report(results, os.path.join("bench-results", "sqlalchemy"), version))
+    print(write_results(results, os.path.join("bench-results", "sqlalchemy"), version))
 
 
 if __name__ == "__main__":
