@@ -47,6 +47,8 @@ import os
 import threading
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from connguard import metrics
+
 log = logging.getLogger("connguard.events")
 
 EVENTS = frozenset({
@@ -136,12 +138,9 @@ def _of(target: Optional[Any]) -> Listeners:
     own = getattr(target, "_listeners", None)
     if isinstance(own, Listeners):
         return own
-    dialect = getattr(target, "dialect", None)
-    if dialect is not None:
-        from connguard import sqlalchemy_plugin
-        guard = sqlalchemy_plugin._guards.get(dialect)
-        if guard is not None:
-            return guard._listeners
+    guard = metrics.engine_guard(target)  # an engine made with the plugin
+    if guard is not None:
+        return guard._listeners
     raise TypeError(f"cannot listen to {target!r}: give a connguard.Pool, an engine made "
                     "with the connguard plugin, or None (every pool)")
 

@@ -21,7 +21,7 @@ import os
 import threading
 import weakref
 from collections import Counter
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 #: Bucket upper bounds in seconds (Prometheus' ``le``), the last bucket is +Inf: from
 #: 100 µs (a checkout served from the idle queue) to 30 s (a long wait, a slow login).
@@ -132,16 +132,26 @@ def register(pool: Any) -> None:
         _pools.add(pool)
 
 
-def _engines() -> Iterable[Any]:
-    import sys
+# Engines made with the SQLAlchemy plugin: their dialect -> the plugin's EngineGuard (which
+# holds its engine weakly). Kept here, not in the plugin, so that stats() and events reach
+# them without importing SQLAlchemy.
+_engine_guards: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
-    plugin = sys.modules.get("connguard.sqlalchemy_plugin")  # loaded by any plugin engine
-    return () if plugin is None else plugin.guarded_engines()
+
+def register_engine(dialect: Any, guard: Any) -> None:
+    _engine_guards[dialect] = guard
 
 
-def _engine_stats(engine: Any) -> Dict[str, Any]:
-    from connguard import sqlalchemy_plugin
-    return sqlalchemy_plugin.stats(engine)
+def engine_guard(engine: Any) -> Optional[Any]:
+    """The plugin's guard of ``engine``, or None if it was not made with the plugin."""
+    dialect = getattr(engine, "dialect", None)
+    return None if dialect is None else _engine_guards.get(dialect)
+
+
+def guarded_engines() -> List[Any]:
+    """Every live engine made with the plugin."""
+    engines = (guard._engine() for guard in list(_engine_guards.values()))
+    return [engine for engine in engines if engine is not None]
 
 
 def stats(target: Optional[Any] = None) -> Dict[str, Any]:
@@ -150,19 +160,25 @@ def stats(target: Optional[Any] = None) -> Dict[str, Any]:
     if target is None:
         with _pools_lock:
             pools = [p for p in _pools if not p.closed]
+        guards = [g for g in list(_engine_guards.values()) if g._engine() is not None]
         # Names are unique among live pools and engines (claim_name): one key each.
-        every = [p.stats() for p in pools] + [_engine_stats(e) for e in _engines()]
+        every = [p.stats() for p in pools] + [g.stats() for g in guards]
         return {each["name"]: each for each in every}
-    from connguard.pool import Pool
-
-    if isinstance(target, Pool):
+    with _pools_lock:
+        pool = target in _pools
+    if pool:
         return target.stats()
+    guard = engine_guard(target)
+    if guard is not None:
+        return guard.stats()
     try:
-        from connguard import sqlalchemy_plugin  # an engine: needs the sqlalchemy extra
+        __import__("sqlalchemy")  # an engine, perhaps: that needs the sqlalchemy extra
     except ModuleNotFoundError as exc:
         if exc.name != "sqlalchemy":
             raise
         raise ModuleNotFoundError(
             "connguard.stats(engine) is for SQLAlchemy engines and needs SQLAlchemy: "
             "pip install 'connguard[sqlalchemy]'", name="sqlalchemy") from None
-    return sqlalchemy_plugin.stats(target)
+    raise ValueError(f"{target!r} is neither a connguard.Pool nor an engine created with the "
+                     "connguard plugin: add ?plugin=connguard to the URL or "
+                     "plugins=['connguard']")

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from connguard.coordination import BackendDown, Census, Coordinator, GateVerdict, redact_url
+from connguard import errors
+from connguard.backend import BackendDown, Census, Coordinator, GateVerdict
 
 # Redis < 5 needs this before a script may write after reading TIME; later it is a no-op.
 _NOW = """
@@ -152,12 +153,12 @@ def _import_redis() -> Any:
 
 
 class RedisCoordinator(Coordinator):
-    """A :class:`~connguard.coordination.Coordinator` on Redis (>= 4).
+    """A :class:`~connguard.backend.Coordinator` on Redis (>= 4).
 
     ``url``: ``redis://[user:password@]host:port/db``, ``rediss://...`` (TLS) or
     ``unix:///path/to/redis.sock?db=0``; query arguments go to the client
     (``?socket_timeout=0.5``). The client does not retry: a failed call makes the process
-    fall back at once (see :class:`~connguard.coordination.Health`). Timeouts default to 1 s.
+    fall back at once (see :class:`~connguard.backend.Health`). Timeouts default to 1 s.
     """
 
     def __init__(self, url: str, prefix: str = "connguard", client: Any = None,
@@ -166,7 +167,7 @@ class RedisCoordinator(Coordinator):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        self.address = redact_url(url)
+        self.address = errors.redact(url)  # as coordination.redact_url: by structure
         super().__init__()
         self.prefix = prefix
         if client is None:

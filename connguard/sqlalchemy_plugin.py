@@ -401,13 +401,14 @@ def _choose_pool_class(url: Any, kwargs: Dict[str, Any]) -> None:
 
 # --- per-engine state and listeners -------------------------------------------------------
 
-_guards: weakref.WeakKeyDictionary[Any, EngineGuard] = weakref.WeakKeyDictionary()
-
-
 def guarded_engines() -> List[Any]:
-    """Every live engine made with the plugin (for ``connguard.stats()``)."""
-    engines = (guard._engine() for guard in list(_guards.values()))
-    return [engine for engine in engines if engine is not None]
+    """Every live engine made with the plugin."""
+    return metrics.guarded_engines()
+
+
+def guard_of(engine: Any) -> Optional[EngineGuard]:
+    """The plugin's state for ``engine`` (None if it was not made with the plugin)."""
+    return metrics.engine_guard(engine)
 
 
 def _engine_name(url: Any) -> str:
@@ -548,7 +549,7 @@ class EngineGuard:
     def install(self, custom_creator: bool) -> None:
         engine = self._engine()
         assert engine is not None
-        _guards[engine.dialect] = self
+        metrics.register_engine(engine.dialect, self)
         if self.support == NONE:
             _warn(f"connguard: the {engine.dialect.name} dialect is not MySQL/MariaDB; the "
                   "plugin does nothing for this engine")
@@ -1212,8 +1213,7 @@ def stats(engine: Any) -> Dict[str, Any]:
     ``connect_attempts``, ``connect_failures``, ``fast_failures`` (one gate per server and
     process: shared with other engines and pools that have the same settings).
     """
-    dialect = getattr(engine, "dialect", None)
-    guard = None if dialect is None else _guards.get(dialect)
+    guard = metrics.engine_guard(engine)
     if guard is None:
         raise ValueError(f"{engine!r} was not created with the connguard plugin: add "
                          "?plugin=connguard to the URL or plugins=['connguard']")

@@ -152,7 +152,7 @@ def test_the_reaper_never_closes_a_connection_in_use(mariadb: MariaDB, driver: s
 
     async def body() -> List[BaseException]:
         engine = engine_for(mariadb, driver, pool_size=8, max_overflow=8)
-        guard = sqlalchemy_plugin._guards[engine.sync_engine.dialect]
+        guard = sqlalchemy_plugin.guard_of(engine.sync_engine)
         stop = threading.Event()
         reaper = threading.Thread(target=lambda: [guard._reap_on_loops()
                                                   for _ in iter(stop.is_set, True)])

@@ -695,7 +695,7 @@ def test_disposed_and_collected_engine_leaves_no_socket_and_nothing_behind(
     engine = sa.create_engine(mariadb.url() + "?plugin=connguard", pool_size=3)
     _fill_idle(engine, 3)
     assert socket_states(mariadb.port).get("estab", 0) >= 3
-    guard = weakref.ref(sqlalchemy_plugin._guards[engine.dialect])
+    guard = weakref.ref(sqlalchemy_plugin.guard_of(engine))
     engine.dispose()
     assert not socket_states(mariadb.port).get("estab", 0)
     del engine

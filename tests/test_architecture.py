@@ -1,0 +1,103 @@
+"""The shape of the package: no import cycle among ``connguard.*`` modules.
+
+Every import counts, those inside functions too (a deferred import is still a dependency);
+only ``if TYPE_CHECKING:`` blocks do not. Read from the source with ``ast``, so a cycle is
+found whether or not the modules involved import cleanly here.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from typing import Dict, List, Set
+
+from tests.netns import REPO_ROOT
+
+PACKAGE = os.path.join(REPO_ROOT, "connguard")
+
+
+def modules() -> Dict[str, str]:
+    found = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                dotted = os.path.relpath(path[:-3], REPO_ROOT).replace(os.sep, ".")
+                found[dotted.removesuffix(".__init__")] = path
+    return found
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and (
+        (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+        or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING"))
+
+
+def imports_of(path: str, known: Set[str]) -> Set[str]:
+    """The connguard modules ``path`` imports (``from connguard import x`` names module x)."""
+    found: Set[str] = set()
+    with open(path) as f:
+        stack: List[ast.AST] = [ast.parse(f.read())]
+    while stack:
+        node = stack.pop()
+        if _type_checking_only(node):
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in known)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            subs = {f"{node.module}.{a.name}" for a in node.names} & known
+            found |= subs
+            if node.module in known and len(subs) < len(node.names):
+                found.add(node.module)
+        stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """Strongly connected groups of more than one module (Tarjan)."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    found: List[List[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_checker_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_among_connguard_modules() -> None:
+    known = modules()
+    graph = {name: imports_of(path, set(known)) - {name} for name, path in known.items()}
+    assert "connguard.pool" in graph and "connguard.errors" in graph["connguard.pool"]
+    found = cycles(graph)
+    assert not found, "import cycles: " + "; ".join(
+        " <-> ".join(group) + " (" + ", ".join(
+            f"{v} -> {sorted(graph[v] & set(group))}" for v in group) + ")" for group in found)
