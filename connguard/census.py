@@ -406,3 +406,62 @@ def local_port_range(path: str = _PORT_RANGE_FILE) -> Tuple[int, int]:
     with open(path, encoding="ascii") as handle:
         low, high = handle.read().split()
     return int(low), int(high)
+
+
+# --- Unix sockets: the listen queue ------------------------------------------------------
+# sock_diag for AF_UNIX (include/uapi/linux/unix_diag.h): what `ss -xl` shows as Recv-Q
+# (connections waiting to be accepted) and Send-Q (the backlog) of a listening socket.
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")  # family, protocol, pad, states, ino, show, cookie
+_UNIX_DIAG_MSG_SIZE = 16  # family, type, state, pad, ino, cookie[2]
+_RTATTR = struct.Struct("=HH")
+_UDIAG_SHOW_NAME, _UDIAG_SHOW_RQLEN = 0x01, 0x10
+_UNIX_DIAG_NAME, _UNIX_DIAG_RQLEN = 0, 4
+_TCP_LISTEN = 10
+_UNIX_DIAG_TIMEOUT = 0.5  # seconds; an error's translation asks: it must stay cheap
+
+
+def unix_listen_queue(path: str) -> Optional[Tuple[int, int]]:
+    """(waiting, backlog) of the Unix socket listening on ``path``; None if unknown."""
+    try:
+        wanted = {os.fsencode(path), os.fsencode(os.path.realpath(path))}
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as sock:
+            sock.settimeout(_UNIX_DIAG_TIMEOUT)
+            body = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, 0,
+                                       _UDIAG_SHOW_NAME | _UDIAG_SHOW_RQLEN, 0, 0)
+            sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), _SOCK_DIAG_BY_FAMILY,
+                                     _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + body)
+            while True:
+                data = sock.recv(_RECV_BUFSIZE)
+                if not data:
+                    return None
+                found, done = _scan_unix_diag(data, wanted)
+                if found is not None or done:
+                    return found
+    except Exception:  # no netlink, a sandbox, a timeout: the message goes without it
+        return None
+
+
+def _scan_unix_diag(data: bytes, wanted: Set[bytes]) -> Tuple[Optional[Tuple[int, int]], bool]:
+    """Look through one batch of replies: (queue of the wanted socket, dump finished)."""
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, kind = _NLMSGHDR.unpack_from(data, offset)[:2]
+        if length < _NLMSGHDR.size or kind in (_NLMSG_DONE, _NLMSG_ERROR):
+            return None, True
+        name, queue = None, None
+        attr = offset + _NLMSGHDR.size + _UNIX_DIAG_MSG_SIZE
+        while attr + _RTATTR.size <= offset + length:
+            attr_len, attr_type = _RTATTR.unpack_from(data, attr)
+            if attr_len < _RTATTR.size:
+                break
+            value = data[attr + _RTATTR.size : attr + attr_len]
+            if attr_type == _UNIX_DIAG_NAME:
+                name = value.rstrip(b"\0")
+            elif attr_type == _UNIX_DIAG_RQLEN and len(value) >= 8:
+                waiting, backlog = struct.unpack_from("=II", value)
+                queue = (int(waiting), int(backlog))
+            attr += (attr_len + 3) & ~3
+        if name in wanted and queue is not None:
+            return queue, True
+        offset += (length + 3) & ~3
+    return None, False

@@ -29,12 +29,13 @@ import os
 import re
 import socket
 import string
-import struct
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, Union
 
 import pymysql
 from pymysql.constants import CR, ER
+
+from connguard.census import unix_listen_queue
 
 __all__ = [
     "TABLE",
@@ -1451,7 +1452,7 @@ def _diagnose(
         diagnosis.update(_limits())
         diagnosis["census"] = _census(host, port) if row.census else None
         if ident.errno == errno_codes.EAGAIN and host and host.startswith("/"):
-            queue = _unix_listen_queue(host)
+            queue = unix_listen_queue(host)
             if queue is not None:
                 diagnosis["listen_queue"], diagnosis["listen_backlog"] = queue
     return diagnosis
@@ -1476,69 +1477,6 @@ def _message_facts(code: Optional[int], text: str) -> Dict[str, Any]:
         if match:
             facts["blocked_host"] = match.group(1)
     return facts
-
-
-# sock_diag for AF_UNIX (include/uapi/linux/unix_diag.h): what `ss -xl` shows as Recv-Q
-# (connections waiting to be accepted) and Send-Q (the backlog) of a listening socket.
-_NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST_DUMP = 0x1 | 0x300
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
-_NLMSGHDR = struct.Struct("=IHHII")
-_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")  # family, protocol, pad, states, ino, show, cookie
-_UNIX_DIAG_MSG_SIZE = 16  # family, type, state, pad, ino, cookie[2]
-_RTATTR = struct.Struct("=HH")
-_UDIAG_SHOW_NAME, _UDIAG_SHOW_RQLEN = 0x01, 0x10
-_UNIX_DIAG_NAME, _UNIX_DIAG_RQLEN = 0, 4
-_TCP_LISTEN = 10
-_UNIX_DIAG_TIMEOUT = 0.5  # seconds; a translation must stay cheap
-
-
-def _unix_listen_queue(path: str) -> Optional[Tuple[int, int]]:
-    """(waiting, backlog) of the Unix socket listening on ``path``; None if unknown."""
-    try:
-        wanted = {os.fsencode(path), os.fsencode(os.path.realpath(path))}
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as sock:
-            sock.settimeout(_UNIX_DIAG_TIMEOUT)
-            body = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, 0,
-                                       _UDIAG_SHOW_NAME | _UDIAG_SHOW_RQLEN, 0, 0)
-            sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), _SOCK_DIAG_BY_FAMILY,
-                                     _NLM_F_REQUEST_DUMP, 1, 0) + body)
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    return None
-                found, done = _scan_unix_diag(data, wanted)
-                if found is not None or done:
-                    return found
-    except Exception:  # no netlink, a sandbox, a timeout: the message goes without it
-        return None
-
-
-def _scan_unix_diag(data: bytes, wanted: Any) -> Tuple[Optional[Tuple[int, int]], bool]:
-    """Look through one batch of replies: (queue of the wanted socket, dump finished)."""
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind = _NLMSGHDR.unpack_from(data, offset)[:2]
-        if length < _NLMSGHDR.size or kind in (_NLMSG_DONE, _NLMSG_ERROR):
-            return None, True
-        name, queue = None, None
-        attr = offset + _NLMSGHDR.size + _UNIX_DIAG_MSG_SIZE
-        while attr + _RTATTR.size <= offset + length:
-            attr_len, attr_type = _RTATTR.unpack_from(data, attr)
-            if attr_len < _RTATTR.size:
-                break
-            value = data[attr + _RTATTR.size : attr + attr_len]
-            if attr_type == _UNIX_DIAG_NAME:
-                name = value.rstrip(b"\0")
-            elif attr_type == _UNIX_DIAG_RQLEN and len(value) >= 8:
-                waiting, backlog = struct.unpack_from("=II", value)
-                queue = (int(waiting), int(backlog))
-            attr += (attr_len + 3) & ~3
-        if name in wanted and queue is not None:
-            return queue, True
-        offset += (length + 3) & ~3
-    return None, False
 
 
 # --- messages -----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import pymysql
 import pytest
 
 from connguard import errors
+from connguard.census import unix_listen_queue
 from connguard.errors import (
     AccessDenied,
     CircuitOpen,
@@ -584,7 +585,7 @@ def test_unix_listen_queue_is_read_from_the_kernel() -> None:
                     clients.append(client)
                     client.setblocking(False)
                     client.connect(path)
-                assert errors._unix_listen_queue(path) == (3, 2)
+                assert unix_listen_queue(path) == (3, 2)
                 new = translate(connect_error(oserror(errno.EAGAIN), host="localhost"), host=path)
             finally:
                 for client in clients:
@@ -594,7 +595,7 @@ def test_unix_listen_queue_is_read_from_the_kernel() -> None:
         f"the server's listen queue is full at {path} (errno 11 EAGAIN): 3 waiting, backlog 2: "
         "it is not accepting connections as fast as they arrive"
     )
-    assert errors._unix_listen_queue("/nonexistent/mysqld.sock") is None
+    assert unix_listen_queue("/nonexistent/mysqld.sock") is None
 
 
 def test_fd_limit_message() -> None:
