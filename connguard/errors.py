@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno as errno_codes
-import importlib
 import ipaddress
 import os
 import re
@@ -35,7 +34,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, Union
 import pymysql
 from pymysql.constants import CR, ER
 
+from connguard.census import census as sockets_toward
 from connguard.census import unix_listen_queue
+from connguard.limits import limits as local_limits
 
 __all__ = [
     "TABLE",
@@ -1302,85 +1303,14 @@ _LIMIT_KEYS = ("fd_in_use", "fd_soft", "fd_hard", "port_range", "tcp_tw_reuse")
 _RLIM_INFINITY = -1  # resource.RLIM_INFINITY on Linux; resource is absent on Windows
 
 
-def _optional(module: str, name: str) -> Any:
-    """``module.name`` from a sibling module that may not exist (yet); None if unavailable."""
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except Exception:
-        return None
-
-
-def _read_first_line(path: str) -> Optional[str]:
-    try:
-        with open(path, encoding="ascii") as handle:
-            return handle.readline().strip()
-    except (OSError, ValueError):
-        return None
-
-
-def _count_fds() -> Optional[int]:
-    """Open descriptors of this process, not counting the one used to list them."""
-    for fd_dir in ("/proc/self/fd", "/dev/fd"):
-        try:
-            return len(os.listdir(fd_dir)) - 1
-        except OSError:
-            continue  # e.g. EMFILE: listing needs a descriptor of its own
-    return None
-
-
-def _nofile() -> Tuple[Optional[int], Optional[int]]:
-    """(soft, hard) RLIMIT_NOFILE."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        return soft, hard
-    except Exception:
-        return None, None
-
-
-def _port_range(value: Any) -> Optional[Tuple[int, int]]:
-    """Normalize "32768 60999", (32768, 60999) or [..] to a tuple; None if unusable."""
-    try:
-        low, high = value.split() if isinstance(value, str) else value
-        return int(low), int(high)
-    except Exception:
-        return None
-
-
-def _int_or_none(value: Any) -> Optional[int]:
-    try:
-        return int(value)
-    except Exception:
-        return None
-
-
-def _own_limits() -> Dict[str, Any]:
-    """The few limits we read ourselves when connguard.limits is not there."""
-    soft, hard = _nofile()
-    return {
-        "fd_in_use": _count_fds(),
-        "fd_soft": soft,
-        "fd_hard": hard,
-        "port_range": _read_first_line("/proc/sys/net/ipv4/ip_local_port_range"),
-        "tcp_tw_reuse": _read_first_line("/proc/sys/net/ipv4/tcp_tw_reuse"),
-    }
-
-
 def _limits() -> Dict[str, Any]:
-    """Local limits: connguard.limits.limits() if available, our own reads for the gaps."""
-    found: Dict[str, Any] = {}
-    limits = _optional("connguard.limits", "limits")
-    if limits is not None:
-        try:
-            found = dict(limits())
-        except Exception:
-            found = {}
-    if any(found.get(key) is None for key in _LIMIT_KEYS):
-        found.update({k: v for k, v in _own_limits().items() if found.get(k) is None})
-    found["port_range"] = _port_range(found.get("port_range"))
-    found["tcp_tw_reuse"] = _int_or_none(found.get("tcp_tw_reuse"))
-    return found
+    """Local limits for a diagnosis (:func:`connguard.limits.limits`); a source that fails
+    reads None, and a translation never fails for want of one."""
+    try:
+        found = local_limits()
+    except Exception:  # noqa: BLE001 - a sandbox without /proc or resource: no numbers
+        found = {}
+    return {**{key: None for key in _LIMIT_KEYS}, **found}
 
 
 def _resolves_locally(host: str) -> bool:
@@ -1402,12 +1332,9 @@ def _census(host: Optional[str], port: Optional[int]) -> Optional[Dict[str, int]
     """Sockets toward host:port by state, from connguard.census; None if unavailable."""
     if not host or port is None or not _resolves_locally(host):
         return None
-    census = _optional("connguard.census", "census")
-    if census is None:
-        return None
     try:
-        return {str(state): int(count) for state, count in census(host, port).items()}
-    except Exception:
+        return {str(state): int(count) for state, count in sockets_toward(host, port).items()}
+    except Exception:  # noqa: BLE001 - no netlink nor /proc: the message goes without it
         return None
 
 

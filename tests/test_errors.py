@@ -402,18 +402,18 @@ def test_translate_never_raises(exc: Any) -> None:
     is_disconnect(exc)
 
 
-def test_translate_survives_a_failing_census(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(module: str, name: str) -> Any:
-        def fail(*args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError("netlink exploded")
+def test_translate_survives_a_failing_census_and_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("netlink exploded")
 
-        return fail
-
-    monkeypatch.setattr(errors, "_optional", broken)
+    monkeypatch.setattr(errors, "sockets_toward", fail)
     new = translate(connect_error(oserror(errno.EADDRNOTAVAIL)), host="127.0.0.1", port=3306)
     assert isinstance(new, LocalPortsExhausted)
     assert new.diagnosis["census"] is None
-    assert new.diagnosis["fd_in_use"] > 0  # our own reads filled in for connguard.limits
+    assert new.diagnosis["fd_in_use"] > 0  # the limits still read
+    monkeypatch.setattr(errors, "local_limits", fail)
+    new = translate(connect_error(oserror(errno.EADDRNOTAVAIL)), host="127.0.0.1", port=3306)
+    assert isinstance(new, LocalPortsExhausted) and new.diagnosis["fd_in_use"] is None
 
 
 def test_translate_is_idempotent() -> None:
