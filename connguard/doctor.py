@@ -200,11 +200,6 @@ def parse_dsn(dsn: str) -> Target:
                   password=unquote(parts.password) if parts.password is not None else None)
 
 
-def redact_dsn(dsn: str) -> str:
-    """The DSN as it may be shown: any password replaced by ``***``."""
-    return errors.redact(dsn)
-
-
 # --- verdict rules: host ------------------------------------------------------------------------
 
 

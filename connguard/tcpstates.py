@@ -6,7 +6,7 @@ are what ``TCP_INFO``'s ``tcpi_state``, ``sock_diag``'s ``idiag_state`` and the
 :mod:`connguard.census` speak in these numbers, so they live here once.
 """
 
-from typing import Dict, Optional
+from typing import Dict
 
 ESTABLISHED = 1
 SYN_SENT = 2
@@ -35,18 +35,5 @@ STATE_NAMES: Dict[int, str] = {
     CLOSING: "closing",
 }
 
-#: Lowercase name -> state number.
-STATE_NUMBERS: Dict[str, int] = {name: number for number, name in STATE_NAMES.items()}
-
 #: Bit mask selecting every state above (bit N set for state N), for sock_diag.
 ALL_STATES_MASK = sum(1 << number for number in STATE_NAMES)
-
-
-def state_name(state: Optional[int]) -> Optional[str]:
-    """Return the lowercase name of ``state``; ``"unknown_<n>"`` for numbers we do not know.
-
-    ``None`` (no TCP state, e.g. a Unix socket) maps to ``None``.
-    """
-    if state is None:
-        return None
-    return STATE_NAMES.get(state, f"unknown_{state}")
