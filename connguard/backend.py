@@ -23,9 +23,10 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from connguard.coordination import Budget
 
+from connguard.clock import Clock
+
 log = logging.getLogger("connguard.coordination")
 
-Clock = Callable[[], float]
 T = TypeVar("T")
 
 #: URL scheme -> "module:class" of the backend that serves it.

@@ -34,7 +34,7 @@ import random
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Hashable, Optional, TypeVar, Union
+from typing import Any, Dict, Hashable, Optional, TypeVar, Union
 
 import pymysql
 
@@ -48,12 +48,11 @@ from connguard.backend import (  # noqa: F401 - the backend interface, re-export
     Health,
     coordinator_for,
 )
+from connguard.clock import Clock, Sleep
 from connguard.storm import StormPolicy
 
 log = logging.getLogger("connguard.coordination")
 
-Clock = Callable[[], float]
-Sleep = Callable[[float], None]
 T = TypeVar("T")
 
 FAIL_MODES = ("open", "closed")

@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Tuple
 
 from connguard import errors
 from connguard.census import census, local_port_range
+from connguard.clock import Clock
 from connguard.limits import fds_in_use, max_connect_rate
 from connguard.policies import _check_number
 
@@ -57,7 +58,6 @@ NEAR_MARGIN_MIN = 64
 
 _TW_REUSE = "/proc/sys/net/ipv4/tcp_tw_reuse"
 
-Clock = Callable[[], float]
 
 
 def default_port_reserve(ports_total: int) -> int:

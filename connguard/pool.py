@@ -19,13 +19,14 @@ import threading
 import time
 import traceback
 from collections import Counter, deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 import pymysql
 
 from connguard import coordination, driver, errors, events, metrics, reaper, storm
 from connguard.admission import Admission
 from connguard.arguments import POOL_OPTIONS, split_arguments
+from connguard.clock import Clock
 from connguard.connector import Connector
 from connguard.guard import ResourceGuard
 from connguard.hostgate import HostGate, check_option
@@ -44,7 +45,6 @@ from connguard.storm import Ceiling, StormPolicy
 log = logging.getLogger("connguard.pool")
 _bucket = bisect.bisect_left
 
-Clock = Callable[[], float]
 
 #: What driver.restore_session did -> the stats() counter it counts in.
 #: Why a pooled connection was closed (the ``closed`` counter's keys).

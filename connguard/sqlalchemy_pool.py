@@ -52,12 +52,12 @@ from sqlalchemy.util import queue as sqla_queue
 
 from connguard import coordination, dbapis, storm
 from connguard.admission import HANDSHAKE_GRACE, Admission, capacity_code
+from connguard.clock import Clock
 from connguard.metrics import Histogram
 from connguard.storm import Ceiling, ConnectGate, StormPolicy
 
 __all__ = ["GuardedQueuePool", "capacity_code"]
 
-Clock = Callable[[], float]
 #: Makes the pool's Budget, given the pool's pool_size + max_overflow (one per pool: a
 #: pool made again by ``dispose()`` gets a new one).
 BudgetFactory = Callable[[int], coordination.Budget]

@@ -32,7 +32,6 @@ import time
 from collections import deque
 from typing import (
     Any,
-    Callable,
     Deque,
     Dict,
     Hashable,
@@ -46,11 +45,10 @@ from typing import (
 import tenacity
 
 from connguard import errors, events
+from connguard.clock import Clock, Sleep
 
 log = logging.getLogger("connguard.storm")
 
-Clock = Callable[[], float]
-Sleep = Callable[[float], None]
 
 #: MySQL codes that say "the server is full", not "the server is gone": the pool answers them
 #: by holding what it has (adaptive ceiling) rather than by tripping the breaker.
