@@ -26,7 +26,7 @@ import sys
 from typing import Optional, Tuple
 
 from connguard import coordination, errors
-from connguard.storm import CAPACITY_CODES, Ceiling, StormPolicy
+from connguard.storm import CAPACITY_CODES, MAX_PAUSE, Ceiling, StormPolicy
 
 log = logging.getLogger("connguard.admission")
 
@@ -98,6 +98,22 @@ class Admission:
                 and opening >= self.max_handshakes
                 and self.ceiling.value is None
                 and (self.lease_ceiling is None or self.lease_ceiling.value is None))
+
+    def time_left(self, deadline: float, now: float, held: int, opening: int,
+                  server_failing: bool, growing: bool = True) -> Optional[float]:
+        """How long a waiting caller may wait now: until its ``deadline``; past it, a
+        MAX_PAUSE at a time (a finished handshake wakes it earlier) while only the handshake
+        cap holds it back from a server that answers (see :meth:`handshakes_only`); None when
+        its time is up. ``growing=False``: a reconnect in place (the pool does not grow), for
+        which only the cap and the grace count."""
+        remaining = deadline - now
+        if remaining > 0:
+            return remaining
+        overrun = -remaining
+        if server_failing or overrun >= HANDSHAKE_GRACE or (
+                growing and not self.handshakes_only(held, opening, overrun)):
+            return None
+        return MAX_PAUSE
 
     def next_probe(self, now: float) -> Optional[float]:
         """Seconds until a ceiling lets one more connect try, if one holds."""

@@ -298,12 +298,13 @@ class Pool:
                 if self._closed:
                     raise errors.PoolClosed(repr(self))
                 now = self._clock()
-                remaining = deadline - now
-                if remaining <= 0:
-                    if not self._handshakes_only(-remaining):
-                        self._stats["timeouts"] += 1
-                        raise self._timeout_error()
-                    remaining = storm.MAX_PAUSE  # a finished handshake wakes us earlier
+                gate = self._connector.gate
+                remaining = self._admission.time_left(
+                    deadline, now, len(self._in_use) + len(self._idle) + self._opening,
+                    self._opening, gate is not None and gate.failing)
+                if remaining is None:
+                    self._stats["timeouts"] += 1
+                    raise self._timeout_error()
                 waiter.cond.wait(self._admission.pause(remaining, now))
         except BaseException:
             self._give_back(waiter)
@@ -346,14 +347,6 @@ class Pool:
         """Under the lock: may one more connection be opened now? (see Admission)"""
         return self._admission.may_open(len(self._in_use) + len(self._idle) + self._opening,
                                         self._opening, now)
-
-    def _handshakes_only(self, overrun: float) -> bool:
-        """Under the lock: is the pool growing toward a server that answers, held back only
-        by its handshake cap? (Then a caller waits past its timeout, a little: Admission.)"""
-        gate = self._connector.gate
-        return (self._admission.handshakes_only(
-            len(self._in_use) + len(self._idle) + self._opening, self._opening, overrun)
-            and not (gate is not None and gate.failing))
 
     def _timeout_error(self) -> errors.ConnGuardError:
         """Under the lock. While connects fail for want of a server, the outage is the

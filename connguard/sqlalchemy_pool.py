@@ -51,7 +51,7 @@ from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
 from connguard import coordination, dbapis, storm
-from connguard.admission import HANDSHAKE_GRACE, Admission, capacity_code
+from connguard.admission import Admission, capacity_code
 from connguard.clock import Clock
 from connguard.metrics import Histogram
 from connguard.storm import Ceiling, ConnectGate, StormPolicy
@@ -157,12 +157,9 @@ class GuardedQueuePool(QueuePool):
     def _gate(self) -> Optional[ConnectGate]:
         return self._gate_source() if self._gate_source is not None else None
 
-    def _handshakes_only(self, overrun: float) -> bool:
-        """Growing toward a server that answers, held back only by the handshake cap, and
-        ``overrun`` seconds past the deadline within the grace? (see Admission)"""
+    def _server_failing(self) -> bool:
         gate = self._gate()
-        return (self._admission.handshakes_only(self._held(), self._opening, overrun)
-                and not (gate is not None and gate.failing))
+        return gate is not None and gate.failing
 
     # -- checkout --------------------------------------------------------------------------
     def _do_get(self) -> Any:
@@ -229,12 +226,11 @@ class GuardedQueuePool(QueuePool):
                 assert reserved, "overflow is only raised under the pool's lock"
                 self._opening += 1
                 return None
-            remaining = deadline - now
-            if remaining <= 0:
-                if not self._handshakes_only(-remaining):
-                    self._counts["timeouts"] += 1
-                    raise self._timeout_error()
-                remaining = storm.MAX_PAUSE  # a finished handshake wakes us earlier
+            remaining = self._admission.time_left(deadline, now, self._held(), self._opening,
+                                                  self._server_failing())
+            if remaining is None:
+                self._counts["timeouts"] += 1
+                raise self._timeout_error()
             if not counted:
                 self._counts["waits"] += 1
                 counted, began = True, now
@@ -338,23 +334,18 @@ class GuardedQueuePool(QueuePool):
             self._in_place_waiting += 1
             try:
                 while self._opening >= self._admission.max_handshakes:
-                    remaining = deadline - self._clock()
-                    if remaining <= 0 and not self._cap_grace(-remaining):
+                    remaining = self._admission.time_left(
+                        deadline, self._clock(), self._held(), self._opening,
+                        self._server_failing(), growing=False)
+                    if remaining is None:
                         self._counts["timeouts"] += 1
                         raise self._timeout_error()
-                    self._cond.wait(min(remaining, storm.MAX_PAUSE) if remaining > 0
-                                    else storm.MAX_PAUSE)
+                    self._cond.wait(min(remaining, storm.MAX_PAUSE))
                 self._opening += 1
             finally:
                 self._waiting -= 1
                 self._in_place_waiting -= 1
         return deadline
-
-    def _cap_grace(self, overrun: float) -> bool:
-        """Past its deadline, may a reconnect in place still wait for a handshake slot?
-        While the server answers, for HANDSHAKE_GRACE (see Admission.handshakes_only)."""
-        gate = self._gate()
-        return overrun < HANDSHAKE_GRACE and not (gate is not None and gate.failing)
 
     def _leased(self, invoke: Callable[[Any], Any], record: Any) -> Any:
         """``invoke(record)`` under a lease when there is a global budget: the one

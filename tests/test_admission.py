@@ -151,3 +151,23 @@ def test_a_server_never_reached_answers_at_once() -> None:
     finally:
         pool.close()
         listener.close()
+
+
+def test_time_left_runs_to_the_deadline_then_only_for_the_handshake_cap() -> None:
+    from connguard.storm import MAX_PAUSE
+
+    admission = _admission(limit=10)
+    # Before the deadline: what is left of it, whatever holds the caller back.
+    assert admission.time_left(5.0, 4.0, held=2, opening=2, server_failing=True) == 1.0
+    # Past it, held back only by the handshake cap of a server that answers: a pause more,
+    # within the grace.
+    assert admission.time_left(5.0, 5.1, held=2, opening=2, server_failing=False) == MAX_PAUSE
+    assert admission.time_left(5.0, 5.0 + HANDSHAKE_GRACE, held=2, opening=2,
+                               server_failing=False) is None
+    # Not the cap (the pool is full), or a failing server: time is up.
+    assert admission.time_left(5.0, 5.1, held=10, opening=2, server_failing=False) is None
+    assert admission.time_left(5.0, 5.1, held=2, opening=0, server_failing=False) is None
+    assert admission.time_left(5.0, 5.1, held=2, opening=2, server_failing=True) is None
+    # A reconnect in place does not grow the pool: the cap and the grace alone count.
+    assert admission.time_left(5.0, 5.1, held=10, opening=2, server_failing=False,
+                               growing=False) == MAX_PAUSE
