@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from connguard.bench.common import Measurement, ScenarioResult, failure_latency, time_per_op
+from connguard.bench.storm import EngineClient, Load, run_for
 from connguard.census import own_sockets
 from connguard.testing import MariaDB, Template, wait_until
 
@@ -115,57 +116,6 @@ THREADS = 64
 SERVER_CAP = 16  # max_connections of the saturation server
 
 
-class _Load:
-    """Threads running a query through an engine until stopped; every call's outcome kept."""
-
-    def __init__(self, engine: Any, threads: int, sql: str) -> None:
-        from sqlalchemy import text
-
-        self.engine, self.statement = engine, text(sql)
-        self.calls: List[Tuple[float, bool, float]] = []  # (start, ok, seconds)
-        self._stop = threading.Event()
-        self._workers = [threading.Thread(target=self._work) for _ in range(threads)]
-
-    def _work(self) -> None:
-        from sqlalchemy.exc import SQLAlchemyError
-
-        while not self._stop.is_set():
-            began = time.monotonic()
-            try:
-                with self.engine.connect() as conn:
-                    conn.execute(self.statement).fetchall()
-                ok = True
-            except SQLAlchemyError:
-                ok = False
-            self.calls.append((began, ok, time.monotonic() - began))
-            if not ok:
-                self._stop.wait(0.01)  # an application pacing its retries a little
-
-    def __enter__(self) -> _Load:
-        for t in self._workers:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        for t in self._workers:
-            t.join(120)
-
-    def rate(self, start: float, end: float, ok: bool = True) -> float:
-        return sum(1 for t, good, _ in self.calls if good is ok and start <= t < end) / (
-            end - start)
-
-    def first_success_after(self, moment: float) -> Optional[float]:
-        ends = [t + d for t, ok, d in self.calls if ok and t + d >= moment]
-        return min(ends) - moment if ends else None
-
-
-def _run_for(seconds: float) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(0.05)
-
-
 def _storm_engine(url: Any, client: str, **options: Any) -> Tuple[Any, Callable[[], int]]:
     """An engine for ``client`` and a function counting the connects it has tried: the
     storm gate's admitted attempts for the plugin (a call refused by the open breaker does
@@ -198,15 +148,15 @@ def _saturation_round(server: Any, client: str, warm: float, seconds: float
     kind = NO_PRE_PING if client == EXACT else client
     engine, attempts = _storm_engine(server.url(), kind, pool_timeout=60, **sizes)
     try:
-        with _Load(engine, THREADS, "SELECT SLEEP(0.005)") as load:
+        with Load(EngineClient(engine), THREADS, "SELECT SLEEP(0.005)") as load:
             if client == PLUGIN:  # growing until the server says no
                 from connguard.sqlalchemy_plugin import stats
 
                 wait_until(lambda: stats(engine)["ceiling"] is not None, 60,
                            message="the server to refuse a connection")
-            _run_for(warm)  # and the connects under way then
+            run_for(warm)  # and the connects under way then
             before, began = attempts(), time.monotonic()
-            _run_for(seconds)
+            run_for(seconds)
             ended = time.monotonic()
             tried = attempts() - before
             close_wait = _close_wait(server.port)
@@ -223,27 +173,27 @@ def _outage_round(server: Any, client: str, before: float, outage: float, after:
     engine, attempts = _storm_engine(server.url(), client, pool_size=16, max_overflow=0,
                                      pool_timeout=5, connect_args={"connect_timeout": 2})
     try:
-        with _Load(engine, THREADS, "SELECT 1") as load:
+        with Load(EngineClient(engine), THREADS, "SELECT 1") as load:
             wait_until(lambda: load.first_success_after(0.0) is not None, 60,
                        message="the load to run")
-            _run_for(before)
+            run_for(before)
             attempts_before, stopped = attempts(), time.monotonic()
             server.stop()
-            _run_for(outage)
+            run_for(outage)
             down = time.monotonic() - stopped
             tried = attempts() - attempts_before
             close_wait = _close_wait(server.port)
             server.start()
             started = time.monotonic()
-            _run_for(after)
+            run_for(after)
     finally:
         engine.dispose()
-    failed = [d for t, ok, d in load.calls if not ok and stopped + 1.0 <= t < started]
+    failed = [e - t for t, e, ok in load.calls if not ok and stopped + 1.0 <= t < started]
     recovery = load.first_success_after(started)
     return {"attempts": tried / down, "recovery": after if recovery is None else recovery,
-            "errors": float(sum(1 for t, ok, _ in load.calls if not ok and t >= stopped)),
+            "errors": float(sum(1 for t, _, ok in load.calls if not ok and t >= stopped)),
             "fail_ms": statistics.median(failed) * 1000 if failed else 0.0,
-            "late_errors": float(sum(1 for t, ok, _ in load.calls if not ok and t >= started)),
+            "late_errors": float(sum(1 for t, _, ok in load.calls if not ok and t >= started)),
             "close_wait": close_wait}
 
 

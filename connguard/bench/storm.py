@@ -119,6 +119,20 @@ class Client:
         pass
 
 
+class EngineClient(Client):
+    """A SQLAlchemy engine as it is (its connects are counted by the caller)."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def work(self, sql: str) -> None:
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            conn.execute(text(sql)).fetchall()
+
+
 class PlainClient(Client):
     name = PLAIN
 
@@ -269,13 +283,18 @@ class Load:
     def errors_between(self, start: float, end: float) -> int:
         return sum(1 for _, e, ok in self.calls if not ok and start <= e < end)
 
+    def rate(self, start: float, end: float, ok: bool = True) -> float:
+        """Calls per second that began in [start, end) and succeeded (``ok``) or failed."""
+        return sum(1 for t, _, good in self.calls if good is ok and start <= t < end) / (
+            end - start)
+
     def first_success_after(self, moment: float) -> Optional[float]:
         """Seconds from ``moment`` to the end of the first successful call ending after it."""
         ends = [e for _, e, ok in self.calls if ok and e >= moment]
         return min(ends) - moment if ends else None
 
 
-def _run_for(seconds: float) -> None:
+def run_for(seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         time.sleep(0.02)
@@ -411,14 +430,14 @@ def outage_round(server: Any, factory: ClientFactory, threads: int, size: int, s
         with Load(client, threads) as load:
             wait_until(lambda: load.first_success_after(0.0) is not None, 60,
                        message="the load to run")
-            _run_for(steady)
+            run_for(steady)
             stopped = time.monotonic()
             server.stop()
-            _run_for(down)
+            run_for(down)
             restarting = time.monotonic()
             server.start()
             started = time.monotonic()
-            _run_for(after)
+            run_for(after)
             ended = time.monotonic()
     finally:
         client.close()
@@ -525,9 +544,9 @@ def saturation_round(server: Any, factory: ClientFactory, threads: int, size: in
     try:
         with Load(client, threads, "SELECT SLEEP(0.005)") as load:
             began = time.monotonic()
-            _run_for(warm)  # the first seconds: growing until the server says no
+            run_for(warm)  # the first seconds: growing until the server says no
             measured_from = time.monotonic()
-            _run_for(seconds)
+            run_for(seconds)
             ended = time.monotonic()
         close_wait = tcp_states("127.0.0.1", server.port).get("close_wait", 0)
     finally:
@@ -596,7 +615,7 @@ def mass_kill_round(server: Any, factory: ClientFactory, threads: int, size: int
             refused_before = admin.status("Connection_errors_max_connections")
             killed_at = time.monotonic()
             killed = admin.kill_all()
-            _run_for(window)
+            run_for(window)
             ended = time.monotonic()
             refused = admin.status("Connection_errors_max_connections") - refused_before
     finally:
