@@ -49,6 +49,7 @@ from connguard.backend import (  # noqa: F401 - the backend interface, re-export
     coordinator_for,
 )
 from connguard.clock import Clock, Sleep
+from connguard.policies import check_number
 from connguard.storm import StormPolicy
 
 log = logging.getLogger("connguard.coordination")
@@ -176,19 +177,14 @@ class CoordinationSettings:
                 raise ValueError(f"coordinator must be a URL with scheme "
                                  f"{', '.join(sorted(BACKENDS))}, got {redact_url(spec)!r}")
         if self.global_max is not None:
-            if (isinstance(self.global_max, bool) or not isinstance(self.global_max, int)
-                    or self.global_max < 1):
-                raise ValueError(f"global_max must be an integer >= 1, got {self.global_max!r}")
+            check_number("global_max", self.global_max, 1, integer=True)
             if spec is None:
                 raise ValueError("global_max needs a coordinator (coordinator='redis://...'): "
                                  "without one no process can see the others' connections")
         if self.fail not in FAIL_MODES:
             raise ValueError(f"coordinator_fail must be one of {', '.join(FAIL_MODES)}, "
                              f"got {self.fail!r}")
-        ttl = self.lease_ttl
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl < 1.5:
-            raise ValueError(f"lease_ttl must be a number of seconds >= 1.5 (three reaper "
-                             f"passes), got {ttl!r}")
+        check_number("lease_ttl", self.lease_ttl, 1.5, kind="a number of seconds")  # 3 passes
         if self.key is not None and (not isinstance(self.key, str) or not self.key):
             raise ValueError(f"coordinator_key must be a non-empty string, got {self.key!r}")
 

@@ -39,7 +39,7 @@ from connguard import errors
 from connguard.census import census, local_port_range
 from connguard.clock import Clock
 from connguard.limits import fds_in_use, max_connect_rate
-from connguard.policies import _check_number
+from connguard.policies import check_number
 
 log = logging.getLogger("connguard.guard")
 
@@ -81,9 +81,9 @@ class GuardPolicy:
     census_ttl: float = DEFAULT_CENSUS_TTL
 
     def __post_init__(self) -> None:
-        _check_number("fd_reserve", self.fd_reserve, 0, integer=True)
-        _check_number("port_reserve", self.port_reserve, 0, allow_none=True, integer=True)
-        _check_number("census_ttl", self.census_ttl, 0)
+        check_number("fd_reserve", self.fd_reserve, 0, integer=True)
+        check_number("port_reserve", self.port_reserve, 0, allow_none=True, integer=True)
+        check_number("census_ttl", self.census_ttl, 0)
 
     def ports_reserve(self, ports_total: int) -> int:
         if self.port_reserve is not None:

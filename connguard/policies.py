@@ -9,15 +9,22 @@ from typing import Any, Callable, Optional, Tuple
 RESET_MODES = ("rollback", "full", "none")
 
 
-def _check_number(name: str, value: Any, minimum: float, allow_none: bool = False,
-                  integer: bool = False) -> None:
+def check_number(name: str, value: Any, minimum: float, allow_none: bool = False,
+                 integer: bool = False, above: bool = False, kind: str = "") -> None:
+    """The one check of a numeric option: a ValueError naming ``name``, the allowed values
+    and what was given, unless ``value`` is a number (``integer``: an int; never a bool)
+    ``>= minimum`` (``above``: ``> minimum``), or None when ``allow_none``. ``kind`` words
+    the number ("a number of seconds")."""
     if value is None and allow_none:
         return
     kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
-        kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, kinds) or (
+            value <= minimum if above else value < minimum):
+        kind = kind or ("an integer" if integer else "a number")
         none = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be {kind} >= {minimum}{none}, got {value!r}")
+        op = ">" if above else ">="
+        raise ValueError(f"{name} must be {kind} {op} {minimum}{none}, got {value!r}")
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +59,8 @@ class LifetimePolicy:
     idle_timeout: Optional[float] = 600.0
 
     def __post_init__(self) -> None:
-        _check_number("max_lifetime", self.max_lifetime, 0.001, allow_none=True)
-        _check_number("idle_timeout", self.idle_timeout, 0.001, allow_none=True)
+        check_number("max_lifetime", self.max_lifetime, 0.001, allow_none=True)
+        check_number("idle_timeout", self.idle_timeout, 0.001, allow_none=True)
         if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)) \
                 or not 0 <= self.jitter < 1:
             raise ValueError(f"lifetime_jitter must be a number in [0, 1), got {self.jitter!r}")
@@ -97,14 +104,14 @@ class PoolSettings:
     leak_threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
-        _check_number("max_size", self.max_size, 1, integer=True)
-        _check_number("max_overflow", self.max_overflow, -1, integer=True)
-        _check_number("min_idle", self.min_idle, 0, integer=True)
+        check_number("max_size", self.max_size, 1, integer=True)
+        check_number("max_overflow", self.max_overflow, -1, integer=True)
+        check_number("min_idle", self.min_idle, 0, integer=True)
         if self.min_idle > self.max_size:
             raise ValueError(f"min_idle ({self.min_idle}) must not exceed max_size "
                              f"({self.max_size})")
-        _check_number("checkout_timeout", self.checkout_timeout, 0)
-        _check_number("leak_threshold", self.leak_threshold, 0.001, allow_none=True)
+        check_number("checkout_timeout", self.checkout_timeout, 0)
+        check_number("leak_threshold", self.leak_threshold, 0.001, allow_none=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +131,9 @@ class KeepalivePolicy:
     count: int = 4
 
     def __post_init__(self) -> None:
-        _check_number("keepalive idle", self.idle, 1)
-        _check_number("keepalive interval", self.interval, 1)
-        _check_number("keepalive count", self.count, 1, integer=True)
+        check_number("keepalive idle", self.idle, 1)
+        check_number("keepalive interval", self.interval, 1)
+        check_number("keepalive count", self.count, 1, integer=True)
 
     @property
     def bound(self) -> float:

@@ -46,6 +46,7 @@ import tenacity
 
 from connguard import errors, events
 from connguard.clock import Clock, Sleep
+from connguard.policies import check_number
 
 log = logging.getLogger("connguard.storm")
 
@@ -92,16 +93,12 @@ class StormPolicy:
     def __post_init__(self) -> None:
         for name in ("rate", "backoff_initial", "backoff_max", "ceiling_probe",
                      "reconnect_rate"):
-            _positive(name, getattr(self, name))
+            check_number(name, getattr(self, name), 0, above=True)
         for name in ("burst", "max_handshakes", "breaker_threshold", "reconnect_burst"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_number(name, getattr(self, name), 1, integer=True)
         if not isinstance(self.fail_fast, bool):
             raise ValueError(f"fail_fast must be True or False, got {self.fail_fast!r}")
-        if isinstance(self.backoff_jitter, bool) or not isinstance(
-                self.backoff_jitter, (int, float)) or self.backoff_jitter < 0:
-            raise ValueError(f"backoff_jitter must be a number >= 0, got {self.backoff_jitter!r}")
+        check_number("backoff_jitter", self.backoff_jitter, 0)
 
     def backoff(self, failures: int) -> float:
         """Seconds to wait after ``failures`` consecutive failures (>= 1), jitter included."""
@@ -112,11 +109,6 @@ class StormPolicy:
         state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
         state.attempt_number = max(1, failures)
         return float(wait(state))
-
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
 
 #: Pool options that configure the storm policy, and the StormPolicy field each one sets.
