@@ -99,18 +99,19 @@ def _mysqldb_pollable(conn: Any) -> Any:
     return conn if _mysqldb_socket(conn) is not None else None
 
 
-_dead_end_socket: Optional[socket.socket] = None
+_dead_end_fd: Optional[int] = None
 
 
 def _dead_end() -> int:
     """A socket whose peer is gone: what a forked child puts in place of an inherited
-    mysqlclient descriptor. Made once per process before any fork needs it."""
-    global _dead_end_socket
-    if _dead_end_socket is None:
+    mysqlclient descriptor. Made once per process before any fork needs it, and kept for the
+    life of the process (a bare descriptor: no socket object to finalize at exit)."""
+    global _dead_end_fd
+    if _dead_end_fd is None:
         ours, other = socket.socketpair()
         other.close()
-        _dead_end_socket = ours
-    return _dead_end_socket.fileno()
+        _dead_end_fd = ours.detach()
+    return _dead_end_fd
 
 
 def _mysqldb_drop_inherited(conn: Any) -> None:
