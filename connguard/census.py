@@ -18,6 +18,7 @@ With ``impl="auto"`` netlink is tried first and ``/proc`` is used if netlink is 
 """
 
 import errno
+import ipaddress
 import os
 import re
 import socket
@@ -106,14 +107,25 @@ def _to_v6_form(family: int, text: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6, text.split("%", 1)[0])
 
 
+def resolve(host: str) -> Tuple[str, ...]:
+    """The IP addresses ``host`` stands for, unique, in resolver order (an IP literal is
+    itself: no DNS for it). The one resolver of the census and the resource guard."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return (host,)
+    except ValueError:
+        pass
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    found = (str(sockaddr[0]) for family, _, _, _, sockaddr in infos
+             if family in (socket.AF_INET, socket.AF_INET6))
+    return tuple(dict.fromkeys(found))
+
+
 def _resolve(host: str) -> FrozenSet[bytes]:
     """Resolve ``host`` to its addresses, 16 bytes each (IPv4 as IPv4-mapped IPv6)."""
-    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     return frozenset(
-        _to_v6_form(family, str(sockaddr[0]))
-        for family, _, _, _, sockaddr in infos
-        if family in (socket.AF_INET, socket.AF_INET6)
-    )
+        _to_v6_form(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+        for address in resolve(host))
 
 
 def _make_match(host: Optional[str], port: Optional[int]) -> _Match:

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import ipaddress
 import logging
 import os
 import resource
-import socket
 import threading
 import time
 import weakref
@@ -36,7 +34,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Tuple
 
 from connguard import errors
-from connguard.census import census, local_port_range
+from connguard.census import census, local_port_range, resolve
 from connguard.clock import Clock
 from connguard.limits import fds_in_use, max_connect_rate
 from connguard.policies import check_number
@@ -228,19 +226,6 @@ def _nofile() -> Tuple[Optional[int], Optional[int]]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return (None if soft == resource.RLIM_INFINITY else soft,
             None if hard == resource.RLIM_INFINITY else hard)
-
-
-def resolve(host: str) -> Tuple[str, ...]:
-    """The IP addresses ``host`` stands for (an IP literal is itself; no DNS for it)."""
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-        return (host,)
-    except ValueError:
-        pass
-    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    found = (str(sockaddr[0]) for family, _, _, _, sockaddr in infos
-             if family in (socket.AF_INET, socket.AF_INET6))
-    return tuple(dict.fromkeys(found))  # unique, in resolver order
 
 
 @dataclasses.dataclass(frozen=True)
