@@ -27,16 +27,17 @@ import ipaddress
 import os
 import re
 import socket
-import string
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, Union
 
 import pymysql
 from pymysql.constants import CR, ER
 
+from connguard import messages
 from connguard.census import census as sockets_toward
 from connguard.census import unix_listen_queue
 from connguard.limits import limits as local_limits
+from connguard.messages import docs_base, docs_link  # noqa: F401 - re-exported
 
 __all__ = [
     "TABLE",
@@ -323,7 +324,7 @@ class PoolTimeout(ConnGuardError, pymysql.err.OperationalError):
             "last_cause": summary(last_cause),
             "last_docs": getattr(last_cause, "docs", None),
         }
-        cause = _render(_POOL_TIMEOUT_CAUSE, _facts(diagnosis))
+        cause = messages.render(_POOL_TIMEOUT_CAUSE, messages.facts(diagnosis))
         super().__init__(cause)
         self.max_size = max_size
         self.in_use = in_use
@@ -345,7 +346,7 @@ class PoolClosed(ConnGuardError, pymysql.err.InterfaceError):
 
     def __init__(self, pool: str = "") -> None:
         diagnosis: Dict[str, Any] = {"pool": pool or None}
-        cause = _render(_POOL_CLOSED_CAUSE, _facts(diagnosis))
+        cause = messages.render(_POOL_CLOSED_CAUSE, messages.facts(diagnosis))
         super().__init__(cause)
         _describe(self, cause, _POOL_CLOSED_REMEDIES, diagnosis, None)
 
@@ -377,7 +378,7 @@ class CircuitOpen(ConnGuardError, pymysql.err.OperationalError):
             "last_cause": summary(last_cause),
             "last_docs": getattr(last_cause, "docs", None),
         }
-        cause = _render(_CIRCUIT_CAUSE, _facts(diagnosis))
+        cause = messages.render(_CIRCUIT_CAUSE, messages.facts(diagnosis))
         super().__init__(cause)
         self.last_cause = last_cause
         self.retry_after = retry_after
@@ -408,7 +409,7 @@ def note_deadline_cut(err: BaseException, left: float) -> None:
         f"this handshake had only {left:.2g} s of the caller's wait left (checkout_timeout, "
         "pool_timeout), less than connect_timeout: give callers more time, or keep "
         "connections idle (min_idle) so fewer of them need a new one"))
-    err._message = _compose(err.cause, err.remedies, redact(_original_text(err.original)),
+    err._message = messages.compose(err.cause, err.remedies, redact(_original_text(err.original)),
                             err.docs)
 
 
@@ -437,7 +438,7 @@ def outage_error(
         "last_cause": summary(last_cause),
         "last_docs": getattr(last_cause, "docs", None),
     }
-    text = _render(_OUTAGE_CAUSE, _facts(diagnosis))
+    text = messages.render(_OUTAGE_CAUSE, messages.facts(diagnosis))
     err = ServerUnavailable(CR.CR_CONN_HOST_ERROR, text)
     _describe(err, text, _OUTAGE_REMEDIES, diagnosis, None)
     err.last_cause = last_cause
@@ -464,10 +465,10 @@ class GateTimeout(ConnGuardError, pymysql.err.OperationalError):
         diagnosis: Dict[str, Any] = {"retry_after": round(retry_after, 3), "scope": scope,
                                      "host": host, "port": port, "slots": slots}
         if slots is not None:  # host-wide: slots come free when handshakes end, not on a clock
-            cause = _render(_HOST_GATE_TIMEOUT_CAUSE, _facts(diagnosis))
+            cause = messages.render(_HOST_GATE_TIMEOUT_CAUSE, messages.facts(diagnosis))
             remedies = _HOST_GATE_TIMEOUT_REMEDIES
         else:
-            cause = _render(_GATE_TIMEOUT_CAUSE, _facts(diagnosis))
+            cause = messages.render(_GATE_TIMEOUT_CAUSE, messages.facts(diagnosis))
             remedies = _GATE_TIMEOUT_REMEDIES
         super().__init__(cause)
         self.retry_after = retry_after
@@ -1300,7 +1301,6 @@ def _redact_value(value: Any, password: Password) -> Any:
 # --- diagnosis ----------------------------------------------------------------------------
 
 _LIMIT_KEYS = ("fd_in_use", "fd_soft", "fd_hard", "port_range", "tcp_tw_reuse")
-_RLIM_INFINITY = -1  # resource.RLIM_INFINITY on Linux; resource is absent on Windows
 
 
 def _limits() -> Dict[str, Any]:
@@ -1406,139 +1406,7 @@ def _message_facts(code: Optional[int], text: str) -> Dict[str, Any]:
     return facts
 
 
-# --- messages -----------------------------------------------------------------------------
-
-_SEGMENT = re.compile(r"\[([^\[\]]*)\]")
-_FORMATTER = string.Formatter()
-
-
-def _fields(template: str) -> List[str]:
-    return [name for _, name, _, _ in _FORMATTER.parse(template) if name]
-
-
-def _fill(template: str, facts: Mapping[str, str]) -> str:
-    try:
-        return template.format_map(facts)
-    except (KeyError, ValueError, IndexError):
-        return template  # a template bug; tests render every template with no facts
-
-
-def _first_known(alternatives: str, facts: Mapping[str, str]) -> str:
-    for alternative in alternatives.split("|"):
-        if all(name in facts for name in _fields(alternative)):
-            return _fill(alternative, facts)
-    return ""
-
-
-def _render(template: str, facts: Mapping[str, str]) -> str:
-    """Fill ``template``; each ``[a|b]`` becomes its first alternative with all facts known."""
-    parts: List[str] = []
-    position = 0
-    for segment in _SEGMENT.finditer(template):
-        parts.append(_fill(template[position : segment.start()], facts))
-        parts.append(_first_known(segment.group(1), facts))
-        position = segment.end()
-    parts.append(_fill(template[position:], facts))
-    return "".join(parts)
-
-
-def _number(value: Any) -> str:
-    """Thousands separators; whole floats without decimals, others with one."""
-    if isinstance(value, float):
-        if value.is_integer():
-            return f"{value:,.0f}"
-        # Short waits need two decimals (0.25 s); long ones read better with one.
-        text = f"{value:,.2f}" if abs(value) < 10 else f"{value:,.1f}"
-        return text.rstrip("0").rstrip(".")
-    return f"{value:,}"
-
-
-def _target(host: Any, port: Any) -> Optional[str]:
-    if not host:
-        return None
-    if port is None:
-        return str(host)
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-def _derived(diagnosis: Mapping[str, Any]) -> Dict[str, Any]:
-    """Facts computed from the diagnosis for messages: totals, rates, readable forms."""
-    facts: Dict[str, Any] = {"target": _target(diagnosis.get("host"), diagnosis.get("port"))}
-    port_range = diagnosis.get("port_range")
-    if isinstance(port_range, tuple):
-        total = port_range[1] - port_range[0] + 1
-        facts.update(
-            port_range_text=f"{port_range[0]}-{port_range[1]}",
-            ports_total=total,
-            # ports ÷ 60 s of TIME_WAIT; a narrow range needs the fraction ("0.13/s").
-            max_rate=total // 60 if total >= 600 else round(total / 60, 2),
-        )
-    census = diagnosis.get("census")
-    if isinstance(census, dict):
-        facts.update(census)
-        facts.update(_census_facts(census))
-    errno, name = diagnosis.get("errno"), diagnosis.get("errno_name")
-    if name and isinstance(errno, int) and errno > 0:
-        facts["reason"] = f"errno {errno} {name}: {os.strerror(errno)}"
-    elif name:
-        facts["reason"] = name
-    for key in ("fd_soft", "fd_hard"):
-        if diagnosis.get(key) == _RLIM_INFINITY:
-            facts[key] = "unlimited"
-    facts.update(_server_facts(diagnosis))
-    return facts
-
-
-def _census_facts(census: Mapping[str, Any]) -> Dict[str, Any]:
-    """Totals and the states worth naming: "TIME_WAIT 27,904, ESTABLISHED 286"."""
-    counts = {str(k): v for k, v in census.items() if isinstance(v, int) and v > 0}
-    top = sorted(counts.items(), key=lambda item: -item[1])[:3]
-    facts: Dict[str, Any] = {"ports_in_use": sum(counts.values())}
-    if top:
-        facts["socket_states"] = ", ".join(f"{k.upper()} {_number(v)}" for k, v in top)
-    established = counts.get("established", 0)
-    if established and established >= counts.get("time_wait", 0):
-        facts["mostly_established"] = established
-    if counts.get("close_wait"):
-        facts["stuck_close_wait"] = counts["close_wait"]
-    return facts
-
-
-def _server_facts(diagnosis: Mapping[str, Any]) -> Dict[str, Any]:
-    """Readings of the server's numbers (from ``extra`` or its message) worth a phrase."""
-    facts: Dict[str, Any] = {}
-    threads, most = diagnosis.get("threads_connected"), diagnosis.get("max_connections")
-    if isinstance(threads, int) and isinstance(most, int):
-        if threads > most:  # the connection reserved for SUPER / CONNECTION ADMIN is in use
-            facts["admin_slot_used"] = threads
-        elif threads < most:
-            facts["threads_below_max"] = threads
-    user_limit = diagnosis.get("max_user_connections")
-    if isinstance(user_limit, int) and user_limit > 0:  # 0 means "no global limit"
-        facts["user_limit"] = user_limit
-    server_errno = diagnosis.get("server_errno")
-    if isinstance(server_errno, int):
-        name = errno_codes.errorcode.get(server_errno)
-        facts["server_errno_text"] = f"{server_errno} {name}" if name else str(server_errno)
-    return facts
-
-
-# Identifiers, not quantities: no thousands separators.
-_PLAIN_NUMBERS = ("port", "errno", "mysql_code", "server_errno", "thread_id")
-
-
-def _facts(diagnosis: Mapping[str, Any], server_message: str = "") -> Dict[str, str]:
-    """Known facts as display strings, for templates; unknown ones are left out."""
-    merged: Dict[str, Any] = {**diagnosis, **_derived(diagnosis)}
-    if server_message:
-        merged["server_message"] = server_message
-    facts: Dict[str, str] = {}
-    for key, value in merged.items():
-        if value is None or isinstance(value, (dict, tuple, list)):
-            continue
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        facts[key] = _number(value) if numeric and key not in _PLAIN_NUMBERS else str(value)
-    return facts
+# --- messages (the templates are filled by connguard.messages) -------------------------
 
 
 def _original_text(exc: Optional[BaseException]) -> str:
@@ -1551,53 +1419,6 @@ def _original_text(exc: Optional[BaseException]) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-_docs_base: Optional[str] = None  # found once; a failed lookup is tried again next time
-
-
-def docs_base() -> str:
-    """Where the built docs are published: the ``Documentation`` project URL of the
-    installed distribution (``[project.urls]`` in pyproject.toml), or "" when it names none."""
-    global _docs_base
-    if _docs_base is None:
-        try:
-            from importlib.metadata import metadata
-
-            urls = metadata("connguard").get_all("Project-URL") or []
-        except ModuleNotFoundError:  # not installed as a distribution (a bare checkout)
-            urls = []
-        except Exception:  # noqa: BLE001 - e.g. no descriptor left (EMFILE): try again later
-            return ""
-        found = [url.strip() for label, _, url in (u.partition(",") for u in urls)
-                 if label.strip().lower() == "documentation" and url.strip()]
-        _docs_base = found[0].rstrip("/") + "/" if found else ""
-    return _docs_base
-
-
-def docs_link(page: str) -> str:
-    """``page`` (``errors/access-denied.md``, ``errors/index.md#table``) as a link to the
-    published page when the distribution names where its docs live (mkdocs' directory URLs);
-    else the page under the project's ``docs/``."""
-    base = docs_base()
-    if not base:
-        return "docs/" + page  # as a checkout or the sdist has it
-    path, hash_, fragment = page.partition("#")
-    if path.endswith("index.md"):
-        path = path[:-len("index.md")]
-    elif path.endswith(".md"):
-        path = path[:-3] + "/"
-    return base + path + hash_ + fragment
-
-
-def _compose(cause: str, remedies: List[str], original: str, docs: str) -> str:
-    """First line: cause and top remedy; then the other remedies, the original, the page."""
-    lines = [f"{cause} — {remedies[0]}" if remedies else cause]
-    lines.extend(f"  - {remedy}" for remedy in remedies[1:])
-    if original:
-        lines.append(f"original: {original}")
-    lines.append(f"docs: {docs_link(docs)}")
-    return "\n".join(lines)
-
-
 def _describe(
     err: ConnGuardError,
     cause: str,
@@ -1608,14 +1429,14 @@ def _describe(
     server_message: str = "",
 ) -> None:
     """Fill in cause, remedies, diagnosis and message of ``err``."""
-    facts = _facts(diagnosis, server_message)
-    remedies = [r for r in (_render(t, facts) for t in remedy_templates) if r]
+    facts = messages.facts(diagnosis, server_message)
+    remedies = [r for r in (messages.render(t, facts) for t in remedy_templates) if r]
     err.cause = redact(cause, password)
     err.remedies = [redact(r, password) for r in remedies]
     err.diagnosis = diagnosis
     err.original = original
     original_text = redact(_original_text(original), password)
-    err._message = _compose(err.cause, err.remedies, original_text, err.docs)
+    err._message = messages.compose(err.cause, err.remedies, original_text, err.docs)
 
 
 # --- translate ----------------------------------------------------------------------------
@@ -1689,7 +1510,7 @@ def _translate(
                      for k, v in diagnosis.items()}
     new = _instantiate(row.cls, exc, _redact_args(tuple(exc.args), password))
     new.transient = row.transient
-    cause = _render(row.cause, _facts(diagnosis, server_message))
+    cause = messages.render(row.cause, messages.facts(diagnosis, server_message))
     _describe(new, cause, row.remedies, diagnosis, exc, password, server_message)
     new.__cause__ = exc  # also sets __suppress_context__
     return new
@@ -1747,8 +1568,8 @@ def preflight_error(
     ``args`` is ``(2003, first line)``, the code PyMySQL uses for a failed connect, so
     handlers that look at ``args[0]`` treat it like the kernel's refusal.
     """
-    facts = _facts(diagnosis)
-    text = _render(cause, facts)
+    facts = messages.facts(diagnosis)
+    text = messages.render(cause, facts)
     err = cls(CR.CR_CONN_HOST_ERROR, text)
     _describe(err, text, remedies, diagnosis, None)
     return err

@@ -27,7 +27,7 @@ from typing import Any, Iterator, List, Tuple, Type
 import pymysql
 import pytest
 
-from connguard import errors
+from connguard import errors, messages
 from connguard.census import unix_listen_queue
 from connguard.errors import (
     AccessDenied,
@@ -78,9 +78,9 @@ THREAD_MSG = (
 @pytest.fixture(autouse=True)
 def _docs_without_a_published_base(monkeypatch: pytest.MonkeyPatch) -> None:
     """Messages as a checkout shows them, whatever distribution metadata is installed."""
-    from connguard import errors as errors_module
+    from connguard import messages
 
-    monkeypatch.setattr(errors_module, "_docs_base", "")
+    monkeypatch.setattr(messages, "_docs_base", "")
 
 def connect_error(os_error: OSError, host: str = "127.0.0.1") -> pymysql.err.OperationalError:
     """What Connection.connect() raises for an OSError (PyMySQL 1.x)."""
@@ -130,9 +130,9 @@ PUBLIC_CLASSES = [
 
 @pytest.mark.parametrize("row", errors.TABLE, ids=lambda r: f"{r.cls.__name__}-{r.codes}")
 def test_every_template_renders_without_facts(row: errors.Row) -> None:
-    assert errors._render(row.cause, {})
+    assert messages.render(row.cause, {})
     for template in (row.cause, *row.remedies):
-        text = errors._render(template, {})
+        text = messages.render(template, {})
         for leftover in ("{", "}", "[", "]", "None"):
             assert leftover not in text, (template, text)
 
@@ -632,19 +632,19 @@ def test_repr_is_short() -> None:
 
 
 def test_numbers_format() -> None:
-    assert errors._number(28_232) == "28,232"
-    assert errors._number(5.0) == "5"
-    assert errors._number(0.25) == "0.25"
-    assert errors._number(4.2) == "4.2"
-    assert errors._number(470.53) == "470.5"
+    assert messages.number(28_232) == "28,232"
+    assert messages.number(5.0) == "5"
+    assert messages.number(0.25) == "0.25"
+    assert messages.number(4.2) == "4.2"
+    assert messages.number(470.53) == "470.5"
 
 
 def test_optional_segments() -> None:
     template = "ports[: {a} of {b}|: {b} total][ ({c})]"
-    assert errors._render(template, {"a": "1", "b": "2", "c": "3"}) == "ports: 1 of 2 (3)"
-    assert errors._render(template, {"b": "2"}) == "ports: 2 total"
-    assert errors._render(template, {}) == "ports"
-    assert errors._render("{a}", {"a": "{b} [x]"}) == "{b} [x]"  # facts are not re-parsed
+    assert messages.render(template, {"a": "1", "b": "2", "c": "3"}) == "ports: 1 of 2 (3)"
+    assert messages.render(template, {"b": "2"}) == "ports: 2 total"
+    assert messages.render(template, {}) == "ports"
+    assert messages.render("{a}", {"a": "{b} [x]"}) == "{b} [x]"  # facts are not re-parsed
 
 
 # --- secrets ----------------------------------------------------------------------------------
@@ -1017,7 +1017,7 @@ def test_the_docs_line_links_to_the_published_page_when_the_project_names_one(
         monkeypatch: pytest.MonkeyPatch, base: str, page: str, expected: str) -> None:
     from connguard import errors as errors_module
 
-    monkeypatch.setattr(errors_module, "_docs_base", base)
+    monkeypatch.setattr(messages, "_docs_base", base)
     assert errors_module.docs_link(page) == expected
     if page == "errors/local-ports-exhausted.md":
         new = translate(pymysql.err.OperationalError(
@@ -1041,7 +1041,7 @@ def test_the_docs_base_is_read_from_the_distribution_and_a_failure_is_not_kept(
     def out_of_descriptors(_name: str) -> Any:
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(errors_module, "_docs_base", None)
+    monkeypatch.setattr(messages, "_docs_base", None)
     monkeypatch.setattr(importlib.metadata, "metadata", out_of_descriptors)
     assert errors_module.docs_base() == ""  # not kept: asked again next time
     monkeypatch.setattr(importlib.metadata, "metadata", lambda _name: Metadata())
