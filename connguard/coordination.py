@@ -36,8 +36,6 @@ import threading
 import time
 from typing import Any, Dict, Hashable, Optional, TypeVar, Union
 
-import pymysql
-
 from connguard import errors
 from connguard.backend import (  # noqa: F401 - the backend interface, re-exported
     BACKENDS,
@@ -49,6 +47,7 @@ from connguard.backend import (  # noqa: F401 - the backend interface, re-export
     coordinator_for,
 )
 from connguard.clock import Clock, Sleep
+from connguard.errors import CoordinatorUnavailable, LeaseUnavailable  # noqa: F401 - re-exported
 from connguard.policies import check_number
 from connguard.storm import StormPolicy
 
@@ -61,66 +60,6 @@ FAIL_MODES = ("open", "closed")
 # How a connect attempt ended, as the gate's shared backends are told.
 SUCCEEDED, OUTAGE, CAPACITY, PERMANENT, ABANDONED = (
     "succeeded", "outage", "capacity", "permanent", "abandoned")
-
-
-# --- errors ---------------------------------------------------------------------------------
-
-
-class LeaseUnavailable(errors.ConnGuardError, pymysql.err.OperationalError):
-    """The destination's global connection budget is spent (``global_max`` leases held).
-
-    The pool waits for one of its own connections (or, holding none, for a lease to free)
-    rather than raise it; a caller sees it only as the ``last_cause`` of a ``PoolTimeout``.
-    ``retry_after``: seconds until the pool asks again.
-    """
-
-    transient = True
-    docs = "deployment.md"
-
-    def __init__(self, destination: str, global_max: int, census: Optional[Census],
-                 retry_after: float, fallback: bool = False) -> None:
-        diagnosis: Dict[str, Any] = {"destination": destination, "global_max": global_max,
-                                     "retry_after": retry_after}
-        if census is not None:
-            diagnosis.update(total=census.total, mine=census.mine, holders=census.holders,
-                             share=census.share)
-            cause = (f"the global connection budget for {destination} is spent: "
-                     f"{census.total} of global_max {global_max} leases held by "
-                     f"{census.holders} pools (this one {census.mine}, fair share "
-                     f"{census.share})")
-        else:
-            cause = (f"the coordinator is unreachable and this pool is at its fallback budget "
-                     f"for {destination} (its share of global_max {global_max})")
-        super().__init__(cause)
-        errors._describe(self, cause, (
-            "the pool waits for one of its own connections to come back; raise global_max "
-            "if the server has room (max_connections minus a reserve for admins)",
-            "or give each pool a smaller max_size so the cap is shared by more processes",
-        ), diagnosis, None)
-        self.retry_after = retry_after
-        self.fallback = fallback
-
-
-class CoordinatorUnavailable(errors.ConnGuardError, pymysql.err.OperationalError):
-    """The coordinator does not answer and the pool was told to refuse new connections then
-    (``coordinator_fail="closed"``). Idle pooled connections are still handed out."""
-
-    transient = True
-    docs = "deployment.md"
-
-    def __init__(self, address: str, last_error: str, retry_after: float) -> None:
-        diagnosis = {"coordinator": address, "last_error": last_error,
-                     "retry_after": retry_after}
-        cause = (f"coordinator {address} is unreachable ({last_error or 'no answer'}) and "
-                 "coordinator_fail='closed': no new server connection is opened until it "
-                 "answers")
-        super().__init__(cause)
-        errors._describe(self, cause, (
-            "bring the coordinator back: pools pick it up again without a restart",
-            "or use coordinator_fail='open' to fall back to each pool's local gate and "
-            "budget while it is away",
-        ), diagnosis, None)
-        self.retry_after = retry_after
 
 
 def summary(exc: Optional[BaseException], limit: int = 300) -> str:

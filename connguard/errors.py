@@ -387,6 +387,69 @@ class CircuitOpen(ConnGuardError, pymysql.err.OperationalError):
         self.__cause__ = last_cause
 
 
+# --- shared state (connguard.coordination) --------------------------------------------------
+
+
+class LeaseUnavailable(ConnGuardError, pymysql.err.OperationalError):
+    """The destination's global connection budget is spent (``global_max`` leases held).
+
+    ``census``: the coordinator's count (a :class:`connguard.backend.Census`), if it answered.
+
+    The pool waits for one of its own connections (or, holding none, for a lease to free)
+    rather than raise it; a caller sees it only as the ``last_cause`` of a ``PoolTimeout``.
+    ``retry_after``: seconds until the pool asks again.
+    """
+
+    transient = True
+    docs = "deployment.md"
+
+    def __init__(self, destination: str, global_max: int, census: Optional[Any],
+                 retry_after: float, fallback: bool = False) -> None:
+        diagnosis: Dict[str, Any] = {"destination": destination, "global_max": global_max,
+                                     "retry_after": retry_after}
+        if census is not None:
+            diagnosis.update(total=census.total, mine=census.mine, holders=census.holders,
+                             share=census.share)
+            cause = (f"the global connection budget for {destination} is spent: "
+                     f"{census.total} of global_max {global_max} leases held by "
+                     f"{census.holders} pools (this one {census.mine}, fair share "
+                     f"{census.share})")
+        else:
+            cause = (f"the coordinator is unreachable and this pool is at its fallback budget "
+                     f"for {destination} (its share of global_max {global_max})")
+        super().__init__(cause)
+        _describe(self, cause, (
+            "the pool waits for one of its own connections to come back; raise global_max "
+            "if the server has room (max_connections minus a reserve for admins)",
+            "or give each pool a smaller max_size so the cap is shared by more processes",
+        ), diagnosis, None)
+        self.retry_after = retry_after
+        self.fallback = fallback
+
+
+class CoordinatorUnavailable(ConnGuardError, pymysql.err.OperationalError):
+    """The coordinator does not answer and the pool was told to refuse new connections then
+    (``coordinator_fail="closed"``). Idle pooled connections are still handed out."""
+
+    transient = True
+    docs = "deployment.md"
+
+    def __init__(self, address: str, last_error: str, retry_after: float) -> None:
+        diagnosis = {"coordinator": address, "last_error": last_error,
+                     "retry_after": retry_after}
+        cause = (f"coordinator {address} is unreachable ({last_error or 'no answer'}) and "
+                 "coordinator_fail='closed': no new server connection is opened until it "
+                 "answers")
+        super().__init__(cause)
+        _describe(self, cause, (
+            "bring the coordinator back: pools pick it up again without a restart",
+            "or use coordinator_fail='open' to fall back to each pool's local gate and "
+            "budget while it is away",
+        ), diagnosis, None)
+        self.retry_after = retry_after
+
+
+
 _OUTAGE_CAUSE = (
     "no new connection[ to {target}][ for {down_for} s][ ({failures} failures in a row)]"
     "[; this caller waited {waited} s][; last: {last_cause}]"
@@ -1553,6 +1616,73 @@ def translate(
         # Translating is a courtesy: the original error is always a correct answer.
         return exc
 
+
+
+# --- the resource guard's refusals (connguard.guard) -----------------------------------------
+
+PREFLIGHT_PORT_CAUSE = (
+    "refused before connect()[ to {target}]: {ports_free} of {ports_total} local ports free "
+    "toward it[ (range {port_range_text}; {states_text})], and one more connection would "
+    "leave fewer than the reserve of {port_reserve}"
+)
+PREFLIGHT_FD_CAUSE = (
+    "refused before connect()[ to {target}]: {fds_left} file descriptors left under the soft "
+    "limit of {fd_soft}[ (hard {fd_hard}; {fd_in_use} open)], and one more connection would "
+    "leave fewer than the reserve of {fd_reserve}"
+)
+
+
+def _port_remedies(diagnosis: Mapping[str, Any]) -> Tuple[str, ...]:
+    """What to do about exhausted ports, most useful first, for the sockets actually seen."""
+    census_counts = diagnosis.get("census") or {}
+    remedies: List[str] = [
+        "hold fewer connections to {target}: lower max_size, use one pool per process and "
+        "server, close pools no longer needed[ ({established} established now)]",
+    ]
+    if census_counts.get("time_wait"):
+        remedies.append(
+            "{time_wait} ports sit in TIME_WAIT (60 s after each close): reuse connections "
+            "instead of reconnecting[, below about {max_connect_rate} new connections/s]; "
+            "net.ipv4.tcp_tw_reuse=1[ (now {tcp_tw_reuse})] lets connect() reuse them early")
+    if census_counts.get("close_wait"):
+        remedies.append("{close_wait} sockets are in CLOSE_WAIT: the server closed them and "
+                        "this host has not; find the code that keeps them open")
+    remedies += [
+        "widen net.ipv4.ip_local_port_range[ (now {port_range_text})]",
+        "spread connections over more client IPs or server addresses",
+        "the guard keeps {port_reserve} ports for the rest of this host: lower port_reserve "
+        "only if nothing else here connects to that server, or set resource_guard=False",
+    ]
+    return tuple(remedies)
+
+
+def _fd_remedies(diagnosis: Mapping[str, Any]) -> Tuple[str, ...]:
+    """What to do about the descriptor limit, most useful first."""
+    remedies: List[str] = [
+        "close connections and files no longer used; lower max_size",
+    ]
+    if diagnosis.get("fd_hard") != diagnosis.get("fd_soft"):
+        remedies.append(
+            "raise the soft limit toward the hard limit[ {fd_hard}]: "
+            "connguard.limits.raise_fd_soft_limit() in the process, LimitNOFILE= in systemd, "
+            "`ulimit -n` in the start script")
+    else:
+        remedies.append("raise the hard limit (LimitNOFILE= in systemd, limits.conf), then "
+                        "the soft one")
+    remedies.append("the guard keeps {fd_reserve} descriptors for files, logs and other "
+                    "pools: lower fd_reserve only if the process opens little else, or set "
+                    "resource_guard=False")
+    return tuple(remedies)
+
+
+def preflight_refusal(fds: bool, diagnosis: Dict[str, Any]) -> ConnGuardError:
+    """The resource guard's refusal (``fds``: the descriptor limit, else the local ports
+    toward the server) as FdLimitReached or LocalPortsExhausted, worded from ``diagnosis``."""
+    if fds:
+        return preflight_error(FdLimitReached, PREFLIGHT_FD_CAUSE, _fd_remedies(diagnosis),
+                               diagnosis)
+    return preflight_error(LocalPortsExhausted, PREFLIGHT_PORT_CAUSE,
+                           _port_remedies(diagnosis), diagnosis)
 
 
 def preflight_error(

@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Tuple
 
 from connguard import errors
 from connguard.census import census, local_port_range, resolve
@@ -425,9 +425,7 @@ class ResourceGuard:
             diagnosis = refusal_diagnosis(refusal, snapshot, opens, self.policy, self.host,
                                           self.port)
             diagnosis["tcp_tw_reuse"] = _quietly("tcp_tw_reuse", _read_tw_reuse)
-            remedies = fd_remedies(diagnosis) if fds else port_remedies(diagnosis)
-            return errors.preflight_error(cls, FD_CAUSE if fds else PORT_CAUSE, remedies,
-                                          diagnosis)
+            return errors.preflight_refusal(fds, diagnosis)
         except Exception:  # noqa: BLE001 - the refusal itself must still be raised
             log.exception("resource guard: could not describe %s", refusal)
             return cls(2003, f"refused before connect() to {self.host}:{self.port}: "
@@ -446,19 +444,7 @@ def _read_tw_reuse() -> int:
         return int(handle.read())
 
 
-# --- messages -------------------------------------------------------------------------------
-
-PORT_CAUSE = (
-    "refused before connect()[ to {target}]: {ports_free} of {ports_total} local ports free "
-    "toward it[ (range {port_range_text}; {states_text})], and one more connection would "
-    "leave fewer than the reserve of {port_reserve}"
-)
-FD_CAUSE = (
-    "refused before connect()[ to {target}]: {fds_left} file descriptors left under the soft "
-    "limit of {fd_soft}[ (hard {fd_hard}; {fd_in_use} open)], and one more connection would "
-    "leave fewer than the reserve of {fd_reserve}"
-)
-
+# --- the facts behind a refusal (errors.preflight_refusal words them) -------------------
 
 def _states_text(counts: Optional[Mapping[str, int]]) -> Optional[str]:
     """"established 38, time_wait 2": the non-zero states, largest first."""
@@ -491,46 +477,3 @@ def refusal_diagnosis(refusal: Refusal, snapshot: Snapshot, opens: int, policy: 
         "opened_since_census": opens,
         "max_connect_rate": max_connect_rate(ports_total),
     }
-
-
-def port_remedies(diagnosis: Mapping[str, Any]) -> Tuple[str, ...]:
-    """What to do about exhausted ports, most useful first, for the sockets actually seen."""
-    census_counts = diagnosis.get("census") or {}
-    remedies: List[str] = [
-        "hold fewer connections to {target}: lower max_size, use one pool per process and "
-        "server, close pools no longer needed[ ({established} established now)]",
-    ]
-    if census_counts.get("time_wait"):
-        remedies.append(
-            "{time_wait} ports sit in TIME_WAIT (60 s after each close): reuse connections "
-            "instead of reconnecting[, below about {max_connect_rate} new connections/s]; "
-            "net.ipv4.tcp_tw_reuse=1[ (now {tcp_tw_reuse})] lets connect() reuse them early")
-    if census_counts.get("close_wait"):
-        remedies.append("{close_wait} sockets are in CLOSE_WAIT: the server closed them and "
-                        "this host has not; find the code that keeps them open")
-    remedies += [
-        "widen net.ipv4.ip_local_port_range[ (now {port_range_text})]",
-        "spread connections over more client IPs or server addresses",
-        "the guard keeps {port_reserve} ports for the rest of this host: lower port_reserve "
-        "only if nothing else here connects to that server, or set resource_guard=False",
-    ]
-    return tuple(remedies)
-
-
-def fd_remedies(diagnosis: Mapping[str, Any]) -> Tuple[str, ...]:
-    """What to do about the descriptor limit, most useful first."""
-    remedies: List[str] = [
-        "close connections and files no longer used; lower max_size",
-    ]
-    if diagnosis.get("fd_hard") != diagnosis.get("fd_soft"):
-        remedies.append(
-            "raise the soft limit toward the hard limit[ {fd_hard}]: "
-            "connguard.limits.raise_fd_soft_limit() in the process, LimitNOFILE= in systemd, "
-            "`ulimit -n` in the start script")
-    else:
-        remedies.append("raise the hard limit (LimitNOFILE= in systemd, limits.conf), then "
-                        "the soft one")
-    remedies.append("the guard keeps {fd_reserve} descriptors for files, logs and other "
-                    "pools: lower fd_reserve only if the process opens little else, or set "
-                    "resource_guard=False")
-    return tuple(remedies)
