@@ -20,15 +20,13 @@ and :func:`is_disconnect` answer the questions the pool and reconnect logic ask.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import errno as errno_codes
 import ipaddress
-import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 import pymysql
 from pymysql.constants import CR, ER
@@ -38,6 +36,13 @@ from connguard.census import census as sockets_toward
 from connguard.census import unix_listen_queue
 from connguard.limits import limits as local_limits
 from connguard.messages import docs_base, docs_link  # noqa: F401 - re-exported
+from connguard.redaction import (  # noqa: F401 - redact and friends, re-exported
+    MIN_VERBATIM,
+    Password,
+    redact,
+    redact_args,
+    redact_exception,
+)
 
 __all__ = [
     "TABLE",
@@ -111,7 +116,6 @@ DISCONNECT_CODES = frozenset(
     }
 )
 
-Password = Union[str, bytes, None]
 
 # --- exception classes --------------------------------------------------------------------
 
@@ -1245,122 +1249,6 @@ def is_disconnect(exc: BaseException) -> bool:
         return False
 
 
-# --- secrets ------------------------------------------------------------------------------
-
-_MASK = "***"
-# The places a password has in text, by structure: ``password=...`` / ``password: ...``
-# (keyword arguments, DSN query strings, MYSQL_PWD=..., db_password=..., config text), a
-# dict's or JSON's ``'password': '...'``, and the userinfo of ``scheme://user:password@host``
-# URLs (up to the last ``@`` before the host: a password may hold ``@`` and ``/``).
-_QUOTED = r"b?'(?:[^'\\]|\\.)*'|" + r'b?"(?:[^"\\]|\\.)*"'
-_SECRET_ASSIGNMENT = re.compile(
-    r"(?i)(?<![a-z])([a-z_]*(?:password|passwd|pwd))(\s*[=:]\s*)"
-    r"(?!(?:YES|NO)\))"  # MariaDB's "(using password: YES)" says nothing secret
-    rf"({_QUOTED}|[^\s,;)&'\"]+)")
-_SECRET_ENTRY = re.compile(
-    rf"(?i)(['\"][a-z_]*(?:password|passwd|pwd)['\"]\s*:\s*)({_QUOTED})")
-_URL_USERINFO = re.compile(r"(://[^/\s:@]*:)\S*@(?=[^@/\s]+)")
-#: A password is also masked where it appears verbatim, as a whole token, only from this
-#: length on (and not all digits): a short one would match by chance ("3" in 10.0.0.3),
-#: mangling the message and showing where the password's characters are.
-MIN_VERBATIM = 8
-
-
-def _password_text(password: Password) -> str:
-    if isinstance(password, bytes):
-        try:
-            return password.decode("utf-8")
-        except UnicodeDecodeError:
-            return password.decode("latin-1")
-    return password or ""
-
-
-def redact(text: str, password: Password = None) -> str:
-    """``text`` with its secrets masked, by structure: ``password=...`` assignments,
-    ``'password': ...`` entries and the password of ``scheme://user:password@`` URLs.
-
-    ``password`` (str or bytes) is also masked where it appears verbatim as a whole token
-    (not inside a longer word or number), when it has at least MIN_VERBATIM characters and
-    is not all digits: never by substring, which would mangle "10.0.0.3:3306" for a
-    password "3" and show where the password's characters are.
-    """
-    secret = _password_text(password)
-    if len(secret) >= MIN_VERBATIM and not secret.isdigit() and secret in text:
-        # First: a URL or a quoted value holding it is then masked whole below.
-        token = re.compile(rf"(?<![\w]){re.escape(secret)}(?![\w])")
-        text = token.sub(_MASK, text)
-    text = _SECRET_ENTRY.sub(rf"\1'{_MASK}'", text)
-    text = _SECRET_ASSIGNMENT.sub(rf"\1\2{_MASK}", text)
-    text = _URL_USERINFO.sub(rf"\1{_MASK}@", text)
-    return text
-
-
-def _redact_args(args: Tuple[Any, ...], password: Password) -> Tuple[Any, ...]:
-    return tuple(redact(a, password) if isinstance(a, str) else a for a in args)
-
-
-def redact_exception(exc: BaseException, password: Password = None) -> None:
-    """Mask ``password`` (and credential-like text, see :func:`redact`) in ``exc`` and in
-    every exception chained to it, in place.
-
-    A traceback prints each exception of the chain (``__cause__``, ``__context__``); PyMySQL
-    also keeps the ``OSError`` of a failed connect as ``original_exception``.  What a
-    traceback shows of each comes from a few fields, and those are redacted one by one:
-    ``args`` (``repr()``, and ``str()`` of most exceptions), an ``OSError``'s ``strerror``,
-    ``filename`` and ``filename2`` (its ``str()``: ``[Errno 2] No such file or directory:
-    '/path'``), ``__notes__``, and the ``traceback`` text PyMySQL stores.  Other attributes
-    and the source lines a traceback quotes are beyond reach.  Never raises.
-    """
-    pending: List[BaseException] = [exc]
-    seen = set()
-    while pending:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        with contextlib.suppress(Exception):  # an exotic exception class: left as it is
-            _redact_fields(current, password)
-        for linked in (current.__cause__, current.__context__,
-                       getattr(current, "original_exception", None),
-                       getattr(current, "original", None)):
-            if isinstance(linked, BaseException):
-                pending.append(linked)
-
-
-def _redact_fields(exc: BaseException, password: Password) -> None:
-    args = exc.args
-    if isinstance(args, tuple):
-        clean = _redact_args(args, password)
-        if clean != args:
-            exc.args = clean
-    if isinstance(exc, OSError):
-        # str(OSError) is built from these, not from args.
-        for name in ("strerror", "filename", "filename2"):
-            value = getattr(exc, name)
-            clean_value = _redact_value(value, password)
-            if clean_value is not value:
-                setattr(exc, name, clean_value)
-    notes = getattr(exc, "__notes__", None)
-    if isinstance(notes, list):
-        notes[:] = [redact(n, password) if isinstance(n, str) else n for n in notes]
-    trace = getattr(exc, "traceback", None)  # PyMySQL keeps format_exc() of connect errors
-    if isinstance(trace, str):
-        clean_trace = redact(trace, password)
-        if clean_trace != trace:
-            setattr(exc, "traceback", clean_trace)  # noqa: B010 - not an attribute mypy knows
-
-
-def _redact_value(value: Any, password: Password) -> Any:
-    """A str, bytes or path field redacted (as a str when it had to change); else itself."""
-    raw = os.fspath(value) if isinstance(value, os.PathLike) else value
-    if isinstance(raw, (str, bytes)):
-        text = os.fsdecode(raw)
-        clean = redact(text, password)
-        if clean != text:
-            return clean
-    return value
-
-
 # --- diagnosis ----------------------------------------------------------------------------
 
 _LIMIT_KEYS = ("fd_in_use", "fd_soft", "fd_hard", "port_range", "tcp_tw_reuse")
@@ -1571,7 +1459,7 @@ def _translate(
     if password:  # e.g. a unix socket path that holds it; diagnoses get logged
         diagnosis = {k: redact(v, password) if isinstance(v, str) else v
                      for k, v in diagnosis.items()}
-    new = _instantiate(row.cls, exc, _redact_args(tuple(exc.args), password))
+    new = _instantiate(row.cls, exc, redact_args(tuple(exc.args), password))
     new.transient = row.transient
     cause = messages.render(row.cause, messages.facts(diagnosis, server_message))
     _describe(new, cause, row.remedies, diagnosis, exc, password, server_message)
