@@ -254,7 +254,11 @@ def coordinator_for(spec: Union[str, Coordinator]) -> Coordinator:
 
 def _backend_class(url: str) -> Any:
     """The backend class for ``url``'s scheme (its module imported now)."""
-    module, _, name = BACKENDS[urlsplit(url).scheme].partition(":")
+    scheme = urlsplit(url).scheme
+    if scheme not in BACKENDS:
+        raise ValueError(f"coordinator must be a URL with scheme "
+                         f"{', '.join(sorted(BACKENDS))}, got a {scheme or 'schemeless'} URL")
+    module, _, name = BACKENDS[scheme].partition(":")
     return getattr(importlib.import_module(module), name)
 
 

@@ -123,7 +123,8 @@ class CoordinationSettings:
         if self.fail not in FAIL_MODES:
             raise ValueError(f"coordinator_fail must be one of {', '.join(FAIL_MODES)}, "
                              f"got {self.fail!r}")
-        check_number("lease_ttl", self.lease_ttl, 1.5, kind="a number of seconds")  # 3 passes
+        check_number("lease_ttl", self.lease_ttl, 1.5, kind="a number of seconds",
+                     why="three reaper passes")
         if self.key is not None and (not isinstance(self.key, str) or not self.key):
             raise ValueError(f"coordinator_key must be a non-empty string, got {self.key!r}")
 

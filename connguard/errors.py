@@ -58,6 +58,7 @@ from connguard.exceptions import (  # noqa: F401 - the classes and helpers, re-e
     StatementTimeout,
     TooManyConnections,
     UserConnectionLimit,
+    _restore,
     as_driver_error,
     combined_class,
     describe,

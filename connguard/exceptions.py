@@ -630,3 +630,7 @@ for _cls in list(globals().values()):
     if isinstance(_cls, type) and issubclass(_cls, ConnGuardError):
         _cls.__module__ = "connguard.errors"
 del _cls
+# The shared-state errors were always connguard.coordination's, which re-exports them.
+LeaseUnavailable.__module__ = CoordinatorUnavailable.__module__ = "connguard.coordination"
+# Pickles name the function that rebuilds an error: the same module for old and new ones.
+_restore.__module__ = "connguard.errors"

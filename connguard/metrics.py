@@ -165,7 +165,7 @@ def stats(target: Optional[Any] = None) -> Dict[str, Any]:
         every = [p.stats() for p in pools] + [g.stats() for g in guards]
         return {each["name"]: each for each in every}
     with _pools_lock:
-        pool = target in _pools
+        pool = any(p is target for p in _pools)  # by identity: the target may not hash
     if pool:
         return target.stats()
     guard = engine_guard(target)
@@ -179,6 +179,6 @@ def stats(target: Optional[Any] = None) -> Dict[str, Any]:
         raise ModuleNotFoundError(
             "connguard.stats(engine) is for SQLAlchemy engines and needs SQLAlchemy: "
             "pip install 'connguard[sqlalchemy]'", name="sqlalchemy") from None
-    raise ValueError(f"{target!r} is neither a connguard.Pool nor an engine created with the "
-                     "connguard plugin: add ?plugin=connguard to the URL or "
+    raise ValueError(f"{target!r} was not created with the connguard plugin (nor is it a "
+                     "connguard.Pool): add ?plugin=connguard to the URL or "
                      "plugins=['connguard']")

@@ -10,11 +10,12 @@ RESET_MODES = ("rollback", "full", "none")
 
 
 def check_number(name: str, value: Any, minimum: float, allow_none: bool = False,
-                 integer: bool = False, above: bool = False, kind: str = "") -> None:
+                 integer: bool = False, above: bool = False, kind: str = "",
+                 why: str = "") -> None:
     """The one check of a numeric option: a ValueError naming ``name``, the allowed values
     and what was given, unless ``value`` is a number (``integer``: an int; never a bool)
     ``>= minimum`` (``above``: ``> minimum``), or None when ``allow_none``. ``kind`` words
-    the number ("a number of seconds")."""
+    the number ("a number of seconds"), ``why`` says why the minimum."""
     if value is None and allow_none:
         return
     kinds = (int,) if integer else (int, float)
@@ -23,7 +24,8 @@ def check_number(name: str, value: Any, minimum: float, allow_none: bool = False
         kind = kind or ("an integer" if integer else "a number")
         none = " or None" if allow_none else ""
         op = ">" if above else ">="
-        raise ValueError(f"{name} must be {kind} {op} {minimum}{none}, got {value!r}")
+        why = f" ({why})" if why else ""
+        raise ValueError(f"{name} must be {kind} {op} {minimum}{none}{why}, got {value!r}")
 
 
 

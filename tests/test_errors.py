@@ -1046,3 +1046,16 @@ def test_the_docs_base_is_read_from_the_distribution_and_a_failure_is_not_kept(
     assert errors_module.docs_base() == ""  # not kept: asked again next time
     monkeypatch.setattr(importlib.metadata, "metadata", lambda _name: Metadata())
     assert errors_module.docs_base() == "https://docs.example.org/connguard/"
+
+
+def test_pickles_name_connguard_errors_whatever_module_holds_the_code() -> None:
+    # Pickles made before the classes moved to connguard.exceptions name connguard.errors for
+    # the class and for the function that rebuilds it: both must keep resolving there.
+    import pickle
+
+    err = translate(pymysql.err.OperationalError(1040, "Too many connections"))
+    data = pickle.dumps(err)
+    assert b"connguard.exceptions" not in data and b"connguard.errors" in data
+    again = pickle.loads(data)
+    assert type(again).__name__ == "TooManyConnections" and str(again) == str(err)
+    assert errors.LeaseUnavailable.__module__ == "connguard.coordination"
