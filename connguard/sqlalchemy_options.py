@@ -5,7 +5,6 @@ value is an ``ArgumentError`` naming the option and the allowed values)."""
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from sqlalchemy import exc as sa_exc
@@ -231,18 +230,4 @@ def parse_options(query: Mapping[str, Any], kwargs: Dict[str, Any]) -> PluginOpt
     return PluginOptions(**values)
 
 
-# --- the plugin's warning, the coordinator its options name ---------------------------------
-
-
-class ConnGuardPluginWarning(UserWarning):
-    """The plugin cannot apply all of itself to this engine (another driver or database)."""
-
-
-def warn(message: str) -> None:
-    # stacklevel: point past SQLAlchemy's create_engine at the caller's line, roughly.
-    warnings.warn(message, ConnGuardPluginWarning, stacklevel=5)
-
-
-def coordinator_of(options: PluginOptions) -> Optional[coordination.Coordinator]:
-    spec = options.coordination_settings.coordinator
-    return None if spec is None else coordination.coordinator_for(spec)
+# --- the plugin ---------------------------------------------------------------------------

@@ -31,35 +31,39 @@ What differs between drivers is in :mod:`connguard.dbapis`.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
+import ssl
 import threading
 import time
+import warnings
 import weakref
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pymysql
+from pymysql.constants import CLIENT, CR
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CreateEnginePlugin
 from sqlalchemy.pool import QueuePool
 
 from connguard import coordination, dbapis, driver, errors, events, metrics, reaper, storm
+from connguard.connector import Connector
+from connguard.guard import ResourceGuard
+from connguard.hostgate import HostGate
 from connguard.liveness import Probe, peer_closed
-from connguard.metrics import empty_distribution
+from connguard.metrics import Histogram, empty_distribution
 from connguard.policies import LifetimePolicy
-from connguard.sqlalchemy_connect import EngineConnect
 from connguard.sqlalchemy_options import (  # noqa: F401 - re-exported: the plugin's options
     COORDINATION_OPTIONS,
     OPTION_NAMES,
     PREFIX,
     STORM_OPTIONS,
-    ConnGuardPluginWarning,
     PluginOptions,
-    coordinator_of,
     parse_options,
     single_value,
-    warn,
 )
 from connguard.sqlalchemy_pool import IDLE_SINCE as _IDLE_SINCE
 from connguard.sqlalchemy_pool import GuardedQueuePool
@@ -71,6 +75,10 @@ log = logging.getLogger("connguard.sqlalchemy")
 # record.info key: monotonic time the connection was last checked in (idle since).
 # record.info key: the connection's Probe (a cached poll object) for the checkout check.
 _PROBE = "connguard_probe"
+
+
+class ConnGuardPluginWarning(UserWarning):
+    """The plugin cannot apply all of itself to this engine (another driver or database)."""
 
 
 class ConnGuardPlugin(CreateEnginePlugin):
@@ -117,7 +125,7 @@ class ConnGuardPlugin(CreateEnginePlugin):
         """The connect gate the engine's connects go through (None before the first one,
         or with storm control off): the guarded pool asks it whether the server is down."""
         guard = self._guard
-        connector = guard.connect.connector if guard is not None else None
+        connector = guard._connector if guard is not None else None
         return connector.gate if connector is not None else None
 
 
@@ -127,6 +135,11 @@ def _url_destination(url: Any) -> Tuple[str, int]:
     socket_path = url.query.get("unix_socket")
     return driver.destination({"host": url.host, "port": url.port,
                                "unix_socket": single_value("unix_socket", socket_path)})
+
+
+def _coordinator(options: PluginOptions) -> Optional[coordination.Coordinator]:
+    spec = options.coordination_settings.coordinator
+    return None if spec is None else coordination.coordinator_for(spec)
 
 
 def _budget_factory(options: PluginOptions, host: str,
@@ -139,7 +152,7 @@ def _budget_factory(options: PluginOptions, host: str,
     cap, ttl, fail = settings.global_max, settings.lease_ttl, settings.fail
 
     def make(max_size: int) -> coordination.Budget:
-        coordinator = coordinator_of(options)
+        coordinator = _coordinator(options)
         assert coordinator is not None
         return coordination.Budget(coordinator, destination, cap=cap, ttl=ttl, fail=fail,
                                    max_size=max_size)
@@ -165,7 +178,7 @@ def _choose_pool_class(url: Any, kwargs: Dict[str, Any]) -> None:
             return
     if not (isinstance(chosen, type) and issubclass(chosen, GuardedQueuePool)):
         name = getattr(chosen, "__name__", repr(chosen))
-        warn(f"connguard: the engine's pool ({name}) is used as it is; the adaptive ceiling "
+        _warn(f"connguard: the engine's pool ({name}) is used as it is; the adaptive ceiling "
               "and the handshake cap apply to SQLAlchemy's QueuePool only, so a server at "
               "max_connections reaches callers as TooManyConnections")
 
@@ -191,6 +204,10 @@ def _engine_name(url: Any) -> str:
 
 FULL, PARTIAL, NONE = "full", "partial", "none"
 
+#: Seconds the storm gate may hold a connect for pools without a checkout timeout.
+_DEFAULT_CONNECT_WAIT = 30.0
+
+
 def _support(dialect: Any) -> str:
     if dialect.name not in ("mysql", "mariadb"):
         return NONE
@@ -212,6 +229,50 @@ def _idle_queue(pool: Any) -> Any:
 
 
 _PYMYSQL_CONNECTION = pymysql.connections.Connection
+
+
+def _tls_left_to_pymysql(dialect: Any, cargs: List[Any], cparams: Dict[str, Any]) -> bool:
+    """Whether PyMySQL decides the TLS mode itself: the engine's DBAPI module is PyMySQL and
+    no connect argument speaks of TLS (``ssl``, ``ssl_*``, or an option file, which may)."""
+    return dialect.dbapi is pymysql and not cargs and not any(
+        name.startswith(("ssl", "read_default")) for name in cparams)
+
+
+def _preferred_tls_context(conn: Any) -> Optional[ssl.SSLContext]:
+    """The context PyMySQL built for ``conn`` in its "preferred" TLS mode, if the server
+    offered TLS (so that the connection uses it); None otherwise, and with PyMySQL < 1.2,
+    which has no such mode."""
+    if not isinstance(conn, pymysql.connections.Connection):
+        return None
+    context = getattr(conn, "ctx", None)
+    offered = (getattr(conn, "server_capabilities", 0) or 0) & CLIENT.SSL
+    return context if offered and isinstance(context, ssl.SSLContext) else None
+
+
+_PYMYSQL_CONNECT = pymysql.connections.Connection.connect.__code__
+
+
+def _close_stranded_socket(exc: BaseException) -> None:
+    """Close the unix socket PyMySQL's ``Connection.connect`` left behind when connecting it
+    failed.
+
+    PyMySQL creates that socket before ``connect()`` and closes only ``self._sock``, which
+    is not set yet: each failed attempt (a missing socket file, a full backlog) keeps a
+    descriptor until a garbage-collector pass, then warns (ResourceWarning). connguard's own
+    connections avoid it (``driver.GuardedConnection.connect``); connects made through the
+    dialect run PyMySQL's, so the socket is found in that call's frame, which the error's
+    traceback keeps, and closed here. Does nothing when PyMySQL has no such frame or local.
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code is _PYMYSQL_CONNECT:
+            sock = frame.f_locals.get("sock")
+            owner = frame.f_locals.get("self")
+            if isinstance(sock, socket.socket) and sock is not getattr(owner, "_sock", None):
+                sock.close()
+            return
+        tb = tb.tb_next
 
 
 def _probe(record: Any) -> Probe:
@@ -252,12 +313,18 @@ class EngineGuard:
         # Checkouts are counted apart, lock-free: ``+= 1`` on an int attribute has no call
         # inside, so CPython never switches threads in the middle of it.
         self._checkouts = 0
+        self._connector: Optional[Connector] = None
+        self._resource_guard: Optional[ResourceGuard] = None
+        # Per destination: the TLS context PyMySQL built for a connection in its "preferred"
+        # mode, once the server was seen to offer TLS (see _connect_reusing_tls).
+        self._tls_contexts: Dict[Tuple[str, int], ssl.SSLContext] = {}
         self._foreign_warned = False
         self.wait_timeout: Optional[int] = None
         self.idle_timeout: Optional[float] = options.idle_timeout or None
         self.name = metrics.claim_name(_engine_name(engine.url), self)
         self._listeners = events.Listeners()
-        self.connect = EngineConnect(engine, options, self.facts, self._listeners, self.name)
+        self._failures: Counter = Counter()  # connect failures by exception class
+        self._connect_time = Histogram()
         # Async engines: idle connections and the loop each lives on, for the reaper, which
         # may only ask that loop to close a dead one (checkin adds, checkout removes).
         self._idle_on_loop: Dict[Any, Tuple[Any, asyncio.AbstractEventLoop]] = {}
@@ -268,12 +335,12 @@ class EngineGuard:
         assert engine is not None
         metrics.register_engine(engine.dialect, self)
         if self.support == NONE:
-            warn(f"connguard: the {engine.dialect.name} dialect is not MySQL/MariaDB; the "
+            _warn(f"connguard: the {engine.dialect.name} dialect is not MySQL/MariaDB; the "
                   "plugin does nothing for this engine")
             return
         event.listen(engine.pool, "connect", self._on_connect)
         if self.support == PARTIAL:
-            warn(f"connguard: driver {engine.dialect.driver!r} is not one connguard "
+            _warn(f"connguard: driver {engine.dialect.driver!r} is not one connguard "
                   "guards (pymysql, mysqldb, aiomysql, asyncmy); only "
                   "recycling below the server's wait_timeout and the guarded pool (adaptive "
                   "ceiling, handshake cap) apply. Not applied: guarded connects (resource "
@@ -284,13 +351,13 @@ class EngineGuard:
                 reaper.register(self)  # refreshes the leases (the rest is for PyMySQL only)
             return
         if custom_creator:
-            warn("connguard: create_engine(creator=...) bypasses do_connect, so new "
+            _warn("connguard: create_engine(creator=...) bypasses do_connect, so new "
                   "connections do not go through connguard's connect path (resource guard, "
                   "storm gate, cached TLS context); the other protections apply")
         self._install_full(engine)
 
     def _install_full(self, engine: Any) -> None:
-        event.listen(engine, "do_connect", self.connect.make_do_connect())
+        event.listen(engine, "do_connect", self._make_do_connect())
         event.listen(engine.pool, "checkout", self._on_checkout)
         if not isinstance(engine.pool, GuardedQueuePool):  # which stamps it itself
             event.listen(engine.pool, "checkin", self._on_checkin)
@@ -308,6 +375,194 @@ class EngineGuard:
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
             self._counts[key] += n
+
+    # -- connect ---------------------------------------------------------------------------
+    def _make_do_connect(self) -> Callable[..., Any]:
+        # A plain function marked with its owner, so that _do_connect can find it among the
+        # dialect's listeners (a bound method is a new object on every access). The guard
+        # does not keep it: no cycle, so the guard goes with its engine without a gc pass.
+        def connguard_do_connect(dialect: Any, record: Any, cargs: List[Any],
+                                 cparams: Dict[str, Any]) -> Any:
+            return self._do_connect(dialect, record, cargs, cparams)
+        connguard_do_connect.connguard_owner = self  # type: ignore[attr-defined]
+        return connguard_do_connect
+
+    def _later_listeners(self, dialect: Any) -> List[Callable[..., Any]]:
+        listeners = list(dialect.dispatch.do_connect)
+        for position, fn in enumerate(listeners):
+            if getattr(fn, "connguard_owner", None) is self:
+                return listeners[position + 1:]
+        return []
+
+    def _do_connect(self, dialect: Any, record: Any, cargs: List[Any],
+                    cparams: Dict[str, Any]) -> Any:
+        """Open a new DBAPI connection through connguard's connect path (:meth:`_open`).
+
+        Listeners registered after ours (users typically add theirs after create_engine,
+        e.g. to put a fresh token in ``cparams["password"]``) run first, since returning a
+        connection ends SQLAlchemy's loop over the listeners; one that returns a connection
+        of its own wins, and that connection is used as it is.
+        """
+        for fn in self._later_listeners(dialect):
+            conn = fn(dialect, record, cargs, cparams)
+            if conn is not None:
+                return conn
+        began = time.monotonic()
+        try:
+            conn = self._open(dialect, cargs, cparams)
+        except BaseException as exc:
+            with self._lock:
+                self._counts["connect_errors"] += 1
+                if isinstance(exc, Exception):
+                    self._failures[type(exc).__name__] += 1
+            if events.active and isinstance(exc, Exception):
+                events.dispatch(self._listeners, self.name, "connect_failed", error=exc)
+            raise
+        seconds = time.monotonic() - began
+        with self._lock:
+            self._counts["connects"] += 1
+            self._connect_time.observe(seconds)
+        if events.active:
+            events.dispatch(self._listeners, self.name, "connect", seconds=seconds)
+        return conn
+
+    def _open(self, dialect: Any, cargs: List[Any], cparams: Dict[str, Any]) -> Any:
+        """``dialect.connect(*cargs, **cparams)``, which calls the engine's DBAPI module, inside
+        connguard's connect path: the resource guard refuses before the OS is asked for a port
+        or a descriptor, the storm gate paces the attempt, and a failure leaves translated
+        with the password masked in its whole chain."""
+        def connect() -> Any:
+            try:
+                return self._connect_reusing_tls(dialect, cargs, cparams)
+            except pymysql.err.Error as exc:
+                _close_stranded_socket(exc)
+                raise
+
+        deadline = self._connect_deadline()
+        engine = self._engine()
+        timeout = engine.pool.timeout() if engine is not None and isinstance(
+            engine.pool, QueuePool) else None
+        started = deadline - timeout if timeout is not None and deadline != float(
+            "inf") else None
+        pause = _loop_pause if self.facts.is_async else None  # never block an event loop
+        try:
+            return self._connector_for(cparams).open(deadline, connect=connect,
+                                                     started=started, pause=pause)
+        except errors.ConnGuardError as exc:  # the gate's or the guard's own refusal
+            own = self.facts.own_error(exc)
+            if own is exc:
+                raise
+            raise own from exc.__cause__
+
+    def _connect_reusing_tls(self, dialect: Any, cargs: List[Any],
+                             cparams: Dict[str, Any]) -> Any:
+        """The dialect's connect, given the TLS context of an earlier connection when PyMySQL
+        would only build the same one again.
+
+        With no TLS option, PyMySQL (>= 1.2) uses TLS when the server offers it ("preferred")
+        and builds a new default context for every connection, loading the system CA store
+        each time. Passing a context as ``ssl`` would make TLS *required*, which a server
+        without TLS refuses, so a context is passed only once a connection showed that the
+        server offers TLS, and it is the context PyMySQL built for that connection: same
+        settings, same outcome. A server restarted without TLS answers 2026; the connect
+        is then made again without the context (in clear, as "preferred" does) and the
+        context is forgotten until the server offers TLS again.
+        """
+        if not _tls_left_to_pymysql(dialect, cargs, cparams):
+            return dialect.connect(*cargs, **cparams)
+        key = driver.destination(cparams)
+        context = self._tls_contexts.get(key)
+        if context is not None:
+            try:
+                return dialect.connect(*cargs, **{**cparams, "ssl": context})
+            except pymysql.err.OperationalError as exc:
+                if not exc.args or exc.args[0] != CR.CR_SSL_CONNECTION_ERROR:
+                    raise
+            self._tls_contexts.pop(key, None)
+        conn = dialect.connect(*cargs, **cparams)
+        learnt = _preferred_tls_context(conn)
+        if learnt is not None:
+            self._tls_contexts.setdefault(key, learnt)
+        return conn
+
+    def _connect_deadline(self) -> float:
+        """How long the storm gate may hold this connect: what is left of the checkout's
+        ``pool_timeout`` (the wait a caller of this engine already accepts), or the whole
+        timeout for a connect the guarded pool did not start. Pools without a timeout
+        (NullPool, StaticPool, ...) never wait: during an outage their connect fails at
+        once, as it would without connguard."""
+        engine = self._engine()
+        pool = None if engine is None else engine.pool
+        if isinstance(pool, GuardedQueuePool):
+            deadline = pool.connect_deadline()
+            if deadline is not None:
+                return deadline
+        if not isinstance(pool, QueuePool):
+            return time.monotonic()
+        timeout = pool.timeout()
+        return time.monotonic() + (_DEFAULT_CONNECT_WAIT if timeout is None else timeout)
+
+    def _connector_for(self, cparams: Dict[str, Any]) -> Connector:
+        """One Connector per engine, kept while the connect arguments stay the same: the
+        resource guard, the storm gate and the translation for :meth:`_open` (which connects
+        through the dialect, not with ``Connector.open``).
+
+        A do_connect listener that rotates a token changes them; the Connector is then
+        replaced (the resource guard, per destination, is kept).
+        """
+        connector = self._connector
+        if connector is None or connector.kwargs != cparams:
+            kwargs = dict(cparams)
+            connector = Connector(kwargs, guard=self._guard_for(kwargs),
+                                  gate=self._gate_for(kwargs),
+                                  fail_fast=bool(self.options.storm_settings.get("fail_fast")))
+            self._connector = connector
+        return connector
+
+    def _guard_for(self, kwargs: Dict[str, Any]) -> Optional[ResourceGuard]:
+        host, port = driver.destination(kwargs)
+        if not self.options.resource_guard or not port:
+            return None  # opted out, or a unix socket: no ephemeral port to run out of
+        if self.facts.is_async and not _is_ip_literal(host):
+            return None  # its census resolves the host: a DNS lookup would block the loop
+        guard = self._resource_guard
+        if guard is None or (guard.host, guard.port) != (host, port):
+            reserves = {name: getattr(self.options, name)
+                        for name in ("fd_reserve", "port_reserve")
+                        if getattr(self.options, name) is not None}
+            guard = self._resource_guard = ResourceGuard(host, port, **reserves)
+        return guard
+
+    def _gate_for(self, kwargs: Dict[str, Any]) -> Optional[storm.ConnectGate]:
+        """The process-wide gate toward this destination (shared with connguard pools that
+        have the same settings): one bucket and one breaker per server."""
+        if not self.options.storm_control:
+            return None
+        host, port = driver.destination(kwargs)
+        policy = storm.policy_from_options(dict(self.options.storm_settings))
+        host_gate = None
+        if self.options.host_gate and self.facts.is_async:
+            # Its slots are held per thread, and a loop's coroutines share one thread.
+            _warn("connguard: the host gate is not used by async engines (its slots are held "
+                  "per thread); the process's own gate applies")
+        elif self.options.host_gate:
+            directory = self.options.host_gate if isinstance(self.options.host_gate, str) \
+                else None
+            host_gate = HostGate(host, port, policy.max_handshakes, directory)
+        shared = []
+        settings = self.options.coordination_settings
+        coordinator = _coordinator(self.options)
+        if coordinator is not None and self.facts.is_async:
+            _warn("connguard: a shared coordinator (Redis) is not used by async engines: its "
+                  "client would block the event loop; the process's own gate applies")
+            coordinator = None
+        if coordinator is not None:
+            # The probe slot lapses a little after the longest a handshake may take.
+            probe_timeout = float(kwargs.get("connect_timeout") or 10) + 1.0
+            shared.append(coordination.CoordinatedGate(
+                coordinator, coordination.destination_key(host, port, settings.key), policy,
+                fail=settings.fail, probe_timeout=probe_timeout))
+        return storm.gate_for(host, port, policy, host_gate, shared=shared)
 
     def _on_connect(self, dbapi_conn: Any, record: Any) -> None:
         if not self._watches(dbapi_conn):
@@ -415,7 +670,7 @@ class EngineGuard:
     def _lost(self) -> None:
         """A connection lost to an error (the server closed it, a disconnect): its
         replacement is paced by the gate as a reconnect."""
-        connector = self.connect.connector
+        connector = self._connector
         if connector is not None and connector.gate is not None:
             connector.gate.connection_lost()
 
@@ -456,7 +711,7 @@ class EngineGuard:
         return _rewrapped(ctx, translated)
 
     def _translate(self, exc: BaseException) -> BaseException:
-        connector = self.connect.connector
+        connector = self._connector
         if connector is not None:
             return connector.translate(exc)
         return errors.translate(exc, password=self._password)
@@ -579,7 +834,6 @@ class EngineGuard:
         """The child must not talk on the parent's sockets: drop the idle ones without a word
         (the parent's sessions survive) and give the engine a new pool."""
         self._lock = threading.Lock()
-        self.connect.after_fork_in_child()
         self._idle_on_loop = {}  # the parent's loops: not this process's to wake
         engine = self._engine()
         if engine is None:
@@ -600,12 +854,8 @@ class EngineGuard:
 
     # -- introspection ---------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
-        connect = self.connect
-        with connect._lock:
-            connects, connect_errors = connect.connects, connect.errors
         with self._lock:
-            counts = dict(self._counts, checkouts=self._checkouts, connects=connects,
-                          connect_errors=connect_errors)
+            counts = dict(self._counts, checkouts=self._checkouts)
         result: Dict[str, Any] = {key: counts.get(key, 0) for key in _COUNTERS}
         result.update(support=self.support, wait_timeout=self.wait_timeout,
                       idle_timeout=self.idle_timeout, reaper=self.options.reaper and
@@ -617,12 +867,12 @@ class EngineGuard:
                           checked_out=pool.checkedout(), overflow=pool.overflow())
         if engine is not None and isinstance(engine.pool, GuardedQueuePool):
             result.update(engine.pool.guard_stats())
-        connector = self.connect.connector
+        connector = self._connector
         if connector is not None and connector.gate is not None:
             result.update(connector.gate.stats())  # the process-wide gate toward this server
         result["host_gate"] = bool(self.options.host_gate)
         result.update(self._schema(engine, counts, result))
-        coordinator = coordinator_of(self.options)
+        coordinator = _coordinator(self.options)
         if coordinator is not None and "coordinator_state" not in result:
             health = coordinator.health  # a shared gate without a global budget
             fail = self.options.coordination_settings.fail
@@ -640,9 +890,9 @@ class EngineGuard:
         pool: Any = None if engine is None else engine.pool
         guarded = isinstance(pool, GuardedQueuePool)
         queue = isinstance(pool, QueuePool)
-        with self.connect._lock:
-            failures = dict(self.connect.failures)
-            connect_s = self.connect.connect_time.snapshot()
+        with self._lock:
+            failures = dict(self._failures)
+            connect_s = self._connect_time.snapshot()
         # Every invalidation counts in "invalidated", the reaper's too: those are
         # peer_closed here, not twice.
         closed = {reason: n for reason, n in (
@@ -680,6 +930,22 @@ _COUNTERS = ("checkouts", "peer_closed", "reaped", "idle_evicted", "connects",
              "connect_errors", "invalidated", "disconnects", "translated")
 
 
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _loop_pause(seconds: float) -> None:
+    """Wait without blocking the event loop: inside SQLAlchemy's greenlet, hand the loop an
+    ``asyncio.sleep`` and come back when it is done."""
+    from sqlalchemy.util import await_only
+
+    await_only(asyncio.sleep(seconds))
+
+
 def _close_transport(conn: Any) -> None:
     """On the connection's event loop: close a dead idle connection the driver's own way
     without a word to the server (its ``close()``, which SQLAlchemy's terminate uses too):
@@ -710,6 +976,11 @@ def _rewrapped(ctx: Any, translated: BaseException) -> Any:
         hide_parameters=getattr(old, "hide_parameters", False),
         connection_invalidated=ctx.is_disconnect, dialect=dialect,
         ismulti=getattr(old, "ismulti", None))
+
+
+def _warn(message: str) -> None:
+    # stacklevel: point past SQLAlchemy's create_engine at the caller's line, roughly.
+    warnings.warn(message, ConnGuardPluginWarning, stacklevel=5)
 
 
 def stats(engine: Any) -> Dict[str, Any]:
