@@ -638,12 +638,18 @@ class EngineGuard:
         """Refuse a connection whose server end is gone; SQLAlchemy then invalidates it and
         connects again (at most once more per checkout), and the caller never sees it."""
         self._checkouts += 1
-        # PyMySQL's socket and _probe, inlined: every checkout passes here.
-        probe = record.info.get(_PROBE)
-        if probe is None:
-            probe = record.info[_PROBE] = Probe()
+        # PyMySQL's socket and _probe, inlined: every checkout passes here (a subscript, not
+        # dict.get; the socket read directly, no getattr call).
+        info = record.info
+        try:
+            probe = info[_PROBE]
+        except KeyError:
+            probe = info[_PROBE] = Probe()
         if isinstance(dbapi_conn, _PYMYSQL_CONNECTION):
-            sock = getattr(dbapi_conn, "_sock", None)
+            try:
+                sock = dbapi_conn._sock
+            except AttributeError:  # a proxy that passes for one but hides it (warned once)
+                return
             if sock is not None and not probe.dead(sock):
                 return
         elif not self.facts.watches(dbapi_conn):
