@@ -78,17 +78,19 @@ def checkout_return(kwargs: Dict[str, Any], rounds: int, ops: int) -> ScenarioRe
         _with_pools(kwargs, 1, body, rounds, "µs"))
 
 
-def checkout_select_return(kwargs: Dict[str, Any], rounds: int, ops: int) -> ScenarioResult:
-    def one(checkout: Callable[[], Any]) -> None:
-        conn = checkout()
-        cur = conn.cursor()
-        cur.execute("SELECT 1")
-        cur.fetchall()
-        cur.close()
-        conn.close()
+def _checkout_select_return(checkout: Callable[[], Any]) -> None:
+    """One unit of work: a connection, ``SELECT 1`` fetched through a cursor, both closed."""
+    conn = checkout()
+    cur = conn.cursor()
+    cur.execute("SELECT 1")
+    cur.fetchall()
+    cur.close()
+    conn.close()
 
+
+def checkout_select_return(kwargs: Dict[str, Any], rounds: int, ops: int) -> ScenarioResult:
     def body(checkout: Callable[[], Any]) -> float:
-        return time_per_op(lambda: one(checkout), ops)
+        return time_per_op(lambda: _checkout_select_return(checkout), ops)
     return ScenarioResult(
         "checkout+SELECT 1+return", "A checkout, one `SELECT 1` and the return (µs/op).", False,
         _with_pools(kwargs, 1, body, rounds, "µs"))
@@ -96,30 +98,20 @@ def checkout_select_return(kwargs: Dict[str, Any], rounds: int, ops: int) -> Sce
 
 def connect_per_request(kwargs: Dict[str, Any], rounds: int, ops: int) -> ScenarioResult:
     """Code that connects, queries and closes per request, unchanged but for the import."""
-    def run(connect: Callable[..., Any]) -> float:
+    def run(connect: Callable[..., Any], n: int) -> float:
         def one() -> None:
             conn = connect(**kwargs)
             cur = conn.cursor()
             cur.execute("SELECT 1")
             cur.fetchall()
             conn.close()
-        us = time_per_op(one, ops)
-        return 1e6 / us
+        return 1e6 / time_per_op(one, n)
 
     plain_ops = max(5, ops // 20)  # plain connects leave TIME_WAIT: keep the churn small
-
-    def plain() -> float:
-        def one() -> None:
-            conn = pymysql.connect(**kwargs)
-            cur = conn.cursor()
-            cur.execute("SELECT 1")
-            cur.fetchall()
-            conn.close()
-        return 1e6 / time_per_op(one, plain_ops)
-
     try:
-        measurements = alternate(rounds, {"connguard.connect": lambda: run(connguard.connect),
-                                             "pymysql.connect": plain}, "ops/s")
+        measurements = alternate(rounds, {
+            "connguard.connect": lambda: run(connguard.connect, ops),
+            "pymysql.connect": lambda: run(pymysql.connect, plain_ops)}, "ops/s")
     finally:
         connguard.close_all()
     return ScenarioResult(
@@ -158,12 +150,7 @@ def threaded_throughput(kwargs: Dict[str, Any], rounds: int, ops: int,
         def worker() -> None:
             start.wait()
             for _ in range(per_thread):
-                conn = checkout()
-                cur = conn.cursor()
-                cur.execute("SELECT 1")
-                cur.fetchall()
-                cur.close()
-                conn.close()
+                _checkout_select_return(checkout)
 
         pool_threads = [threading.Thread(target=worker) for _ in range(threads)]
         for t in pool_threads:

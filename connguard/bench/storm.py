@@ -120,17 +120,19 @@ class Client:
 
 
 class EngineClient(Client):
-    """A SQLAlchemy engine as it is (its connects are counted by the caller)."""
+    """A SQLAlchemy engine: a checkout, the statement, the return (its connects are counted
+    by whoever made it); disposed when the client closes."""
 
     def __init__(self, engine: Any) -> None:
         super().__init__()
         self.engine = engine
 
     def work(self, sql: str) -> None:
-        from sqlalchemy import text
-
         with self.engine.connect() as conn:
-            conn.execute(text(sql)).fetchall()
+            conn.exec_driver_sql(sql).fetchall()
+
+    def close(self) -> None:
+        self.engine.dispose()
 
 
 class PlainClient(Client):
@@ -151,24 +153,20 @@ class PlainClient(Client):
             conn.close()
 
 
-class QueuePoolClient(Client):
+class QueuePoolClient(EngineClient):
+    """SQLAlchemy's QueuePool as it is, its connects counted through ``creator``."""
+
     def __init__(self, kwargs: Dict[str, Any], size: int, timeout: float,
                  pre_ping: bool) -> None:
         from sqlalchemy import create_engine
 
-        super().__init__()
+        log = AttemptLog()
+        connect = counting_connect(log)
+        super().__init__(create_engine(
+            "mysql+pymysql://", creator=lambda: connect(**kwargs), pool_size=size,
+            max_overflow=0, pool_timeout=timeout, pool_pre_ping=pre_ping))
+        self.log = log
         self.name = PRE_PING if pre_ping else QUEUEPOOL
-        connect = counting_connect(self.log)
-        self.engine = create_engine("mysql+pymysql://", creator=lambda: connect(**kwargs),
-                                    pool_size=size, max_overflow=0, pool_timeout=timeout,
-                                    pool_pre_ping=pre_ping)
-
-    def work(self, sql: str) -> None:
-        with self.engine.connect() as conn:
-            conn.exec_driver_sql(sql).fetchall()
-
-    def close(self) -> None:
-        self.engine.dispose()
 
 
 class DBUtilsClient(Client):
