@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from typing import Any, Dict, Hashable, Tuple
 
-from connguard.driver import PYMYSQL_ARGUMENTS
+from connguard import drivers
 
 #: Options the pool itself takes; everything else must be a ``pymysql.connect`` argument.
 POOL_OPTIONS = frozenset({
@@ -16,6 +16,7 @@ POOL_OPTIONS = frozenset({
     "backoff_initial", "backoff_max", "breaker_threshold", "ceiling_probe", "fail_fast",
     "reconnect_rate", "reconnect_burst",
     "coordinator", "global_max", "coordinator_fail", "lease_ttl", "coordinator_key",
+    "driver",
 })
 
 
@@ -24,14 +25,19 @@ def split_arguments(kwargs: Dict[str, Any], where: str) -> Tuple[Dict[str, Any],
 
     Unknown names are an error rather than being passed on: a typo such as ``max_sise``
     would otherwise surface as PyMySQL's TypeError on the first connect, far from its cause.
+    The connect arguments are those of the driver named by ``driver`` (default PyMySQL),
+    with its aliases spelt one way (mysqlclient's ``passwd`` is ``password``), so that two
+    spellings of the same arguments name the same pool.
     """
-    unknown = sorted(set(kwargs) - POOL_OPTIONS - PYMYSQL_ARGUMENTS)
+    seam = drivers.seam(kwargs.get("driver", "pymysql"))
+    kwargs = seam.normalize(kwargs)
+    unknown = sorted(set(kwargs) - POOL_OPTIONS - seam.ARGUMENTS)
     if unknown:
         raise TypeError(
             f"{where}() got unknown argument{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(map(repr, unknown))}; allowed are the pool options "
-            f"({', '.join(sorted(POOL_OPTIONS))}) and pymysql.connect's arguments "
-            f"({', '.join(sorted(PYMYSQL_ARGUMENTS))})")
+            f"({', '.join(sorted(POOL_OPTIONS))}) and {seam.CONNECT_NAME}'s arguments "
+            f"({', '.join(sorted(seam.ARGUMENTS))})")
     if kwargs.get("defer_connect"):
         raise ValueError(f"{where}(): defer_connect=True is not supported: pooled connections "
                          "are connected when handed out")

@@ -39,7 +39,8 @@ FactSource = Callable[[], Dict[str, Any]]
 class Connector:
     """Opens connections for one pool (one destination, one set of credentials)."""
 
-    def __init__(self, connect_kwargs: Dict[str, Any], guard: Optional[ResourceGuard] = None,
+    def __init__(self, connect_kwargs: Dict[str, Any], driver: Any = driver,
+                 guard: Optional[ResourceGuard] = None,
                  gate: Optional[ConnectGate] = None,
                  server_facts: Optional[FactSource] = None,
                  keepalive: Optional[Tuple[float, float, int]] = None,
@@ -47,6 +48,7 @@ class Connector:
         self.kwargs = connect_kwargs
         self.fail_fast = fail_fast  # how this pool's callers take an open breaker
         self.keepalive = keepalive
+        self.driver = driver  # the seam (connguard.drivers) our own connects go through
         self.host, self.port = driver.destination(connect_kwargs)
         self.guard = guard
         self.gate = gate
@@ -103,7 +105,7 @@ class Connector:
             left = deadline - time.monotonic()
             cut = connect is None and 0 < left < float(self.kwargs.get("connect_timeout") or 10)
             conn = (connect() if connect is not None else
-                    driver.open_connection(self.kwargs, deadline, self.keepalive))
+                    self.driver.open_connection(self.kwargs, deadline, self.keepalive))
         except UnicodeEncodeError as exc:  # a password PyMySQL cannot encode: not shown
             if self.gate is not None:
                 self.gate.abandoned()

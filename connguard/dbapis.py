@@ -77,7 +77,7 @@ def _socket_identity(fd: int) -> Tuple[int, int, int]:
     return fd, st.st_dev, st.st_ino
 
 
-def _mysqldb_connected(conn: Any) -> None:
+def mysqldb_connected(conn: Any) -> None:
     setattr(conn, _IDENTITY, _socket_identity(conn.fileno()))
     _dead_end()  # made now, in the process that connects: a forked child needs no new fd
 
@@ -93,7 +93,7 @@ def _mysqldb_socket(conn: Any) -> Optional[int]:
     return int(known[0])
 
 
-def _mysqldb_pollable(conn: Any) -> Any:
+def mysqldb_pollable(conn: Any) -> Any:
     """The connection itself while its socket is the one it connected on (``fileno()`` is
     its descriptor); None (dead) once it is closed or the number names another file."""
     return conn if _mysqldb_socket(conn) is not None else None
@@ -114,7 +114,7 @@ def _dead_end() -> int:
     return _dead_end_fd
 
 
-def _mysqldb_drop_inherited(conn: Any) -> None:
+def mysqldb_drop_inherited(conn: Any) -> None:
     """In a forked child: make the inherited descriptor a dead end.
 
     libmysqlclient's close (also on garbage collection) sends COM_QUIT on the socket, which
@@ -127,7 +127,7 @@ def _mysqldb_drop_inherited(conn: Any) -> None:
         os.dup2(_dead_end(), fd)
 
 
-def _mysqldb_thread_id(conn: Any) -> Optional[int]:
+def mysqldb_thread_id(conn: Any) -> Optional[int]:
     try:
         return int(conn.thread_id())
     except Exception:  # noqa: BLE001 - closed: no session to name
@@ -139,8 +139,8 @@ def _mysqldb(dbapi: Any) -> DriverFacts:
 
     connections = importlib.import_module(dbapi.__name__ + ".connections")
     return DriverFacts("mysqldb", connections.Connection, dbapi.Error,
-                       _mysqldb_pollable, _mysqldb_drop_inherited, _mysqldb_thread_id, dbapi,
-                       connected=_mysqldb_connected)
+                       mysqldb_pollable, mysqldb_drop_inherited, mysqldb_thread_id, dbapi,
+                       connected=mysqldb_connected)
 
 
 # -- aiomysql and asyncmy (async engines) -------------------------------------------------------

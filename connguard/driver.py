@@ -21,6 +21,7 @@ import pymysql
 from pymysql.constants import CR, SERVER_STATUS
 from pymysql.protocol import EOFPacketWrapper
 
+from connguard.proxy import PooledConnection as Handle  # noqa: F401 - what callers hold
 from connguard.session import ConnectSettings, may_change_session
 
 COM_RESET_CONNECTION = 0x1F
@@ -33,6 +34,22 @@ PYMYSQL_ARGUMENTS: FrozenSet[str] = frozenset(
 )
 
 log = logging.getLogger("connguard.driver")
+
+# -- what connguard.drivers asks of every seam --------------------------------------------------
+ARGUMENTS = PYMYSQL_ARGUMENTS
+CONNECT_NAME = "pymysql.connect"
+#: What a driver call may raise that says the connection (or the statement) failed.
+ERRORS = (pymysql.err.Error, OSError)
+
+
+def normalize(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Connect arguments as given: PyMySQL's names are the pool's names."""
+    return kwargs
+
+
+def own_error(err: BaseException) -> BaseException:
+    """connguard's own errors already are PyMySQL's (OperationalError, InterfaceError)."""
+    return err
 
 #: ssl parameters -> (context, the files' fingerprint, when it was last checked).
 _ssl_contexts: Dict[Hashable, Tuple[ssl.SSLContext, Tuple[Any, ...], float]] = {}
@@ -454,18 +471,32 @@ def server_capacity(conn: pymysql.connections.Connection, timeout: float) -> Dic
             conn._sock.settimeout(previous)
 
 
+#: The server's limits read once per pool (wait_timeout, max_connections, ...).
+LIMITS_QUERY = ("SELECT @@SESSION.wait_timeout, @@GLOBAL.max_connections, "
+                "@@GLOBAL.max_user_connections, @@GLOBAL.max_connect_errors")
+
+
 def server_limits(conn: pymysql.connections.Connection) -> Dict[str, Any]:
     """wait_timeout, max_connections, max_user_connections, max_connect_errors: one query.
-    Empty on failure (a server that hides variables must not break connecting)."""
+    Empty on failure (a server that hides variables must not break connecting).
+    ``affected_rows()`` does not show the query."""
+    last = conn._result, conn._affected_rows
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT @@SESSION.wait_timeout, @@GLOBAL.max_connections, "
-                        "@@GLOBAL.max_user_connections, @@GLOBAL.max_connect_errors")
+            cur.execute(LIMITS_QUERY)
             row = cur.fetchone()
     except pymysql.err.Error:
         return {}
+    finally:
+        conn._result, conn._affected_rows = last
+    return limits_from_row(row)
+
+
+def limits_from_row(row: Any) -> Dict[str, Any]:
+    """LIMITS_QUERY's row by name (a NULL left out)."""
     names = ("wait_timeout", "max_connections", "max_user_connections", "max_connect_errors")
     return {name: int(value) for name, value in zip(names, row or ()) if value is not None}
+
 
 
 def thread_id(conn: pymysql.connections.Connection) -> Optional[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Dict, Hashable
+from typing import Any, Dict, Hashable, Tuple
 
 import pymysql
 import wrapt
@@ -24,7 +24,7 @@ from connguard.proxy import PooledConnection
 _pools: Dict[Hashable, Pool] = {}
 _defaults: Dict[str, Any] = {}
 _lock = threading.Lock()
-_originals: Dict[str, Any] = {}
+_originals: Dict[Tuple[str, str], Tuple[Any, Any]] = {}
 _UNSET = object()
 #: Drop-in pools never make a caller wait where pymysql.connect would have connected:
 #: beyond max_size, connections are opened and closed again on return (PoolSettings).
@@ -49,7 +49,7 @@ def configure(**options: Any) -> None:
 def pool_for(**kwargs: Any) -> Pool:
     """The process-wide pool for these connect arguments (made on first use)."""
     options, connect_kwargs = split_arguments(kwargs, where="connguard.connect")
-    key = pool_key(connect_kwargs)
+    key = (options.get("driver", "pymysql"), pool_key(connect_kwargs))
     with _lock:
         pool = _pools.get(key)
         if pool is None or pool.closed:
@@ -111,32 +111,64 @@ def _patched_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any
     return connect(**kwargs)
 
 
+#: ``MySQLdb.connect``'s positional parameters, in its order (the C connection's).
+_MYSQLDB_POSITIONAL = ("host", "user", "passwd", "db", "port", "unix_socket")
+
+
+def _patched_mysqldb_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    if len(args) > len(_MYSQLDB_POSITIONAL) or any(
+            name in kwargs for name in _MYSQLDB_POSITIONAL[:len(args)]):
+        return wrapped(*args, **kwargs)  # mysqlclient's own error for these
+    named = dict(zip(_MYSQLDB_POSITIONAL, args), **kwargs)
+    return pool_for(**named, driver="mysqldb").connect()
+
+
 class _PooledConnect(wrapt.FunctionWrapper):
-    """``pymysql.connect`` once installed: says so in its repr."""
+    """A driver's ``connect`` once installed: says so in its repr."""
 
     def __repr__(self) -> str:
-        return (f"<pymysql.{self.__wrapped__.__name__} pooled by connguard (install()); "
+        wrapped = self.__wrapped__
+        return (f"<{wrapped.__module__}.{wrapped.__name__} pooled by connguard (install()); "
                 "connguard.uninstall() restores it>")
 
 
-def install() -> None:
-    """Make ``pymysql.connect`` / ``pymysql.Connect`` pooled; idempotent.
+def _drivers_to_patch() -> Dict[str, Tuple[Any, Tuple[str, ...], Any]]:
+    """Driver name (as ``install()`` takes it) -> (its module, the names of its connect
+    function, the wrapper). A driver's module is imported only when named."""
+    def mysqldb() -> Any:
+        import MySQLdb  # opt-in: only when install("MySQLdb") asks for it
+        return MySQLdb
+    return {"pymysql": (lambda: pymysql, ("connect", "Connect"), _patched_connect),
+            "MySQLdb": (mysqldb, ("connect", "Connect", "Connection"), _patched_mysqldb_connect)}
+
+
+def install(*drivers: str) -> None:
+    """Make the named drivers' ``connect`` pooled; idempotent. ``"pymysql"`` (the default
+    when none is named): ``pymysql.connect`` / ``pymysql.Connect``. ``"MySQLdb"``
+    (mysqlclient): ``MySQLdb.connect`` / ``Connect`` / ``Connection``, opt-in.
 
     Code that did ``from pymysql import connect`` before this call keeps the original.
     """
-    with _lock:
-        if _originals:
-            return
-        for name in ("connect", "Connect"):
-            _originals[name] = getattr(pymysql, name)
-            setattr(pymysql, name, _PooledConnect(_originals[name], _patched_connect))
+    table = _drivers_to_patch()
+    unknown = [name for name in drivers if name not in table]
+    if unknown:
+        raise ValueError(f"install(): unknown driver {unknown[0]!r}; allowed: "
+                         f"{', '.join(map(repr, table))}")
+    for name in drivers or ("pymysql",):
+        load, names, wrapper = table[name]
+        module = load()
+        with _lock:
+            for attr in names:
+                if (name, attr) not in _originals:
+                    _originals[(name, attr)] = (module, getattr(module, attr))
+                    setattr(module, attr, _PooledConnect(getattr(module, attr), wrapper))
 
 
 def uninstall() -> None:
     """Undo :func:`install`; idempotent. Pools already made keep working."""
     with _lock:
-        for name, original in _originals.items():
-            setattr(pymysql, name, original)
+        for (_, attr), (module, original) in _originals.items():
+            setattr(module, attr, original)
         _originals.clear()
 
 
@@ -149,7 +181,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def installed() -> bool:
-    return bool(_originals)
+def installed(driver: str = "pymysql") -> bool:
+    """Whether :func:`install` patched ``driver``'s connect (``"pymysql"``, ``"MySQLdb"``)."""
+    return any(name == driver for name, _ in _originals)
 
 

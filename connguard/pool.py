@@ -23,7 +23,7 @@ from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 import pymysql
 
-from connguard import coordination, driver, errors, events, metrics, reaper, storm
+from connguard import coordination, drivers, errors, events, metrics, reaper, storm
 from connguard.admission import Admission
 from connguard.arguments import POOL_OPTIONS, split_arguments
 from connguard.clock import Clock
@@ -130,11 +130,13 @@ class Pool:
     """
 
     def __init__(self, *, clock: Clock = time.monotonic, **kwargs: Any) -> None:
+        self._driver: Any = drivers.seam(kwargs.get("driver", "pymysql"))
         options, self._connect_kwargs = split_arguments(kwargs, where="connguard.Pool")
+        self._handle = self._driver.Handle  # the class of what connect() returns
         self._settings, self._lifetime, self._reset = build_policies(options)
         self._tracked_reset = self._reset.mode == "rollback"  # read on every return
         self._clock = clock
-        self._host, self._port = driver.destination(self._connect_kwargs)
+        self._host, self._port = self._driver.destination(self._connect_kwargs)
         self._storm: Optional[StormPolicy] = (
             storm.policy_from_options(options) if options.get("storm_control", True) else None)
         self._coordination = coordination.settings_from_options(options)
@@ -148,7 +150,8 @@ class Pool:
                                                budget=self._budget is not None)
         self._keepalive: Optional[KeepalivePolicy] = keepalive_from_option(
             options.get("keepalive", True))
-        self._connector = Connector(self._connect_kwargs, guard=self._make_guard(options),
+        self._connector = Connector(self._connect_kwargs, driver=self._driver,
+                                    guard=self._make_guard(options),
                                     gate=self._make_gate(options),
                                     server_facts=self._server_facts,
                                     keepalive=self._keepalive.as_tuple()
@@ -209,10 +212,16 @@ class Pool:
     # -- checkout --------------------------------------------------------------------------
     def connect(self) -> PooledConnection:
         """A live connection from the pool; waits up to ``checkout_timeout`` for one."""
-        entry = self._checkout()
+        try:
+            entry = self._checkout()
+        except errors.ConnGuardError as exc:  # also the driver's class (mysqlclient's)
+            own = self._driver.own_error(exc)
+            if own is exc:
+                raise
+            raise own from exc.__cause__
         handle = None
         try:
-            handle = PooledConnection(entry.conn)
+            handle = self._handle(entry.conn)
             handle._self_pool = self
             handle._self_entry = entry
             return handle
@@ -391,7 +400,7 @@ class Pool:
             conn = self._open_connection(deadline, started)
             now = self._clock()
             entry = Entry(conn=conn, opened_at=now, expires_at=self._lifetime.expiry(now),
-                          autocommit=driver.autocommit(conn), last_used=now)
+                          autocommit=self._driver.autocommit(conn), last_used=now)
             conn._cg_on_error = functools.partial(self.statement_failed, entry)
             with self._lock:
                 counted = True
@@ -411,14 +420,14 @@ class Pool:
                 self._serve_waiters()
         except BaseException as exc:
             if conn is not None:
-                driver.drop(conn)  # interrupted after the handshake: nobody will use it
+                self._driver.drop(conn)  # interrupted after the handshake: nobody will use it
             if leased and budget is not None:
                 budget.release()
             if counted or not self._connect_failed(exc) or not may_wait:
                 raise
             return None
         if closed:
-            driver.close_gracefully(conn)
+            self._driver.close_gracefully(conn)
             if budget is not None:
                 budget.release()
                 budget.close()
@@ -492,9 +501,7 @@ class Pool:
         them. ``max_connections`` and friends: kept for error messages when the server
         later refuses and no idle connection is left to ask.
         """
-        last = conn._result, conn._affected_rows  # affected_rows() must not show our query
-        limits = driver.server_limits(conn)
-        conn._result, conn._affected_rows = last
+        limits = self._driver.server_limits(conn)
         self._wait_timeout = int(limits.pop("wait_timeout", 0) or 0)
         self._server_limits = limits
         self._lifetime = self._lifetime.for_server(self._wait_timeout)
@@ -513,7 +520,7 @@ class Pool:
             lease.returned = True  # the old checkout's cursors must not reach the next one
         try:
             keep = not entry.broken and (
-                (self._tracked_reset and driver.clean_return(entry.conn, entry.autocommit))
+                (self._tracked_reset and self._driver.clean_return(entry.conn, entry.autocommit))
                 or self._reset_session(entry))
         except BaseException as exc:
             entry.broken, keep, interrupted = True, False, exc
@@ -574,12 +581,12 @@ class Pool:
         conn = entry.conn
         mode = self._reset.mode
         if mode == "none":
-            return driver.is_open(conn)
-        if not driver.is_open(conn):
+            return self._driver.is_open(conn)
+        if not self._driver.is_open(conn):
             return False
         try:
-            action = driver.restore_session(conn, entry.autocommit, full=mode == "full")
-        except (pymysql.err.Error, OSError) as exc:
+            action = self._driver.restore_session(conn, entry.autocommit, full=mode == "full")
+        except self._driver.ERRORS as exc:
             log.debug("reset on return failed, discarding the connection: %s", exc)
             return False
         except Exception:  # noqa: BLE001 - an unknown session must not reach the next borrower
@@ -608,11 +615,11 @@ class Pool:
         gate = self._connector.gate
         if gate is not None and reason in ("peer_closed", "broken"):
             gate.connection_lost()  # its replacement is a reconnect: paced
-        log.debug("closing connection %s (%s)", driver.thread_id(entry.conn), reason)
+        log.debug("closing connection %s (%s)", self._driver.thread_id(entry.conn), reason)
         if reason == "peer_closed" or entry.broken:
-            driver.drop(entry.conn)  # nobody is listening: no COM_QUIT
+            self._driver.drop(entry.conn)  # nobody is listening: no COM_QUIT
         else:
-            driver.close_gracefully(entry.conn)
+            self._driver.close_gracefully(entry.conn)
         if self._budget is not None:
             self._budget.release()  # counted now; the coordinator hears at the next refresh
 
@@ -623,7 +630,7 @@ class Pool:
         if entry.lease is not None:  # its cursors move to the new connection on next use
             entry.lease.returned = True
             entry.lease = None
-        driver.drop(entry.conn)
+        self._driver.drop(entry.conn)
         entry.broken = True  # until the new connection is in place
         with self._metrics.lock:
             self._stats["closed"] += 1
@@ -634,7 +641,7 @@ class Pool:
         conn._cg_on_error = functools.partial(self.statement_failed, entry)
         entry.conn, entry.broken, entry.probe = conn, False, Probe()
         entry.opened_at, entry.expires_at = now, self._lifetime.expiry(now)
-        entry.autocommit = driver.autocommit(conn)
+        entry.autocommit = self._driver.autocommit(conn)
         with self._lock:
             self._stats["opened"] += 1
             self._metrics.connect_time.observe(now - began)
@@ -662,7 +669,7 @@ class Pool:
         a connection-level error also marks the connection broken (discarded on return)."""
         if errors.is_disconnect(exc):
             entry.broken = True
-        tid = driver.thread_id(entry.conn)
+        tid = self._driver.thread_id(entry.conn)
         return self.translate(exc, extra={"thread_id": tid} if tid else None)
 
     def translate(self, exc: BaseException, extra: Optional[Dict[str, Any]] = None
@@ -681,7 +688,7 @@ class Pool:
                 self._in_use.add(entry)
         if entry is None:
             return dict(self._server_limits)  # read at the first connect: better than nothing
-        facts = {**self._server_limits, **driver.server_capacity(entry.conn, timeout=1.0)}
+        facts = {**self._server_limits, **self._driver.server_capacity(entry.conn, timeout=1.0)}
         if not facts:
             entry.broken = True
         self._release(entry, borrowed=False)
@@ -752,7 +759,7 @@ class Pool:
                 self._stats["leaks"] += 1
         for entry in leaked:
             log.warning("connection %s held for %.1fs (leak_threshold %.1fs); checked out at:\n%s",
-                        driver.thread_id(entry.conn), now - entry.checked_out_at, threshold,
+                        self._driver.thread_id(entry.conn), now - entry.checked_out_at, threshold,
                         entry.checkout_stack or "(stack not recorded)")
 
     def _top_up(self) -> None:
@@ -799,7 +806,7 @@ class Pool:
         self._top_up_running = False
         for entry in inherited:
             entry.broken = True
-            driver.drop_inherited(entry.conn)
+            self._driver.drop_inherited(entry.conn)
         if self._budget is not None:
             self._budget.after_fork()  # the parent's leases stay the parent's
         if self._admission.lease_ceiling is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Tuple, Type
 
 import pymysql
 import wrapt
@@ -20,24 +20,34 @@ if TYPE_CHECKING:
     from connguard.pool import Entry, Pool
 
 
+def _returned_error() -> Exception:
+    """What PyMySQL raises for a use of a closed connection."""
+    return pymysql.err.InterfaceError(0, "connection was closed (returned to the pool)")
+
+
 class _Returned:
-    """Stands in for the connection after the handle was closed: every use is an error.
+    """Stands in for the connection after the handle was closed: every use is an error
+    (``error()``: the one the driver raises for a closed connection).
 
     ``_result`` alone answers (None): closing a cursor of a closed connection looks at it,
-    and PyMySQL lets that succeed."""
+    and PyMySQL lets that succeed; ``open`` is 0, as on a closed mysqlclient connection."""
 
     _result = None
+    open = 0
+
+    def __init__(self, error: Callable[[], Exception]) -> None:
+        self._error = error
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)  # protocol probes (wrapt's, copy's) are not uses
-        raise pymysql.err.InterfaceError(0, "connection was closed (returned to the pool)")
+        raise self._error()
 
     def __repr__(self) -> str:
         return "<returned connection>"
 
 
-_RETURNED = _Returned()
+_RETURNED = _Returned(_returned_error)
 _NEVER_CONNECTED: List[pymysql.connections.Connection] = []
 
 
@@ -67,15 +77,24 @@ class PooledConnection(_ProxyBase):
     # connection): no Python-level __init__ on the checkout path.
     _self_pool: Pool
     _self_entry: Optional[Entry] = None
+    # What differs per driver (a subclass per driver overrides them: connguard.mysqldb):
+    # the stand-in after close, the errors its methods translate, a second close's error.
+    _self_returned: Any = _RETURNED
+    _self_errors: Tuple[Type[BaseException], ...] = (pymysql.err.Error, OSError)
+    _self_warns_on_reconnect = True  # PyMySQL deprecated ping(reconnect=True)
+
+    @staticmethod
+    def _self_closed_error() -> Exception:
+        return pymysql.err.Error("Already closed")
 
     def close(self) -> None:
         """Return the connection to the pool; a second close raises like PyMySQL's."""
         entry = self._self_entry
         if entry is None:
-            raise pymysql.err.Error("Already closed")
+            raise self._self_closed_error()
         self._self_entry = None
         try:  # whatever interrupts these steps (Ctrl-C), the entry goes back to the pool
-            self.__wrapped__ = _RETURNED
+            self.__wrapped__ = self._self_returned
             lease = entry.lease  # _end_lease, inlined: every return passes here
             if lease is not None:
                 lease.returned = True
@@ -92,7 +111,7 @@ class PooledConnection(_ProxyBase):
             entry = self._self_entry
             self._self_entry = None
             try:
-                self.__wrapped__ = _RETURNED
+                self.__wrapped__ = self._self_returned
                 _end_lease(entry)
             finally:
                 self._self_pool._release(entry)  # PyMySQL drops the old session too
@@ -122,10 +141,12 @@ class PooledConnection(_ProxyBase):
 
     def _self_fail(self, exc: BaseException) -> NoReturn:
         """Mark the server connection broken if ``exc`` is connection-level; raise it
-        translated."""
+        translated. On a closed handle the error is the stand-in's (a use after close):
+        about the handle, not the server, so it is not translated."""
         entry = self._self_entry
-        translated = (self._self_pool.translate(exc) if entry is None
-                      else self._self_pool.statement_failed(entry, exc))
+        if entry is None:
+            raise exc
+        translated = self._self_pool.statement_failed(entry, exc)
         if translated is exc:
             raise exc
         raise translated from exc
@@ -133,24 +154,24 @@ class PooledConnection(_ProxyBase):
     def ping(self, reconnect: bool = False) -> None:
         """PyMySQL's ``ping``; with ``reconnect=True`` a dead connection is replaced through
         the pool (resource guard, storm gate, lease), never behind its back."""
-        if reconnect:
+        if reconnect and self._self_warns_on_reconnect:
             warnings.warn("The 'reconnect' argument is deprecated. Create a new connection "
                           "if you want to reconnect.", DeprecationWarning, 2)
         entry = self._self_entry
         if entry is None:
             if not reconnect:
-                raise pymysql.err.Error("Already closed")
+                raise self._self_closed_error()
             self.connect()  # a closed handle: PyMySQL reconnects it, so does the pool
             return
         try:
             self.__wrapped__.ping(False)
             return
-        except (pymysql.err.Error, OSError) as exc:
+        except self._self_errors as exc:
             if not reconnect:
                 self._self_fail(exc)
         try:
             self.__wrapped__ = self._self_pool._reconnect(entry)
-        except (pymysql.err.Error, OSError) as exc:
+        except self._self_errors as exc:
             self._self_fail(exc)
 
     def cursor(self, cursor: Any = None) -> Any:
@@ -194,6 +215,21 @@ class Lease:
         self.returned = False
 
 
+_ENDED = Lease()
+_ENDED.returned = True
+
+
+def lease_of(entry: Optional[Entry]) -> Lease:
+    """The lease of ``entry``'s checkout for a new cursor (made on first use); for a closed
+    handle (no entry) an ended one: its cursors fail when used."""
+    if entry is None:
+        return _ENDED
+    lease = entry.lease
+    if lease is None:
+        lease = entry.lease = Lease()
+    return lease
+
+
 def _end_lease(entry: Entry) -> None:
     lease = entry.lease
     if lease is not None:
@@ -221,12 +257,20 @@ class PooledCursor:
     def connection(self, conn: Any) -> None:
         self._cg_conn = conn  # PyMySQL sets it at init (the pooled connection) and on close
 
+    @staticmethod
+    def _cg_returned_error() -> Exception:
+        return _returned_error()
+
+    @staticmethod
+    def _cg_closed_error() -> Exception:
+        return pymysql.err.ProgrammingError("Cursor closed")
+
     def _get_db(self) -> Any:
         if self._cg_lease.returned and not self._follow_handle():
-            raise pymysql.err.InterfaceError(0, "connection was closed (returned to the pool)")
+            raise self._cg_returned_error()
         conn = self._cg_conn
         if conn is None:
-            raise pymysql.err.ProgrammingError("Cursor closed")
+            raise self._cg_closed_error()
         return conn
 
     def close(self) -> None:
@@ -254,13 +298,15 @@ class PooledCursor:
 _cursor_classes: Dict[type, type] = {}
 
 
-def pooled_cursor_class(cls: type) -> type:
-    """``cls`` with PooledCursor's behaviour, made once per cursor class."""
+def pooled_cursor_class(cls: type, errors: Optional[Dict[str, Any]] = None) -> type:
+    """``cls`` with PooledCursor's behaviour, made once per cursor class. ``errors``: the
+    driver's errors for a cursor whose checkout ended and for a closed cursor
+    (``_cg_returned_error``, ``_cg_closed_error``), when not PyMySQL's."""
     pooled = _cursor_classes.get(cls)
     if pooled is None:
         namespace: Dict[str, Any] = {"__module__": cls.__module__,
                                      "__qualname__": cls.__qualname__,
-                                     "__doc__": cls.__doc__}
+                                     "__doc__": cls.__doc__, **(errors or {})}
         if hasattr(cls, "__del__"):  # SSCursor finalizes with close(): with ours, then
             namespace["__del__"] = PooledCursor.close
         pooled = type(cls.__name__, (PooledCursor, cls), namespace)
@@ -280,7 +326,7 @@ def _guarded(name: str) -> Any:
     def method(self: PooledConnection, *args: Any, **kwargs: Any) -> Any:
         try:
             return getattr(self.__wrapped__, name)(*args, **kwargs)
-        except (pymysql.err.Error, OSError) as exc:
+        except self._self_errors as exc:
             self._self_fail(exc)
         except BaseException:
             # Interrupted mid-command (Ctrl-C, SystemExit): never hand this session on.

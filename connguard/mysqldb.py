@@ -1,0 +1,322 @@
+"""The seam between the pool and mysqlclient (``MySQLdb``): ``connguard.driver``'s shape.
+
+Imported only for a pool made with ``driver="mysqldb"`` (``connguard.install("MySQLdb")``
+makes those for unchanged ``MySQLdb.connect`` calls). What differs from PyMySQL, and why:
+
+* **No status flags reach Python** except autocommit's (``get_autocommit()``), so whether a
+  transaction may be open is tracked from what the borrower sent: with autocommit off
+  (mysqlclient's default, as PEP 249 asks) any statement may have opened one; with it on,
+  only ``BEGIN``/``START TRANSACTION`` (``begin()`` sends ``BEGIN``). The return then rolls
+  back: one round trip, only after a checkout that sent a statement.
+* **The session reset is ``change_user()``** (the C API's ``mysql_change_user``: rolls
+  back, drops temporary tables and locks, resets variables; it authenticates again), then
+  what ``MySQLdb.connect`` did after connecting: character set and collation, sql_mode,
+  init_command, autocommit.
+* **Unread results** cannot be seen either: the return asks the library for the next result
+  (``next_result()``, no I/O when there is none) and discards what comes; a result still
+  being streamed (an unexhausted ``SSCursor``) answers "commands out of sync", and the
+  connection is discarded rather than handed on.
+* **libmysqlclient owns the descriptor**: it is polled only while it still is the socket the
+  connection connected on (``connguard.dbapis``' identity check).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import MySQLdb
+import MySQLdb.connections
+import MySQLdb.cursors
+from MySQLdb import _mysql
+
+from connguard import dbapis, driver, errors
+from connguard.proxy import PooledConnection, PooledCursor, _Returned, lease_of, pooled_cursor_class
+from connguard.session import may_change_session
+
+# -- what connguard.drivers asks of every seam --------------------------------------------------
+#: ``MySQLdb.connect``'s keyword arguments (mysqlclient 2.x; it takes ``**kwargs``, so they
+#: cannot be read from a signature), ``passwd`` and ``db`` spelt ``password`` and ``database``.
+ARGUMENTS = frozenset({
+    "host", "user", "password", "database", "port", "unix_socket", "conv", "connect_timeout",
+    "compress", "named_pipe", "init_command", "read_default_file", "read_default_group",
+    "cursorclass", "use_unicode", "charset", "collation", "auth_plugin", "sql_mode",
+    "client_flag", "multi_statements", "ssl", "ssl_mode", "server_public_key_path",
+    "local_infile", "local_infile_dir", "autocommit", "binary_prefix", "read_timeout",
+    "write_timeout", "executemany_fallback",
+})
+CONNECT_NAME = "MySQLdb.connect"
+ERRORS = (MySQLdb.Error, OSError)
+_ALIASES = {"passwd": "password", "db": "database"}
+
+
+def normalize(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """mysqlclient's aliases spelt one way, as it does itself (``passwd`` is ``password``)."""
+    if not any(alias in kwargs for alias in _ALIASES):
+        return kwargs
+    out = {_ALIASES.get(name, name): value for name, value in kwargs.items()}
+    for alias, name in _ALIASES.items():
+        if alias in kwargs and name in kwargs:
+            raise TypeError(f"{CONNECT_NAME}() got both {alias!r} and {name!r}; pass one")
+    return out
+
+
+def own_error(err: BaseException) -> BaseException:
+    """connguard's own error (a checkout timeout, a closed pool, the storm gate's refusal)
+    as mysqlclient's ``OperationalError`` or ``InterfaceError`` too: callers catch those."""
+    interface = isinstance(err, errors.PoolClosed)
+    return errors.as_driver_error(
+        err, MySQLdb.InterfaceError if interface else MySQLdb.OperationalError)
+
+
+# -- the connection ------------------------------------------------------------------------
+SENT = 1  # a statement was sent: results may be unread; without autocommit a transaction open
+TAINTED = 2  # it may have changed session state (connguard.session)
+DB_CHANGED = 4  # select_db()
+CHARSET_CHANGED = 8  # set_character_set()
+BEGUN = 16  # BEGIN / START TRANSACTION: a transaction even with autocommit on
+
+_BEGIN_HEADS = ("BEGIN", "START")
+
+
+def _opens_transaction(sql: Any) -> bool:
+    head = sql.lstrip()[:5]
+    if isinstance(head, (bytes, bytearray)):
+        head = head.decode("latin-1")
+    return head.upper() in _BEGIN_HEADS
+
+
+class GuardedConnection(MySQLdb.connections.Connection):
+    """A mysqlclient connection that knows what its borrower did to the session, translates
+    its statements' errors at the source (every cursor's ``execute`` passes through
+    ``query``), and shows its socket to the pool's liveness check."""
+
+    _cg_marks = 0
+    _cg_on_error: Optional[Callable[[BaseException], BaseException]] = None
+    _cg_kwargs: Dict[str, Any] = {}  # as connected: what a session reset applies again
+    _cg_cursorclass: Any = MySQLdb.cursors.Cursor
+    _cg_handshake_charset = ""
+
+    @property
+    def _sock(self) -> Any:
+        """What the pool polls: the connection itself (``fileno()``) while its descriptor is
+        the socket it connected on; None once closed or the number names another file."""
+        return dbapis.mysqldb_pollable(self)
+
+    def query(self, query: Any) -> None:
+        marks = self._cg_marks | SENT
+        if not marks & TAINTED and may_change_session(query):
+            marks |= TAINTED
+        if not marks & BEGUN and _opens_transaction(query):
+            marks |= BEGUN
+        self._cg_marks = marks
+        try:
+            super().query(query)
+        except MySQLdb.Error as exc:
+            on_error = self._cg_on_error
+            translated = exc if on_error is None else on_error(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def select_db(self, db: Any) -> None:
+        self._cg_marks |= DB_CHANGED
+        super().select_db(db)
+
+    def set_character_set(self, charset: str, collation: Optional[str] = None) -> None:
+        self._cg_marks |= CHARSET_CHANGED
+        super().set_character_set(charset, collation)
+
+
+def open_connection(kwargs: Dict[str, Any], deadline: float = float("inf"),
+                    keepalive: Optional[Tuple[float, float, int]] = None) -> GuardedConnection:
+    """Open a mysqlclient connection, the connect bounded by ``connect_timeout`` (whole
+    seconds, as the library takes it) and by ``deadline``; keepalive tuned on its socket."""
+    given = kwargs.get("connect_timeout")
+    remaining = deadline - time.monotonic()
+    if remaining < float(given or 10):
+        given = max(1, math.ceil(remaining)) if remaining > 0 else given
+    conn = GuardedConnection(**{**kwargs, **({"connect_timeout": int(given)} if given else {})})
+    try:
+        dbapis.mysqldb_connected(conn)
+        if keepalive is not None and not kwargs.get("unix_socket"):
+            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    driver.set_keepalive(sock, *keepalive)
+        conn._cg_kwargs = kwargs
+        conn._cg_cursorclass = conn.cursorclass
+        conn._cg_handshake_charset = conn.character_set_name()
+        conn._cg_marks = 0  # what connecting itself sent (SET NAMES, autocommit)
+    except BaseException:
+        drop(conn)
+        raise
+    return conn
+
+
+destination = driver.destination
+
+
+def is_open(conn: GuardedConnection) -> bool:
+    return bool(conn.open)
+
+
+def autocommit(conn: GuardedConnection) -> bool:
+    return bool(conn.get_autocommit())
+
+
+def clean_return(conn: GuardedConnection, autocommit_mode: bool) -> bool:
+    """A return with nothing to undo, decided with no round trip: no statement sent, no
+    database or charset changed, autocommit as connected. ``cursorclass`` put back."""
+    if conn._cg_marks or not conn.open or bool(conn.get_autocommit()) != autocommit_mode:
+        return False
+    conn.cursorclass = conn._cg_cursorclass
+    return True
+
+
+def _drain(conn: GuardedConnection) -> None:
+    """Discard results nobody read (the rest of a multi-statement or CALL). A result still
+    being streamed raises "commands out of sync": the caller discards the connection."""
+    while conn.next_result() == 0:
+        conn.discard_result()
+
+
+def restore_session(conn: GuardedConnection, autocommit_mode: bool, full: bool) -> str:
+    """Undo what a borrower changed (see the module doc); returns what it did, as
+    ``connguard.driver.restore_session`` does."""
+    _drain(conn)
+    marks = conn._cg_marks
+    if full or marks & TAINTED:
+        return "reset" if _reset_and_reapply(conn, autocommit_mode) else "discard"
+    action = "restored"
+    if marks & BEGUN or (marks & SENT and not conn.get_autocommit()):
+        conn.rollback()
+        action = "rollback"
+    if bool(conn.get_autocommit()) != autocommit_mode:
+        _mysql.connection.autocommit(conn, autocommit_mode)
+    if marks & DB_CHANGED:
+        database = conn._cg_kwargs.get("database")
+        if not database:
+            return "discard"  # no statement goes back to "no database selected"
+        conn.select_db(database)
+    if marks & CHARSET_CHANGED:
+        _apply_charset(conn)
+    conn._cg_marks = 0
+    conn.cursorclass = conn._cg_cursorclass
+    return action
+
+
+def _apply_charset(conn: GuardedConnection) -> None:
+    """The character set (and collation) ``MySQLdb.connect`` chose; the server's default
+    when none was given, as it does (the character set the handshake agreed on)."""
+    kwargs = conn._cg_kwargs
+    charset = kwargs.get("charset") or conn._cg_handshake_charset
+    conn.set_character_set(charset, kwargs.get("collation") or None)
+
+
+def _reset_and_reapply(conn: GuardedConnection, autocommit_mode: bool) -> bool:
+    """``change_user`` to the same account and database, then what ``MySQLdb.connect`` does
+    after connecting, in its order: character set, sql_mode, init_command, autocommit."""
+    kwargs = conn._cg_kwargs
+    conn.change_user(kwargs.get("user") or "", kwargs.get("password") or "",
+                     kwargs.get("database") or None)
+    _apply_charset(conn)
+    if kwargs.get("sql_mode"):
+        conn.set_sql_mode(kwargs["sql_mode"])
+    if kwargs.get("init_command"):
+        conn.query(kwargs["init_command"])
+        _drain_current(conn)
+    _mysql.connection.autocommit(conn, autocommit_mode)
+    conn._cg_marks = 0
+    conn.cursorclass = conn._cg_cursorclass
+    return True
+
+
+def _drain_current(conn: GuardedConnection) -> None:
+    conn.store_result()
+    _drain(conn)
+
+
+def server_capacity(conn: GuardedConnection, timeout: float) -> Dict[str, Any]:
+    """Nothing: libmysqlclient's socket timeout cannot be lowered for one query, and a
+    diagnosis must not wait on a server that stopped answering. The limits read at the
+    first connect (server_limits) still go into messages."""
+    return {}
+
+
+def server_limits(conn: GuardedConnection) -> Dict[str, Any]:
+    """``connguard.driver.server_limits`` for mysqlclient, on a connection just opened."""
+    try:
+        conn.query(driver.LIMITS_QUERY)
+        result = conn.store_result()
+        rows = result.fetch_row() if result is not None else ()
+    except MySQLdb.Error:
+        return {}
+    finally:
+        conn._cg_marks = 0
+    return driver.limits_from_row(rows[0] if rows else None)
+
+
+def thread_id(conn: GuardedConnection) -> Optional[int]:
+    return dbapis.mysqldb_thread_id(conn)
+
+
+def close_gracefully(conn: GuardedConnection) -> None:
+    """COM_QUIT and close (the library's close); never raises."""
+    try:
+        if conn.open:
+            conn.close()
+    except Exception:  # noqa: BLE001 - closing must not fail the caller
+        pass
+
+
+# libmysqlclient cannot close without COM_QUIT: to a dead peer it goes nowhere.
+drop = close_gracefully
+drop_inherited = dbapis.mysqldb_drop_inherited
+
+
+# -- what callers hold -------------------------------------------------------------------------
+def _gone() -> Exception:
+    """What mysqlclient raises for any use of a closed connection (and a second close)."""
+    return MySQLdb.OperationalError(2006, "")
+
+
+_CURSOR_ERRORS = {"_cg_returned_error": staticmethod(_gone),
+                  "_cg_closed_error": staticmethod(
+                      lambda: MySQLdb.ProgrammingError("cursor closed"))}
+
+
+class Handle(PooledConnection):
+    """A pooled mysqlclient connection; ``close()`` gives it back to its pool. After
+    ``close()`` every use fails as on a closed mysqlclient connection."""
+
+    _self_returned = _Returned(_gone)
+    _self_errors = ERRORS
+    _self_closed_error = staticmethod(_gone)
+
+    _self_warns_on_reconnect = False  # mysqlclient's ping(True) does not warn
+
+    def __repr__(self) -> str:
+        entry = self._self_entry
+        if entry is None:
+            return "<connguard.mysqldb.Handle (returned)>"
+        return f"<connguard.mysqldb.Handle thread_id={thread_id(entry.conn)}>"
+
+    def cursor(self, cursorclass: Any = None) -> Any:
+        """mysqlclient's ``cursor(cursorclass=None)``; the cursor lives as long as this
+        checkout (see connguard.proxy.PooledCursor). After ``close()`` a cursor is still
+        handed out, as mysqlclient does, and fails when used."""
+        entry = self._self_entry
+        conn = entry.conn if entry is not None else self.__wrapped__
+        cls = cursorclass or (conn.cursorclass if entry is not None
+                              else GuardedConnection._cg_cursorclass)
+        cur = pooled_cursor_class(cls, _CURSOR_ERRORS)(conn)
+        cur._cg_lease = lease_of(entry)
+        cur._cg_handle = self
+        return cur
+
+
+__all__ = ["ARGUMENTS", "CONNECT_NAME", "ERRORS", "GuardedConnection", "Handle",
+           "PooledCursor"]

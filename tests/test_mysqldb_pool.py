@@ -1,0 +1,246 @@
+"""The pool and ``install("MySQLdb")`` for mysqlclient code, against a real MariaDB.
+
+The referee is plain mysqlclient on a fresh connection: what a borrower sees must be what
+``MySQLdb.connect`` would have given it (session state, transactions, errors after close),
+and what the pool adds (no round trip to check a connection, translated errors) must still
+be mysqlclient's classes. mysqlclient's own suite runs with it too (tests/drivers).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Tuple
+
+import pytest
+
+import connguard
+from connguard import dropin
+from tests.mariadb import MariaDB, socket_states, wait_until
+from tests.test_transparency import DEADLINE, STATE_SQL, other_database, table  # noqa: F401
+
+if os.environ.get("CONNGUARD_REQUIRE_DRIVERS") == "1":
+    import MySQLdb
+else:
+    MySQLdb = pytest.importorskip("MySQLdb", reason="mysqlclient is not installed")
+
+import MySQLdb.cursors  # noqa: E402
+
+
+def state(conn: Any) -> Tuple[Any, ...]:
+    """The session as a borrower can see it (see tests/test_transparency.STATE_SQL)."""
+    cursorclass = conn.cursorclass
+    cur = conn.cursor(MySQLdb.cursors.Cursor)
+    try:
+        cur.execute(STATE_SQL)
+        row = cur.fetchone()
+        try:
+            cur.execute("SELECT COUNT(*) FROM cg_temp")
+            temp = True
+        except MySQLdb.ProgrammingError:
+            temp = False
+        cur.execute("SELECT @@in_transaction")
+        in_trx = cur.fetchone()[0]
+    finally:
+        cur.close()
+    return (*row, temp, in_trx, conn.get_autocommit(), cursorclass)
+
+
+@pytest.fixture
+def pool(mariadb: MariaDB) -> Iterator[connguard.Pool]:
+    with connguard.Pool(driver="mysqldb", **mariadb.connect_kwargs(), max_size=1) as p:
+        yield p
+
+
+def test_install_pools_mysqldb_connect_and_uninstall_restores_it(mariadb: MariaDB) -> None:
+    original = MySQLdb.connect
+    kwargs = mariadb.connect_kwargs()
+    connguard.install("MySQLdb")
+    try:
+        assert connguard.installed("MySQLdb") and "pooled by connguard" in repr(MySQLdb.connect)
+        ids = set()
+        for _ in range(5):  # the classic spellings, positional included: one pool
+            conn = MySQLdb.connect(kwargs["host"], kwargs["user"], kwargs["password"],
+                                   kwargs["database"], kwargs["port"])
+            ids.add(conn.thread_id())
+            conn.close()
+            conn = MySQLdb.connect(host=kwargs["host"], port=kwargs["port"], user=kwargs["user"],
+                                   passwd=kwargs["password"], db=kwargs["database"])
+            ids.add(conn.thread_id())
+            assert isinstance(conn, MySQLdb.connections.Connection)  # the proxy passes for one
+            assert repr(conn) == f"<connguard.mysqldb.Handle thread_id={conn.thread_id()}>"
+            conn.close()
+        assert len(ids) == 1
+        assert repr(conn) == "<connguard.mysqldb.Handle (returned)>"
+    finally:
+        connguard.uninstall()
+        dropin.close_all()
+    assert MySQLdb.connect is original and not connguard.installed("MySQLdb")
+    with pytest.raises(ValueError, match="allowed: 'pymysql', 'MySQLdb'"):
+        connguard.install("mysqlclient")
+    with pytest.raises(ValueError, match="driver must be one of 'mysqldb', 'pymysql'"):
+        connguard.Pool(driver="MySQL", **kwargs)
+    with pytest.raises(TypeError, match="MySQLdb.connect's arguments"):
+        connguard.Pool(driver="mysqldb", **kwargs, defer_connect=True)
+
+
+@pytest.mark.parametrize("autocommit", [False, True])
+def test_session_state_never_reaches_the_next_borrower(mariadb: MariaDB, pool: Any,
+                                                       other_database: str,  # noqa: F811
+                                                       autocommit: bool) -> None:
+    kwargs = mariadb.connect_kwargs(autocommit=autocommit, init_command="SET @init = 1",
+                                    sql_mode="ANSI_QUOTES")
+    plain = MySQLdb.connect(**kwargs)
+    try:
+        fresh = state(plain)
+    finally:
+        plain.close()
+    with connguard.Pool(driver="mysqldb", **kwargs, max_size=1) as p:
+        with p.connect() as conn:
+            tid = conn.thread_id()
+            assert state(conn) == fresh
+            cur = conn.cursor()
+            for sql in ("SET @v = 1", "SET time_zone = '+05:00'", "SET sql_mode = ''",
+                        "CREATE TEMPORARY TABLE cg_temp (i INT)", "SELECT GET_LOCK('cg_lock', 0)",
+                        f"USE {other_database}", "SET SESSION lock_wait_timeout = 7",
+                        "SET NAMES latin1"):
+                cur.execute(sql)
+            conn.autocommit(not autocommit)
+            conn.cursorclass = MySQLdb.cursors.DictCursor
+            assert state(conn) != fresh
+        with p.connect() as conn:
+            assert conn.thread_id() == tid  # the same server connection, made as new
+            assert state(conn) == fresh
+        assert p.stats()["resets"] == 1
+
+
+def test_a_select_with_autocommit_off_leaves_no_transaction(mariadb: MariaDB, pool: Any,
+                                                             table: str) -> None:  # noqa: F811
+    with pool.connect() as conn:  # autocommit off: mysqlclient's default
+        cur = conn.cursor()
+        cur.execute(f"SELECT COUNT(*) FROM {table}")
+        assert cur.fetchone()[0] == 0
+    mariadb.query(f"INSERT INTO {table} VALUES ()")
+    with pool.connect() as conn:
+        cur = conn.cursor()  # no stale REPEATABLE READ snapshot
+        cur.execute(f"SELECT COUNT(*), @@in_transaction FROM {table}")
+        assert cur.fetchone() == (1, 1)
+    with mariadb.admin() as admin:  # an idle pooled connection holds no metadata lock
+        admin.execute("SET SESSION lock_wait_timeout = 5")
+        admin.execute(f"ALTER TABLE {table} ADD COLUMN note INT")
+    assert pool.stats()["rollbacks"] == 2
+
+
+COUNTERS = ("Com_select", "Com_rollback", "Com_admin_commands", "Com_change_db")
+
+
+def counters(mariadb: MariaDB) -> dict:
+    return {name: mariadb.status(name) for name in COUNTERS}
+
+
+def test_with_autocommit_on_a_return_costs_no_round_trip(mariadb: MariaDB) -> None:
+    with connguard.Pool(driver="mysqldb", **mariadb.connect_kwargs(autocommit=True),
+                        max_size=1) as p:
+        p.connect().close()
+        before = counters(mariadb)
+        for _ in range(50):
+            with p.connect() as conn:
+                cur = conn.cursor()
+                cur.execute("SELECT 1")
+                cur.close()
+        after = counters(mariadb)
+        assert {n: after[n] - before[n] for n in COUNTERS} == {
+            "Com_select": 50, "Com_rollback": 0, "Com_admin_commands": 0, "Com_change_db": 0}
+        with p.connect() as conn:  # BEGIN opens a transaction even with autocommit on
+            conn.begin()
+            conn.cursor().execute("SELECT 1")
+        assert counters(mariadb)["Com_rollback"] == after["Com_rollback"] + 1
+
+
+def test_uses_after_close_fail_as_on_a_closed_mysqlclient_connection(pool: Any) -> None:
+    conn = pool.connect()
+    cur = conn.cursor()
+    cur.execute("SELECT 1 UNION SELECT 2")
+    assert cur.fetchone() == (1,)
+    conn.close()
+    assert cur.fetchone() == (2,)  # rows already read stay readable
+    for use in (lambda: cur.execute("SELECT 1"), lambda: conn.cursor().execute("SELECT 1"),
+                conn.close, conn.commit, conn.ping):
+        with pytest.raises(MySQLdb.OperationalError) as info:
+            use()
+        assert info.value.args == (2006, "")  # mysqlclient's own, untranslated
+        assert not isinstance(info.value, connguard.ConnGuardError)
+    assert not conn.open
+    closed = pool.connect()
+    cur = closed.cursor()
+    cur.close()
+    with pytest.raises(MySQLdb.ProgrammingError, match="cursor closed"):
+        cur.execute("SELECT 1")
+    closed.close()
+
+
+def test_killed_idle_connections_are_replaced_without_a_ping(mariadb: MariaDB) -> None:
+    size = 4
+    with connguard.Pool(driver="mysqldb", **mariadb.connect_kwargs(), max_size=size) as p:
+        held = [p.connect() for _ in range(size)]
+        killed = [c.thread_id() for c in held]
+        for c in held:
+            c.close()
+        for tid in killed:
+            mariadb.kill(tid)
+        wait_until(lambda: socket_states(mariadb.port).get("close_wait", 0) >= size,
+                   DEADLINE, message=f"{size} sockets in CLOSE_WAIT after KILL")
+        pings = mariadb.status("Com_admin_commands")
+        for _ in range(200):
+            with p.connect() as conn:
+                assert conn.thread_id() not in killed
+                conn.cursor().execute("SELECT 1")
+        assert mariadb.status("Com_admin_commands") == pings
+        assert p.stats()["peer_closed"] == size
+
+
+def test_a_killed_session_fails_translated_and_is_not_handed_on(mariadb: MariaDB,
+                                                                 pool: Any) -> None:
+    with pool.connect() as conn:
+        tid = conn.thread_id()
+        mariadb.kill(tid)
+        with pytest.raises(MySQLdb.OperationalError) as info:
+            conn.cursor().execute("SELECT 1")
+        assert isinstance(info.value, connguard.ConnectionLost)
+        assert "lost" in str(info.value)
+    with pool.connect() as conn:
+        assert conn.thread_id() != tid
+    assert pool.stats()["broken"] == 1
+
+
+def test_the_pools_own_errors_are_mysqlclient_errors(mariadb: MariaDB) -> None:
+    with connguard.Pool(driver="mysqldb", **mariadb.connect_kwargs(), max_size=1,
+                        checkout_timeout=0.2) as p, p.connect():
+        with pytest.raises(MySQLdb.OperationalError) as info:
+            p.connect()
+        assert isinstance(info.value, connguard.PoolTimeout)
+    with pytest.raises(MySQLdb.InterfaceError) as closed:
+        p.connect()
+    assert isinstance(closed.value, connguard.PoolClosed)
+    wrong = connguard.Pool(driver="mysqldb", **mariadb.connect_kwargs(password="wrong"))
+    try:
+        with pytest.raises(MySQLdb.OperationalError) as denied:
+            wrong.connect()
+        assert isinstance(denied.value, connguard.AccessDenied)
+        assert "wrong" not in str(denied.value)
+    finally:
+        wrong.close()
+
+
+def test_an_unexhausted_streaming_cursor_never_reaches_the_next_borrower(pool: Any) -> None:
+    conn = pool.connect()
+    tid = conn.thread_id()
+    cur = conn.cursor(MySQLdb.cursors.SSCursor)
+    cur.execute("SELECT seq FROM seq_1_to_5000")
+    assert cur.fetchone() == (1,)
+    conn.close()  # neither exhausted nor closed: the session is mid-result
+    with pool.connect() as conn:
+        cur = conn.cursor()
+        cur.execute("SELECT 42")
+        assert cur.fetchone() == (42,)
+        assert conn.thread_id() != tid
+    assert pool.stats()["discarded"] == 1
