@@ -26,6 +26,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import MySQLdb
@@ -220,8 +221,13 @@ def _reset_and_reapply(conn: GuardedConnection, autocommit_mode: bool) -> bool:
     """``change_user`` to the same account and database, then what ``MySQLdb.connect`` does
     after connecting, in its order: character set, sql_mode, init_command, autocommit."""
     kwargs = conn._cg_kwargs
-    conn.change_user(kwargs.get("user") or "", kwargs.get("password") or "",
-                     kwargs.get("database") or None)
+    if not _credentials_known(kwargs):
+        return False
+    database = kwargs.get("database")
+    if database:
+        conn.change_user(kwargs["user"], kwargs.get("password") or "", database)
+    else:  # then no database is selected, as after a connect that named none
+        conn.change_user(kwargs["user"], kwargs.get("password") or "")
     _apply_charset(conn)
     if kwargs.get("sql_mode"):
         conn.set_sql_mode(kwargs["sql_mode"])
@@ -232,6 +238,15 @@ def _reset_and_reapply(conn: GuardedConnection, autocommit_mode: bool) -> bool:
     conn._cg_marks = 0
     conn.cursorclass = conn._cg_cursorclass
     return True
+
+
+def _credentials_known(kwargs: Dict[str, Any]) -> bool:
+    """Whether the account the connection logged in as is known here: a user named in the
+    connect arguments, and no option file that could have named another (or the password).
+    Otherwise ``change_user`` could log in as someone else (an anonymous account, say):
+    the connection is discarded instead."""
+    return bool(kwargs.get("user")) and not (kwargs.get("read_default_file")
+                                             or kwargs.get("read_default_group"))
 
 
 def _drain_current(conn: GuardedConnection) -> None:
@@ -252,6 +267,9 @@ def server_limits(conn: GuardedConnection) -> Dict[str, Any]:
         conn.query(driver.LIMITS_QUERY)
         result = conn.store_result()
         rows = result.fetch_row() if result is not None else ()
+        # affected_rows() must read 0, as on a fresh connection, not our query's row:
+        # an OK reply that resets it (autocommit as it is: the connect already set it).
+        _mysql.connection.autocommit(conn, bool(conn.get_autocommit()))
     except MySQLdb.Error:
         return {}
     finally:
@@ -288,15 +306,41 @@ _CURSOR_ERRORS = {"_cg_returned_error": staticmethod(_gone),
                       lambda: MySQLdb.ProgrammingError("cursor closed"))}
 
 
+class _Gone(_Returned):
+    """The stand-in after close: ``closed`` and ``open`` answer as on a closed mysqlclient
+    connection; every other use raises its error."""
+
+    closed = 1  # ints, as mysqlclient answers
+
+
+_GONE = _Gone(_gone)
+
+
 class Handle(PooledConnection):
     """A pooled mysqlclient connection; ``close()`` gives it back to its pool. After
     ``close()`` every use fails as on a closed mysqlclient connection."""
 
-    _self_returned = _Returned(_gone)
+    _self_returned = _GONE
     _self_errors = ERRORS
     _self_closed_error = staticmethod(_gone)
+    _self_warns_on_reconnect = False  # mysqlclient warns itself (below)
 
-    _self_warns_on_reconnect = False  # mysqlclient's ping(True) does not warn
+    def close(self) -> None:
+        if self._self_entry is None:
+            raise _gone()
+        PooledConnection.close(self)
+        self.__wrapped__ = _GONE
+
+    def ping(self, *reconnect: Any) -> None:  # type: ignore[override]
+        """mysqlclient's ``ping()``. ``ping(True)`` (mysqlclient's deprecated reconnect) warns
+        as it does, and replaces a dead connection through the pool, never behind its back."""
+        if reconnect:
+            warnings.warn("The reconnect parameter of ping() is deprecated.",
+                          DeprecationWarning, 2)
+        super().ping(bool(reconnect[0]) if reconnect else False)
+
+    def _self_ping(self) -> None:
+        self.__wrapped__.ping()  # with an argument, mysqlclient >= 2.2.1 warns
 
     def __repr__(self) -> str:
         entry = self._self_entry

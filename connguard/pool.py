@@ -46,13 +46,13 @@ log = logging.getLogger("connguard.pool")
 _bucket = bisect.bisect_left
 
 
-#: What driver.restore_session did -> the stats() counter it counts in.
 #: Why a pooled connection was closed (the ``closed`` counter's keys).
 CLOSE_REASONS = ("peer_closed", "expired", "idle_timeout", "broken", "discarded", "overflow",
                  "rebalanced", "pool_closed", "reconnected")
 
-_RESET_COUNTERS = {"rollback": "rollbacks", "reset": "resets", "restored": "restored",
-                   "discard": "discarded"}
+#: What driver.restore_session did -> the stats() counter it counts in ("discard" counts
+#: as the reason the connection is closed).
+_RESET_COUNTERS = {"rollback": "rollbacks", "reset": "resets", "restored": "restored"}
 
 
 @dataclasses.dataclass(eq=False)
@@ -132,7 +132,6 @@ class Pool:
     def __init__(self, *, clock: Clock = time.monotonic, **kwargs: Any) -> None:
         self._driver: Any = drivers.seam(kwargs.get("driver", "pymysql"))
         options, self._connect_kwargs = split_arguments(kwargs, where="connguard.Pool")
-        self._handle = self._driver.Handle  # the class of what connect() returns
         self._settings, self._lifetime, self._reset = build_policies(options)
         self._tracked_reset = self._reset.mode == "rollback"  # read on every return
         self._clock = clock
@@ -148,14 +147,13 @@ class Pool:
         # Growth: handshake cap, the ceilings learnt from the server and the global budget.
         self._admission = Admission.for_policy(self._storm, self._settings.limit,
                                                budget=self._budget is not None)
-        self._keepalive: Optional[KeepalivePolicy] = keepalive_from_option(
+        keepalive: Optional[KeepalivePolicy] = keepalive_from_option(
             options.get("keepalive", True))
         self._connector = Connector(self._connect_kwargs, driver=self._driver,
                                     guard=self._make_guard(options),
                                     gate=self._make_gate(options),
                                     server_facts=self._server_facts,
-                                    keepalive=self._keepalive.as_tuple()
-                                    if self._keepalive else None,
+                                    keepalive=keepalive.as_tuple() if keepalive else None,
                                     fail_fast=bool(self._storm and self._storm.fail_fast))
         self._options = dict(options)  # as given: the drop-in compares later calls to them
         self._wait_timeout: Optional[int] = None
@@ -221,7 +219,7 @@ class Pool:
             raise own from exc.__cause__
         handle = None
         try:
-            handle = self._handle(entry.conn)
+            handle = self._driver.Handle(entry.conn)
             handle._self_pool = self
             handle._self_entry = entry
             return handle
@@ -592,11 +590,13 @@ class Pool:
         except Exception:  # noqa: BLE001 - an unknown session must not reach the next borrower
             log.exception("reset on return failed unexpectedly, discarding the connection")
             return False
+        if action == "discard":
+            return False  # counted once, as the reason it is closed ("discarded")
         with self._metrics.lock:
             self._stats[_RESET_COUNTERS[action]] += 1
         if action in ("rollback", "reset") and events.active:
             events.dispatch(self._listeners, self.name, "reset", kind=action)
-        return action != "discard"
+        return True
 
     def _discard(self, entry: Entry, reason: str) -> None:
         """An entry taken for checkout turned out unusable: forget it, serve a waiter, close."""

@@ -9,6 +9,7 @@ be mysqlclient's classes. mysqlclient's own suite runs with it too (tests/driver
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Iterator, Tuple
 
 import pytest
@@ -244,3 +245,61 @@ def test_an_unexhausted_streaming_cursor_never_reaches_the_next_borrower(pool: A
         assert cur.fetchone() == (42,)
         assert conn.thread_id() != tid
     assert pool.stats()["discarded"] == 1
+
+
+def test_a_fresh_checkout_reads_as_a_fresh_connection(mariadb: MariaDB, pool: Any) -> None:
+    plain = MySQLdb.connect(**mariadb.connect_kwargs())
+    try:
+        fresh = plain.affected_rows(), plain.insert_id()
+        open_flags = plain.closed, plain.open
+    finally:
+        plain.close()
+    closed_flags = plain.closed, plain.open
+    conn = pool.connect()  # the pool's first connection: it read the server's limits on it
+    assert (conn.affected_rows(), conn.insert_id()) == fresh == (0, 0)
+    assert (conn.closed, conn.open) == open_flags
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # mysqlclient >= 2.2.1 warns for ping(False)
+        conn.ping()
+    conn.close()
+    assert (conn.closed, conn.open) == closed_flags
+    with pytest.warns(DeprecationWarning, match="reconnect parameter"):
+        conn.ping(True)  # as mysqlclient's: warns, and reopens through the pool
+    assert conn.open and pool.stats()["opened"] == 1
+    conn.close()
+
+
+@pytest.mark.parametrize("database", ["app", None])
+def test_the_session_reset_logs_in_as_the_same_account(mariadb: MariaDB,
+                                                        database: Any) -> None:
+    kwargs = mariadb.connect_kwargs(database=database)
+    if database is None:
+        del kwargs["database"]
+    with connguard.Pool(driver="mysqldb", **kwargs, max_size=1) as p:
+        with p.connect() as conn:
+            tid = conn.thread_id()
+            conn.cursor().execute("SET @v = 1")
+        with p.connect() as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT @v, DATABASE(), CURRENT_USER()")
+            assert cur.fetchone() == (None, database, f"{kwargs['user']}@%")
+            assert conn.thread_id() == tid
+        assert (p.stats()["resets"], p.stats()["discarded"]) == (1, 0)
+
+
+def test_an_account_from_an_option_file_is_never_guessed(mariadb: MariaDB,
+                                                         tmp_path: Any) -> None:
+    kwargs = mariadb.connect_kwargs()
+    option_file = tmp_path / "my.cnf"
+    option_file.write_text(f"[client]\nuser={kwargs['user']}\npassword={kwargs['password']}\n")
+    with connguard.Pool(driver="mysqldb", host=kwargs["host"], port=kwargs["port"],
+                        read_default_file=str(option_file), max_size=1) as p:
+        with p.connect() as conn:
+            tid = conn.thread_id()
+            conn.cursor().execute("SET @v = 1")
+        with p.connect() as conn:  # a new connection, not change_user to a guessed account
+            cur = conn.cursor()
+            cur.execute("SELECT @v")
+            assert cur.fetchone() == (None,)
+            assert conn.thread_id() != tid
+        assert p.stats()["discarded"] == 1

@@ -1,8 +1,12 @@
 #!/usr/bin/env python
 """Run mysqlclient's own test suite plainly and with ``connguard.install("MySQLdb")``; compare.
 
-    python tests/drivers/mysqlclient_suite.py --src /path/to/mysqlclient [--only plain|connguard]
+    python tests/drivers/mysqlclient_suite.py [--src DIR] [--only plain|connguard]
                                               [-k EXPR] [--timeout SECONDS] [--workdir DIR]
+
+The suite comes from the sdist of the installed mysqlclient version (its tests match the
+driver that runs): ``--src`` names an unpacked sdist or a checkout, otherwise it is
+downloaded once into ``~/.cache/connguard/mysqlclient``.
 
 Each run gets a fresh throwaway MariaDB (``connguard.testing``) provisioned the way
 mysqlclient's CI provisions its MariaDB container (root with password ``root`` over TCP,
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -51,6 +56,7 @@ from tests.drivers.pymysql_suite import (  # noqa: E402
     pooled_connections,
     print_non_passing,
 )
+from tests.drivers.sqlalchemy_suite import fetch_sdist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 ALLOWLIST = Path(__file__).with_name("mysqlclient_allowed.txt")
@@ -158,8 +164,9 @@ def report(results: Dict[str, RunResult], only: Optional[str]) -> int:
 # -- main ------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", type=Path, required=True,
-                        help="mysqlclient checkout (has tests/configdb.py)")
+    parser.add_argument("--src", type=Path,
+                        help="mysqlclient sdist or checkout (has tests/configdb.py); default: "
+                             "the sdist of the installed version, downloaded once")
     parser.add_argument("--only", choices=RUNS, help="run one configuration, compare nothing")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression for both runs")
     parser.add_argument("--timeout", type=float, default=60.0,
@@ -170,6 +177,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="where reports, logs and option files go (default: a new temp "
                              "directory)")
     args = parser.parse_args(argv)
+    if args.src is None:
+        args.src = fetch_sdist(importlib.metadata.version("mysqlclient"), "mysqlclient",
+                               "tests/configdb.py")
     args.src = args.src.resolve()
     if not (args.src / "tests" / "configdb.py").exists():
         parser.error(f"{args.src} is not a mysqlclient checkout (no tests/configdb.py)")

@@ -89,18 +89,19 @@ def sqlalchemy_version() -> str:
     return metadata.version("sqlalchemy")
 
 
-def cache_dir() -> Path:
-    default = Path.home() / ".cache" / "connguard" / "sqlalchemy"
-    return Path(os.environ.get("CONNGUARD_SQLA_CACHE") or default)
+def cache_dir(project: str = "sqlalchemy") -> Path:
+    default = Path.home() / ".cache" / "connguard" / project
+    return Path(os.environ.get("CONNGUARD_SQLA_CACHE") or default) if project == "sqlalchemy" \
+        else default
 
 
-def download_sdist(version: str, into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", "sqlalchemy", "--no-deps",
-           f"sqlalchemy=={version}", "-d", str(into)]
+def download_sdist(version: str, into: Path, project: str = "sqlalchemy") -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", project, "--no-deps",
+           f"{project}=={version}", "-d", str(into)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    found = sorted(into.glob(f"[sS][qQ][lL][aA]lchemy-{version}.tar.gz"))
+    found = [p for p in into.glob("*.tar.gz") if p.name.lower() == f"{project}-{version}.tar.gz"]
     if not found:
-        raise RuntimeError(f"pip download left no sqlalchemy-{version}.tar.gz in {into}")
+        raise RuntimeError(f"pip download left no {project}-{version}.tar.gz in {into}")
     return found[0]
 
 
@@ -116,15 +117,17 @@ def unpack(archive: Path, into: Path) -> Path:
     return tops[0]
 
 
-def fetch_sdist(version: str) -> Path:
-    """The unpacked sdist of ``version`` in the cache; downloaded the first time."""
-    target = cache_dir() / f"sqlalchemy-{version}"
-    if (target / "test" / "conftest.py").exists():
+def fetch_sdist(version: str, project: str = "sqlalchemy",
+                marker: str = "test/conftest.py") -> Path:
+    """The unpacked sdist of ``project`` ``version`` in the cache (``marker``: a file that
+    says it is complete); downloaded the first time."""
+    target = cache_dir(project) / f"{project}-{version}"
+    if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        print(f"downloading the SQLAlchemy {version} sdist ...", flush=True)
-        top = unpack(download_sdist(version, Path(tmp)), Path(tmp) / "src")
+        print(f"downloading the {project} {version} sdist ...", flush=True)
+        top = unpack(download_sdist(version, Path(tmp), project), Path(tmp) / "src")
         shutil.rmtree(target, ignore_errors=True)
         top.rename(target)
     return target
