@@ -331,7 +331,7 @@ class Handle(PooledConnection):
         PooledConnection.close(self)
         self.__wrapped__ = _GONE
 
-    def ping(self, *reconnect: Any) -> None:  # type: ignore[override]
+    def ping(self, *reconnect: Any) -> None:
         """mysqlclient's ``ping()``. ``ping(True)`` (mysqlclient's deprecated reconnect) warns
         as it does, and replaces a dead connection through the pool, never behind its back."""
         if reconnect:
