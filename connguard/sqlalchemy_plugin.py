@@ -47,7 +47,7 @@ from pymysql.constants import CLIENT, CR
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CreateEnginePlugin
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
 from connguard import coordination, dbapis, driver, errors, events, metrics, reaper, storm
 from connguard.connector import Connector
@@ -66,7 +66,7 @@ from connguard.sqlalchemy_options import (  # noqa: F401 - re-exported: the plug
     single_value,
 )
 from connguard.sqlalchemy_pool import IDLE_SINCE as _IDLE_SINCE
-from connguard.sqlalchemy_pool import GuardedQueuePool
+from connguard.sqlalchemy_pool import GuardedAsyncQueuePool, GuardedQueuePool
 
 __all__ = ["ConnGuardPlugin", "ConnGuardPluginWarning", "PluginOptions", "stats"]
 
@@ -112,7 +112,11 @@ class ConnGuardPlugin(CreateEnginePlugin):
             pool_args["connguard_policy"] = (
                 storm.policy_from_options(dict(self.options.storm_settings))
                 if self.options.storm_control else None)
-            pool_args["connguard_budget"] = _budget_factory(self.options, *self._destination)
+            # No global budget for async engines: its lease calls are blocking Redis I/O
+            # (the coordinator is not used for them at all, see docs/sqlalchemy.md).
+            pool_args["connguard_budget"] = (
+                None if issubclass(pool_cls, GuardedAsyncQueuePool)
+                else _budget_factory(self.options, *self._destination))
             pool_args["connguard_gate"] = self._gate
 
     def engine_created(self, engine: Any) -> None:
@@ -166,20 +170,23 @@ def _choose_pool_class(url: Any, kwargs: Dict[str, Any]) -> None:
         dialect_cls = url.get_dialect()
     except Exception:  # noqa: BLE001 - create_engine reports an unknown dialect itself
         return
-    if _support(dialect_cls) == NONE or kwargs.get("_is_async") \
-            or getattr(dialect_cls, "is_async", False) is True:
-        return  # nothing to guard, or an async engine: its pool stays SQLAlchemy's (documented)
+    if _support(dialect_cls) == NONE:
+        return  # nothing to guard
+    is_async = bool(kwargs.get("_is_async") or getattr(dialect_cls, "is_async", False) is True)
+    default, guarded = ((AsyncAdaptedQueuePool, GuardedAsyncQueuePool) if is_async
+                        else (QueuePool, GuardedQueuePool))
     if kwargs.get("pool") is not None:
         chosen = type(kwargs["pool"])
     else:
         chosen = kwargs.get("poolclass") or dialect_cls.get_pool_class(url)
-        if chosen is QueuePool:
-            kwargs["poolclass"] = GuardedQueuePool
+        if chosen is default:
+            kwargs["poolclass"] = guarded
             return
     if not (isinstance(chosen, type) and issubclass(chosen, GuardedQueuePool)):
         name = getattr(chosen, "__name__", repr(chosen))
         _warn(f"connguard: the engine's pool ({name}) is used as it is; the adaptive ceiling "
-              "and the handshake cap apply to SQLAlchemy's QueuePool only, so a server at "
+              "and the handshake cap apply to SQLAlchemy's QueuePool and AsyncAdaptedQueuePool "
+              "only, so a server at "
               "max_connections reaches callers as TooManyConnections")
 
 
@@ -359,7 +366,9 @@ class EngineGuard:
     def _install_full(self, engine: Any) -> None:
         event.listen(engine, "do_connect", self._make_do_connect())
         event.listen(engine.pool, "checkout", self._on_checkout)
-        if not isinstance(engine.pool, GuardedQueuePool):  # which stamps it itself
+        # The guarded pool stamps the idle time itself; async engines also need the loop
+        # each idle connection lives on (for the reaper), which only the listener records.
+        if not isinstance(engine.pool, GuardedQueuePool) or self.facts.is_async:
             event.listen(engine.pool, "checkin", self._on_checkin)
         event.listen(engine.pool, "invalidate", self._on_invalidate)
         event.listen(engine, "handle_error", self._handle_error, retval=True)

@@ -38,6 +38,7 @@ waits happen outside it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
@@ -47,7 +48,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, Optional
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
 from connguard import coordination, dbapis, storm
@@ -56,7 +57,7 @@ from connguard.clock import Clock
 from connguard.metrics import Histogram
 from connguard.storm import Ceiling, ConnectGate, StormPolicy
 
-__all__ = ["GuardedQueuePool", "capacity_code"]
+__all__ = ["GuardedAsyncQueuePool", "GuardedQueuePool", "capacity_code"]
 
 #: Makes the pool's Budget, given the pool's pool_size + max_overflow (one per pool: a
 #: pool made again by ``dispose()`` gets a new one).
@@ -94,7 +95,7 @@ class GuardedQueuePool(QueuePool):
         self._opening = 0  # connections being opened right now (in place ones included)
         self._waiting = 0  # callers looking for a record; seen outside the lock: waiting
         self._in_place_waiting = 0  # reconnects in place waiting for a handshake slot
-        self._local = threading.local()  # the deadline of this thread's checkout
+        self._local = self._new_local()  # the deadline of this thread's checkout
         self._counts: Counter = Counter()
         self._waited = Histogram()  # checkouts that waited (observed under self._cond)
         self._gate_source = connguard_gate
@@ -125,6 +126,16 @@ class GuardedQueuePool(QueuePool):
             pool._budget = self._budget_factory(pool._max_total_or(sys.maxsize))
         pool._configure(self.connguard_policy)
         return pool
+
+    # -- how a caller waits: overridden for async engines (GuardedAsyncQueuePool) ----------
+    @staticmethod
+    def _new_local() -> Any:
+        """Where a checkout keeps its deadline and slot while it connects: per thread."""
+        return threading.local()
+
+    def _wait_locked(self, timeout: float) -> None:
+        """Under the lock: wait up to ``timeout`` for a return or a freed slot."""
+        self._cond.wait(timeout)
 
     def _max_total_or(self, unlimited: int) -> int:
         total = self._max_total()
@@ -234,7 +245,7 @@ class GuardedQueuePool(QueuePool):
             if not counted:
                 self._counts["waits"] += 1
                 counted, began = True, now
-            self._cond.wait(self._admission.pause(remaining, now))
+            self._wait_locked(self._admission.pause(remaining, now))
 
     def _open_reserved(self, deadline: float) -> Any:
         """Open a connection in the reserved slot. Returns the record, or None when the
@@ -340,7 +351,7 @@ class GuardedQueuePool(QueuePool):
                     if remaining is None:
                         self._counts["timeouts"] += 1
                         raise self._timeout_error()
-                    self._cond.wait(min(remaining, storm.MAX_PAUSE))
+                    self._wait_locked(min(remaining, storm.MAX_PAUSE))
                 self._opening += 1
             finally:
                 self._waiting -= 1
@@ -380,7 +391,7 @@ class GuardedQueuePool(QueuePool):
                     self._counts["lease_waits"] += 1
                     self._in_place_waiting += 1  # so that a freed slot wakes everyone
                     try:
-                        self._cond.wait(wait)  # a return notifies: its release may be it
+                        self._wait_locked(wait)  # a return notifies: its release may be it
                     finally:
                         self._in_place_waiting -= 1
 
@@ -489,7 +500,7 @@ class GuardedQueuePool(QueuePool):
     def connguard_after_fork(self) -> None:
         """In a forked child: new locks; the parent's leases stay the parent's."""
         self._cond = threading.Condition(threading.Lock())
-        self._local = threading.local()
+        self._local = self._new_local()
         self._opening = self._waiting = self._in_place_waiting = 0
         if self._admission.lease_ceiling is not None:
             self._admission.lease_ceiling = Ceiling(coordination.LEASE_PROBE)
@@ -529,3 +540,58 @@ class GuardedQueuePool(QueuePool):
                 f"{self.checkedin()} idle, {self._opening} opening, max "
                 f"{'unlimited' if self._max_overflow == -1 else self._max_total()}, ceiling "
                 f"{'none' if ceiling is None else ceiling} | Waiting: {self._waiting}]>")
+
+
+class _GreenletLocal:
+    """``threading.local`` for SQLAlchemy's greenlets: the checkouts of an async engine
+    interleave on the event loop's one thread, each in a greenlet of its own (one per
+    awaited call), so a checkout's deadline and reserved slot are kept per greenlet."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_by_greenlet", weakref.WeakKeyDictionary())
+
+    def _mine(self) -> Dict[str, Any]:
+        import greenlet  # there whenever an async engine is: SQLAlchemy's asyncio needs it
+
+        mine: Dict[str, Any] = self._by_greenlet.setdefault(greenlet.getcurrent(), {})
+        return mine
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._mine()[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._mine()[name] = value
+
+
+#: How often a waiting async checkout looks again (it cannot sleep on the pool's condition:
+#: that would stall the event loop; the storm gate's async waits poll the same way).
+ASYNC_POLL = 0.02
+
+
+class GuardedAsyncQueuePool(GuardedQueuePool):
+    """:class:`GuardedQueuePool` for async engines (in place of SQLAlchemy's
+    ``AsyncAdaptedQueuePool``): the same ceiling, handshake cap and outage waits, but a
+    caller waits by handing the event loop an ``asyncio.sleep`` (polling every
+    ``ASYNC_POLL``), never by blocking its thread, and keeps its checkout's state per
+    greenlet. The pool's lock is only ever held between two awaits, so taking it never
+    waits."""
+
+    _is_asyncio = True
+    _queue_class = AsyncAdaptedQueuePool._queue_class
+    _dialect = AsyncAdaptedQueuePool._dialect
+
+    @staticmethod
+    def _new_local() -> Any:
+        return _GreenletLocal()
+
+    def _wait_locked(self, timeout: float) -> None:
+        from sqlalchemy.util import await_only
+
+        self._cond.release()
+        try:
+            await_only(asyncio.sleep(min(timeout, ASYNC_POLL)))
+        finally:
+            self._cond.acquire()

@@ -1,7 +1,8 @@
 """The SQLAlchemy plugin on async engines (``mysql+aiomysql``, ``mysql+asyncmy``) against a
 real MariaDB: the checkout check without a round trip, dead idle connections closed by their
 event loop (no CLOSE_WAIT, no checkout needed), an outage waited out through the storm gate
-without ever blocking the loop (a ticker measures the loop's stalls), 1040 translated.
+without ever blocking the loop (a ticker measures the loop's stalls), 1040, 1135 and errno 99
+translated and still the driver's classes.
 
 Each test runs its own event loop (``asyncio.run``). ``.ci/run`` sets
 ``CONNGUARD_REQUIRE_DRIVERS=1``: a missing driver is then a failure, not a skip.
@@ -10,6 +11,7 @@ Each test runs its own event loop (``asyncio.run``). ``.ci/run`` sets
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import importlib
 import os
@@ -17,11 +19,13 @@ import threading
 import time
 from typing import Any, Awaitable, Callable, Dict, List
 
+import pymysql
 import pytest
 import sqlalchemy as sa
 
 from connguard.sqlalchemy_plugin import stats
 from tests.mariadb import MariaDB, socket_states
+from tests.netns import run_in_netns
 from tests.test_errors_real import DEADLINE, check, fill, raw_connections, report
 
 pytest.importorskip("sqlalchemy.ext.asyncio")
@@ -236,23 +240,111 @@ def test_an_outage_is_waited_out_without_blocking_the_loop(mariadb_factory: Any,
     assert gaps[-1] < 0.2  # a blocking gate pause would stall it 0.2-1 s
 
 
-def test_1040_comes_out_translated(mariadb_factory: Any, driver: str) -> None:
+def test_a_full_server_means_waits_not_errors_and_the_loop_runs_on(mariadb_factory: Any,
+                                                                    driver: str) -> None:
+    """The guarded pool on an async engine: a pool larger than the server allows learns the
+    ceiling from the refusal and makes callers wait for returns, without stalling the loop."""
     server = mariadb_factory(max_connections=10)
 
+    async def worker(engine: AsyncEngine, until_: float, errors: List[str]) -> int:
+        done = 0
+        while time.monotonic() < until_:
+            try:
+                async with engine.connect() as conn:
+                    await conn.exec_driver_sql("SELECT SLEEP(0.005)")
+                done += 1
+            except Exception as exc:  # noqa: BLE001 - counted: the assertion shows them
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+        return done
+
+    async def body() -> Dict[str, Any]:
+        engine = engine_for(server, driver, pool_size=16, max_overflow=16, pool_timeout=30)
+        try:
+            assert type(engine.sync_engine.pool).__name__ == "GuardedAsyncQueuePool"
+            gaps: List[float] = []
+            stop = asyncio.Event()
+            ticker = asyncio.ensure_future(_ticker(gaps, stop))
+            errors: List[str] = []
+            until_ = time.monotonic() + 4.0
+            done = await asyncio.gather(*(worker(engine, until_, errors) for _ in range(32)))
+            stop.set()
+            await ticker
+            return {"gaps": sorted(gaps), "errors": errors, "done": sum(done),
+                    "stats": stats(engine.sync_engine)}
+        finally:
+            await engine.dispose()
+
+    result = run(body)
+    gaps, counts = result["gaps"], result["stats"]
+    print(f"{driver}: {result['done']} queries in 4 s, ceiling {counts['ceiling']}, "
+          f"loop stalls p99 {gaps[int(len(gaps) * 0.99)] * 1000:.2f} ms")
+    assert not result["errors"], result["errors"][:3]
+    assert counts["ceiling"] is not None and counts["ceiling"] <= 10
+    assert counts["capacity_waits"] >= 1 and result["done"] > 100
+    assert gaps[int(len(gaps) * 0.99)] < 0.005  # waiting callers never block the loop
+
+
+def refusal(url: str, **kwargs: Any) -> BaseException:
+    """The error an async engine on ``url`` (with the plugin) gets from its first checkout."""
     async def body() -> BaseException:
-        engine = engine_for(server, driver, pool_timeout=1)
+        engine = create_async_engine(url, pool_size=1, pool_timeout=1, **kwargs)
         try:
             with pytest.raises(sa.exc.OperationalError) as info:
                 await connection_id(engine)
             return info.value.orig
         finally:
             await engine.dispose()
+    return run(body)
 
+
+def check_driver(rep: Dict[str, Any], driver: str) -> None:
+    """The translated error still is the driver's (aiomysql raises PyMySQL's classes)."""
+    module = "pymysql" if driver == "aiomysql" else driver
+    assert any(c.startswith(module) and c.endswith(".OperationalError") for c in rep["classes"])
+
+
+def test_1040_comes_out_translated(mariadb_factory: Any, driver: str) -> None:
+    server = mariadb_factory(max_connections=10)
     with raw_connections() as held:
         assert fill(server, held).args[0] == 1040
-        err = run(body)
-    rep = report(err)
+        rep = report(refusal(server.url(f"mysql+{driver}") + "?plugin=connguard"))
     check(rep, "TooManyConnections", transient=True, code=1040,
           first_has=[f"too many connections to 127.0.0.1:{server.port}"])
-    module = "pymysql" if driver == "aiomysql" else driver  # aiomysql raises PyMySQL's
-    assert any(c.startswith(module) and c.endswith(".OperationalError") for c in rep["classes"])
+    check_driver(rep, driver)
+
+
+def test_1135_comes_out_translated(mariadb_factory: Any, driver: str) -> None:
+    server = mariadb_factory(nproc_headroom=60)
+    with raw_connections() as held:
+        assert fill(server, held, limit=500).args[0] == 1135
+        rep = report(refusal(server.url(f"mysql+{driver}") + "?plugin=connguard"))
+    check(rep, "ServerThreadLimit", transient=True, code=1135,
+          first_has=["cannot create a thread", "server errno 11 EAGAIN"])
+    check_driver(rep, driver)
+
+
+PORTS = (40000, 40007)
+
+
+def netns_ports_body(server: MariaDB, ports: int, driver: str) -> Dict[str, Any]:
+    """In the namespace: hold connections until no local port is left, then connect through
+    an async engine (the resource guard off: the kernel's errno 99 itself)."""
+    with raw_connections() as held:
+        for _ in range(ports):
+            held.append(pymysql.connect(**server.connect_kwargs()))
+        return report(refusal(server.url(f"mysql+{driver}") + "?plugin=connguard"
+                              "&connguard_resource_guard=false"))
+
+
+@pytest.mark.netns
+def test_99_local_ports_exhausted_comes_out_translated(mariadb_template: Any,
+                                                        driver: str) -> None:
+    ports = PORTS[1] - PORTS[0] + 1
+    rep = run_in_netns("tests.test_async_drivers:netns_ports_body", mariadb_template,
+                       port_range=PORTS, tw_reuse=0, server_options={},
+                       kwargs={"ports": ports, "driver": driver})
+    assert rep["args"][0] in (2002, 2003), rep["args"]
+    check(rep, "LocalPortsExhausted", transient=True, code=None,
+          first_has=[f"{ports} of {ports} in use"])
+    assert rep["diagnosis"]["errno"] == errno.EADDRNOTAVAIL
+    check_driver(rep, driver)

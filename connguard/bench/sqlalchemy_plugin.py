@@ -42,8 +42,26 @@ def _url(kwargs_or_url: Union[str, Mapping[str, Any]]) -> Any:
                       database=kw.get("database") or kw.get("db"))
 
 
-def _engines(url: Any, **common: Any) -> Dict[str, Any]:
-    from sqlalchemy import create_engine
+#: The other drivers the plugin guards: (label, SQLAlchemy driver name, module, async).
+#: Their rows are measured when the driver is installed (extras ``mysqlclient``, ``aiomysql``,
+#: ``asyncmy``) and left out otherwise, with a note.
+OTHER_DRIVERS = (("mysqlclient", "mysqldb", "MySQLdb", False),
+                 ("aiomysql", "aiomysql", "aiomysql", True),
+                 ("asyncmy", "asyncmy", "asyncmy", True))
+
+
+def _installed(module: str, is_async: bool) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None and (
+        not is_async or importlib.util.find_spec("greenlet") is not None)
+
+
+def _engines(url: Any, is_async: bool = False, **common: Any) -> Dict[str, Any]:
+    if is_async:
+        from sqlalchemy.ext.asyncio import create_async_engine as create_engine
+    else:
+        from sqlalchemy import create_engine
 
     common.update(pool_size=1, max_overflow=0)
     # The storm gate is a connect-path feature and would only slow the warm-up here.
@@ -78,19 +96,50 @@ def _note_vs_pre_ping(result: ScenarioResult, target: float = 0.0) -> ScenarioRe
     return result
 
 
-def engine_checkout(url: Any, rounds: int, ops: int) -> ScenarioResult:
+def engine_checkout(url: Any, rounds: int, ops: int, label: str = "") -> ScenarioResult:
     """``engine.connect()`` then ``close()``: the pool checkout every unit of work pays.
 
     ``pool_reset_on_return=None`` for all three engines: the return's ROLLBACK is one round
     trip for every client alike and would hide the difference being measured (what the
-    checkout does: nothing, a socket check, or COM_PING).
+    checkout does: nothing, a socket check, or COM_PING). ``label``: the driver, when not
+    PyMySQL (``url`` names it).
     """
     def body(engine: Any) -> float:
         return time_per_op(lambda: engine.connect().close(), ops)
     return _note_vs_pre_ping(ScenarioResult(
-        "engine checkout", "engine.connect() + close() on a warm pool of one, no reset on "
+        "engine checkout" + (f" ({label})" if label else ""),
+        "engine.connect() + close() on a warm pool of one, no reset on "
         "return (µs/op); the plugin checks the socket, pre_ping sends COM_PING.", False,
         _measure(url, body, rounds, "µs", pool_reset_on_return=None)), TARGET)
+
+
+def async_engine_checkout(url: Any, rounds: int, ops: int, label: str) -> ScenarioResult:
+    """``engine_checkout`` for an async engine: ``await engine.connect()`` then ``close()``,
+    in one event loop, rounds alternating between the three engines."""
+    import asyncio
+
+    async def measure() -> List[Measurement]:
+        engines = _engines(url, is_async=True, pool_reset_on_return=None)
+        results = {name: Measurement(name, "µs") for name in engines}
+        try:
+            for engine in engines.values():  # warm: connect, and the dialect's first queries
+                await (await engine.connect()).close()
+            for _ in range(rounds):
+                for name, engine in engines.items():
+                    began = time.perf_counter()
+                    for _ in range(ops):
+                        await (await engine.connect()).close()
+                    results[name].rounds.append((time.perf_counter() - began) / ops * 1e6)
+        finally:
+            for engine in engines.values():
+                await engine.dispose()
+        return list(results.values())
+
+    return _note_vs_pre_ping(ScenarioResult(
+        f"engine checkout ({label})",
+        "await engine.connect() + close() on a warm async engine's pool of one, no reset on "
+        "return (µs/op); the plugin checks the transport's socket, pre_ping sends COM_PING.",
+        False, asyncio.run(measure())), TARGET)
 
 
 def engine_select_one(url: Any, rounds: int, ops: int) -> ScenarioResult:
@@ -168,9 +217,10 @@ def _saturation_round(server: Any, client: str, warm: float, seconds: float
             "attempts": tried / (ended - began), "close_wait": close_wait}
 
 
-def _outage_round(server: Any, client: str, before: float, outage: float, after: float
-                  ) -> Dict[str, float]:
-    engine, attempts = _storm_engine(server.url(), client, pool_size=16, max_overflow=0,
+def _outage_round(server: Any, client: str, before: float, outage: float, after: float,
+                  driver: str = "pymysql") -> Dict[str, float]:
+    engine, attempts = _storm_engine(server.url(f"mysql+{driver}"), client, pool_size=16,
+                                     max_overflow=0,
                                      pool_timeout=5, connect_args={"connect_timeout": 2})
     try:
         with Load(EngineClient(engine), THREADS, "SELECT 1") as load:
@@ -268,8 +318,10 @@ def engine_saturation(start_server: StartServer, quick: bool) -> List[ScenarioRe
     return results
 
 
-def engine_outage(start_server: StartServer, quick: bool) -> List[ScenarioResult]:
-    """Stops and starts the server ``start_server()`` returns, and destroys it at the end."""
+def engine_outage(start_server: StartServer, quick: bool, driver: str = "pymysql",
+                  label: str = "") -> List[ScenarioResult]:
+    """Stops and starts the server ``start_server()`` returns, and destroys it at the end.
+    ``driver``: SQLAlchemy's name of a sync driver; ``label`` names it in the results."""
     clients = (PLUGIN, PRE_PING, NO_PRE_PING)
     runs: Dict[str, List[Dict[str, float]]] = {client: [] for client in clients}
     server = start_server()
@@ -277,10 +329,12 @@ def engine_outage(start_server: StartServer, quick: bool) -> List[ScenarioResult
         for _ in range(1 if quick else 3):
             for client in clients:
                 runs[client].append(_outage_round(server, client, *(
-                    (0.5, 1.5, 1.2) if quick else (2.0, 4.0, 4.0))))
+                    (0.5, 1.5, 1.2) if quick else (2.0, 4.0, 4.0)), driver=driver))
     finally:
         server.destroy()
-    results = _results(_OUTAGE_METRICS, runs)
+    metrics = tuple((key, name.replace("engine outage", f"engine outage ({label})")
+                     if label else name, *rest) for key, name, *rest in _OUTAGE_METRICS)
+    results = _results(metrics, runs)
     rate = next(m.median for m in results[0].measurements if m.client == PLUGIN)
     results[0].notes.append(f"connguard plugin: {rate:.1f} connect attempts/s while the server "
                             f"was down (target <= 5/s: {'met' if rate <= 5 else 'MISSED'}; "
@@ -315,17 +369,30 @@ def run_all(kwargs_or_url: Union[str, Mapping[str, Any]], quick: bool,
     """
     url = _url(kwargs_or_url)
     rounds = 3 if quick else 7
-    results = [
-        engine_checkout(url, rounds, 2000 if quick else 20000),
-        engine_select_one(url, rounds, 500 if quick else 5000),
-    ]
+    ops = 2000 if quick else 20000
+    results = [engine_checkout(url, rounds, ops), engine_select_one(url, rounds, ops // 4)]
+    missing = []
+    drivers = []
+    for label, name, module, is_async in OTHER_DRIVERS:
+        if not _installed(module, is_async):
+            missing.append(label)
+            continue
+        other = url.set(drivername=f"mysql+{name}")
+        results.append(async_engine_checkout(other, rounds, ops // 4, label) if is_async
+                       else engine_checkout(other, rounds, ops, label))
+        drivers += [] if is_async else [(name, label)]
+    if missing:
+        results[0].notes.append(f"not installed, so not measured: {', '.join(missing)} "
+                                "(pip install 'connguard[mysqlclient,aiomysql,asyncmy]')")
     if start_server is None:
         why = ("it stops or caps the server, so it runs only on throwaway servers "
                "(start_server=)")
         return results + [_skipped("engine saturation", _SATURATION_METRICS[0][2], why),
                           _skipped("engine outage", _OUTAGE_METRICS[0][2], why)]
-    return results + engine_saturation(start_server, quick) + engine_outage(start_server,
-                                                                            quick)
+    results += engine_saturation(start_server, quick) + engine_outage(start_server, quick)
+    for name, label in drivers:
+        results += engine_outage(start_server, quick, name, label)
+    return results
 
 
 def main() -> None:
