@@ -133,8 +133,9 @@ class GuardedQueuePool(QueuePool):
         """Where a checkout keeps its deadline and slot while it connects: per thread."""
         return threading.local()
 
-    def _wait_locked(self, timeout: float) -> None:
-        """Under the lock: wait up to ``timeout`` for a return or a freed slot."""
+    def _wait_locked(self, timeout: Optional[float]) -> None:
+        """Under the lock: wait up to ``timeout`` (None: until woken) for a return or a
+        freed slot."""
         self._cond.wait(timeout)
 
     def _max_total_or(self, unlimited: int) -> int:
@@ -587,11 +588,11 @@ class GuardedAsyncQueuePool(GuardedQueuePool):
     def _new_local() -> Any:
         return _GreenletLocal()
 
-    def _wait_locked(self, timeout: float) -> None:
+    def _wait_locked(self, timeout: Optional[float]) -> None:
         from sqlalchemy.util import await_only
 
         self._cond.release()
         try:
-            await_only(asyncio.sleep(min(timeout, ASYNC_POLL)))
+            await_only(asyncio.sleep(ASYNC_POLL if timeout is None else min(timeout, ASYNC_POLL)))
         finally:
             self._cond.acquire()

@@ -58,7 +58,8 @@ def _installed(module: str, is_async: bool) -> bool:
 
 
 def _engines(url: Any, is_async: bool = False, **common: Any) -> Dict[str, Any]:
-    if is_async:
+    create_engine: Callable[..., Any]
+    if is_async:  # imported only then: async engines need greenlet, the sync ones do not
         from sqlalchemy.ext.asyncio import create_async_engine as create_engine
     else:
         from sqlalchemy import create_engine
