@@ -16,6 +16,7 @@ import contextlib
 import errno
 import gc
 import os
+import time
 from typing import Any, Dict, Iterator, List
 
 import pytest
@@ -234,3 +235,23 @@ def test_a_reused_descriptor_number_is_never_polled_or_replaced(mariadb: MariaDB
         finally:
             os.close(other)
         conn.close()
+
+
+def test_a_full_server_means_waits_not_errors(mariadb_factory: Any) -> None:
+    """The guarded pool on mysqlclient: a pool larger than the server allows learns the
+    ceiling from the refusal and callers wait for returns instead of getting 1040."""
+    from tests.test_sqlalchemy_plugin import engine_load, run_for
+
+    server = mariadb_factory(max_connections=10)
+    with engine_of(server, pool_size=16, max_overflow=16, pool_timeout=30) as engine:
+        load = engine_load(engine, threads=32, sql="SELECT SLEEP(0.005)").start()
+        try:
+            wait_until(lambda: stats(engine)["ceiling"] is not None, DEADLINE,
+                       message="the server to refuse a connection")
+            run_for(2)
+        finally:
+            load.stop()
+        counts = stats(engine)
+    assert not load.errors, f"{len(load.errors)} application errors: {load.errors[:1]}"
+    assert counts["ceiling"] <= 10 and counts["capacity_waits"] >= 1
+    assert load.ok_rate(0, time.monotonic()) > 0
