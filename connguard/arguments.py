@@ -37,7 +37,7 @@ def split_arguments(kwargs: Dict[str, Any], where: str) -> Tuple[Dict[str, Any],
             f"{where}() got unknown argument{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(map(repr, unknown))}; allowed are the pool options "
             f"({', '.join(sorted(POOL_OPTIONS))}) and {seam.CONNECT_NAME}'s arguments "
-            f"({', '.join(sorted(seam.ARGUMENTS))})")
+            f"({', '.join(sorted(seam.ARGUMENTS | set(getattr(seam, 'ALIASES', ()))))})")
     if kwargs.get("defer_connect"):
         raise ValueError(f"{where}(): defer_connect=True is not supported: pooled connections "
                          "are connected when handed out")

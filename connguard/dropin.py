@@ -46,9 +46,10 @@ def configure(**options: Any) -> None:
         _defaults.update(options)
 
 
-def pool_for(**kwargs: Any) -> Pool:
-    """The process-wide pool for these connect arguments (made on first use)."""
-    options, connect_kwargs = split_arguments(kwargs, where="connguard.connect")
+def pool_for(where: str = "connguard.connect", **kwargs: Any) -> Pool:
+    """The process-wide pool for these connect arguments (made on first use); ``where``
+    names the call in an argument error."""
+    options, connect_kwargs = split_arguments(kwargs, where=where)
     key = (options.get("driver", "pymysql"), pool_key(connect_kwargs))
     with _lock:
         pool = _pools.get(key)
@@ -120,7 +121,7 @@ def _patched_mysqldb_connect(wrapped: Any, instance: Any, args: Any, kwargs: Any
             name in kwargs for name in _MYSQLDB_POSITIONAL[:len(args)]):
         return wrapped(*args, **kwargs)  # mysqlclient's own error for these
     named = dict(zip(_MYSQLDB_POSITIONAL, args), **kwargs)
-    return pool_for(**named, driver="mysqldb").connect()
+    return pool_for("MySQLdb.connect", **named, driver="mysqldb").connect()
 
 
 class _PooledConnect(wrapt.FunctionWrapper):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import time
 import warnings
@@ -36,7 +37,7 @@ from MySQLdb import _mysql
 
 from connguard import dbapis, driver, errors
 from connguard.proxy import PooledConnection, PooledCursor, _Returned, lease_of, pooled_cursor_class
-from connguard.session import may_change_session
+from connguard.session import _LEAD, may_change_session
 
 # -- what connguard.drivers asks of every seam --------------------------------------------------
 #: ``MySQLdb.connect``'s keyword arguments (mysqlclient 2.x; it takes ``**kwargs``, so they
@@ -51,15 +52,16 @@ ARGUMENTS = frozenset({
 })
 CONNECT_NAME = "MySQLdb.connect"
 ERRORS = (MySQLdb.Error, OSError)
-_ALIASES = {"passwd": "password", "db": "database"}
+#: Other spellings mysqlclient accepts (named in messages as allowed too).
+ALIASES = {"passwd": "password", "db": "database"}
 
 
 def normalize(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """mysqlclient's aliases spelt one way, as it does itself (``passwd`` is ``password``)."""
-    if not any(alias in kwargs for alias in _ALIASES):
+    if not any(alias in kwargs for alias in ALIASES):
         return kwargs
-    out = {_ALIASES.get(name, name): value for name, value in kwargs.items()}
-    for alias, name in _ALIASES.items():
+    out = {ALIASES.get(name, name): value for name, value in kwargs.items()}
+    for alias, name in ALIASES.items():
         if alias in kwargs and name in kwargs:
             raise TypeError(f"{CONNECT_NAME}() got both {alias!r} and {name!r}; pass one")
     return out
@@ -75,19 +77,23 @@ def own_error(err: BaseException) -> BaseException:
 
 # -- the connection ------------------------------------------------------------------------
 SENT = 1  # a statement was sent: results may be unread; without autocommit a transaction open
-TAINTED = 2  # it may have changed session state (connguard.session)
+TAINTED = 2  # it may have changed session state (connguard.session), or the account
 DB_CHANGED = 4  # select_db()
 CHARSET_CHANGED = 8  # set_character_set()
 BEGUN = 16  # BEGIN / START TRANSACTION: a transaction even with autocommit on
+UNRESETTABLE = 32  # set_server_option(): no reset undoes it, the connection is replaced
 
-_BEGIN_HEADS = ("BEGIN", "START")
+# BEGIN / START TRANSACTION after whatever comments and whitespace lead the statement (the
+# session classifier's lead: ``/* app */ BEGIN`` opens a transaction too).
+_BEGIN = f"{_LEAD}(?:BEGIN|START\\s+TRANSACTION)\\b"
+_BEGIN_TEXT = re.compile(_BEGIN, re.IGNORECASE | re.DOTALL)
+_BEGIN_BYTES = re.compile(_BEGIN.encode(), re.IGNORECASE | re.DOTALL)
 
 
 def _opens_transaction(sql: Any) -> bool:
-    head = sql.lstrip()[:5]
-    if isinstance(head, (bytes, bytearray)):
-        head = head.decode("latin-1")
-    return head.upper() in _BEGIN_HEADS
+    if isinstance(sql, str):
+        return _BEGIN_TEXT.match(sql) is not None
+    return _BEGIN_BYTES.match(bytes(sql)) is not None
 
 
 class GuardedConnection(MySQLdb.connections.Connection):
@@ -107,21 +113,47 @@ class GuardedConnection(MySQLdb.connections.Connection):
         the socket it connected on; None once closed or the number names another file."""
         return dbapis.mysqldb_pollable(self)
 
-    def query(self, query: Any) -> None:
+    def _mark_statement(self, query: Any) -> None:
         marks = self._cg_marks | SENT
         if not marks & TAINTED and may_change_session(query):
             marks |= TAINTED
         if not marks & BEGUN and _opens_transaction(query):
             marks |= BEGUN
         self._cg_marks = marks
+
+    def _failed(self, exc: BaseException) -> BaseException:
+        on_error = self._cg_on_error
+        return exc if on_error is None else on_error(exc)
+
+    def query(self, query: Any) -> None:
+        self._mark_statement(query)
         try:
             super().query(query)
         except MySQLdb.Error as exc:
-            on_error = self._cg_on_error
-            translated = exc if on_error is None else on_error(exc)
+            translated = self._failed(exc)
             if translated is exc:
                 raise
             raise translated from exc
+
+    def send_query(self, query: Any) -> None:
+        """mysqlclient's two-step statement (``send_query`` then ``read_query_result``):
+        tracked and translated like ``query``."""
+        self._mark_statement(query)
+        try:
+            super().send_query(query)
+        except MySQLdb.Error as exc:
+            translated = self._failed(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def change_user(self, *args: Any, **kwargs: Any) -> None:
+        self._cg_marks |= TAINTED  # another account: the return logs in as ours again
+        super().change_user(*args, **kwargs)
+
+    def set_server_option(self, option: int) -> None:
+        self._cg_marks |= UNRESETTABLE  # multi-statements on or off: the connection goes
+        super().set_server_option(option)
 
     def select_db(self, db: Any) -> None:
         self._cg_marks |= DB_CHANGED
@@ -187,8 +219,10 @@ def _drain(conn: GuardedConnection) -> None:
 def restore_session(conn: GuardedConnection, autocommit_mode: bool, full: bool) -> str:
     """Undo what a borrower changed (see the module doc); returns what it did, as
     ``connguard.driver.restore_session`` does."""
-    _drain(conn)
     marks = conn._cg_marks
+    if marks & UNRESETTABLE:
+        return "discard"
+    _drain(conn)
     if full or marks & TAINTED:
         return "reset" if _reset_and_reapply(conn, autocommit_mode) else "discard"
     action = "restored"
@@ -308,9 +342,18 @@ _CURSOR_ERRORS = {"_cg_returned_error": staticmethod(_gone),
 
 class _Gone(_Returned):
     """The stand-in after close: ``closed`` and ``open`` answer as on a closed mysqlclient
-    connection; every other use raises its error."""
+    connection; its methods are still there (``hasattr`` holds) and fail when called, as
+    mysqlclient's do; any other use raises its error."""
 
     closed = 1  # ints, as mysqlclient answers
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("__") and callable(
+                getattr(MySQLdb.connections.Connection, name, None)):
+            def gone(*args: Any, **kwargs: Any) -> Any:
+                raise _gone()
+            return gone
+        return super().__getattr__(name)
 
 
 _GONE = _Gone(_gone)
@@ -328,8 +371,15 @@ class Handle(PooledConnection):
     def close(self) -> None:
         if self._self_entry is None:
             raise _gone()
-        PooledConnection.close(self)
-        self.__wrapped__ = _GONE
+        try:
+            PooledConnection.close(self)
+        finally:  # interrupted in the reset, too: uses after close fail as mysqlclient's
+            self.__wrapped__ = _GONE
+
+    @property
+    def open(self) -> int:  # type: ignore[override]
+        """1 or 0, as mysqlclient answers."""
+        return 1 if PooledConnection.open.fget(self) else 0  # type: ignore[attr-defined]
 
     def ping(self, *reconnect: Any) -> None:
         """mysqlclient's ``ping()``. ``ping(True)`` (mysqlclient's deprecated reconnect) warns

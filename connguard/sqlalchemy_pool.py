@@ -39,13 +39,14 @@ waits happen outside it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
 import time
 import weakref
-from collections import Counter
-from typing import Any, Callable, Dict, Optional
+from collections import Counter, deque
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
@@ -91,7 +92,10 @@ class GuardedQueuePool(QueuePool):
                  connguard_clock: Clock = time.monotonic, **kw: Any) -> None:
         super().__init__(creator, **kw)
         self._clock = connguard_clock
-        self._cond = threading.Condition(threading.Lock())
+        # Re-entrant: the garbage collector may return a forgotten connection (SQLAlchemy's
+        # finalizer calls _do_return_conn) in the very thread that holds the lock, inside any
+        # allocation; with a plain lock that thread would wait on itself for ever.
+        self._cond = threading.Condition(threading.RLock())
         self._opening = 0  # connections being opened right now (in place ones included)
         self._waiting = 0  # callers looking for a record; seen outside the lock: waiting
         self._in_place_waiting = 0  # reconnects in place waiting for a handshake slot
@@ -133,9 +137,9 @@ class GuardedQueuePool(QueuePool):
         """Where a checkout keeps its deadline and slot while it connects: per thread."""
         return threading.local()
 
-    def _wait_locked(self, timeout: Optional[float]) -> None:
+    def _wait_locked(self, timeout: Optional[float], for_record: bool = False) -> None:
         """Under the lock: wait up to ``timeout`` (None: until woken) for a return or a
-        freed slot."""
+        freed slot (``for_record``: a checkout's wait, which a return may serve)."""
         self._cond.wait(timeout)
 
     def _max_total_or(self, unlimited: int) -> int:
@@ -246,7 +250,7 @@ class GuardedQueuePool(QueuePool):
             if not counted:
                 self._counts["waits"] += 1
                 counted, began = True, now
-            self._wait_locked(self._admission.pause(remaining, now))
+            self._wait_locked(self._admission.pause(remaining, now), for_record=True)
 
     def _open_reserved(self, deadline: float) -> Any:
         """Open a connection in the reserved slot. Returns the record, or None when the
@@ -500,7 +504,7 @@ class GuardedQueuePool(QueuePool):
 
     def connguard_after_fork(self) -> None:
         """In a forked child: new locks; the parent's leases stay the parent's."""
-        self._cond = threading.Condition(threading.Lock())
+        self._cond = threading.Condition(threading.RLock())
         self._local = self._new_local()
         self._opening = self._waiting = self._in_place_waiting = 0
         if self._admission.lease_ceiling is not None:
@@ -567,32 +571,134 @@ class _GreenletLocal:
         self._mine()[name] = value
 
 
-#: How often a waiting async checkout looks again (it cannot sleep on the pool's condition:
-#: that would stall the event loop; the storm gate's async waits poll the same way).
-ASYNC_POLL = 0.02
-
-
 class GuardedAsyncQueuePool(GuardedQueuePool):
     """:class:`GuardedQueuePool` for async engines (in place of SQLAlchemy's
     ``AsyncAdaptedQueuePool``): the same ceiling, handshake cap and outage waits, but a
-    caller waits by handing the event loop an ``asyncio.sleep`` (polling every
-    ``ASYNC_POLL``), never by blocking its thread, and keeps its checkout's state per
-    greenlet. The pool's lock is only ever held between two awaits, so taking it never
-    waits."""
+    caller never blocks its thread (the event loop's): it waits on a future of its own, in
+    line. A returned connection goes straight to the oldest waiting checkout (hand-off, as
+    ``connguard.Pool`` does), and a newcomer does not take past those already waiting; a
+    freed slot wakes the oldest to look again. A checkout's state is kept per greenlet (an
+    async engine's checkouts interleave on one thread). The pool's lock is only ever held
+    between two awaits, so taking it never waits."""
 
     _is_asyncio = True
     _queue_class = AsyncAdaptedQueuePool._queue_class
     _dialect = AsyncAdaptedQueuePool._dialect
 
+    def __init__(self, creator: Any, **kw: Any) -> None:
+        # Waiting callers, oldest first: (future, for_record). Made before the base class
+        # wires anything that could wake them.
+        self._line: Deque[Tuple[asyncio.Future, bool]] = deque()
+        super().__init__(creator, **kw)
+
     @staticmethod
     def _new_local() -> Any:
         return _GreenletLocal()
 
-    def _wait_locked(self, timeout: Optional[float]) -> None:
+    def _do_get(self) -> Any:
+        if self._line:  # callers wait in line: a newcomer goes behind them
+            self._local.checkout_deadline = deadline = (
+                float("inf") if self._timeout is None else self._clock() + self._timeout)
+            record = self._take_or_reserve(deadline)
+            if record is None:
+                record = self._open_reserved(deadline)
+            if record is not None:
+                return record
+        return super()._do_get()
+
+    def _idle_record(self) -> Any:
+        handed = getattr(self._local, "handed", None)
+        if handed is not None:  # a return served this checkout while it waited
+            self._local.handed = None
+            return handed
+        if self._line and not getattr(self._local, "woken", False):
+            return None  # the oldest looks first
+        return super()._idle_record()
+
+    def _wait_locked(self, timeout: Optional[float], for_record: bool = False) -> None:
         from sqlalchemy.util import await_only
 
+        future = asyncio.get_running_loop().create_future()
+        waiter = (future, for_record)
+        self._line.append(waiter)
+        self._local.woken = False
         self._cond.release()
         try:
-            await_only(asyncio.sleep(ASYNC_POLL if timeout is None else min(timeout, ASYNC_POLL)))
+            await_only(asyncio.wait([future], timeout=timeout))
         finally:
             self._cond.acquire()
+            self._left_line(waiter)
+
+    def _left_line(self, waiter: Tuple[asyncio.Future, bool]) -> None:
+        """Under the lock: ``waiter`` stops waiting (served, woken, timed out, cancelled).
+        A record handed to it is taken, or passed on when the caller is leaving with an
+        exception (cancelled): never lost."""
+        future, _ = waiter
+        with contextlib.suppress(ValueError):
+            self._line.remove(waiter)
+        self._local.woken = True
+        if not future.done():
+            future.cancel()
+            return
+        if future.cancelled() or future.result() is None:
+            return
+        if sys.exc_info()[0] is None:
+            self._local.handed = future.result()
+        elif not self._serve_line(future.result()):
+            QueuePool._do_return_conn(self, future.result())  # idle again
+
+    def _serve_line(self, record: Any) -> bool:
+        """Under the lock: hand ``record`` to the oldest checkout waiting on this thread's
+        loop; False when there is none."""
+        for waiter in list(self._line):
+            future, for_record = waiter
+            if for_record and not future.done() and _on_its_loop(future):
+                self._line.remove(waiter)
+                future.set_result(record)
+                return True
+        return False
+
+    def _slot_freed(self) -> None:
+        """Under the lock: wake the oldest waiter to look again (all of them while
+        reconnects in place wait for a slot, as the base class does)."""
+        for waiter in list(self._line):
+            future, _ = waiter
+            if not future.done():
+                _wake(future)
+                if not self._in_place_waiting:
+                    return
+
+    def _do_return_conn(self, record: Any) -> None:
+        record.info[IDLE_SINCE] = time.monotonic()
+        if self._line:
+            with self._cond:
+                if self._serve_line(record):
+                    return  # still checked out: now the waiter's
+        QueuePool._do_return_conn(self, record)
+        if self._line:
+            with self._cond:
+                self._slot_freed()
+
+
+def _on_its_loop(future: asyncio.Future) -> bool:
+    """Whether this thread runs ``future``'s loop (a garbage-collected connection may be
+    returned from any thread: such a return only wakes, it never hands over)."""
+    try:
+        return asyncio.get_running_loop() is future.get_loop()
+    except RuntimeError:
+        return False
+
+
+def _wake(future: asyncio.Future) -> None:
+    """Let ``future``'s waiter look again, from any thread."""
+    if _on_its_loop(future):
+        future.set_result(None)
+    else:
+        loop = future.get_loop()
+        with contextlib.suppress(RuntimeError):  # its loop closed: nobody waits any more
+            loop.call_soon_threadsafe(_wake_later, future)
+
+
+def _wake_later(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

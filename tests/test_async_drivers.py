@@ -284,6 +284,40 @@ def test_a_full_server_means_waits_not_errors_and_the_loop_runs_on(mariadb_facto
     assert gaps[int(len(gaps) * 0.99)] < 0.005  # waiting callers never block the loop
 
 
+def test_waiting_callers_are_served_in_turn(mariadb: MariaDB, driver: str) -> None:
+    """20 tasks on a pool of 2: a returned connection goes to the oldest waiter, so nobody
+    times out and every task gets about the same share (polling waiters lost to the task
+    that had just returned: 20 timeouts in 10 s, shares from 18 to 126)."""
+    async def worker(engine: AsyncEngine, until_: float, counts: List[int], i: int,
+                     timeouts: List[float]) -> None:
+        while time.monotonic() < until_:
+            began = time.monotonic()
+            try:
+                async with engine.connect() as conn:
+                    counts[i] += 1
+                    await conn.exec_driver_sql("SELECT 1")
+                    await asyncio.sleep(0.01)
+            except sa.exc.TimeoutError:
+                timeouts.append(time.monotonic() - began)
+
+    async def body() -> Dict[str, Any]:
+        engine = engine_for(mariadb, driver, pool_size=2, max_overflow=0, pool_timeout=3)
+        counts, timeouts = [0] * 20, []  # type: List[int], List[float]
+        try:
+            until_ = time.monotonic() + 3.0
+            await asyncio.gather(*(worker(engine, until_, counts, i, timeouts)
+                                   for i in range(20)))
+        finally:
+            await engine.dispose()
+        return {"counts": counts, "timeouts": timeouts}
+
+    result = run(body)
+    counts = result["counts"]
+    print(f"{driver}: {sum(counts)} checkouts, per task {min(counts)}-{max(counts)}")
+    assert not result["timeouts"]
+    assert min(counts) >= max(counts) // 2 and min(counts) > 0
+
+
 def refusal(url: str, **kwargs: Any) -> BaseException:
     """The error an async engine on ``url`` (with the plugin) gets from its first checkout."""
     async def body() -> BaseException:

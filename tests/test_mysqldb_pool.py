@@ -303,3 +303,59 @@ def test_an_account_from_an_option_file_is_never_guessed(mariadb: MariaDB,
             assert cur.fetchone() == (None,)
             assert conn.thread_id() != tid
         assert p.stats()["discarded"] == 1
+
+
+def test_what_the_tracking_must_not_miss(mariadb: MariaDB) -> None:
+    """Found by review: a BEGIN after a comment, a second account, the two-step statement,
+    a server option: none of it reaches the next borrower."""
+    with mariadb.admin() as admin:
+        admin.execute("CREATE USER IF NOT EXISTS 'cg_second'@'%' IDENTIFIED BY 'pw2'")
+        admin.execute("GRANT SELECT ON *.* TO 'cg_second'@'%'")
+    kwargs = mariadb.connect_kwargs(autocommit=True)
+    try:
+        with connguard.Pool(driver="mysqldb", **kwargs, max_size=1) as p:
+            for begin in ("/* app=web */ BEGIN", "-- tag\nSTART TRANSACTION", b"# x\nBEGIN"):
+                with p.connect() as conn:
+                    conn.cursor().execute(begin)
+                    conn.cursor().execute("SELECT @@in_transaction")
+                with p.connect() as conn:
+                    cur = conn.cursor()
+                    cur.execute("SELECT @@in_transaction")
+                    assert cur.fetchone() == (0,), begin
+            with p.connect() as conn:
+                conn.change_user("cg_second", "pw2")
+            with p.connect() as conn:
+                cur = conn.cursor()
+                cur.execute("SELECT CURRENT_USER()")
+                assert cur.fetchone() == (f"{kwargs['user']}@%",)
+            with p.connect() as conn:
+                conn.send_query("SET @leak = 'x'")
+                conn.read_query_result()
+            with p.connect() as conn:
+                cur = conn.cursor()
+                cur.execute("SELECT @leak")
+                assert cur.fetchone() == (None,)
+                tid = conn.thread_id()
+            with p.connect() as conn:
+                conn.set_server_option(1)  # MYSQL_OPTION_MULTI_STATEMENTS_OFF (C enum)
+            with p.connect() as conn:  # no reset undoes a server option: a new connection
+                assert conn.thread_id() != tid
+    finally:
+        with mariadb.admin() as admin:
+            admin.execute("DROP USER IF EXISTS 'cg_second'@'%'")
+
+
+def test_an_interrupted_close_still_fails_uses_as_mysqlclient(pool: Any,
+                                                               monkeypatch: Any) -> None:
+    def interrupted(conn: Any, autocommit: bool) -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(connguard.mysqldb, "_reset_and_reapply", interrupted)
+    conn = pool.connect()
+    conn.cursor().execute("SET @v = 1")  # the return must reset: interrupted there
+    with pytest.raises(KeyboardInterrupt):
+        conn.close()
+    assert pool.stats()["in_use"] == 0 and pool.stats()["idle"] == 0
+    assert hasattr(conn, "thread_id") and conn.open == 0  # as on a closed mysqlclient one
+    with pytest.raises(MySQLdb.OperationalError):
+        conn.thread_id()

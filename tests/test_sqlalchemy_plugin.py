@@ -1213,3 +1213,24 @@ def test_coordinator_without_budget_shares_the_gate_and_host_gate_is_used(
         assert client.keys("connguard:*")  # the shared gate's state is kept there
     plain = make_engine()
     assert stats(plain)["host_gate"] is False and "coordinator" not in stats(plain)
+
+
+def test_a_return_from_the_thread_holding_the_pools_lock_does_not_hang() -> None:
+    """The garbage collector runs SQLAlchemy's finalizer of a forgotten connection inside
+    any allocation, also in a thread that holds the guarded pool's lock: the return it makes
+    must not wait for that lock (it would wait for itself)."""
+    pool = GuardedQueuePool(lambda: object(), pool_size=1, max_overflow=0)
+    record = types.SimpleNamespace(info={})
+    returned = threading.Event()
+
+    def return_while_holding_the_lock() -> None:
+        with pool._cond:
+            pool._waiting = 1  # a caller of this thread is counted as waiting
+            pool._do_return_conn(record)
+            pool._waiting = 0
+        returned.set()
+
+    worker = threading.Thread(target=return_while_holding_the_lock, daemon=True)
+    worker.start()
+    assert returned.wait(30), "the return waited for a lock its own thread holds"
+    assert pool._pool.get(False) is record
