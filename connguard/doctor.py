@@ -41,7 +41,10 @@ SERVER_VARIABLES = (
 #: Server status counters the report reads (plus ``Connection_errors_*``, ``Threadpool_*``).
 SERVER_STATUS = ("Threads_connected", "Threads_running", "Max_used_connections",
                  "Aborted_connects", "Connections")
-DSN_SCHEMES = ("mysql", "mysql+pymysql", "mariadb", "mariadb+pymysql")
+#: A SQLAlchemy URL of any MySQL driver names the same server (the doctor connects with
+#: PyMySQL whatever the driver): paste the engine's URL as it is.
+DSN_SCHEMES = tuple(f"{dialect}{driver}" for dialect in ("mysql", "mariadb")
+                    for driver in ("", "+pymysql", "+mysqldb", "+aiomysql", "+asyncmy"))
 CONNECT_TIMEOUT = 5  # seconds: a doctor must answer even when the server does not
 IO_TIMEOUT = 10  # seconds for any one read or write of the doctor's queries
 

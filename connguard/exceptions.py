@@ -227,7 +227,7 @@ class PoolTimeout(ConnGuardError, pymysql.err.OperationalError):
             "host": host,
             "port": port,
             "last_cause": summary(last_cause),
-            "last_docs": getattr(last_cause, "docs", None),
+            "last_docs": _docs_of(last_cause),
         }
         cause = messages.render(_POOL_TIMEOUT_CAUSE, messages.facts(diagnosis))
         super().__init__(cause)
@@ -281,7 +281,7 @@ class CircuitOpen(ConnGuardError, pymysql.err.OperationalError):
             "host": host,
             "port": port,
             "last_cause": summary(last_cause),
-            "last_docs": getattr(last_cause, "docs", None),
+            "last_docs": _docs_of(last_cause),
         }
         cause = messages.render(_CIRCUIT_CAUSE, messages.facts(diagnosis))
         super().__init__(cause)
@@ -357,8 +357,11 @@ class CoordinatorUnavailable(ConnGuardError, pymysql.err.OperationalError):
 
 _OUTAGE_CAUSE = (
     "no new connection[ to {target}][ for {down_for} s][ ({failures} failures in a row)]"
-    "[; this caller waited {waited} s][; last: {last_cause}]"
+    "[; this caller waited {waited} s][; last: {last_cause}][{never_reached}]"
 )
+#: Said when this process has never connected to the server: a wrong host or port, a
+#: firewall, rather than an outage of a server it was using.
+_NEVER_REACHED = "; this process has never connected to it: check the host and port"
 _OUTAGE_REMEDIES = (
     "[fix the last failure (see {last_docs})|fix the last failure]: connguard tries again "
     "once per backoff interval, and callers are served as soon as an attempt succeeds",
@@ -366,6 +369,12 @@ _OUTAGE_REMEDIES = (
     "connguard.configure(checkout_timeout=...) for drop-in pools, before their first "
     "connect) get their connection without an error when the server is back within it",
 )
+
+
+def _docs_of(err: Optional[BaseException]) -> Optional[str]:
+    """Where the docs of ``err`` (a connguard error) are, as its own ``docs:`` line says."""
+    page = getattr(err, "docs", None)
+    return messages.docs_link(page) if isinstance(page, str) and page else None
 
 
 def note_deadline_cut(err: BaseException, left: float) -> None:
@@ -389,11 +398,14 @@ def outage_error(
     failures: Optional[int] = None,
     host: Optional[str] = None,
     port: Optional[int] = None,
+    reached: bool = True,
 ) -> ServerUnavailable:
     """:class:`ServerUnavailable` for a caller whose wait ended while connects kept failing.
 
     ``down_for``: seconds since the first failure of the streak; ``waited``: how long this
-    caller waited. ``last_cause`` (the last failure, translated) is kept as ``.last_cause``
+    caller waited; ``reached``: whether this process ever connected to the server (if not,
+    the message says to check the host and port). ``last_cause`` (the last failure,
+    translated) is kept as ``.last_cause``
     and chained as ``__cause__``. ``args`` is ``(2003, first line)``, PyMySQL's code for a
     failed connect, so handlers that look at ``args[0]`` see a connect failure.
     """
@@ -404,7 +416,8 @@ def outage_error(
         "host": host,
         "port": port,
         "last_cause": summary(last_cause),
-        "last_docs": getattr(last_cause, "docs", None),
+        "last_docs": _docs_of(last_cause),
+        "never_reached": None if reached else _NEVER_REACHED,
     }
     text = messages.render(_OUTAGE_CAUSE, messages.facts(diagnosis))
     err = ServerUnavailable(CR.CR_CONN_HOST_ERROR, text)

@@ -615,7 +615,7 @@ class ConnectGate:
         return errors.outage_error(self._breaker.last_error,
                                    0.0 if since is None else now - since, waited,
                                    failures=self._breaker.failures or None, host=self.host,
-                                   port=self.port or None)
+                                   port=self.port or None, reached=self.reached)
 
 
 _gates: Dict[Hashable, ConnectGate] = {}

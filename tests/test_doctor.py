@@ -111,7 +111,9 @@ def test_parse_dsn() -> None:
     bare = parse_dsn("mariadb://root@[::1]?unix_socket=/run/mysqld/mysqld.sock")
     assert (bare.host, bare.port, bare.password) == ("::1", 3306, None)
     assert bare.unix_socket == "/run/mysqld/mysqld.sock"
-    for bad in ("postgres://x@y/db", "mysql://x@y:99999/db"):
+    for driver in ("mysqldb", "aiomysql", "asyncmy"):  # an engine's URL, pasted as it is
+        assert parse_dsn(f"mysql+{driver}://app@db:3307/shop").port == 3307
+    for bad in ("postgres://x@y/db", "mysql://x@y:99999/db", "mysql+psycopg://x@y/db"):
         with pytest.raises(ValueError):
             parse_dsn(bad)
 

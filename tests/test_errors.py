@@ -841,7 +841,7 @@ def test_pool_timeout_names_the_servers_refusal() -> None:
         "no free connection in the pool for 10.0.0.5:3306 after waiting 5 s: 4 of 10 in use; "
         "the server refused more: TooManyConnections: too many connections to 10.0.0.5:3306: "
         "server at max_connections (151 of 151 connected) — the pool cannot grow because the "
-        "server refuses new connections: fix that first (see errors/too-many-connections.md)"
+        "server refuses new connections: fix that first (see docs/errors/too-many-connections.md)"
     )
     assert err.last_cause is refusal and err.__cause__ is refusal
     back = pickle.loads(pickle.dumps(err))
@@ -1059,3 +1059,16 @@ def test_pickles_name_connguard_errors_whatever_module_holds_the_code() -> None:
     again = pickle.loads(data)
     assert type(again).__name__ == "TooManyConnections" and str(again) == str(err)
     assert errors.LeaseUnavailable.__module__ == "connguard.coordination"
+
+
+def test_an_outage_of_a_server_never_reached_says_to_check_host_and_port() -> None:
+    refused = translate(OperationalError(2003, "Can't connect to MySQL server on '10.0.0.5' "
+                                               "([Errno 111] Connection refused)"),
+                        host="10.0.0.5", port=3307, diagnose=False)
+    never = str(errors.outage_error(refused, 1.0, 0.0, failures=2, host="10.0.0.5",
+                                    port=3307, reached=False)).split("\n")[0]
+    known = str(errors.outage_error(refused, 1.0, 0.0, failures=2, host="10.0.0.5",
+                                    port=3307)).split("\n")[0]
+    assert "this process has never connected to it: check the host and port" in never
+    assert "never connected" not in known  # a server this process used: an outage
+    assert "(see docs/errors/server-unavailable.md)" in never
