@@ -70,60 +70,70 @@ def _attributes(stats: Dict[str, Any], **extra: str) -> Dict[str, str]:
     return {POOL: stats["name"], KIND: stats["kind"], **extra}
 
 
-def instrument(meter_provider: Optional[Any] = None, source: Source = metrics.stats) -> List[Any]:
-    """Register the instruments; returns them (keep a reference as long as they should
-    report)."""
-    meter = (meter_provider or otel_metrics.get_meter_provider()).get_meter("connguard")
-    snapshot = _Snapshot(source)
-
-    def count(options: CallbackOptions) -> Iterable[Observation]:
+def _connection_count(snapshot: _Snapshot) -> Callback:
+    """``db.client.connection.count``: idle and used connections, by state."""
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
         for stats in snapshot():
             for state, key in (("idle", "idle"), ("used", "in_use")):
                 value = stats["sizes"].get(key)
                 if value is not None:
                     yield Observation(value, _attributes(
                         stats, **{"db.client.connection.state": state}))
+    return callback
 
-    def size(key: str) -> Callback:
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            for stats in snapshot():
-                value = stats["sizes"].get(key)
-                if value is not None:
-                    yield Observation(value, _attributes(stats))
-        return callback
 
-    def counter(key: str) -> Callback:
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            for stats in snapshot():
-                value = stats["counters"].get(key)
-                if isinstance(value, dict):
-                    label = "reason" if key == "closed" else "error.type"
-                    for name, n in value.items():
-                        yield Observation(n, _attributes(stats, **{label: name}))
-                elif value is not None:
-                    yield Observation(value, _attributes(stats))
-        return callback
+def _size(snapshot: _Snapshot, key: str) -> Callback:
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        for stats in snapshot():
+            value = stats["sizes"].get(key)
+            if value is not None:
+                yield Observation(value, _attributes(stats))
+    return callback
 
-    def distribution(key: str, part: str) -> Callback:
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            for stats in snapshot():
-                dist = stats["distributions"].get(key)
-                if dist is not None:
-                    yield Observation(dist[part], _attributes(stats))
-        return callback
 
+def _counter(snapshot: _Snapshot, key: str) -> Callback:
+    """A counter; one by ``reason`` (closed) or ``error.type`` (connect failures) when the
+    schema breaks it down."""
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        for stats in snapshot():
+            value = stats["counters"].get(key)
+            if isinstance(value, dict):
+                label = "reason" if key == "closed" else "error.type"
+                for name, n in value.items():
+                    yield Observation(n, _attributes(stats, **{label: name}))
+            elif value is not None:
+                yield Observation(value, _attributes(stats))
+    return callback
+
+
+def _distribution(snapshot: _Snapshot, key: str, part: str) -> Callback:
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        for stats in snapshot():
+            dist = stats["distributions"].get(key)
+            if dist is not None:
+                yield Observation(dist[part], _attributes(stats))
+    return callback
+
+
+def instrument(meter_provider: Optional[Any] = None, source: Source = metrics.stats) -> List[Any]:
+    """Register the instruments; returns them (keep a reference as long as they should
+    report)."""
+    meter = (meter_provider or otel_metrics.get_meter_provider()).get_meter("connguard")
+    snapshot = _Snapshot(source)
     made = [meter.create_observable_up_down_counter(
-        "db.client.connection.count", callbacks=[count], unit="{connection}")]
-    made += [meter.create_observable_up_down_counter(name, callbacks=[size(key)],
+        "db.client.connection.count", callbacks=[_connection_count(snapshot)],
+        unit="{connection}")]
+    made += [meter.create_observable_up_down_counter(name, callbacks=[_size(snapshot, key)],
                                                      unit="{connection}")
              for key, name in (("max", "db.client.connection.max"),
                                ("opening", "connguard.pool.opening"),
                                ("ceiling", "connguard.pool.ceiling"))]
-    made += [meter.create_observable_counter(name, callbacks=[counter(key)], unit=unit)
+    made += [meter.create_observable_counter(name, callbacks=[_counter(snapshot, key)],
+                                             unit=unit)
              for key, (name, unit) in COUNTERS.items()]
     for key, name in DISTRIBUTIONS.items():
         made.append(meter.create_observable_counter(
-            f"{name}.count", callbacks=[distribution(key, "count")], unit="{event}"))
+            f"{name}.count", callbacks=[_distribution(snapshot, key, "count")], unit="{event}"))
         made.append(meter.create_observable_counter(
-            f"{name}.sum", callbacks=[distribution(key, "sum")], unit="s"))
+            f"{name}.sum", callbacks=[_distribution(snapshot, key, "sum")], unit="s"))
     return made

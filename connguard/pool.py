@@ -346,22 +346,8 @@ class Pool(ReturnPath, Upkeep, PoolReport):
             entry = Entry(conn=conn, opened_at=now, expires_at=self._lifetime.expiry(now),
                           autocommit=self._driver.autocommit(conn), last_used=now)
             conn._cg_on_error = functools.partial(self.statement_failed, entry)
-            with self._lock:
-                counted = True
-                self._opening -= 1
-                self._stats["opened"] += 1
-                self._metrics.connect_time.observe(now - began)
-                if started is not None:  # a caller waited for this connect
-                    self._metrics.waited.observe(now - started)
-                closed = self._closed
-                ceiling = self._admission.ceiling.value
-                if not closed:
-                    self._in_use.add(entry)
-                    self._admission.opened(len(self._in_use) + len(self._idle)
-                                           + self._opening)
-                raised = ceiling is not None and self._admission.ceiling.value != ceiling
-                # A handshake slot is free (and the entry counted): the next waiter may open.
-                self._serve_waiters()
+            counted = True
+            closed, raised = self._count_opened(entry, began, now, started)
         except BaseException as exc:
             if conn is not None:
                 self._driver.drop(conn)  # interrupted after the handshake: nobody will use it
@@ -376,6 +362,32 @@ class Pool(ReturnPath, Upkeep, PoolReport):
                 budget.release()
                 budget.close()
             raise errors.PoolClosed(repr(self))
+        return self._hand_over(entry, began, now, started, raised)
+
+    def _count_opened(self, entry: Entry, began: float, now: float,
+                      started: Optional[float]) -> Tuple[bool, bool]:
+        """Under the lock: the slot's connect succeeded; count ``entry`` in (unless the pool
+        closed meanwhile) and let the next waiter use the freed handshake slot. Returns
+        (the pool is closed, the ceiling rose)."""
+        with self._lock:
+            self._opening -= 1
+            self._stats["opened"] += 1
+            self._metrics.connect_time.observe(now - began)
+            if started is not None:  # a caller waited for this connect
+                self._metrics.waited.observe(now - started)
+            closed = self._closed
+            ceiling = self._admission.ceiling.value
+            if not closed:
+                self._in_use.add(entry)
+                self._admission.opened(len(self._in_use) + len(self._idle) + self._opening)
+            raised = ceiling is not None and self._admission.ceiling.value != ceiling
+            self._serve_waiters()
+        return closed, raised
+
+    def _hand_over(self, entry: Entry, began: float, now: float, started: Optional[float],
+                   raised: bool) -> Entry:
+        """A new entry, counted in, goes to its caller (``started``) or to the idle set (a
+        top-up); an interrupt on the way gives it back, discarded."""
         try:
             if started is None:  # the pool's own top-up: not a caller's checkout
                 entry.checked_out_at = now

@@ -34,7 +34,10 @@ class ReturnPath(PoolState):
         no hold time, no checkin event.
 
         Accounting stays exact whatever happens in the reset: an interrupt there (Ctrl-C,
-        SystemExit, an async exception) discards the connection and is then re-raised."""
+        SystemExit, an async exception) discards the connection and is then re-raised.
+
+        One function on purpose: every return runs it, and a call more costs ~1% of a
+        checkout+return (connguard.bench.instructions)."""
         interrupted: Optional[BaseException] = None
         if entry.lease is not None:  # a close() interrupted before it ended the lease
             lease, entry.lease = entry.lease, None
