@@ -121,28 +121,21 @@ class GuardedConnection(MySQLdb.connections.Connection):
             marks |= BEGUN
         self._cg_marks = marks
 
-    def _failed(self, exc: BaseException) -> BaseException:
-        on_error = self._cg_on_error
-        return exc if on_error is None else on_error(exc)
-
     def query(self, query: Any) -> None:
-        self._mark_statement(query)
-        try:
-            super().query(query)
-        except MySQLdb.Error as exc:
-            translated = self._failed(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
+        self._send(super().query, query)
 
     def send_query(self, query: Any) -> None:
         """mysqlclient's two-step statement (``send_query`` then ``read_query_result``):
         tracked and translated like ``query``."""
+        self._send(super().send_query, query)
+
+    def _send(self, send: Callable[[Any], None], query: Any) -> None:
         self._mark_statement(query)
         try:
-            super().send_query(query)
+            send(query)
         except MySQLdb.Error as exc:
-            translated = self._failed(exc)
+            on_error = self._cg_on_error
+            translated = exc if on_error is None else on_error(exc)
             if translated is exc:
                 raise
             raise translated from exc

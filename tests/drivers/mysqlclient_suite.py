@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import importlib.metadata
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from tests.drivers.outcomes import (  # noqa: E402
     counts_line,
     parse_junit,
     read_allowlist,
+    run_each,
 )
 from tests.drivers.pymysql_suite import (  # noqa: E402
     compare,
@@ -190,19 +190,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    print(f"reports and logs in {args.workdir}", flush=True)
-    root = tempfile.mkdtemp(prefix="mysqlclient-suite-servers-")
-    os.chmod(root, 0o755)  # the server may run as another user (sandbox drops root)
-    try:
-        template = Template(root)
-        template.build()
-        results = {}
-        for run in [args.only] if args.only else RUNS:
-            print(f"running mysqlclient's suite: {run} ...", flush=True)
-            results[run] = run_suite(args, template, run)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return report(results, args.only)
+    return report(run_each(args, "mysqlclient's suite", run_suite), args.only)
 
 
 if __name__ == "__main__":

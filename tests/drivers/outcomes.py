@@ -6,10 +6,13 @@ run a driver's own tests once plainly and once with connguard and compare the ou
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 RUNS = ("plain", "connguard")
 STATUSES = ("passed", "failed", "error", "skipped")
@@ -124,3 +127,24 @@ def print_regressions(plain: RunResult, guarded: RunResult, allowed: Dict[str, s
         note = f"  [allowed: {allowed[test_id]}]" if test_id in allowed else ""
         print(f"  {test_id}{note}\n      {describe(outcome)}")
     return len(blocking)
+
+
+def run_each(args: Any, suite: str, run_suite: Callable[[Any, Any, str], RunResult]
+             ) -> Dict[str, RunResult]:
+    """``run_suite(args, template, run)`` for each run (``args.only``, or plain then
+    connguard), on throwaway servers made from one datadir template, removed after."""
+    from connguard.testing import Template
+
+    print(f"reports and logs in {args.workdir}", flush=True)
+    root = tempfile.mkdtemp(prefix="driver-suite-servers-")
+    os.chmod(root, 0o755)  # the server may run as another user (sandbox drops root)
+    try:
+        template = Template(root)
+        template.build()
+        results = {}
+        for run in [args.only] if args.only else RUNS:
+            print(f"running {suite}: {run} ...", flush=True)
+            results[run] = run_suite(args, template, run)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return results
