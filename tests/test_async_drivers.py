@@ -284,10 +284,14 @@ def test_a_full_server_means_waits_not_errors_and_the_loop_runs_on(mariadb_facto
     assert gaps[int(len(gaps) * 0.99)] < 0.005  # waiting callers never block the loop
 
 
-def test_waiting_callers_are_served_in_turn(mariadb: MariaDB, driver: str) -> None:
+@pytest.mark.parametrize("invalidated", [0, 2])
+def test_waiting_callers_are_served_in_turn(mariadb: MariaDB, driver: str,
+                                            invalidated: int) -> None:
     """20 tasks on a pool of 2: a returned connection goes to the oldest waiter, so nobody
     times out and every task gets about the same share (polling waiters lost to the task
-    that had just returned: 20 timeouts in 10 s, shares from 18 to 126)."""
+    that had just returned: 20 timeouts in 10 s, shares from 18 to 126). With every
+    ``invalidated``-th connection invalidated on return, a waiter woken for a freed slot
+    that finds nothing keeps its place (sent to the back, 16 timeouts in 10 s)."""
     async def worker(engine: AsyncEngine, until_: float, counts: List[int], i: int,
                      timeouts: List[float]) -> None:
         while time.monotonic() < until_:
@@ -296,15 +300,19 @@ def test_waiting_callers_are_served_in_turn(mariadb: MariaDB, driver: str) -> No
                 async with engine.connect() as conn:
                     counts[i] += 1
                     await conn.exec_driver_sql("SELECT 1")
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.04 if invalidated else 0.01)
+                    if invalidated and counts[i] % invalidated == 0:
+                        await conn.invalidate()
             except sa.exc.TimeoutError:
                 timeouts.append(time.monotonic() - began)
 
     async def body() -> Dict[str, Any]:
-        engine = engine_for(mariadb, driver, pool_size=2, max_overflow=0, pool_timeout=3)
+        # A turn comes every ~0.4 s with invalidations: 1 s is plenty for a waiter in line.
+        engine = engine_for(mariadb, driver, pool_size=2, max_overflow=0,
+                            pool_timeout=1 if invalidated else 3)
         counts, timeouts = [0] * 20, []  # type: List[int], List[float]
         try:
-            until_ = time.monotonic() + 3.0
+            until_ = time.monotonic() + (6.0 if invalidated else 3.0)
             await asyncio.gather(*(worker(engine, until_, counts, i, timeouts)
                                    for i in range(20)))
         finally:
