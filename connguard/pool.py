@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 from collections import Counter, deque
-from typing import Any, Deque, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Optional, Set, Tuple
 
 import pymysql
 
@@ -79,7 +79,10 @@ class Pool(ReturnPath, Upkeep, PoolReport):
         self._driver: Any = drivers.seam(kwargs.get("driver", "pymysql"))
         options, self._connect_kwargs = split_arguments(kwargs, where="connguard.Pool")
         self._settings, self._lifetime, self._reset = build_policies(options)
-        self._tracked_reset = self._reset.mode == "rollback"  # read on every return
+        # Read on every return: the driver's no-round-trip check that nothing needs undoing,
+        # for the "rollback" reset mode (None for the others: every return resets).
+        self._clean_return: Optional[Callable[[Any, bool], bool]] = (
+            self._driver.clean_return if self._reset.mode == "rollback" else None)
         self._clock = clock
         self._host, self._port = self._driver.destination(self._connect_kwargs)
         self._storm: Optional[StormPolicy] = (

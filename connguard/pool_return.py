@@ -39,12 +39,13 @@ class ReturnPath(PoolState):
         One function on purpose: every return runs it, and a call more costs ~1% of a
         checkout+return (connguard.bench.instructions)."""
         interrupted: Optional[BaseException] = None
+        clean = self._clean_return
         if entry.lease is not None:  # a close() interrupted before it ended the lease
             lease, entry.lease = entry.lease, None
             lease.returned = True  # the old checkout's cursors must not reach the next one
         try:
             keep = not entry.broken and (
-                (self._tracked_reset and self._driver.clean_return(entry.conn, entry.autocommit))
+                (clean is not None and clean(entry.conn, entry.autocommit))
                 or self._reset_session(entry))
         except BaseException as exc:
             entry.broken, keep, interrupted = True, False, exc

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Deque, Dict, Optional, Set
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Optional, Set
 
 from connguard.liveness import Probe, peer_closed
 from connguard.policies import LifetimePolicy, PoolSettings, ResetPolicy
@@ -99,7 +99,7 @@ class PoolState:
         _settings: PoolSettings
         _lifetime: LifetimePolicy
         _reset: ResetPolicy
-        _tracked_reset: bool
+        _clean_return: Optional[Callable[[Any, bool], bool]]
         _clock: Clock
         _host: str
         _port: int

@@ -47,7 +47,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
@@ -103,8 +103,11 @@ class GuardedQueuePool(QueuePool):
         self._local = self._new_local()  # the deadline of this thread's checkout
         self._counts: Counter = Counter()
         self._waited = Histogram()  # checkouts that waited (observed under self._cond)
-        self._gate_source = connguard_gate
-        self._budget_factory = connguard_budget
+        # Where the engine's gate and the budget come from, in one attribute: this object
+        # stays below 30 attributes, CPython's limit for the compact layout that keeps every
+        # ``self.x`` of the checkout path fast (tests/test_architecture.py).
+        self._wiring: Tuple[Optional[GateSource], Optional[BudgetFactory]] = (
+            connguard_gate, connguard_budget)
         self._budget: Optional[coordination.Budget] = None
         if connguard_budget is not None:
             self._budget = connguard_budget(self._max_total_or(sys.maxsize))
@@ -125,10 +128,11 @@ class GuardedQueuePool(QueuePool):
         pool = super().recreate()
         assert isinstance(pool, GuardedQueuePool)
         pool._clock = self._clock
-        pool._gate_source = self._gate_source
-        if self._budget_factory is not None and pool._budget is None:
-            pool._budget_factory = self._budget_factory
-            pool._budget = self._budget_factory(pool._max_total_or(sys.maxsize))
+        gate_source, budget_factory = self._wiring
+        pool._wiring = (gate_source, pool._wiring[1])
+        if budget_factory is not None and pool._budget is None:
+            pool._wiring = (gate_source, budget_factory)
+            pool._budget = budget_factory(pool._max_total_or(sys.maxsize))
         pool._configure(self.connguard_policy)
         return pool
 
@@ -176,7 +180,8 @@ class GuardedQueuePool(QueuePool):
             self._cond.notify()
 
     def _gate(self) -> Optional[ConnectGate]:
-        return self._gate_source() if self._gate_source is not None else None
+        source = self._wiring[0]
+        return source() if source is not None else None
 
     def _server_failing(self) -> bool:
         gate = self._gate()
