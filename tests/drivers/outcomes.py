@@ -148,3 +148,31 @@ def run_each(args: Any, suite: str, run_suite: Callable[[Any, Any, str], RunResu
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return results
+
+
+def report_runs(results: Dict[str, RunResult], only: Optional[str], title: str,
+                allowlist: Path, compare: Callable[..., int],
+                pooled: Callable[[Path], int], print_non_passing: Callable[[RunResult], None]
+                ) -> int:
+    """A driver suite's verdict: 2 when a run left no report (or the connguard run opened no
+    pooled connection: install() was not in effect); with ``only``, 1 on any failure;
+    otherwise ``compare``'s (tests passing plainly must pass with connguard)."""
+    print(f"\n== {title} ==")
+    for result in results.values():
+        print(counts_line(result))
+    missing = [r for r in results.values() if not r.outcomes]
+    for result in missing:
+        print(f"{result.name}: no test report; see {result.log}")
+    if missing:
+        return 2
+    if only:
+        print_non_passing(results[only])
+        bad = [o for o in results[only].outcomes.values() if o.status in ("failed", "error")]
+        return 1 if bad else 0
+    print_non_passing(results["plain"])
+    opened = pooled(results["connguard"].log)
+    print(f"\nconnguard run: {opened} pooled connections opened")
+    if not opened:
+        print("the connguard run opened no pooled connection: install() was not in effect")
+        return 2
+    return compare(results["plain"], results["connguard"], read_allowlist(allowlist))

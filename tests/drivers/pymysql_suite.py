@@ -35,12 +35,11 @@ from tests.drivers.connguard_install import OPENED_MARK  # noqa: E402
 from tests.drivers.outcomes import (  # noqa: E402
     RUNS,
     RunResult,
-    counts_line,
     describe,
     improvements,
     parse_junit,
     print_regressions,
-    read_allowlist,
+    report_runs,
     run_each,
 )
 
@@ -173,25 +172,8 @@ def compare(plain: RunResult, guarded: RunResult, allowed: Dict[str, str]) -> in
 
 
 def report(results: Dict[str, RunResult], only: Optional[str]) -> int:
-    print("\n== PyMySQL suite: plain vs connguard.install() ==")
-    for result in results.values():
-        print(counts_line(result))
-    missing = [r for r in results.values() if not r.outcomes]
-    for result in missing:
-        print(f"{result.name}: no test report; see {result.log}")
-    if missing:
-        return 2
-    if only:
-        print_non_passing(results[only])
-        bad = [o for o in results[only].outcomes.values() if o.status in ("failed", "error")]
-        return 1 if bad else 0
-    print_non_passing(results["plain"])
-    opened = pooled_connections(results["connguard"].log)
-    print(f"\nconnguard run: {opened} pooled connections opened")
-    if not opened:
-        print("the connguard run opened no pooled connection: install() was not in effect")
-        return 2
-    return compare(results["plain"], results["connguard"], read_allowlist(ALLOWLIST))
+    return report_runs(results, only, 'PyMySQL suite: plain vs connguard.install()',
+                       ALLOWLIST, compare, pooled_connections, print_non_passing)
 
 
 def pooled_connections(log: Path) -> int:
