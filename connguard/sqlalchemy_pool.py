@@ -648,11 +648,12 @@ class GuardedAsyncQueuePool(GuardedQueuePool):
             self._drop_empty(record)
 
     def _waiting_for_records(self) -> bool:
-        """Whether a checkout waits in line (waiters whose loop closed are dropped)."""
+        """Whether a checkout still waits in line to be served (one served or woken, about to
+        resume, does not; waiters whose loop closed are dropped)."""
         if any(waiter.gone() for waiter in self._line):
             with self._cond:
                 self._line = [waiter for waiter in self._line if not waiter.gone()]
-        return any(waiter.for_record for waiter in self._line)
+        return any(waiter.for_record and not waiter.future.done() for waiter in self._line)
 
     def _idle_record(self) -> Any:
         handed = getattr(self._local, "handed", None)
@@ -667,7 +668,12 @@ class GuardedAsyncQueuePool(GuardedQueuePool):
         from sqlalchemy.util import await_only
 
         if for_record and not self._pool.empty():
-            return  # returned meanwhile (a garbage-collected one, on this thread): look again
+            # Returned meanwhile with nobody in line to hand it to (a garbage-collected one,
+            # on this thread): this caller takes it. Without ``woken`` it would not look at
+            # the queue while others wait, and come straight back here: a loop that never
+            # yields to the event loop.
+            self._local.woken = True
+            return
         ticket = getattr(self._local, "ticket", None)
         if ticket is None:  # the first wait of this checkout: the end of the line
             ticket = self._local.ticket = next(self._tickets)
