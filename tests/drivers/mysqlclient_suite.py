@@ -28,15 +28,13 @@ failures or errors.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from connguard.testing import MariaDB, Template
 
@@ -46,6 +44,8 @@ from tests.drivers.connguard_install import DRIVER_ENV  # noqa: E402
 from tests.drivers.outcomes import (  # noqa: E402
     RUNS,
     RunResult,
+    call_pytest,
+    fresh_server,
     parse_junit,
     report_runs,
     run_each,
@@ -82,18 +82,6 @@ def option_file(server: MariaDB) -> str:
             "default-character-set = utf8mb4\n")
 
 
-@contextlib.contextmanager
-def fresh_server(template: Template) -> Iterator[MariaDB]:
-    """A provisioned server of its own per run: one run's leftovers cannot sway the other."""
-    server = MariaDB(template, SERVER_OPTIONS)
-    try:
-        server.start()
-        provision(server)
-        yield server
-    finally:
-        server.destroy()
-
-
 # -- pytest ----------------------------------------------------------------------------------
 def pytest_command(args: argparse.Namespace, run: str, junit: Path) -> List[str]:
     cmd = [sys.executable, "-m", "pytest", str(args.src / "tests"), f"--rootdir={args.src}",
@@ -120,18 +108,12 @@ def pytest_env(run: str, cnf: Path) -> Dict[str, str]:
 def run_suite(args: argparse.Namespace, template: Template, run: str) -> RunResult:
     junit, log, cnf = (args.workdir / f"{run}.{ext}" for ext in ("xml", "log", "cnf"))
     junit.unlink(missing_ok=True)
-    with fresh_server(template) as server:
+    with fresh_server(template, SERVER_OPTIONS, provision) as server:
         cnf.write_text(option_file(server))
         began = time.monotonic()
-        with log.open("w") as out:
-            try:
-                # cwd is the work directory: `python -m pytest` puts cwd on sys.path.
-                returncode: Optional[int] = subprocess.run(
-                    pytest_command(args, run, junit), cwd=args.workdir, stdout=out,
-                    env=pytest_env(run, cnf), stderr=subprocess.STDOUT,
-                    timeout=args.session_timeout).returncode
-            except subprocess.TimeoutExpired:
-                returncode = None
+        # cwd is the work directory: `python -m pytest` puts cwd on sys.path.
+        returncode = call_pytest(pytest_command(args, run, junit), args.workdir,
+                                 pytest_env(run, cnf), log, args.session_timeout)
         seconds = time.monotonic() - began
     outcomes = parse_junit(junit) if junit.exists() else {}
     return RunResult(run, seconds, returncode, outcomes, log)

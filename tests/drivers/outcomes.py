@@ -6,13 +6,15 @@ run a driver's own tests once plainly and once with connguard and compare the ou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 RUNS = ("plain", "connguard")
 STATUSES = ("passed", "failed", "error", "skipped")
@@ -176,3 +178,34 @@ def report_runs(results: Dict[str, RunResult], only: Optional[str], title: str,
         print("the connguard run opened no pooled connection: install() was not in effect")
         return 2
     return compare(results["plain"], results["connguard"], read_allowlist(allowlist))
+
+
+@contextlib.contextmanager
+def fresh_server(template: Any, options: Dict[str, Any],
+                 provision: Callable[[Any], None]) -> Iterator[Any]:
+    """A provisioned server of its own per run: one run's leftovers cannot sway the other."""
+    from connguard.testing import MariaDB
+
+    server = MariaDB(template, options)
+    try:
+        server.start()
+        provision(server)
+        yield server
+    finally:
+        server.destroy()
+
+
+def call_pytest(cmd: Sequence[str], cwd: Path, env: Mapping[str, str], log: Path,
+                timeout: float, echo: bool = False) -> Optional[int]:
+    """Run a suite's pytest into ``log`` (the command first when ``echo``); its exit status,
+    or None when it ran past ``timeout`` seconds and was killed."""
+    with log.open("w") as out:
+        if echo:
+            out.write(" ".join(cmd) + "\n\n")
+            out.flush()
+        try:
+            done = subprocess.run(cmd, cwd=cwd, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+    return done.returncode

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,9 @@ from tests.drivers.connguard_install import OPENED_MARK  # noqa: E402
 from tests.drivers.outcomes import (  # noqa: E402
     RUNS,
     RunResult,
+    call_pytest,
     describe,
+    fresh_server,
     improvements,
     parse_junit,
     print_regressions,
@@ -96,18 +97,6 @@ def databases_file(src: Path, content: List[Dict[str, object]]) -> Iterator[None
             path.write_bytes(previous)
 
 
-@contextlib.contextmanager
-def fresh_server(template: Template) -> Iterator[MariaDB]:
-    """A provisioned server of its own per run: one run's leftovers cannot sway the other."""
-    server = MariaDB(template, SERVER_OPTIONS)
-    try:
-        server.start()
-        provision(server)
-        yield server
-    finally:
-        server.destroy()
-
-
 # -- pytest ----------------------------------------------------------------------------------
 def pytest_command(args: argparse.Namespace, run: str, junit: Path) -> List[str]:
     cmd = [sys.executable, "-m", "pytest", str(args.src / "pymysql" / "tests"),
@@ -135,24 +124,16 @@ def run_suite(args: argparse.Namespace, template: Template, run: str) -> RunResu
     junit = args.workdir / f"{run}.xml"
     log = args.workdir / f"{run}.log"
     junit.unlink(missing_ok=True)
-    with fresh_server(template) as server, databases_file(args.src, databases_json(server)):
+    with fresh_server(template, SERVER_OPTIONS, provision) as server, \
+            databases_file(args.src, databases_json(server)):
         began = time.monotonic()
-        returncode = call_pytest(pytest_command(args, run, junit), args, log)
+        # cwd is the work directory, not the checkout: `python -m pytest` puts cwd on
+        # sys.path, which would shadow the installed pymysql with the checkout's.
+        returncode = call_pytest(pytest_command(args, run, junit), args.workdir,
+                                 pytest_env(args.src), log, args.session_timeout)
         seconds = time.monotonic() - began
     outcomes = parse_junit(junit) if junit.exists() else {}
     return RunResult(run, seconds, returncode, outcomes, log)
-
-
-def call_pytest(cmd: Sequence[str], args: argparse.Namespace, log: Path) -> Optional[int]:
-    # cwd is the work directory, not the checkout: `python -m pytest` puts cwd on sys.path,
-    # which would shadow the installed pymysql with the checkout's.
-    with log.open("w") as out:
-        try:
-            done = subprocess.run(cmd, cwd=args.workdir, env=pytest_env(args.src), stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=args.session_timeout)
-        except subprocess.TimeoutExpired:
-            return None
-    return done.returncode
 
 
 # -- reports ---------------------------------------------------------------------------------

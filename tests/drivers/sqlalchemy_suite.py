@@ -39,7 +39,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from connguard.testing import MariaDB, Template
 
@@ -48,8 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.drivers.outcomes import (  # noqa: E402
     RUNS,
     RunResult,
+    call_pytest,
     counts_line,
     describe,
+    fresh_server,
     improvements,
     parse_junit,
     print_regressions,
@@ -148,18 +150,6 @@ def dburi(server: MariaDB, driver: str = "pymysql") -> str:
             "?charset=utf8mb4")
 
 
-@contextlib.contextmanager
-def fresh_server(template: Template) -> Iterator[MariaDB]:
-    """A provisioned server of its own per run: one run's leftovers cannot sway the other."""
-    server = MariaDB(template, SERVER_OPTIONS)
-    try:
-        server.start()
-        provision(server)
-        yield server
-    finally:
-        server.destroy()
-
-
 # -- pytest ----------------------------------------------------------------------------------
 def pytest_command(args: argparse.Namespace, run: str, url: str, junit: Path) -> List[str]:
     # -s: test/conftest.py then leaves the sdist's lib/ off sys.path (installed SQLAlchemy).
@@ -184,29 +174,16 @@ def run_suite(args: argparse.Namespace, template: Template, run: str) -> PluginR
     junit, log, counts = (args.workdir / f"{run}{ext}" for ext in (".xml", ".log", ".json"))
     for path in (junit, counts):
         path.unlink(missing_ok=True)
-    with fresh_server(template) as server:
+    with fresh_server(template, SERVER_OPTIONS, provision) as server:
         cmd = pytest_command(args, run, dburi(server, args.driver), junit)
         began = time.monotonic()
-        returncode = call_pytest(cmd, args, log, counts)
+        returncode = call_pytest(cmd, args.src, pytest_env(counts, args.plugin_option), log,
+                                 args.session_timeout, echo=True)
         seconds = time.monotonic() - began
     outcomes = (parse_junit(junit, lambda case: node_id(case, args.src))
                 if junit.exists() else {})
     engines = json.loads(counts.read_text()) if counts.exists() else {}
     return PluginRunResult(run, seconds, returncode, outcomes, log, engines)
-
-
-def call_pytest(cmd: Sequence[str], args: argparse.Namespace, log: Path,
-                report: Path) -> Optional[int]:
-    with log.open("w") as out:
-        out.write(" ".join(cmd) + "\n\n")
-        out.flush()
-        try:
-            done = subprocess.run(cmd, cwd=args.src, env=pytest_env(report, args.plugin_option),
-                                  stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=args.session_timeout)
-        except subprocess.TimeoutExpired:
-            return None
-    return done.returncode
 
 
 # -- reports ---------------------------------------------------------------------------------
