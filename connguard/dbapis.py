@@ -134,7 +134,8 @@ def mysqldb_thread_id(conn: Any) -> Optional[int]:
         return None
 
 
-def _mysqldb(dbapi: Any) -> DriverFacts:
+def mysqldb_facts(dbapi: Any) -> DriverFacts:
+    """The facts for mysqlclient, ``dbapi`` being its ``MySQLdb`` module."""
     import importlib  # the submodule of the driver the dialect already loaded
 
     connections = importlib.import_module(dbapi.__name__ + ".connections")
@@ -197,7 +198,7 @@ def facts_for(dialect: Any) -> Optional[DriverFacts]:
         return PYMYSQL
     dbapi = getattr(dialect, "loaded_dbapi", None) or getattr(dialect, "dbapi", None)
     if dialect.driver == "mysqldb" and getattr(dbapi, "__name__", None) == "MySQLdb":
-        return _mysqldb(dbapi)  # not another module given as module= (PyMySQL's shim, say)
+        return mysqldb_facts(dbapi)  # not another module given as module= (PyMySQL's shim, say)
     if dialect.driver in ("aiomysql", "asyncmy") and getattr(dialect, "is_async", False):
         return _async(dialect.driver, dbapi)
     return None

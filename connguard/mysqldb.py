@@ -35,8 +35,8 @@ import MySQLdb.connections
 import MySQLdb.cursors
 from MySQLdb import _mysql
 
-from connguard import dbapis, driver, errors
-from connguard.proxy import PooledConnection, PooledCursor, _Returned, lease_of, pooled_cursor_class
+from connguard import dbapis, driver
+from connguard.proxy import PooledConnection, _Returned, lease_of, pooled_cursor_class
 from connguard.session import _LEAD, may_change_session
 
 # -- what connguard.drivers asks of every seam --------------------------------------------------
@@ -67,12 +67,11 @@ def normalize(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def own_error(err: BaseException) -> BaseException:
-    """connguard's own error (a checkout timeout, a closed pool, the storm gate's refusal)
-    as mysqlclient's ``OperationalError`` or ``InterfaceError`` too: callers catch those."""
-    interface = isinstance(err, errors.PoolClosed)
-    return errors.as_driver_error(
-        err, MySQLdb.InterfaceError if interface else MySQLdb.OperationalError)
+#: What the SQLAlchemy plugin knows of mysqlclient (connguard.dbapis), shared with the pool.
+FACTS = dbapis.mysqldb_facts(MySQLdb)
+#: connguard's own error (a checkout timeout, a closed pool, the storm gate's refusal) as
+#: mysqlclient's ``OperationalError`` or ``InterfaceError`` too: callers catch those.
+own_error = FACTS.own_error
 
 
 # -- the connection ------------------------------------------------------------------------
@@ -304,8 +303,7 @@ def server_limits(conn: GuardedConnection) -> Dict[str, Any]:
     return driver.limits_from_row(rows[0] if rows else None)
 
 
-def thread_id(conn: GuardedConnection) -> Optional[int]:
-    return dbapis.mysqldb_thread_id(conn)
+thread_id = FACTS.thread_id
 
 
 def close_gracefully(conn: GuardedConnection) -> None:
@@ -319,7 +317,7 @@ def close_gracefully(conn: GuardedConnection) -> None:
 
 # libmysqlclient cannot close without COM_QUIT: to a dead peer it goes nowhere.
 drop = close_gracefully
-drop_inherited = dbapis.mysqldb_drop_inherited
+drop_inherited = FACTS.drop_inherited
 
 
 # -- what callers hold -------------------------------------------------------------------------
@@ -405,5 +403,4 @@ class Handle(PooledConnection):
         return cur
 
 
-__all__ = ["ARGUMENTS", "CONNECT_NAME", "ERRORS", "GuardedConnection", "Handle",
-           "PooledCursor"]
+__all__ = ["ARGUMENTS", "CONNECT_NAME", "ERRORS", "GuardedConnection", "Handle"]
