@@ -22,7 +22,14 @@ from pymysql.constants import CR, SERVER_STATUS
 from pymysql.protocol import EOFPacketWrapper
 
 from connguard.proxy import PooledConnection as Handle  # noqa: F401 - what callers hold
-from connguard.session import ConnectSettings, may_change_session
+from connguard.session import (
+    CHARSET_CHANGED,
+    DB_CHANGED,
+    TAINTED,
+    ConnectSettings,
+    marking,
+    may_change_session,
+)
 
 COM_RESET_CONNECTION = 0x1F
 
@@ -85,11 +92,9 @@ def _ssl_cache_key(sslp: Dict[str, Any]) -> Optional[Hashable]:
     return key
 
 
-# GuardedConnection._cg_marks: what a borrower did that the reset on return must undo.
+# GuardedConnection._cg_marks: what a borrower did that the reset on return must undo (the
+# marks both drivers share are in connguard.session).
 STATUS_UNKNOWN = 1  # a statement's reply carried no status flags (yet): a transaction may be open
-TAINTED = 2  # a statement may have changed session state (connguard.session)
-DB_CHANGED = 4  # select_db()
-CHARSET_CHANGED = 8  # set_character_set()
 
 
 _query = pymysql.connections.Connection.query
@@ -267,13 +272,9 @@ class GuardedConnection(pymysql.connections.Connection):
             self.server_status = result.server_status
         return result.affected_rows
 
-    def select_db(self, db: Any) -> None:
-        self._cg_marks |= DB_CHANGED
-        super().select_db(db)
-
-    def set_character_set(self, charset: str, collation: Optional[str] = None) -> None:
-        self._cg_marks |= CHARSET_CHANGED
-        super().set_character_set(charset, collation)
+    select_db = marking(pymysql.connections.Connection.select_db, DB_CHANGED)
+    set_character_set = marking(pymysql.connections.Connection.set_character_set,
+                                CHARSET_CHANGED)
 
 
 def _after_fork_in_child() -> None:

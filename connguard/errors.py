@@ -222,6 +222,14 @@ _CONNECTION_LOST_REMEDIES = (
     "wait_timeout) stay in CLOSE_WAIT until the client closes them]",
     "check the server's error log for a crash or restart",
 )
+_UNKNOWN_HOST: Dict[str, Any] = dict(
+    transient=False,
+    cause="cannot resolve the MySQL server's host name[ {host}]",
+    remedies=(
+        "check the host name in the connection settings",
+        "check DNS and /etc/hosts on this machine (`getent hosts NAME`)",
+    ),
+)
 
 TABLE: Tuple[Row, ...] = (
     Row(
@@ -288,27 +296,9 @@ TABLE: Tuple[Row, ...] = (
             "[ (now {somaxconn})]",
         ),
     ),
-    Row(
-        ServerUnavailable,
-        (CR.CR_UNKNOWN_HOST,),
-        transient=False,
-        cause="cannot resolve the MySQL server's host name[ {host}]",
-        remedies=(
-            "check the host name in the connection settings",
-            "check DNS and /etc/hosts on this machine (`getent hosts NAME`)",
-        ),
-    ),
-    Row(
-        ServerUnavailable,
-        _CONNECT_CODES,
-        errnos=(socket.EAI_NONAME,),
-        transient=False,
-        cause="cannot resolve the MySQL server's host name[ {host}]",
-        remedies=(
-            "check the host name in the connection settings",
-            "check DNS and /etc/hosts on this machine (`getent hosts NAME`)",
-        ),
-    ),
+    # The driver says so (2005), or a connect error carries the resolver's EAI_NONAME.
+    Row(ServerUnavailable, (CR.CR_UNKNOWN_HOST,), **_UNKNOWN_HOST),
+    Row(ServerUnavailable, _CONNECT_CODES, errnos=(socket.EAI_NONAME,), **_UNKNOWN_HOST),
     Row(
         ServerUnavailable,
         _CONNECT_CODES,

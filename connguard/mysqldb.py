@@ -37,7 +37,14 @@ from MySQLdb import _mysql
 
 from connguard import dbapis, driver
 from connguard.proxy import PooledConnection, _Returned, lease_of, pooled_cursor_class
-from connguard.session import _LEAD, may_change_session
+from connguard.session import (
+    _LEAD,
+    CHARSET_CHANGED,
+    DB_CHANGED,
+    TAINTED,
+    marking,
+    may_change_session,
+)
 
 # -- what connguard.drivers asks of every seam --------------------------------------------------
 #: ``MySQLdb.connect``'s keyword arguments (mysqlclient 2.x; it takes ``**kwargs``, so they
@@ -75,10 +82,9 @@ own_error = FACTS.own_error
 
 
 # -- the connection ------------------------------------------------------------------------
+# _cg_marks: the marks both drivers share (TAINTED: also another account) are in
+# connguard.session; these are mysqlclient's own.
 SENT = 1  # a statement was sent: results may be unread; without autocommit a transaction open
-TAINTED = 2  # it may have changed session state (connguard.session), or the account
-DB_CHANGED = 4  # select_db()
-CHARSET_CHANGED = 8  # set_character_set()
 BEGUN = 16  # BEGIN / START TRANSACTION: a transaction even with autocommit on
 UNRESETTABLE = 32  # set_server_option(): no reset undoes it, the connection is replaced
 
@@ -93,6 +99,9 @@ def _opens_transaction(sql: Any) -> bool:
     if isinstance(sql, str):
         return _BEGIN_TEXT.match(sql) is not None
     return _BEGIN_BYTES.match(bytes(sql)) is not None
+
+
+_Connection: Any = MySQLdb.connections.Connection
 
 
 class GuardedConnection(MySQLdb.connections.Connection):
@@ -139,21 +148,12 @@ class GuardedConnection(MySQLdb.connections.Connection):
                 raise
             raise translated from exc
 
-    def change_user(self, *args: Any, **kwargs: Any) -> None:
-        self._cg_marks |= TAINTED  # another account: the return logs in as ours again
-        super().change_user(*args, **kwargs)
-
-    def set_server_option(self, option: int) -> None:
-        self._cg_marks |= UNRESETTABLE  # multi-statements on or off: the connection goes
-        super().set_server_option(option)
-
-    def select_db(self, db: Any) -> None:
-        self._cg_marks |= DB_CHANGED
-        super().select_db(db)
-
-    def set_character_set(self, charset: str, collation: Optional[str] = None) -> None:
-        self._cg_marks |= CHARSET_CHANGED
-        super().set_character_set(charset, collation)
+    # Another account: the return logs in as ours again.
+    change_user = marking(_Connection.change_user, TAINTED)
+    # Multi-statements on or off: no reset undoes it, the connection goes.
+    set_server_option = marking(_Connection.set_server_option, UNRESETTABLE)
+    select_db = marking(_Connection.select_db, DB_CHANGED)
+    set_character_set = marking(_Connection.set_character_set, CHARSET_CHANGED)
 
 
 def open_connection(kwargs: Dict[str, Any], deadline: float = float("inf"),

@@ -18,8 +18,25 @@ conservative on purpose (a false positive costs one reset; a false negative leak
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
+
+# GuardedConnection._cg_marks (both drivers' connections): what a borrower did that the
+# reset on return must undo. Bit 1 and those from 16 up are each driver's own.
+TAINTED = 2  # a statement may have changed session state (see may_change_session)
+DB_CHANGED = 4  # select_db()
+CHARSET_CHANGED = 8  # set_character_set()
+
+
+def marking(method: Callable[..., Any], mark: int) -> Callable[..., Any]:
+    """The driver's ``method``, noting ``mark`` on the connection first: the return then
+    undoes what it changed. One definition for both drivers' connection classes."""
+    @functools.wraps(method)
+    def marked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._cg_marks |= mark
+        return method(self, *args, **kwargs)
+    return marked
 
 # Statements whose first keyword says they change session state. ``SET`` covers session and
 # user variables, ``SET NAMES``, ``SET TRANSACTION`` and MariaDB's ``SET STATEMENT``.

@@ -189,26 +189,35 @@ class GuardedQueuePool(QueuePool):
 
     # -- checkout --------------------------------------------------------------------------
     def _do_get(self) -> Any:
-        timeout = self._timeout
-        deadline = float("inf") if timeout is None else self._clock() + timeout
+        # The fast path: an idle record, no lock of ours. Nothing but the assignment happens
+        # inside ``except Empty``: an error raised there (a failed connect, the checkout
+        # timeout) would carry the queue's Empty as its __context__, in every traceback.
+        try:
+            record = self._pool.get(False)
+        except sqla_queue.Empty:
+            record = None
+        if record is not None:
+            if record.dbapi_connection is not None:
+                return record
+            self._drop_empty(record)
+        return self._wait_or_open(self._checkout_deadline_from_now())
+
+    def _checkout_deadline_from_now(self) -> float:
+        return float("inf") if self._timeout is None else self._clock() + self._timeout
+
+    def _wait_or_open(self, deadline: float) -> Any:
+        """A record for a checkout not served at once: one returned (waiting for it until
+        ``deadline``) or one opened in a connect slot reserved for it."""
+        # A reconnect in place later in this checkout keeps its deadline (set here, off the
+        # fast path: a checkout served at once has nearly all of it left).
+        self._local.checkout_deadline = deadline
         while True:
-            # No lock of ours needed. Nothing but the assignment happens inside ``except
-            # Empty``: an error raised there (a failed connect, the checkout timeout) would
-            # carry the queue's Empty as its __context__, in every traceback.
-            try:
-                record = self._pool.get(False)
-            except sqla_queue.Empty:
-                record = None
-            if record is None:
-                # A reconnect in place later in this checkout keeps its deadline (set here,
-                # off the fast path: a checkout served at once has nearly all of it left).
-                self._local.checkout_deadline = deadline
-                record = self._take_or_reserve(deadline)
-                if record is None:  # a connect slot was reserved for us
-                    record = self._open_reserved(deadline)
-                    if record is None:  # the server is full: wait for a returned one
-                        continue
-                    return record
+            record = self._take_or_reserve(deadline)
+            if record is None:  # a connect slot was reserved for us
+                record = self._open_reserved(deadline)
+                if record is None:  # the server is full: wait for a returned one
+                    continue
+                return record
             if record.dbapi_connection is not None:
                 return record
             self._drop_empty(record)
@@ -632,20 +641,8 @@ class GuardedAsyncQueuePool(GuardedQueuePool):
         local.woken, local.handed, local.ticket = False, None, None  # this checkout's own
         if not self._waiting_for_records():
             return super()._do_get()
-        # Callers wait in line: a newcomer goes behind them (no look at the idle queue first);
-        # otherwise the base class's loop, with one deadline.
-        deadline = float("inf") if self._timeout is None else self._clock() + self._timeout
-        local.checkout_deadline = deadline
-        while True:
-            record = self._take_or_reserve(deadline)
-            if record is None:  # a connect slot was reserved for us
-                record = self._open_reserved(deadline)
-                if record is None:  # the server is full: wait for a returned one
-                    continue
-                return record
-            if record.dbapi_connection is not None:
-                return record
-            self._drop_empty(record)
+        # Callers wait in line: a newcomer goes behind them (no look at the idle queue first).
+        return self._wait_or_open(self._checkout_deadline_from_now())
 
     def _waiting_for_records(self) -> bool:
         """Whether a checkout still waits in line to be served (one served or woken, about to

@@ -75,6 +75,20 @@ class AttemptLog:
         self.times.append(time.monotonic())
 
 
+def run_on(conn: Any, sql: str) -> None:
+    """``sql`` on a DB-API connection, its rows read; the cursor and the connection closed
+    (a pooled one goes back to its pool)."""
+    try:
+        cur = conn.cursor()
+        try:
+            cur.execute(sql)
+            cur.fetchall()
+        finally:
+            cur.close()
+    finally:
+        conn.close()
+
+
 def counting_connect(log: AttemptLog) -> Callable[..., pymysql.connections.Connection]:
     """``pymysql.connect`` that logs every connect, PyMySQL's own reconnects included."""
 
@@ -105,18 +119,24 @@ class Client:
     """One contender: a unit of work (checkout, one query, return) and its connect attempts."""
 
     name = ""
+    pool: Any = None  # closed with the client
 
     def __init__(self) -> None:
         self.log = AttemptLog()
 
     def work(self, sql: str) -> None:
+        run_on(self.checkout(), sql)
+
+    def checkout(self) -> Any:
+        """A DB-API connection whose close() ends the unit of work."""
         raise NotImplementedError
 
     def attempt_times(self) -> List[float]:
         return list(self.log.times)
 
     def close(self) -> None:
-        pass
+        if self.pool is not None:
+            self.pool.close()
 
 
 class EngineClient(Client):
@@ -143,14 +163,8 @@ class PlainClient(Client):
         self.kwargs = kwargs
         self.connect = counting_connect(self.log)
 
-    def work(self, sql: str) -> None:
-        conn = self.connect(**self.kwargs)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql)
-                cur.fetchall()
-        finally:
-            conn.close()
+    def checkout(self) -> Any:
+        return self.connect(**self.kwargs)
 
 
 class QueuePoolClient(EngineClient):
@@ -179,18 +193,8 @@ class DBUtilsClient(Client):
         self.pool = PooledDB(_CountingDBAPI(counting_connect(self.log)), maxconnections=size,
                              mincached=0, maxcached=size, blocking=True, **kwargs)
 
-    def work(self, sql: str) -> None:
-        conn = self.pool.connection()
-        try:
-            cur = conn.cursor()
-            cur.execute(sql)
-            cur.fetchall()
-            cur.close()
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self.pool.close()
+    def checkout(self) -> Any:
+        return self.pool.connection()
 
 
 class ConnguardClient(Client):
@@ -203,18 +207,13 @@ class ConnguardClient(Client):
         # attempts made while this client exists are its own.
         self._since = time.monotonic()
 
-    def work(self, sql: str) -> None:
-        with self.pool.connect() as conn, conn.cursor() as cur:
-            cur.execute(sql)
-            cur.fetchall()
+    def checkout(self) -> Any:
+        return self.pool.connect()
 
     def attempt_times(self) -> List[float]:
         gate = getattr(getattr(self.pool, "_connector", None), "gate", None)
         times = list(getattr(gate, "attempt_times", ()))
         return [t for t in times if t >= self._since]
-
-    def close(self) -> None:
-        self.pool.close()
 
 
 ClientFactory = Callable[[Dict[str, Any], int, float], Client]
@@ -461,27 +460,50 @@ def outage_round(server: Any, factory: ClientFactory, threads: int, size: int, s
     return metrics, series, load.codes
 
 
+Runs = Dict[str, List[Dict[str, float]]]
+
+
+def _rounds(server: Any, clients: Sequence[str], rounds: int, step: Step,
+            one_round: Callable[[str], Tuple[Dict[str, float], Counter]]
+            ) -> Tuple[Runs, Dict[str, Counter]]:
+    """``rounds`` rounds of each client in turn against ``server`` (destroyed after): each
+    client's metrics per round and the error codes its callers saw."""
+    runs: Runs = {name: [] for name in clients}
+    codes: Dict[str, Counter] = {name: Counter() for name in clients}
+    try:
+        for r in range(rounds):
+            for name in clients:
+                step(f"{name}, round {r + 1}/{rounds}")
+                metrics, seen = one_round(name)
+                runs[name].append(metrics)
+                codes[name].update(seen)
+                _drain(server)
+    finally:
+        server.destroy()
+    return runs, codes
+
+
+def _medians(clients: Sequence[str], runs: Runs, key: str, form: str) -> str:
+    """"name value, ...": each client's median of ``key`` over its rounds, as ``form``."""
+    return ", ".join(f"{name} " + form.format(
+        Measurement(name, "", [r[key] for r in runs[name]]).median) for name in clients)
+
+
 def outage(start_server: StartServer, quick: bool, step: Step = _no_step,
            clients: Sequence[str] = tuple(CLIENTS)) -> List[ScenarioResult]:
     """The server stops for a while and comes back on the same port under 64 threads."""
     threads, size = 64, 16
     rounds, steady, down, after = (1, 0.3, 0.8, 0.8) if quick else (3, 1.0, 4.0, 3.0)
-    runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in clients}
-    codes: Dict[str, Counter] = {name: Counter() for name in clients}
     series: Dict[str, Any] = {}
     server = start_server()
-    try:
-        for r in range(rounds):
-            for name in clients:
-                step(f"{name}, round {r + 1}/{rounds}")
-                metrics, one, seen = outage_round(server, CLIENTS[name], threads, size,
-                                                  steady, down, after)
-                runs[name].append(metrics)
-                codes[name].update(seen)
-                series.setdefault(name, one)  # the first round's, for the chart
-                _drain(server)
-    finally:
-        server.destroy()
+
+    def one_round(name: str) -> Tuple[Dict[str, float], Counter]:
+        metrics, timeline, seen = outage_round(server, CLIENTS[name], threads, size,
+                                               steady, down, after)
+        series.setdefault(name, timeline)  # the first round's, for the chart
+        return metrics, seen
+
+    runs, codes = _rounds(server, clients, rounds, step, one_round)
     chart = {"kind": "timeline", "bucket_s": BUCKET, "clients": series}
     params = {"threads": threads, "pool_size": size, "outage_s": down, "after_s": after,
               "rounds": rounds}
@@ -561,27 +583,14 @@ def saturation(start_server: StartServer, quick: bool, step: Step = _no_step,
     """64 threads, a server capped at 16 connections, pools allowed 64."""
     threads, cap, size = 64, 16, 64
     rounds, warm, seconds = (1, 0.5, 0.8) if quick else (3, 2.0, 5.0)
-    runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in clients}
-    codes: Dict[str, Counter] = {name: Counter() for name in clients}
     server = start_server(max_connections=cap)
-    try:
-        for r in range(rounds):
-            for name in clients:
-                step(f"{name}, round {r + 1}/{rounds}")
-                metrics, seen = saturation_round(server, CLIENTS[name], threads, size, warm,
-                                                 seconds)
-                runs[name].append(metrics)
-                codes[name].update(seen)
-                _drain(server)
-    finally:
-        server.destroy()
+    runs, codes = _rounds(server, clients, rounds, step, lambda name: saturation_round(
+        server, CLIENTS[name], threads, size, warm, seconds))
     params = {"threads": threads, "max_connections": cap, "pool_size": size,
               "warm_s": warm, "measured_s": seconds, "rounds": rounds}
     shape = (f"{threads} threads run `SELECT SLEEP(0.005)`; the server allows {cap} "
              f"connections, the pools {size}")
-    attempts = ", ".join(
-        f"{name} {Measurement(name, '/s', [r['attempts_per_s'] for r in runs[name]]).median:.1f}"
-        for name in clients)
+    attempts = _medians(clients, runs, "attempts_per_s", "{:.1f}")
     return [
         ScenarioResult("saturation: throughput", f"{shape}: successful calls per second after "
                        f"the first {warm:g} s.", True,
@@ -634,27 +643,15 @@ def mass_kill(start_server: StartServer, quick: bool, step: Step = _no_step,
     """Every application connection KILLed at once; how the clients replace them."""
     threads, size, cap = 16, 16, 20
     rounds, window = (1, 1.2) if quick else (3, 3.0)
-    runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in clients}
-    codes: Dict[str, Counter] = {name: Counter() for name in clients}
     server = start_server(max_connections=cap + 1)  # + the benchmark's own admin session
-    try:
-        for r in range(rounds):
-            for name in clients:
-                step(f"{name}, round {r + 1}/{rounds}")
-                metrics, seen = mass_kill_round(server, CLIENTS[name], threads, size, window)
-                runs[name].append(metrics)
-                codes[name].update(seen)
-                _drain(server)
-    finally:
-        server.destroy()
+    runs, codes = _rounds(server, clients, rounds, step, lambda name: mass_kill_round(
+        server, CLIENTS[name], threads, size, window))
     params = {"threads": threads, "pool_size": size, "max_connections": cap,
               "window_s": window, "rounds": rounds}
     shape = (f"{threads} threads run `SELECT SLEEP(0.01)` through a pool of {size} "
              f"(server max_connections {cap}); every application connection is KILLed at "
              "once")
-    spread = ", ".join(
-        f"{name} {Measurement(name, 's', [r['spread'] for r in runs[name]]).median:.2f} s"
-        for name in clients)
+    spread = _medians(clients, runs, "spread", "{:.2f} s")
     return [
         ScenarioResult("mass KILL: application errors", f"{shape}: failed calls in the "
                        f"{window:g} s after the KILL.", False,
