@@ -202,3 +202,15 @@ def facts_for(dialect: Any) -> Optional[DriverFacts]:
     if dialect.driver in ("aiomysql", "asyncmy") and getattr(dialect, "is_async", False):
         return _async(dialect.driver, dbapi)
     return None
+
+
+def facts_of(conn: Any, engine_facts: DriverFacts) -> DriverFacts:
+    """The facts for ``conn``: PyMySQL's for a PyMySQL connection (a do_connect listener of
+    another driver's engine may return one), otherwise the engine driver's."""
+    return PYMYSQL if isinstance(conn, pymysql.connections.Connection) else engine_facts
+
+
+def watchable(conn: Any, engine_facts: DriverFacts) -> bool:
+    """Whether the peer-closed check and the reaper can watch ``conn``."""
+    return engine_facts.watches(conn) or PYMYSQL.watches(conn)
+

@@ -5,6 +5,7 @@ value is an ``ArgumentError`` naming the option and the allowed values)."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from sqlalchemy import exc as sa_exc
@@ -12,6 +13,16 @@ from sqlalchemy import exc as sa_exc
 from connguard import coordination, storm
 
 PREFIX = "connguard_"
+
+
+class ConnGuardPluginWarning(UserWarning):
+    """The plugin cannot apply all of itself to this engine (another driver or database)."""
+
+
+def warn(message: str) -> None:
+    """Say what the plugin cannot do for an engine, once per place (warnings' own rule)."""
+    # stacklevel: point past SQLAlchemy's create_engine at the caller's line, roughly.
+    warnings.warn(message, ConnGuardPluginWarning, stacklevel=5)
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -231,3 +242,10 @@ def parse_options(query: Mapping[str, Any], kwargs: Dict[str, Any]) -> PluginOpt
 
 
 # --- the plugin ---------------------------------------------------------------------------
+
+
+def coordinator_of(options: PluginOptions) -> Optional[coordination.Coordinator]:
+    """The shared coordinator the options name (one per address and process), or None."""
+    spec = options.coordination_settings.coordinator
+    return None if spec is None else coordination.coordinator_for(spec)
+

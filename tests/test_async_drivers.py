@@ -158,7 +158,7 @@ def test_the_reaper_never_closes_a_connection_in_use(mariadb: MariaDB, driver: s
         engine = engine_for(mariadb, driver, pool_size=8, max_overflow=8)
         guard = sqlalchemy_plugin.guard_of(engine.sync_engine)
         stop = threading.Event()
-        reaper = threading.Thread(target=lambda: [guard._reap_on_loops()
+        reaper = threading.Thread(target=lambda: [guard.idle.reap_on_loops()
                                                   for _ in iter(stop.is_set, True)])
         failures: List[BaseException] = []
 
@@ -236,7 +236,9 @@ def test_an_outage_is_waited_out_without_blocking_the_loop(mariadb_factory: Any,
           f"{result['attempts']}")
     assert result["outcomes"] == ["served"] * 20  # all waited for the server, none failed
     assert 0 < result["attempts"] <= 8  # one probe per 0.2-0.25 s: <= 5/s, as without async
-    assert gaps[int(len(gaps) * 0.99)] < 0.005  # the loop never waited on the gate
+    # The loop never waited on the gate (a pause is 0.2 s and more); 20 ms leaves room for
+    # a scheduler slice lost on a loaded 2-core machine (p99 5.8 ms seen while a benchmark ran).
+    assert gaps[int(len(gaps) * 0.99)] < 0.02
     assert gaps[-1] < 0.2  # a blocking gate pause would stall it 0.2-1 s
 
 
@@ -281,7 +283,10 @@ def test_a_full_server_means_waits_not_errors_and_the_loop_runs_on(mariadb_facto
     assert not result["errors"], result["errors"][:3]
     assert counts["ceiling"] is not None and counts["ceiling"] <= 10
     assert counts["capacity_waits"] >= 1 and result["done"] > 100
-    assert gaps[int(len(gaps) * 0.99)] < 0.005  # waiting callers never block the loop
+    # Waiting callers never block the loop: a blocked loop could not run the returns it
+    # waits for, so it would stall until pool_timeout (30 s). 20 ms leaves room for a lost
+    # scheduler slice on a loaded machine (p99 5.8 ms seen while a benchmark ran).
+    assert gaps[int(len(gaps) * 0.99)] < 0.02
 
 
 @pytest.mark.parametrize("invalidated", [0, 2])
