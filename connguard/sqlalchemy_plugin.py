@@ -47,6 +47,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 from connguard import coordination, dbapis, driver, errors, events, metrics, reaper, storm
 from connguard.liveness import Probe
 from connguard.metrics import empty_distribution
+from connguard.sqlalchemy_async_pool import GuardedAsyncQueuePool
 from connguard.sqlalchemy_connect import EngineConnect
 from connguard.sqlalchemy_options import (  # noqa: F401 - re-exported: the plugin's options
     COORDINATION_OPTIONS,
@@ -60,7 +61,7 @@ from connguard.sqlalchemy_options import (  # noqa: F401 - re-exported: the plug
     single_value,
     warn,
 )
-from connguard.sqlalchemy_pool import IDLE_SINCE, GuardedAsyncQueuePool, GuardedQueuePool
+from connguard.sqlalchemy_pool import IDLE_SINCE, GuardedQueuePool
 from connguard.sqlalchemy_reaper import IdleReaper
 
 __all__ = ["ConnGuardPlugin", "ConnGuardPluginWarning", "PluginOptions", "stats"]
