@@ -38,22 +38,27 @@ from typing import (
     Iterable,
     List,
     Optional,
-    Protocol,
     Tuple,
 )
 
 import tenacity
 
 from connguard import errors, events
+from connguard.breaker import (  # noqa: F401 - re-exported: the gate's parts
+    CAPACITY_CODES,
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    PROBE_LAPSE,
+    Breaker,
+    ReportedFailure,
+)
 from connguard.clock import Clock, Sleep
 from connguard.policies import check_number
+from connguard.storm_report import GateReport
+from connguard.storm_shared import SharedGate, SharedHalves  # noqa: F401 - re-exported
 
 log = logging.getLogger("connguard.storm")
-
-
-#: MySQL codes that say "the server is full", not "the server is gone": the pool answers them
-#: by holding what it has (adaptive ceiling) rather than by tripping the breaker.
-CAPACITY_CODES = frozenset({1040, 1135, 1203, 1226})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,14 +202,10 @@ class Ceiling:
         return None if self.value is None else max(0.0, self.probe_at - now)
 
 
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
-
 #: Seconds a lost connection stays owed a paced replacement (after that, a new connection is
 #: growth again, not a reconnect).
 REPLACEMENT_WINDOW = 5.0
 
-#: Seconds after which a breaker's probe that never reported is given to another caller.
-PROBE_LAPSE = 30.0
 
 #: How often a caller that waits on an event loop looks at the gate again (it cannot be woken
 #: by a condition): a probe's success reaches it this much later at most.
@@ -215,83 +216,7 @@ ASYNC_POLL = 0.02
 MAX_PAUSE = 1.0
 
 
-@dataclasses.dataclass
-class Breaker:
-    """Consecutive-failure circuit breaker; pure state, the gate supplies clock and lock."""
-
-    threshold: int
-    state: str = CLOSED
-    failures: int = 0
-    open_until: float = 0.0
-    probing: bool = False
-    probe_started: float = 0.0
-    last_error: Optional[BaseException] = None
-
-    def admit(self, now: float) -> Tuple[bool, bool]:
-        """(allowed, is_probe). When open and the wait is over, one caller probes; a probe
-        that never reported (a thread killed mid-connect) lapses after PROBE_LAPSE."""
-        if self.state == OPEN and now >= self.open_until:
-            self.state = HALF_OPEN
-        if self.state == CLOSED:
-            return True, False
-        if self.probing and now - self.probe_started > PROBE_LAPSE:
-            self.probing = False
-        if self.state == HALF_OPEN and not self.probing:
-            self.probing, self.probe_started = True, now
-            return True, True
-        return False, False
-
-    def succeeded(self) -> None:
-        self.state, self.failures, self.probing, self.last_error = CLOSED, 0, False, None
-
-    def failed(self, now: float, wait: float, error: BaseException) -> None:
-        self.failures += 1
-        self.last_error = error  # detached by the gate: it outlives every caller
-        self.probing = False
-        if self.state == HALF_OPEN or self.failures >= self.threshold:
-            self.state, self.open_until = OPEN, now + wait
-
-    def hold_open(self, now: float, wait: float, failures: int,
-                  error: Optional[BaseException]) -> None:
-        """Another process found the server down (a shared breaker is open): stay open for
-        ``wait`` seconds too, without an attempt of our own."""
-        self.state, self.probing = OPEN, False
-        self.open_until = max(self.open_until, now + wait)
-        self.failures = max(self.failures, failures)
-        if self.last_error is None and error is not None:
-            self.last_error = errors.detached(error)
-
-    def retry_after(self, now: float) -> float:
-        return max(0.0, self.open_until - now)
-
-
-class ReportedFailure(Exception):
-    """A connect failure another process reported through a shared breaker (the breaker's
-    ``last_cause`` when this process saw none itself)."""
-
-    def __init__(self, summary: str) -> None:
-        super().__init__(summary)
-        self.cause = summary
-
-
-class SharedGate(Protocol):
-    """The shared half of a gate (host-wide file, cluster-wide coordinator).
-
-    ``admit`` blocks for a shared token until ``deadline`` (then raises CircuitOpen) and
-    returns None to go, or an object with ``retry_after``, ``failures`` and ``cause`` when
-    a shared breaker is open. ``finished`` is told how an admitted attempt ended
-    (``"succeeded"``, ``"outage"``, ``"capacity"``, ``"permanent"``, ``"abandoned"``).
-    ``key`` tells backends apart (gates are shared per backend).
-    """
-
-    key: Hashable
-
-    def admit(self, deadline: float, clock: Clock, sleep: Sleep) -> Any: ...
-
-    def finished(self, outcome: str, error: Optional[BaseException] = None) -> None: ...
-
-
-class ConnectGate:
+class ConnectGate(SharedHalves, GateReport):
     """The gate for one destination, shared by every pool of the process that goes there.
 
     ``sleep``: how a caller waits for its turn. None (the default) waits on a condition
@@ -440,52 +365,6 @@ class ConnectGate:
         finally:
             self._lock.acquire()
 
-    def _admit_shared(self, deadline: float,
-                      pause: Optional[Sleep] = None) -> Optional[errors.CircuitOpen]:
-        """Ask the shared halves in turn; when a shared breaker is open, return the
-        CircuitOpen for it (the local breaker then holds open as long)."""
-        admitted: List[SharedGate] = []
-        try:
-            for backend in self._shared:
-                refusal = backend.admit(deadline, self._clock,
-                                        pause or self._sleep or time.sleep)
-                if refusal is not None:
-                    with self._lock:
-                        self._release_probe()
-                    self._finish_shared("abandoned", backends=admitted)
-                    return self._shared_open(refusal)
-                admitted.append(backend)
-        except BaseException:
-            with self._lock:  # this attempt never started: only the probe goes back
-                self._release_probe()
-            self._finish_shared("abandoned", backends=admitted)
-            raise
-        return None
-
-    def _shared_open(self, refusal: Any) -> errors.CircuitOpen:
-        """Another process found the server down: fail fast, and stay open locally for as
-        long, so this process does not ask again before then."""
-        with self._lock:
-            now = self._clock()
-            cause = ReportedFailure(refusal.cause) if refusal.cause else None
-            self._breaker.hold_open(now, refusal.retry_after, refusal.failures, cause)
-            if self._failing_since is None:
-                self._failing_since = now
-            self.fast_failures += 1
-            self.shared_refusals += 1
-            return self._circuit_open(now)
-
-    def _finish_shared(self, outcome: str, error: Optional[BaseException] = None,
-                       backends: Optional[List[SharedGate]] = None) -> None:
-        """Tell the shared halves how the attempt ended. A backend that fails to hear it is
-        logged, never raised: the local breaker's state is already settled by then."""
-        for backend in self._shared if backends is None else backends:
-            try:
-                backend.finished(outcome, error)
-            except Exception:  # noqa: BLE001 - a shared gate must not break connects
-                log.warning("shared gate %r could not record %s", backend, outcome,
-                            exc_info=True)
-
     def _release_probe(self) -> None:
         """Under the lock: an attempt ended without a verdict; the next waiter may probe."""
         self._breaker.probing = False
@@ -553,69 +432,6 @@ class ConnectGate:
                 events.dispatch(None, self._target(), "breaker_open", failures=failures,
                                 cause=errors.redact(errors.summary(error) or ""))
         self._finish_shared("capacity" if code in CAPACITY_CODES else "outage", error)
-
-    # -- introspection ---------------------------------------------------------------------
-    @property
-    def state(self) -> str:
-        return self._breaker.state
-
-    def stats(self) -> Dict[str, Any]:
-        with self._lock:
-            return {"breaker": self._breaker.state, "consecutive_failures": self._breaker.failures,
-                    "connect_attempts": self.attempts, "connect_failures": self.failures,
-                    "fast_failures": self.fast_failures, "outage_waits": self.outage_waits,
-                    "shared_refusals": self.shared_refusals, "breaker_opens": self.opens,
-                    "host_gate_directory": self.host_gate_directory}
-
-    @property
-    def host_gate_directory(self) -> Optional[str]:
-        """Where the host-wide gate's slot files are, if this gate has one."""
-        for backend in self._shared:
-            directory = getattr(backend, "directory", None)
-            if directory is not None:
-                return str(directory)
-        return None
-
-    @property
-    def failing(self) -> bool:
-        """Did the last attempt toward this destination fail (a streak not yet ended)?"""
-        return self._failing_since is not None
-
-    def outage(self, waited: float) -> Optional[errors.ServerUnavailable]:
-        """The error for a caller of a pool that waited ``waited`` seconds while connects to
-        this destination kept failing for want of a server (not a full one), else None:
-        the breaker is open, or an attempt failed during that wait (one stale failure of
-        long ago says nothing about why this caller waited)."""
-        with self._lock:
-            last = self._breaker.last_error
-            now = self._clock()
-            if self._failing_since is None or last is None or (
-                    last.args and last.args[0] in CAPACITY_CODES):
-                return None
-            if self._breaker.state == CLOSED and now - self._failed_at > waited:
-                return None
-            return self._outage_error(now, waited)
-
-    def _target(self) -> str:
-        return f"{self.host}:{self.port}" if self.port else (self.host or "the server")
-
-    def _circuit_open(self, now: float) -> errors.CircuitOpen:
-        return errors.CircuitOpen(self._breaker.last_error, self._breaker.retry_after(now),
-                                  host=self.host, port=self.port or None,
-                                  failures=self._breaker.failures)
-
-    def _unavailable(self, now: float, started: float) -> errors.ConnGuardError:
-        """Under the lock: the caller's deadline comes before its next chance to connect."""
-        if self._breaker.state == OPEN and self._breaker.failures == 0:
-            return self._circuit_open(now)  # opened by another process, no cause of ours
-        return self._outage_error(now, now - started)
-
-    def _outage_error(self, now: float, waited: float) -> errors.ServerUnavailable:
-        since = self._failing_since
-        return errors.outage_error(self._breaker.last_error,
-                                   0.0 if since is None else now - since, waited,
-                                   failures=self._breaker.failures or None, host=self.host,
-                                   port=self.port or None, reached=self.reached)
 
 
 _gates: Dict[Hashable, ConnectGate] = {}
