@@ -110,8 +110,8 @@ def test_no_import_cycle_among_connguard_modules() -> None:
 # call more), and an engine guard's split earlier cost ~7,000 per engine checkout.
 MAX_HOT_ATTRIBUTES = 30
 #: connguard.Pool and the parts it is built from (mixins of the one object).
-POOL_PARTS = (("pool", "Pool"), ("pool_return", "ReturnPath"), ("pool_upkeep", "Upkeep"),
-              ("pool_stats", "PoolReport"))
+POOL_PARTS = (("pool", "Pool"), ("pool_connect", "ConnectPath"), ("pool_return", "ReturnPath"),
+              ("pool_upkeep", "Upkeep"), ("pool_stats", "PoolReport"))
 
 #: connguard.sqlalchemy_pool.GuardedQueuePool and its parts (the async pool adds two).
 GUARDED_POOL_PARTS = (("sqlalchemy_pool", "GuardedQueuePool"),
