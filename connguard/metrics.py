@@ -29,6 +29,49 @@ BOUNDS: Tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01
                              0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+class Measure:
+    """One number of the schema as the exporters name it: what it is (Prometheus' HELP, the
+    OpenTelemetry instrument's description) and OpenTelemetry's unit and, where a semantic
+    convention names it, its name there (default ``connguard.pool.<key>``)."""
+
+    __slots__ = ("help", "unit", "otel_name")
+
+    def __init__(self, help: str, unit: str, otel_name: Optional[str] = None) -> None:
+        self.help, self.unit, self.otel_name = help, unit, otel_name
+
+
+#: The schema's numbers, once for both exporters (connguard.prometheus, connguard.otel).
+SIZES = {
+    "idle": Measure("Idle connections in the pool.", "{connection}"),
+    "in_use": Measure("Connections checked out.", "{connection}"),
+    "opening": Measure("Handshakes running.", "{connection}"),
+    "max": Measure("The pool's size (connections).", "{connection}",
+                   "db.client.connection.max"),
+    "ceiling": Measure("Where the pool holds after 'too many connections'.", "{connection}"),
+}
+COUNTERS = {
+    "checkouts": Measure("Connections handed to callers.", "{checkout}"),
+    "opened": Measure("New server connections.", "{connection}"),
+    "closed": Measure("Pooled connections closed, by reason.", "{connection}"),
+    "peer_closed": Measure("Pooled connections found closed by the server.", "{connection}"),
+    "reaped": Measure("Idle connections the reaper closed.", "{connection}"),
+    "timeouts": Measure("Checkouts whose wait ran out.", "{timeout}",
+                        "db.client.connection.timeouts"),
+    "waits": Measure("Checkouts that had to wait.", "{checkout}"),
+    "connect_failures": Measure("Failed connects, by connguard exception class.", "{connect}"),
+    "rollbacks": Measure("Returned sessions rolled back.", "{return}"),
+    "resets": Measure("Returned sessions reset (COM_RESET_CONNECTION).", "{return}"),
+    "breaker_opens": Measure(
+        "Times the connect gate toward the server opened (shared per server).", "{open}"),
+}
+DISTRIBUTIONS = {
+    "checkout_wait_s": Measure("How long checkouts waited.", "s", "connguard.pool.wait_time"),
+    "connect_s": Measure("New connections, gate wait included.", "s",
+                         "connguard.pool.create_time"),
+    "hold_s": Measure("How long callers held a connection.", "s", "connguard.pool.use_time"),
+}
+
+
 class Histogram:
     """Counts of observations per bucket, and their sum. Not thread-safe on its own: the
     owner observes under its lock (or accepts a rare lost increment, as noted where)."""

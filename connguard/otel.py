@@ -30,23 +30,11 @@ KIND = "connguard.pool.kind"
 #: A collection calls every callback within this many seconds: one stats() for all.
 SNAPSHOT_TTL = 0.5
 
-#: connguard counter -> (instrument name, unit)
-COUNTERS = {
-    "checkouts": ("connguard.pool.checkouts", "{checkout}"),
-    "opened": ("connguard.pool.opened", "{connection}"),
-    "closed": ("connguard.pool.closed", "{connection}"),
-    "peer_closed": ("connguard.pool.peer_closed", "{connection}"),
-    "reaped": ("connguard.pool.reaped", "{connection}"),
-    "timeouts": ("db.client.connection.timeouts", "{timeout}"),
-    "waits": ("connguard.pool.waits", "{checkout}"),
-    "connect_failures": ("connguard.pool.connect_failures", "{connect}"),
-    "rollbacks": ("connguard.pool.rollbacks", "{return}"),
-    "resets": ("connguard.pool.resets", "{return}"),
-    "breaker_opens": ("connguard.pool.breaker_opens", "{open}"),
-}
-DISTRIBUTIONS = {"checkout_wait_s": "connguard.pool.wait_time",
-                 "connect_s": "connguard.pool.create_time",
-                 "hold_s": "connguard.pool.use_time"}
+
+
+def _name(key: str, measure: metrics.Measure) -> str:
+    """The instrument's name: the semantic convention's, or ``connguard.pool.<key>``."""
+    return measure.otel_name or f"connguard.pool.{key}"
 
 
 class _Snapshot:
@@ -123,17 +111,20 @@ def instrument(meter_provider: Optional[Any] = None, source: Source = metrics.st
     made = [meter.create_observable_up_down_counter(
         "db.client.connection.count", callbacks=[_connection_count(snapshot)],
         unit="{connection}")]
-    made += [meter.create_observable_up_down_counter(name, callbacks=[_size(snapshot, key)],
-                                                     unit="{connection}")
-             for key, name in (("max", "db.client.connection.max"),
-                               ("opening", "connguard.pool.opening"),
-                               ("ceiling", "connguard.pool.ceiling"))]
-    made += [meter.create_observable_counter(name, callbacks=[_counter(snapshot, key)],
-                                             unit=unit)
-             for key, (name, unit) in COUNTERS.items()]
-    for key, name in DISTRIBUTIONS.items():
+    made += [meter.create_observable_up_down_counter(
+        _name(key, metrics.SIZES[key]), callbacks=[_size(snapshot, key)],
+        unit=metrics.SIZES[key].unit, description=metrics.SIZES[key].help)
+        for key in ("max", "opening", "ceiling")]  # idle and in use: the count's states
+    made += [meter.create_observable_counter(_name(key, measure),
+                                             callbacks=[_counter(snapshot, key)],
+                                             unit=measure.unit, description=measure.help)
+             for key, measure in metrics.COUNTERS.items()]
+    for key, measure in metrics.DISTRIBUTIONS.items():
+        name = _name(key, measure)
         made.append(meter.create_observable_counter(
-            f"{name}.count", callbacks=[_distribution(snapshot, key, "count")], unit="{event}"))
+            f"{name}.count", callbacks=[_distribution(snapshot, key, "count")], unit="{event}",
+            description=f"{measure.help} (how many)"))
         made.append(meter.create_observable_counter(
-            f"{name}.sum", callbacks=[_distribution(snapshot, key, "sum")], unit="s"))
+            f"{name}.sum", callbacks=[_distribution(snapshot, key, "sum")], unit="s",
+            description=f"{measure.help} (their sum)"))
     return made

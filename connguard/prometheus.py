@@ -22,33 +22,9 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from connguard import metrics
 
-#: sizes.<key> -> (metric name, help)
-GAUGES = {
-    "idle": ("connguard_idle", "Idle connections in the pool."),
-    "in_use": ("connguard_in_use", "Connections checked out."),
-    "opening": ("connguard_opening", "Handshakes running."),
-    "max": ("connguard_max", "The pool's size (connections)."),
-    "ceiling": ("connguard_ceiling", "Where the pool holds after 'too many connections'."),
-}
-#: counters.<key> -> (metric name without _total, help)
-COUNTERS = {
-    "checkouts": ("connguard_checkouts", "Connections handed to callers."),
-    "opened": ("connguard_opened", "New server connections."),
-    "peer_closed": ("connguard_peer_closed", "Pooled connections found closed by the server."),
-    "reaped": ("connguard_reaped", "Idle connections the reaper closed."),
-    "timeouts": ("connguard_timeouts", "Checkouts whose wait ran out."),
-    "waits": ("connguard_waits", "Checkouts that had to wait."),
-    "rollbacks": ("connguard_rollbacks", "Returned sessions rolled back."),
-    "resets": ("connguard_resets", "Returned sessions reset (COM_RESET_CONNECTION)."),
-    "breaker_opens": ("connguard_breaker_opens",
-                      "Times the connect gate toward the server opened (shared per server)."),
-}
-#: distributions.<key> -> (metric name, help)
-HISTOGRAMS = {
-    "checkout_wait_s": ("connguard_checkout_wait_seconds", "How long checkouts waited."),
-    "connect_s": ("connguard_connect_seconds", "New connections, gate wait included."),
-    "hold_s": ("connguard_hold_seconds", "How long callers held a connection."),
-}
+#: Every metric is ``connguard_<key>`` (distributions: ``_seconds`` for ``_s``), its help
+#: text from connguard.metrics' one catalogue.
+_COUNTED = [key for key in metrics.COUNTERS if key not in ("closed", "connect_failures")]
 LABELS = ["pool", "kind"]
 
 
@@ -68,16 +44,18 @@ class ConnguardCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         everything = self._source()
-        gauges = {k: GaugeMetricFamily(n, h, labels=LABELS) for k, (n, h) in GAUGES.items()}
-        counters = {k: CounterMetricFamily(n, h, labels=LABELS)
-                    for k, (n, h) in COUNTERS.items()}
-        closed = CounterMetricFamily("connguard_closed", "Pooled connections closed, by reason.",
+        gauges = {k: GaugeMetricFamily(f"connguard_{k}", m.help, labels=LABELS)
+                  for k, m in metrics.SIZES.items()}
+        counters = {k: CounterMetricFamily(f"connguard_{k}", metrics.COUNTERS[k].help,
+                                           labels=LABELS) for k in _COUNTED}
+        closed = CounterMetricFamily("connguard_closed", metrics.COUNTERS["closed"].help,
                                      labels=[*LABELS, "reason"])
         failures = CounterMetricFamily("connguard_connect_failures",
-                                       "Failed connects, by connguard exception class.",
+                                       metrics.COUNTERS["connect_failures"].help,
                                        labels=[*LABELS, "error"])
-        histograms = {k: HistogramMetricFamily(n, h, labels=LABELS)
-                      for k, (n, h) in HISTOGRAMS.items()}
+        histograms = {k: HistogramMetricFamily(f"connguard_{k.removesuffix('_s')}_seconds",
+                                               m.help, labels=LABELS)
+                      for k, m in metrics.DISTRIBUTIONS.items()}
         for stats in everything.values():
             labels = [stats["name"], stats["kind"]]
             for key, gauge in gauges.items():

@@ -17,7 +17,6 @@ import asyncio
 import ipaddress
 import socket
 import ssl
-import threading
 import time
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -31,14 +30,14 @@ from connguard.connector import Connector
 from connguard.guard import ResourceGuard
 from connguard.hostgate import HostGate
 from connguard.metrics import Histogram
-from connguard.sqlalchemy_options import PluginOptions, coordinator_of, warn
+from connguard.sqlalchemy_options import EnginePart, PluginOptions, coordinator_of, warn
 from connguard.sqlalchemy_pool import GuardedQueuePool
 
 #: Seconds the storm gate may hold a connect for pools without a checkout timeout.
 DEFAULT_CONNECT_WAIT = 30.0
 
 
-class EngineConnect:
+class EngineConnect(EnginePart):
     """How one engine's connections are opened, and what those connects counted.
 
     Holds the engine weakly (its guard does too). The Connector (resource guard, gate and
@@ -48,19 +47,14 @@ class EngineConnect:
     def __init__(self, engine: Callable[[], Any], options: PluginOptions,
                  facts: dbapis.DriverFacts, name: str, listeners: events.Listeners,
                  password: Any) -> None:
-        self._engine = engine
-        self.options = options
-        self.facts = facts
+        super().__init__(engine, options, facts, password)  # counts: connects, connect_errors
         self.name = name
         self._listeners = listeners
-        self._password = password
-        self._lock = threading.Lock()
         self.connector: Optional[Connector] = None
         self._resource_guard: Optional[ResourceGuard] = None
         # Per destination: the TLS context PyMySQL built for a connection in its "preferred"
         # mode, once the server was seen to offer TLS (see _connect_reusing_tls).
         self._tls_contexts: Dict[Tuple[str, int], ssl.SSLContext] = {}
-        self._counts: Counter = Counter()  # connects, connect_errors
         self._failures: Counter = Counter()  # connect failures by exception class
         self._connect_time = Histogram()
 
@@ -98,9 +92,6 @@ class EngineConnect:
         """(connects and connect_errors, failures by class, the connect-time distribution)."""
         with self._lock:
             return dict(self._counts), dict(self._failures), self._connect_time.snapshot()
-
-    def after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()  # another thread may have held it at the fork
 
     # -- the listener ----------------------------------------------------------------------
     def _later_listeners(self, dialect: Any) -> List[Callable[..., Any]]:

@@ -5,7 +5,9 @@ value is an ``ArgumentError`` naming the option and the allowed values)."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 import warnings
+from collections import Counter
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from sqlalchemy import exc as sa_exc
@@ -248,4 +250,22 @@ def coordinator_of(options: PluginOptions) -> Optional[coordination.Coordinator]
     """The shared coordinator the options name (one per address and process), or None."""
     spec = options.coordination_settings.coordinator
     return None if spec is None else coordination.coordinator_for(spec)
+
+
+class EnginePart:
+    """What each part of an engine's guard knows (its connect path, its idle connections):
+    the engine (weakly), the plugin's options, the driver's facts, the password (only to
+    mask it in messages), and a lock of its own over its counters."""
+
+    def __init__(self, engine: Callable[[], Any], options: PluginOptions, facts: Any,
+                 password: Any) -> None:
+        self._engine = engine
+        self.options = options
+        self.facts = facts  # connguard.dbapis.DriverFacts
+        self._password = password
+        self._lock = threading.Lock()
+        self._counts: Counter = Counter()
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # another thread may have held it at the fork
 

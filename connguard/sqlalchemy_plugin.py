@@ -400,9 +400,10 @@ class EngineGuard:
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # another thread may have held them at the fork
         self.connect_path.after_fork_in_child()
+        self.idle.after_fork_in_child()
         engine = self._engine()
         if engine is not None:
-            self.idle.after_fork_in_child(engine)
+            self.idle.drop_inherited(engine)
 
     # -- introspection ---------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:

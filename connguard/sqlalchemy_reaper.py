@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from sqlalchemy import exc as sa_exc
@@ -23,7 +21,7 @@ from sqlalchemy.pool import QueuePool
 from connguard import dbapis, errors
 from connguard.liveness import peer_closed
 from connguard.policies import LifetimePolicy
-from connguard.sqlalchemy_options import PluginOptions
+from connguard.sqlalchemy_options import EnginePart, PluginOptions
 from connguard.sqlalchemy_pool import IDLE_SINCE, GuardedQueuePool
 
 log = logging.getLogger("connguard.sqlalchemy")
@@ -33,7 +31,7 @@ class Reaped(sa_exc.DisconnectionError):
     """The reason given to ``invalidate`` listeners for a connection the reaper closed."""
 
 
-class IdleReaper:
+class IdleReaper(EnginePart):
     """One engine's idle limit and the reaper's pass over its idle connections.
 
     ``closes_idle``: whether the pass closes connections (a driver connguard watches, and
@@ -43,14 +41,9 @@ class IdleReaper:
     def __init__(self, engine: Callable[[], Any], options: PluginOptions,
                  facts: dbapis.DriverFacts, closes_idle: bool, user_recycle: bool,
                  password: Any) -> None:
-        self._engine = engine
-        self.options = options
-        self.facts = facts
+        super().__init__(engine, options, facts, password)  # counts: reaped, idle_evicted
         self.closes_idle = closes_idle
         self._user_recycle = user_recycle
-        self._password = password
-        self._lock = threading.Lock()
-        self._counts: Counter = Counter()  # reaped, idle_evicted
         self.wait_timeout: Optional[int] = None
         self.idle_timeout: Optional[float] = options.idle_timeout or None
         # Async engines: idle connections and the loop each lives on, for the pass, which
@@ -222,11 +215,13 @@ class IdleReaper:
             self._count(reason)
 
     # -- fork safety -----------------------------------------------------------------------
-    def after_fork_in_child(self, engine: Any) -> None:
-        """The child must not talk on the parent's sockets: drop the idle ones without a word
-        (the parent's sessions survive) and give the engine a new pool."""
-        self._lock = threading.Lock()
+    def after_fork_in_child(self) -> None:
+        super().after_fork_in_child()
         self._idle_on_loop = {}  # the parent's loops: not this process's to wake
+
+    def drop_inherited(self, engine: Any) -> None:
+        """In a forked child, which must not talk on the parent's sockets: drop the idle
+        ones without a word (the parent's sessions survive) and give the engine a new pool."""
         queue = idle_queue(engine.pool)
         try:
             for rec in list(queue.queue) if queue is not None else []:
