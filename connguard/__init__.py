@@ -3,32 +3,14 @@
 Start here: :func:`connect` (drop-in for ``pymysql.connect``), :class:`Pool`, :func:`install`.
 """
 
+from connguard import exceptions
 from connguard.census import census
 from connguard.coordination import CoordinatorUnavailable, LeaseUnavailable
 from connguard.dropin import close_all, configure, connect, install, installed, uninstall
-from connguard.errors import (
-    AccessDenied,
-    CircuitOpen,
-    ConnectionLost,
-    ConnGuardError,
-    Deadlock,
-    FdLimitReached,
-    GateTimeout,
-    HostBlocked,
-    LocalPortsExhausted,
-    LockWaitTimeout,
-    PoolClosed,
-    PoolTimeout,
-    QueryInterrupted,
-    ResourceTemporarilyUnavailable,
-    ServerShuttingDown,
-    ServerThreadLimit,
-    ServerUnavailable,
-    StatementTimeout,
-    TooManyConnections,
-    UserConnectionLimit,
-    translate,
-)
+from connguard.errors import translate
+
+# Every exception class (connguard.errors.X, where the docs and pickles name them).
+from connguard.exceptions import *  # noqa: F403
 from connguard.limits import limits, raise_fd_soft_limit
 from connguard.liveness import peer_closed
 from connguard.metrics import stats
@@ -55,34 +37,15 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'connguard' has no attribute {name!r}")
 
 __all__ = [
-    "AccessDenied",
-    "CircuitOpen",
-    "GateTimeout",
-    "ConnGuardError",
-    "ConnectionLost",
+    *exceptions.__all__,
     "CoordinatorUnavailable",
-    "Deadlock",
-    "FdLimitReached",
-    "HostBlocked",
     "KeepalivePolicy",
     "LeaseUnavailable",
     "LifetimePolicy",
-    "LocalPortsExhausted",
-    "LockWaitTimeout",
     "Pool",
-    "PoolClosed",
     "PoolSettings",
-    "PoolTimeout",
     "PooledConnection",
-    "QueryInterrupted",
     "ResetPolicy",
-    "ResourceTemporarilyUnavailable",
-    "ServerShuttingDown",
-    "ServerThreadLimit",
-    "ServerUnavailable",
-    "StatementTimeout",
-    "TooManyConnections",
-    "UserConnectionLimit",
     "census",
     "close_all",
     "configure",

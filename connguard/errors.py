@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 from pymysql.constants import CR, ER
 
-from connguard import messages
+from connguard import exceptions, messages
 from connguard.census import census as sockets_toward
 from connguard.census import unix_listen_queue
 from connguard.error_table import (
@@ -40,32 +40,18 @@ from connguard.error_table import (
     Identity,
     Row,
 )
-from connguard.exceptions import (  # noqa: F401 - the classes and helpers, re-exported
+
+# Every exception class: connguard.errors.X is their documented home (and where pickles
+# find them); they are defined in connguard.exceptions, beside how each is worded.
+from connguard.exceptions import *  # noqa: F403
+from connguard.exceptions import (  # noqa: F401 - what errors uses, and helpers re-exported
     OTHER_DRIVERS,
-    AccessDenied,
-    CircuitOpen,
-    CommandsOutOfSync,
-    ConnectionLost,
     ConnGuardError,
     CoordinatorUnavailable,
-    Deadlock,
     FdLimitReached,
-    GateTimeout,
     HandshakeLost,
-    HostBlocked,
     LeaseUnavailable,
     LocalPortsExhausted,
-    LockWaitTimeout,
-    PoolClosed,
-    PoolTimeout,
-    QueryInterrupted,
-    ResourceTemporarilyUnavailable,
-    ServerShuttingDown,
-    ServerThreadLimit,
-    ServerUnavailable,
-    StatementTimeout,
-    TooManyConnections,
-    UserConnectionLimit,
     _restore,
     as_driver_error,
     combined_class,
@@ -88,30 +74,9 @@ from connguard.redaction import (  # noqa: F401 - redact and friends, re-exporte
 )
 
 __all__ = [
+    *exceptions.__all__,
     "TABLE",
-    "AccessDenied",
-    "CircuitOpen",
-    "CommandsOutOfSync",
-    "ConnGuardError",
-    "ConnectionLost",
-    "Deadlock",
-    "FdLimitReached",
-    "GateTimeout",
-    "HandshakeLost",
-    "HostBlocked",
-    "LocalPortsExhausted",
-    "LockWaitTimeout",
-    "PoolTimeout",
-    "ResourceTemporarilyUnavailable",
-    "PoolClosed",
-    "QueryInterrupted",
     "Row",
-    "ServerShuttingDown",
-    "ServerThreadLimit",
-    "ServerUnavailable",
-    "StatementTimeout",
-    "TooManyConnections",
-    "UserConnectionLimit",
     "classify",
     "is_disconnect",
     "is_transient",

@@ -20,6 +20,32 @@ from pymysql.constants import CR
 from connguard import messages
 from connguard.redaction import Password, redact
 
+#: The public exception classes (documented as connguard.errors.X; the coordinator's two
+#: as connguard.coordination.X).
+__all__ = [
+    "AccessDenied",
+    "CircuitOpen",
+    "CommandsOutOfSync",
+    "ConnGuardError",
+    "ConnectionLost",
+    "Deadlock",
+    "FdLimitReached",
+    "GateTimeout",
+    "HandshakeLost",
+    "HostBlocked",
+    "LocalPortsExhausted",
+    "LockWaitTimeout",
+    "PoolClosed",
+    "PoolTimeout",
+    "QueryInterrupted",
+    "ResourceTemporarilyUnavailable",
+    "ServerShuttingDown",
+    "ServerThreadLimit",
+    "ServerUnavailable",
+    "StatementTimeout",
+    "TooManyConnections",
+    "UserConnectionLimit",
+]
 
 class ConnGuardError(Exception):
     """Base of every exception connguard raises.
