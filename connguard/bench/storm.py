@@ -687,6 +687,22 @@ def _churn(connect: Callable[..., Any], kwargs: Dict[str, Any], seconds: float) 
     return requests
 
 
+def _churn_round(connect: Callable[..., Any], kwargs: Dict[str, Any], host: str, port: int,
+                 seconds: float) -> Dict[str, float]:
+    """One contender's round: requests for ``seconds``, and the TIME_WAIT they left."""
+    before = tcp_states(host, port).get("time_wait", 0)
+    server_side = _server_time_wait(host, port)
+    began = time.monotonic()
+    requests = _churn(connect, kwargs, seconds)
+    elapsed = time.monotonic() - began
+    with contextlib.suppress(Exception):
+        connguard.close_all()  # its pool's own connections end this round too
+    added = max(0, tcp_states(host, port).get("time_wait", 0) - before)
+    return {"time_wait": float(added), "rate": requests / elapsed,
+            "per_1000": added * 1000.0 / max(1, requests),
+            "server_side": float(max(0, _server_time_wait(host, port) - server_side))}
+
+
 def port_churn(kwargs: Dict[str, Any], quick: bool, step: Step = _no_step,
                no_tls: bool = False) -> List[ScenarioResult]:
     """Connect-per-request code for N seconds: the TIME_WAIT sockets it leaves behind.
@@ -699,39 +715,23 @@ def port_churn(kwargs: Dict[str, Any], quick: bool, step: Step = _no_step,
     host, port = str(kwargs.get("host") or "localhost"), int(kwargs.get("port") or 3306)
     contenders: Dict[str, Callable[..., Any]] = {"pymysql.connect": pymysql.connect,
                                                  "connguard.connect": connguard.connect}
-    runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in contenders}
+    runs: Runs = {name: [] for name in contenders}
     try:
         for r in range(rounds):
             for name, connect in contenders.items():
                 step(f"{name}, round {r + 1}/{rounds}")
-                before = tcp_states(host, port).get("time_wait", 0)
-                server_side = _server_time_wait(host, port)
-                began = time.monotonic()
-                requests = _churn(connect, kwargs, seconds)
-                elapsed = time.monotonic() - began
-                with contextlib.suppress(Exception):
-                    connguard.close_all()  # its pool's own connections end this round too
-                added = max(0, tcp_states(host, port).get("time_wait", 0) - before)
-                runs[name].append({"time_wait": float(added), "rate": requests / elapsed,
-                                   "per_1000": added * 1000.0 / max(1, requests),
-                                   "server_side": float(max(0, _server_time_wait(host, port)
-                                                            - server_side))})
+                runs[name].append(_churn_round(connect, kwargs, host, port, seconds))
     finally:
         connguard.close_all()
     names = list(contenders)
     params = {"seconds": seconds, "rounds": rounds}
     shape = (f"One thread connects, runs `SELECT 1` and closes, for {seconds:g} s "
              "(connguard.connect: the same code with the drop-in)")
-    def median(name: str, key: str) -> float:
-        return Measurement(name, "", [r[key] for r in runs[name]]).median
-
-    per_1000 = ", ".join(f"{name} {median(name, 'per_1000'):.0f}" for name in names)
-    notes = [f"TIME_WAIT per 1,000 requests: {per_1000}"]
+    notes = [f"TIME_WAIT per 1,000 requests: {_medians(names, runs, 'per_1000', '{:.0f}')}"]
     if _is_loopback(host):
         notes.append("the server is on this host: whichever side closes first keeps the "
                      "TIME_WAIT, and the server's side (not counted above; it holds no local "
-                     "port of ours) got " + ", ".join(
-                         f"{name} {median(name, 'server_side'):.0f}" for name in names))
+                     "port of ours) got " + _medians(names, runs, "server_side", "{:.0f}"))
     if no_tls:
         notes.append("connects with ssl_disabled=True (the throwaway server offers no TLS)")
     return [
