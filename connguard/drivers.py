@@ -14,6 +14,16 @@ from typing import Any, Dict
 
 #: ``driver=`` value -> the module that is the seam to that driver.
 SEAMS: Dict[str, str] = {"pymysql": "connguard.driver", "mysqldb": "connguard.mysqldb"}
+#: ``driver=`` value -> the driver's own module, when that is an extra to install.
+NEEDS = {"mysqldb": "MySQLdb"}
+#: How to install an optional driver module.
+INSTALL = {"MySQLdb": "pip install 'connguard[mysqlclient]' (mysqlclient)"}
+
+
+def not_installed(what: str, module: str) -> ModuleNotFoundError:
+    """The error for ``what`` when the driver ``module`` is missing: what to install."""
+    return ModuleNotFoundError(f"{what} needs the {module} module, which is not installed: "
+                               f"{INSTALL[module]}", name=module)
 
 
 def seam(name: Any) -> Any:
@@ -22,4 +32,10 @@ def seam(name: Any) -> Any:
     if module is None:
         raise ValueError(f"driver must be one of {', '.join(map(repr, sorted(SEAMS)))}, "
                          f"got {name!r}")
-    return importlib.import_module(module)
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        needed = NEEDS.get(name)
+        if needed is None or exc.name != needed:
+            raise
+        raise not_installed(f"driver={name!r}", needed) from None

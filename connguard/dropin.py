@@ -16,7 +16,7 @@ from typing import Any, Dict, Hashable, Tuple
 import pymysql
 import wrapt
 
-from connguard import coordination
+from connguard import coordination, drivers
 from connguard.arguments import POOL_OPTIONS, pool_key, split_arguments
 from connguard.pool import Pool, build_policies
 from connguard.proxy import PooledConnection
@@ -137,7 +137,12 @@ def _drivers_to_patch() -> Dict[str, Tuple[Any, Tuple[str, ...], Any]]:
     """Driver name (as ``install()`` takes it) -> (its module, the names of its connect
     function, the wrapper). A driver's module is imported only when named."""
     def mysqldb() -> Any:
-        import MySQLdb  # opt-in: only when install("MySQLdb") asks for it
+        try:
+            import MySQLdb  # opt-in: only when install("MySQLdb") asks for it
+        except ModuleNotFoundError as exc:
+            if exc.name != "MySQLdb":
+                raise
+            raise drivers.not_installed("install('MySQLdb')", "MySQLdb") from None
         return MySQLdb
     return {"pymysql": (lambda: pymysql, ("connect", "Connect"), _patched_connect),
             "MySQLdb": (mysqldb, ("connect", "Connect", "Connection"), _patched_mysqldb_connect)}

@@ -9,6 +9,7 @@ be mysqlclient's classes. mysqlclient's own suite runs with it too (tests/driver
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any, Iterator, Tuple
 
@@ -359,3 +360,15 @@ def test_an_interrupted_close_still_fails_uses_as_mysqlclient(pool: Any,
     assert hasattr(conn, "thread_id") and conn.open == 0  # as on a closed mysqlclient one
     with pytest.raises(MySQLdb.OperationalError):
         conn.thread_id()
+
+
+def test_without_mysqlclient_the_error_says_what_to_install(monkeypatch: Any) -> None:
+    # mysqlclient missing (an import of MySQLdb fails as it would): both ways in name the
+    # extra to install instead of a bare "No module named 'MySQLdb'".
+    monkeypatch.setitem(sys.modules, "MySQLdb", None)
+    monkeypatch.delitem(sys.modules, "connguard.mysqldb")
+    with pytest.raises(ModuleNotFoundError, match=r"connguard\[mysqlclient\]") as raised:
+        connguard.install("MySQLdb")
+    assert raised.value.name == "MySQLdb" and not connguard.installed("MySQLdb")
+    with pytest.raises(ModuleNotFoundError, match=r"driver='mysqldb' needs the MySQLdb module"):
+        connguard.Pool(host="127.0.0.1", port=1, user="app", driver="mysqldb")
