@@ -80,3 +80,8 @@ class ReportedFailure(Exception):
     def __init__(self, summary: str) -> None:
         super().__init__(summary)
         self.cause = summary
+
+
+# Documented, pickled and reported (as ``CircuitOpen.original``) as connguard.storm's.
+ReportedFailure.__module__ = "connguard.storm"
+

@@ -27,7 +27,7 @@ from connguard.session import (
     DB_CHANGED,
     TAINTED,
     ConnectSettings,
-    marking,
+    SessionMarks,
     may_change_session,
 )
 
@@ -125,7 +125,7 @@ class _StatusResult(pymysql.connections.MySQLResult):
         return True
 
 
-class GuardedConnection(pymysql.connections.Connection):
+class GuardedConnection(SessionMarks, pymysql.connections.Connection):
     """A PyMySQL connection that knows what its borrower did to the session.
 
     Beyond PyMySQL's own behaviour it:
@@ -271,10 +271,6 @@ class GuardedConnection(pymysql.connections.Connection):
         if result.server_status is not None:
             self.server_status = result.server_status
         return result.affected_rows
-
-    select_db = marking(pymysql.connections.Connection.select_db, DB_CHANGED)
-    set_character_set = marking(pymysql.connections.Connection.set_character_set,
-                                CHARSET_CHANGED)
 
 
 def _after_fork_in_child() -> None:

@@ -32,9 +32,17 @@ from pymysql.constants import CR, ER
 from connguard import exceptions, messages
 from connguard.census import census as sockets_toward
 from connguard.census import unix_listen_queue
-from connguard.error_table import (
+from connguard.error_table import (  # noqa: F401 - the ER_ constants, re-exported
     CONNECT_CODES,
     DISCONNECT_CODES,
+    ER_ACCESS_DENIED_NO_PASSWORD_ERROR,
+    ER_ACCOUNT_HAS_BEEN_LOCKED,
+    ER_CLIENT_INTERACTION_TIMEOUT,
+    ER_CONNECTION_KILLED,
+    ER_MUST_CHANGE_PASSWORD_LOGIN,
+    ER_QUERY_TIMEOUT,
+    ER_STATEMENT_TIMEOUT,
+    ER_USER_IS_BLOCKED,
     SHARED_CODES,
     TABLE,
     Identity,

@@ -191,6 +191,11 @@ def engine_guard(engine: Any) -> Optional[Any]:
     return None if dialect is None else _engine_guards.get(dialect)
 
 
+def engine_guards() -> List[Any]:
+    """The plugin's guard of every engine made with it that is still alive."""
+    return list(_engine_guards.values())
+
+
 def guarded_engines() -> List[Any]:
     """Every live engine made with the plugin."""
     engines = (guard._engine() for guard in list(_engine_guards.values()))

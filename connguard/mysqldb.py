@@ -42,7 +42,7 @@ from connguard.session import (
     CHARSET_CHANGED,
     DB_CHANGED,
     TAINTED,
-    marking,
+    SessionMarks,
     may_change_session,
 )
 
@@ -101,10 +101,7 @@ def _opens_transaction(sql: Any) -> bool:
     return _BEGIN_BYTES.match(bytes(sql)) is not None
 
 
-_Connection: Any = MySQLdb.connections.Connection
-
-
-class GuardedConnection(MySQLdb.connections.Connection):
+class GuardedConnection(SessionMarks, MySQLdb.connections.Connection):
     """A mysqlclient connection that knows what its borrower did to the session, translates
     its statements' errors at the source (every cursor's ``execute`` passes through
     ``query``), and shows its socket to the pool's liveness check."""
@@ -148,12 +145,13 @@ class GuardedConnection(MySQLdb.connections.Connection):
                 raise
             raise translated from exc
 
-    # Another account: the return logs in as ours again.
-    change_user = marking(_Connection.change_user, TAINTED)
-    # Multi-statements on or off: no reset undoes it, the connection goes.
-    set_server_option = marking(_Connection.set_server_option, UNRESETTABLE)
-    select_db = marking(_Connection.select_db, DB_CHANGED)
-    set_character_set = marking(_Connection.set_character_set, CHARSET_CHANGED)
+    def change_user(self, *args: Any, **kwargs: Any) -> None:
+        self._cg_marks |= TAINTED  # another account: the return logs in as ours again
+        super().change_user(*args, **kwargs)
+
+    def set_server_option(self, option: int) -> None:
+        self._cg_marks |= UNRESETTABLE  # multi-statements on or off: the connection goes
+        super().set_server_option(option)
 
 
 def open_connection(kwargs: Dict[str, Any], deadline: float = float("inf"),

@@ -18,9 +18,8 @@ conservative on purpose (a false positive costs one reset; a false negative leak
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 # GuardedConnection._cg_marks (both drivers' connections): what a borrower did that the
 # reset on return must undo. Bit 1 and those from 16 up are each driver's own.
@@ -29,14 +28,24 @@ DB_CHANGED = 4  # select_db()
 CHARSET_CHANGED = 8  # set_character_set()
 
 
-def marking(method: Callable[..., Any], mark: int) -> Callable[..., Any]:
-    """The driver's ``method``, noting ``mark`` on the connection first: the return then
-    undoes what it changed. One definition for both drivers' connection classes."""
-    @functools.wraps(method)
-    def marked(self: Any, *args: Any, **kwargs: Any) -> Any:
-        self._cg_marks |= mark
-        return method(self, *args, **kwargs)
-    return marked
+# For the type checker the mixin is a driver connection (it calls super()'s methods).
+_Connection: Any = object
+
+
+class SessionMarks(_Connection):
+    """``select_db()`` and ``set_character_set()`` that note what they change, for the
+    return's reset: a mixin of both drivers' connection classes, ahead of the driver's own
+    (``_cg_marks`` is set by the connection class)."""
+
+    _cg_marks: int
+
+    def select_db(self, db: Any) -> None:
+        self._cg_marks |= DB_CHANGED
+        super().select_db(db)
+
+    def set_character_set(self, charset: str, collation: Optional[str] = None) -> None:
+        self._cg_marks |= CHARSET_CHANGED
+        super().set_character_set(charset, collation)
 
 # Statements whose first keyword says they change session state. ``SET`` covers session and
 # user variables, ``SET NAMES``, ``SET TRANSACTION`` and MariaDB's ``SET STATEMENT``.

@@ -21,6 +21,9 @@ class ConnGuardPluginWarning(UserWarning):
     """The plugin cannot apply all of itself to this engine (another driver or database)."""
 
 
+ConnGuardPluginWarning.__module__ = "connguard.sqlalchemy_plugin"  # where users import it
+
+
 def warn(message: str) -> None:
     """Say what the plugin cannot do for an engine, once per place (warnings' own rule)."""
     # stacklevel: point past SQLAlchemy's create_engine at the caller's line, roughly.

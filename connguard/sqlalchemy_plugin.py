@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 import weakref
@@ -62,7 +63,7 @@ from connguard.sqlalchemy_options import (  # noqa: F401 - re-exported: the plug
     warn,
 )
 from connguard.sqlalchemy_pool import IDLE_SINCE, GuardedQueuePool
-from connguard.sqlalchemy_reaper import IdleReaper
+from connguard.sqlalchemy_reaper import IdleReaper, _Reaped  # noqa: F401 - _Reaped: its home
 
 __all__ = ["ConnGuardPlugin", "ConnGuardPluginWarning", "PluginOptions", "stats"]
 
@@ -229,6 +230,7 @@ class EngineGuard:
         # inside, so CPython never switches threads in the middle of it.
         self._checkouts = 0
         self._foreign_warned = False
+        self._pid = os.getpid()  # the process whose connections and locks these are
         self.name = metrics.claim_name(_engine_name(engine.url), self)
         self._listeners = events.Listeners()
         self.connect_path = EngineConnect(self._engine, options, self.facts, self.name,
@@ -236,6 +238,16 @@ class EngineGuard:
         self.idle = IdleReaper(self._engine, options, self.facts,
                                closes_idle=options.reaper and self.support == FULL,
                                user_recycle=user_recycle, password=password)
+
+    @property
+    def wait_timeout(self) -> Optional[int]:
+        """The server's wait_timeout, read on the first connect (None before)."""
+        return self.idle.wait_timeout
+
+    @property
+    def idle_timeout(self) -> Optional[float]:
+        """How long a connection may stay idle (derived from wait_timeout unless given)."""
+        return self.idle.idle_timeout
 
     # -- installation ----------------------------------------------------------------------
     def install(self, custom_creator: bool) -> None:
@@ -398,7 +410,14 @@ class EngineGuard:
         self.idle.reap(pool)
 
     def _after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()  # another thread may have held them at the fork
+        """A forked child's fresh start, once per process: new locks (another thread may
+        have held one at the fork), the inherited idle connections dropped without a word,
+        a new pool. Run by the reaper's fork handler for the engines it watches, first,
+        and by this module's for every engine, the reaper on or off."""
+        if self._pid == os.getpid():
+            return  # done already in this process
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
         self.connect_path.after_fork_in_child()
         self.idle.after_fork_in_child()
         engine = self._engine()
@@ -520,4 +539,18 @@ def stats(engine: Any) -> Dict[str, Any]:
         raise ValueError(f"{engine!r} was not created with the connguard plugin: add "
                          "?plugin=connguard to the URL or plugins=['connguard']")
     return guard.stats()
+
+
+def _after_fork_in_child() -> None:
+    # After the reaper's handler (registered first: this module imports it), which has done
+    # the engines it watches before its thread starts again; these are the others.
+    for guard in metrics.engine_guards():
+        try:
+            guard._after_fork_in_child()
+        except Exception:  # noqa: BLE001 - one engine's failure must not spare the others
+            log.exception("connguard: an engine could not drop its inherited connections")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 

@@ -27,8 +27,12 @@ from connguard.sqlalchemy_pool import IDLE_SINCE, GuardedQueuePool
 log = logging.getLogger("connguard.sqlalchemy")
 
 
-class Reaped(sa_exc.DisconnectionError):
-    """The reason given to ``invalidate`` listeners for a connection the reaper closed."""
+class _Reaped(sa_exc.DisconnectionError):
+    """The reason given to ``invalidate`` listeners for a connection the reaper closed
+    (SQLAlchemy logs its name; listeners may match its class as the plugin's)."""
+
+
+_Reaped.__module__ = "connguard.sqlalchemy_plugin"
 
 
 class IdleReaper(EnginePart):
@@ -206,8 +210,8 @@ class IdleReaper(EnginePart):
         for rec, reason in taken:
             try:
                 if reason == "reaped":
-                    rec.invalidate(Reaped("connguard: the server closed this idle "
-                                          "connection (peer closed)"))
+                    rec.invalidate(_Reaped("connguard: the server closed this idle "
+                                           "connection (peer closed)"))
                 else:
                     rec.close()  # healthy: a graceful COM_QUIT before wait_timeout
             finally:

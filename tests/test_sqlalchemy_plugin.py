@@ -704,11 +704,41 @@ def test_disposed_and_collected_engine_leaves_no_socket_and_nothing_behind(
     wait_until(lambda: guard() is None, 30, message="the engine's guard to be freed")
 
 
+@pytest.mark.parametrize("reaper", ["true", "false"])
 def test_forked_child_never_uses_the_parents_connections(
-        mariadb: MariaDB, make_engine: EngineFactory) -> None:
-    engine = make_engine(pool_size=2)
+        mariadb: MariaDB, make_engine: EngineFactory, reaper: str) -> None:
+    # The reaper off too (it was: the child reused the parent's session). A thread of the
+    # parent holds the guard's locks at the fork, as a connect or a stats() call would:
+    # the child must not inherit them held (it would hang; in_forked_child kills it at 60 s).
+    url = mariadb.url()
+    engine = make_engine(url + ("&" if "?" in url else "?") + f"connguard_reaper={reaper}",
+                         pool_size=2)
     parent_ids = _fill_idle(engine, 2)
-    child_id = in_forked_child(lambda: int(_core_query(engine)))
+    guard = sqlalchemy_plugin.guard_of(engine)
+    assert guard is not None
+    locks = [guard._lock, guard.connect_path._lock, guard.idle._lock]
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        for lock in locks:
+            lock.acquire()
+        held.set()
+        release.wait(60)
+        for lock in locks:
+            lock.release()
+
+    def child() -> int:
+        stats(engine)  # takes the guard's lock and its parts' locks
+        return int(_core_query(engine))
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(60)
+    try:
+        child_id = in_forked_child(child, deadline=30)
+    finally:
+        release.set()
+        holder.join()
     assert child_id not in parent_ids
     # The parent's sessions survived the child's exit: reused, nothing found dead.
     assert _core_query(engine) in parent_ids
