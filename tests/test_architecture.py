@@ -105,9 +105,10 @@ def test_no_import_cycle_among_connguard_modules() -> None:
 
 # CPython (3.11+) keeps an instance's attributes in a compact layout shared by its class only
 # while there are at most 30 of them (SHARED_KEYS_MAX_SIZE); past that every instance gets a
-# plain dict and each ``self.x`` on the hot path is a slower lookup. Measured: Pool going from
-# 29 to 31 attributes cost ~1,500 instructions per checkout+return (5%, with not one Python
-# call more), and an engine guard's split earlier cost ~7,000 per engine checkout.
+# plain dict and each ``self.x`` on the hot path is a slower lookup (an attribute load that
+# cannot be specialized). How much that costs hides in the method-cache layout's own spread
+# of a few percent (docs/architecture.md, "What a split may cost"): the limit is kept as
+# CPython states it rather than as one measurement showed it.
 MAX_HOT_ATTRIBUTES = 30
 #: connguard.Pool and the parts it is built from (mixins of the one object).
 POOL_PARTS = (("pool", "Pool"), ("pool_connect", "ConnectPath"), ("pool_return", "ReturnPath"),
