@@ -9,21 +9,27 @@ imported on first use, so a driver that is not used is never imported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 #: ``driver=`` value -> the module that is the seam to that driver.
 SEAMS: Dict[str, str] = {"pymysql": "connguard.driver", "mysqldb": "connguard.mysqldb"}
-#: ``driver=`` value -> the driver's own module, when that is an extra to install.
-NEEDS = {"mysqldb": "MySQLdb"}
 #: How to install an optional driver module.
 INSTALL = {"MySQLdb": "pip install 'connguard[mysqlclient]' (mysqlclient)"}
 
 
-def not_installed(what: str, module: str) -> ModuleNotFoundError:
-    """The error for ``what`` when the driver ``module`` is missing: what to install."""
-    return ModuleNotFoundError(f"{what} needs the {module} module, which is not installed: "
-                               f"{INSTALL[module]}", name=module)
+@contextlib.contextmanager
+def explained_import(what: str) -> Iterator[None]:
+    """Around an import for ``what``: a missing optional driver module says what to
+    install instead of a bare "No module named ..."."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if exc.name not in INSTALL:
+            raise
+        raise ModuleNotFoundError(f"{what} needs the {exc.name} module, which is not "
+                                  f"installed: {INSTALL[exc.name]}", name=exc.name) from None
 
 
 def seam(name: Any) -> Any:
@@ -32,10 +38,5 @@ def seam(name: Any) -> Any:
     if module is None:
         raise ValueError(f"driver must be one of {', '.join(map(repr, sorted(SEAMS)))}, "
                          f"got {name!r}")
-    try:
+    with explained_import(f"driver={name!r}"):
         return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        needed = NEEDS.get(name)
-        if needed is None or exc.name != needed:
-            raise
-        raise not_installed(f"driver={name!r}", needed) from None

@@ -137,12 +137,8 @@ def _drivers_to_patch() -> Dict[str, Tuple[Any, Tuple[str, ...], Any]]:
     """Driver name (as ``install()`` takes it) -> (its module, the names of its connect
     function, the wrapper). A driver's module is imported only when named."""
     def mysqldb() -> Any:
-        try:
+        with drivers.explained_import("install('MySQLdb')"):
             import MySQLdb  # opt-in: only when install("MySQLdb") asks for it
-        except ModuleNotFoundError as exc:
-            if exc.name != "MySQLdb":
-                raise
-            raise drivers.not_installed("install('MySQLdb')", "MySQLdb") from None
         return MySQLdb
     return {"pymysql": (lambda: pymysql, ("connect", "Connect"), _patched_connect),
             "MySQLdb": (mysqldb, ("connect", "Connect", "Connection"), _patched_mysqldb_connect)}
