@@ -198,7 +198,7 @@ def engine_guards() -> List[Any]:
 
 def guarded_engines() -> List[Any]:
     """Every live engine made with the plugin."""
-    engines = (guard._engine() for guard in list(_engine_guards.values()))
+    engines = (guard._engine() for guard in engine_guards())
     return [engine for engine in engines if engine is not None]
 
 
@@ -208,7 +208,7 @@ def stats(target: Optional[Any] = None) -> Dict[str, Any]:
     if target is None:
         with _pools_lock:
             pools = [p for p in _pools if not p.closed]
-        guards = [g for g in list(_engine_guards.values()) if g._engine() is not None]
+        guards = [g for g in engine_guards() if g._engine() is not None]
         # Names are unique among live pools and engines (claim_name): one key each.
         every = [p.stats() for p in pools] + [g.stats() for g in guards]
         return {each["name"]: each for each in every}

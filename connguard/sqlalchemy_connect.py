@@ -88,8 +88,9 @@ class EngineConnect(EnginePart):
             return connector.translate(exc)
         return errors.translate(exc, password=self._password)
 
-    def counts(self) -> Tuple[Dict[str, int], Dict[str, int], Dict[str, Any]]:
-        """(connects and connect_errors, failures by class, the connect-time distribution)."""
+    def snapshot(self) -> Tuple[Dict[str, int], Dict[str, int], Dict[str, Any]]:
+        """(connects and connect_errors, failures by class, the connect-time distribution),
+        taken together."""
         with self._lock:
             return dict(self._counts), dict(self._failures), self._connect_time.snapshot()
 

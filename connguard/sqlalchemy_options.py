@@ -269,6 +269,14 @@ class EnginePart:
         self._lock = threading.Lock()
         self._counts: Counter = Counter()
 
+    def counts(self) -> Dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # another thread may have held it at the fork
 

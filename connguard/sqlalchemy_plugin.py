@@ -196,12 +196,15 @@ def _engine_name(url: Any) -> str:
         where = f"{where}:{url.port or 3306}"
     return f"{url.username or ''}@{where}" + (f"/{url.database}" if url.database else "")
 
+
 FULL, PARTIAL, NONE = "full", "partial", "none"
+
 
 def _support(dialect: Any) -> str:
     if dialect.name not in ("mysql", "mariadb"):
         return NONE
     return FULL if dialect.driver in dbapis.GUARDED else PARTIAL
+
 
 class EngineGuard:
     """What the plugin keeps per engine: its options and counters, and the listeners that
@@ -223,7 +226,6 @@ class EngineGuard:
         # How to watch this driver's connections (PyMySQL's when it has none: a do_connect
         # listener may still return PyMySQL connections, which are then watched).
         self.facts = facts or dbapis.PYMYSQL
-        self._password = password
         self._lock = threading.Lock()
         self._counts: Counter = Counter()
         # Checkouts are counted apart, lock-free: ``+= 1`` on an int attribute has no call
@@ -428,7 +430,7 @@ class EngineGuard:
     def stats(self) -> Dict[str, Any]:
         with self._lock:
             counts = dict(self._counts, checkouts=self._checkouts)
-        connects, failures, connect_s = self.connect_path.counts()
+        connects, failures, connect_s = self.connect_path.snapshot()
         counts.update(connects)
         counts.update(self.idle.counts())
         result: Dict[str, Any] = {key: counts.get(key, 0) for key in _COUNTERS}

@@ -54,14 +54,6 @@ class IdleReaper(EnginePart):
         # may only ask that loop to close a dead one (checkin adds, checkout removes).
         self._idle_on_loop: Dict[Any, Tuple[Any, asyncio.AbstractEventLoop]] = {}
 
-    def counts(self) -> Dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
-
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self._counts[key] += 1
-
     # -- the idle limit --------------------------------------------------------------------
     def learn_wait_timeout(self, dbapi_conn: Any, partial: bool) -> None:
         """Read the server's wait_timeout once and derive the idle limit from it.
