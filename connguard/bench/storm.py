@@ -410,7 +410,11 @@ def _drain(server: Any) -> None:
                message="the previous client's connections to go")
 
 
-def _measurements(clients: Sequence[str], unit: str, runs: Dict[str, List[Dict[str, float]]],
+#: Each client's metrics, one dict per round.
+Runs = Dict[str, List[Dict[str, float]]]
+
+
+def _measurements(clients: Sequence[str], unit: str, runs: Runs,
                   key: str) -> List[Measurement]:
     return [Measurement(name, unit, [run[key] for run in runs[name]]) for name in clients]
 
@@ -458,9 +462,6 @@ def outage_round(server: Any, factory: ClientFactory, threads: int, size: int, s
         "ready": round(started - origin, 3),
     }
     return metrics, series, load.codes
-
-
-Runs = Dict[str, List[Dict[str, float]]]
 
 
 def _rounds(server: Any, clients: Sequence[str], rounds: int, step: Step,
@@ -549,7 +550,7 @@ def _codes_note(codes: Dict[str, Counter]) -> str:
         f"{name}: {kinds(counter)}" for name, counter in codes.items())
 
 
-def _recovery_notes(runs: Dict[str, List[Dict[str, float]]], after: float) -> List[str]:
+def _recovery_notes(runs: Runs, after: float) -> List[str]:
     return [f"{name}: no successful call within {after:g} s of the restart in "
             f"{sum(1 for r in rs if not r['recovered'])} of {len(rs)} rounds (counted as "
             f"{after:g} s)" for name, rs in runs.items() if not all(r["recovered"] for r in rs)]
