@@ -4,7 +4,6 @@ for the classifier alone and its cost)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 import connguard
 from connguard.statements import SCAN_LIMIT
 from tests.mariadb import MariaDB
+from tests.optional import optional
 from tests.test_transparency import table  # noqa: F401, F811 - a fixture
 
 pytestmark = pytest.mark.timeout(300)  # the backtracking classifier took minutes: fail, not hang
@@ -31,8 +31,8 @@ def _execute(conn: Any, sql: str) -> Any:
 
 @pytest.fixture(params=["pymysql", "mysqldb"])
 def pool(request: Any, mariadb: MariaDB) -> Iterator[connguard.Pool]:
-    if request.param == "mysqldb" and os.environ.get("CONNGUARD_REQUIRE_DRIVERS") != "1":
-        pytest.importorskip("MySQLdb", reason="mysqlclient is not installed")
+    if request.param == "mysqldb":
+        optional("MySQLdb", "pip install 'connguard[mysqlclient]'")
     with connguard.Pool(driver=request.param, **mariadb.connect_kwargs(autocommit=True),
                         max_size=1) as p:
         yield p
