@@ -22,12 +22,16 @@ _MASK = "***"
 # URLs (up to the last ``@`` before the host: a password may hold ``@`` and ``/``).
 _QUOTED = r"b?'(?:[^'\\]|\\.)*'|" + r'b?"(?:[^"\\]|\\.)*"'
 _SECRET_ASSIGNMENT = re.compile(
-    r"(?i)(?<![a-z])([a-z_]*(?:password|passwd|pwd))(\s*[=:]\s*)"
+    # (?<![a-z_]): a name is tried from the start of its run of letters only; tried from
+    # each "_" in it too, "a_a_a_..." (a long token in an error text) cost quadratic time.
+    r"(?i)(?<![a-z_])([a-z_]*(?:password|passwd|pwd))(\s*[=:]\s*)"
     r"(?!(?:YES|NO)\))"  # MariaDB's "(using password: YES)" says nothing secret
     rf"({_QUOTED}|[^\s,;)&'\"]+)")
 _SECRET_ENTRY = re.compile(
     rf"(?i)(['\"][a-z_]*(?:password|passwd|pwd)['\"]\s*:\s*)({_QUOTED})")
-_URL_USERINFO = re.compile(r"(://[^/\s:@]*:)\S*@(?=[^@/\s]+)")
+# scheme://user: ; its password runs to the last "@" of the token that a host follows.
+_URL_USER = re.compile(r"://[^/\s:@]*:")
+_BLANK = re.compile(r"\s")
 #: A password is also masked where it appears verbatim, as a whole token, only from this
 #: length on (and not all digits): a short one would match by chance ("3" in 10.0.0.3),
 #: mangling the message and showing where the password's characters are.
@@ -59,8 +63,39 @@ def redact(text: str, password: Password = None) -> str:
         text = token.sub(_MASK, text)
     text = _SECRET_ENTRY.sub(rf"\1'{_MASK}'", text)
     text = _SECRET_ASSIGNMENT.sub(rf"\1\2{_MASK}", text)
-    text = _URL_USERINFO.sub(rf"\1{_MASK}@", text)
-    return text
+    return _mask_url_passwords(text)
+
+
+def _mask_url_passwords(text: str) -> str:
+    """``scheme://user:password@host`` with the password masked, in linear time: each token
+    (a run without whitespace) is read once, however many "://" it holds (a regex of the
+    same rule, ``\\S*@`` tried from every "://", was quadratic)."""
+    out: List[str] = []
+    pos = 0
+    while True:
+        user = _URL_USER.search(text, pos)
+        if user is None:
+            break
+        blank = _BLANK.search(text, user.end())
+        token_end = len(text) if blank is None else blank.start()
+        at = _last_host_at(text, user.end(), token_end)
+        if at < 0:  # no later "://" of this token can find one either: skip the token
+            out.append(text[pos:token_end])
+            pos = token_end
+            continue
+        out.append(text[pos:user.end()] + _MASK)
+        pos = at  # the "@host" is kept
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _last_host_at(text: str, start: int, end: int) -> int:
+    """The last "@" in text[start:end] followed by a host character (not "@", "/" or the
+    token's end); -1 if there is none."""
+    at = text.rfind("@", start, end)
+    while at >= 0 and (at + 1 >= end or text[at + 1] in "@/"):
+        at = text.rfind("@", start, at)
+    return at
 
 
 def redact_args(args: Tuple[Any, ...], password: Password) -> Tuple[Any, ...]:

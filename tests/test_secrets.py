@@ -164,3 +164,15 @@ def test_a_handshake_cut_by_the_callers_timeout_says_so(closed_port: int) -> Non
         assert DISTINCT not in _printed(info.value)
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("text", ["a_" * 10_000, "://a:" * 10_000, "://" * 10_000 + "@",
+                                  "password=" * 10_000, "'password': '" * 5_000,
+                                  "x://u:" + "@" * 20_000])
+def test_redaction_of_hostile_text_is_linear(text: str) -> None:
+    """Error texts quote what the server or the user gave (identifiers, URLs): masking them
+    must cost a bounded multiple of a linear scan, never rescan per position."""
+    from tests.test_statements import RATIO, _best_of, _linear_scan
+
+    taken = _best_of(redact, text)
+    assert taken <= RATIO * _best_of(_linear_scan, text) + 0.001, f"{taken * 1e3:.1f} ms"
