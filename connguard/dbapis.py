@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from typing import Any, Callable, Optional, Tuple, Type
+from typing import Any, Callable, List, Optional, Tuple, Type
 
 import pymysql
 
@@ -41,6 +41,21 @@ class DriverFacts:
     is_async: bool = False
     #: Called with each new connection (on the thread that opened it).
     connected: Callable[[Any], None] = lambda conn: None
+    #: connguard's own query on a user's connection: its rows as the server's bytes, never
+    #: through the connection's cursor class, ``conv`` or ``use_unicode``. None: the
+    #: connection's ``cursor()`` (SQLAlchemy's async adapters ask for the plain class).
+    raw_rows: Optional[Callable[[Any, str], List[Tuple[Any, ...]]]] = None
+
+    def first_value(self, conn: Any, sql: str) -> Any:
+        """The first column of ``sql``'s first row on ``conn`` (IndexError when none)."""
+        if self.raw_rows is not None:
+            return self.raw_rows(conn, sql)[0][0]
+        cursor = conn.cursor()
+        try:
+            cursor.execute(sql)
+            return cursor.fetchone()[0]
+        finally:
+            cursor.close()
 
     def own_error(self, err: BaseException) -> BaseException:
         """``err``, raised by connguard itself (no driver error behind it), as this driver's
@@ -61,7 +76,8 @@ class DriverFacts:
 
 # -- PyMySQL ---------------------------------------------------------------------------------
 PYMYSQL = DriverFacts("pymysql", pymysql.connections.Connection, pymysql.err.Error,
-                      driver.raw_socket, driver.drop_inherited, driver.thread_id)
+                      driver.raw_socket, driver.drop_inherited, driver.thread_id,
+                      raw_rows=driver.raw_rows)
 
 
 # -- mysqlclient (MySQLdb) -------------------------------------------------------------------
@@ -127,6 +143,20 @@ def mysqldb_drop_inherited(conn: Any) -> None:
         os.dup2(_dead_end(), fd)
 
 
+def mysqldb_raw_rows(conn: Any, sql: str) -> List[Tuple[Optional[bytes], ...]]:
+    """``sql``'s rows as the bytes the server sent (NULL as None), on a mysqlclient
+    connection: no cursor (so not its ``cursorclass``), no converter (so not its ``conv``
+    nor ``use_unicode``; the library's result reads the connection's converter when made)."""
+    saved = conn.converter
+    conn.converter = {}  # no conversion at all: every value as bytes
+    try:
+        conn.query(sql)
+        result = conn.store_result()
+    finally:
+        conn.converter = saved
+    return list(result.fetch_row(0)) if result is not None else []
+
+
 def mysqldb_thread_id(conn: Any) -> Optional[int]:
     try:
         return int(conn.thread_id())
@@ -141,7 +171,7 @@ def mysqldb_facts(dbapi: Any) -> DriverFacts:
     connections = importlib.import_module(dbapi.__name__ + ".connections")
     return DriverFacts("mysqldb", connections.Connection, dbapi.Error,
                        mysqldb_pollable, mysqldb_drop_inherited, mysqldb_thread_id, dbapi,
-                       connected=mysqldb_connected)
+                       connected=mysqldb_connected, raw_rows=mysqldb_raw_rows)
 
 
 # -- aiomysql and asyncmy (async engines) -------------------------------------------------------

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pymysql
 
-from connguard import errors
+from connguard import driver, errors
 from connguard.census import census
 from connguard.guard import DEFAULT_FD_RESERVE, default_port_reserve
 from connguard.limits import TIME_WAIT_SECONDS, limits
@@ -610,20 +610,24 @@ def read_server(target: Target, connect: Connect = pymysql.connect) -> Dict[str,
     """Variables and status of the server, over one short-lived connection."""
     conn = connect(**target.connect_kwargs())
     try:
-        with conn.cursor() as cur:
-            names = ", ".join(f"'{n}'" for n in SERVER_VARIABLES)
-            cur.execute(f"SHOW GLOBAL VARIABLES WHERE Variable_name IN ({names}) "
-                        "OR Variable_name LIKE 'thread\\_pool\\_%'")
-            variables = {str(k): str(v) for k, v in cur.fetchall()}
-            names = ", ".join(f"'{n}'" for n in SERVER_STATUS)
-            cur.execute(f"SHOW GLOBAL STATUS WHERE Variable_name IN ({names}) "
-                        "OR Variable_name LIKE 'Connection\\_errors\\_%' "
-                        "OR Variable_name LIKE 'Threadpool\\_%'")
-            status = {str(k): str(v) for k, v in cur.fetchall()}
+        # A plain cursor and the server's bytes, whatever cursor class and converters the
+        # connection ``connect`` makes would apply.
+        names = ", ".join(f"'{n}'" for n in SERVER_VARIABLES)
+        variables = _named(conn, f"SHOW GLOBAL VARIABLES WHERE Variable_name IN ({names}) "
+                                 "OR Variable_name LIKE 'thread\\_pool\\_%'")
+        names = ", ".join(f"'{n}'" for n in SERVER_STATUS)
+        status = _named(conn, f"SHOW GLOBAL STATUS WHERE Variable_name IN ({names}) "
+                              "OR Variable_name LIKE 'Connection\\_errors\\_%' "
+                              "OR Variable_name LIKE 'Threadpool\\_%'")
     finally:
         conn.close()
     return {"reachable": True, "error": None, "version": variables.get("version"),
             "variables": variables, "status": status}
+
+
+def _named(conn: Any, sql: str) -> Dict[str, str]:
+    """A SHOW statement's (name, value) rows as text."""
+    return {driver.text(name): driver.text(value) for name, value in driver.raw_rows(conn, sql)}
 
 
 def _server(target: Target, connect: Connect) -> Tuple[Dict[str, Any], List[Check]]:

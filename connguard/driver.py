@@ -422,7 +422,7 @@ def _reset_and_reapply(conn: GuardedConnection, autocommit_mode: bool) -> bool:
     if settings.sql_mode is not None:
         conn.query(f"SET sql_mode={conn.escape(settings.sql_mode)}")
     if settings.init_command is not None:
-        with conn.cursor() as cur:
+        with conn.cursor(pymysql.cursors.Cursor) as cur:  # buffered, whatever the default
             cur.execute(settings.init_command)
     if autocommit(conn) != autocommit_mode:
         conn.autocommit(autocommit_mode)
@@ -436,11 +436,43 @@ def _reset_and_reapply(conn: GuardedConnection, autocommit_mode: bool) -> bool:
     return True
 
 
-def _current_database(conn: pymysql.connections.Connection) -> Optional[str]:
-    with conn.cursor() as cur:
-        cur.execute("SELECT DATABASE()")
-        row = cur.fetchone()
-    return row[0] if row else None
+def _current_database(conn: pymysql.connections.Connection) -> Optional[bytes]:
+    rows = raw_rows(conn, "SELECT DATABASE()")
+    return rows[0][0] if rows else None
+
+
+# -- connguard's own queries on a user's connection -------------------------------------------
+def raw_rows(conn: Any, sql: str) -> List[Tuple[Optional[bytes], ...]]:
+    """``sql``'s rows as the bytes the server sent (NULL as None), on a plain buffered cursor.
+
+    Never through the connection's own choices: its ``cursorclass`` (a ``DictCursor`` row is
+    not a tuple, an ``SSCursor`` leaves rows unread), its ``conv`` and ``use_unicode`` (a
+    number may come back as text, bytes or anything a converter makes). The decoders are
+    put back before this returns; the connection is the caller's alone meanwhile.
+    ``conn`` may be a PyMySQL connection or a pooled one (its cursor ends with the call).
+    """
+    saved = conn.decoders, conn.use_unicode
+    conn.decoders, conn.use_unicode = {}, False  # no converter, no decoding: raw bytes
+    try:
+        with conn.cursor(pymysql.cursors.Cursor) as cur:
+            cur.execute(sql)
+            return list(cur.fetchall())
+    finally:
+        conn.decoders, conn.use_unicode = saved
+
+
+def number(value: Any) -> int:
+    """An integer the server sent, as bytes or text (ValueError when it is not one)."""
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("ascii")
+    return int(value)
+
+
+def text(value: Any) -> str:
+    """A name or value the server sent, as bytes or text."""
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("utf-8", "replace")
+    return str(value)
 
 
 def server_capacity(conn: pymysql.connections.Connection, timeout: float) -> Dict[str, Any]:
@@ -453,14 +485,13 @@ def server_capacity(conn: pymysql.connections.Connection, timeout: float) -> Dic
     previous = sock.gettimeout()
     try:
         sock.settimeout(timeout)
-        with conn.cursor() as cur:
-            cur.execute("SELECT @@GLOBAL.max_connections, @@GLOBAL.max_user_connections")
-            max_connections, max_user = cur.fetchone()
-            cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN "
-                        "('Threads_connected', 'Max_used_connections')")
-            status = {name.lower(): int(value) for name, value in cur.fetchall()}
-        return {"max_connections": int(max_connections),
-                "max_user_connections": int(max_user), **status}
+        (max_connections, max_user), = raw_rows(
+            conn, "SELECT @@GLOBAL.max_connections, @@GLOBAL.max_user_connections")
+        status = {text(name).lower(): number(value) for name, value in raw_rows(
+            conn, "SHOW GLOBAL STATUS WHERE Variable_name IN "
+                  "('Threads_connected', 'Max_used_connections')")}
+        return {"max_connections": number(max_connections),
+                "max_user_connections": number(max_user), **status}
     except (pymysql.err.Error, OSError, TypeError, ValueError):
         return {}
     finally:
@@ -479,20 +510,23 @@ def server_limits(conn: pymysql.connections.Connection) -> Dict[str, Any]:
     ``affected_rows()`` does not show the query."""
     last = conn._result, conn._affected_rows
     try:
-        with conn.cursor() as cur:
-            cur.execute(LIMITS_QUERY)
-            row = cur.fetchone()
+        rows = raw_rows(conn, LIMITS_QUERY)
     except pymysql.err.Error:
         return {}
     finally:
         conn._result, conn._affected_rows = last
-    return limits_from_row(row)
+    return limits_from_row(rows[0] if rows else None)
 
 
 def limits_from_row(row: Any) -> Dict[str, Any]:
-    """LIMITS_QUERY's row by name (a NULL left out)."""
+    """LIMITS_QUERY's row by name, its values as bytes, text or numbers (a NULL, or a value
+    that is not a number, left out: a limit not known is better than a failed connect)."""
     names = ("wait_timeout", "max_connections", "max_user_connections", "max_connect_errors")
-    return {name: int(value) for name, value in zip(names, row or ()) if value is not None}
+    limits: Dict[str, Any] = {}
+    for name, value in zip(names, row or ()):
+        with contextlib.suppress(TypeError, ValueError):
+            limits[name] = number(value)
+    return limits
 
 
 

@@ -291,9 +291,7 @@ def server_capacity(conn: GuardedConnection, timeout: float) -> Dict[str, Any]:
 def server_limits(conn: GuardedConnection) -> Dict[str, Any]:
     """``connguard.driver.server_limits`` for mysqlclient, on a connection just opened."""
     try:
-        conn.query(driver.LIMITS_QUERY)
-        result = conn.store_result()
-        rows = result.fetch_row() if result is not None else ()
+        rows = dbapis.mysqldb_raw_rows(conn, driver.LIMITS_QUERY)
         # affected_rows() must read 0, as on a fresh connection, not our query's row:
         # an OK reply that resets it (autocommit as it is: the connect already set it).
         _mysql.connection.autocommit(conn, bool(conn.get_autocommit()))

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import QueuePool
 
-from connguard import dbapis, errors
+from connguard import dbapis, driver, errors
 from connguard.liveness import peer_closed
 from connguard.policies import LifetimePolicy
 from connguard.sqlalchemy_options import EnginePart, PluginOptions
@@ -64,13 +64,9 @@ class IdleReaper(EnginePart):
         watches, so SQLAlchemy's recycle enforces the limit.
         """
         try:
-            cursor = dbapi_conn.cursor()
-            try:
-                cursor.execute("SELECT @@SESSION.wait_timeout")
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
-            wait_timeout = int(row[0])
+            facts = dbapis.facts_of(dbapi_conn, self.facts)  # not the user's cursor class
+            wait_timeout = driver.number(facts.first_value(dbapi_conn,
+                                                           "SELECT @@SESSION.wait_timeout"))
         except Exception as exc:  # noqa: BLE001 - any driver's error: just do without
             log.debug("could not read wait_timeout: %s", errors.redact(str(exc), self._password))
             wait_timeout = 0
