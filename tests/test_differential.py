@@ -31,6 +31,7 @@ from pymysql.constants import CLIENT, FIELD_TYPE
 import connguard
 from connguard import dropin
 from tests.mariadb import MariaDB
+from tests.optional import optional
 
 TABLE = "app.t_diff"
 MARK = 99  # the value the first borrower writes and never commits
@@ -376,7 +377,7 @@ def _mysqldb_kwargs(server: MariaDB, case: str, mysqldb: Any) -> Dict[str, Any]:
 
 @pytest.mark.parametrize("case", list(MYSQLDB_CASES))
 def test_mysqldb_arguments_agree(server: MariaDB, case: str) -> None:
-    mysqldb = pytest.importorskip("MySQLdb")
+    mysqldb = optional("MySQLdb", "pip install 'connguard[mysqlclient]'")
     import MySQLdb.cursors  # noqa: F401 - the cursor classes a case names
 
     kwargs = _mysqldb_kwargs(server, case, mysqldb)
@@ -455,7 +456,7 @@ def test_internal_reads_ignore_the_connections_arguments(server: MariaDB, case: 
 
 @pytest.mark.parametrize("case", ("defaults", "DictCursor", "use_unicode=False", "conv"))
 def test_mysqldb_limits_ignore_the_connections_arguments(server: MariaDB, case: str) -> None:
-    mysqldb = pytest.importorskip("MySQLdb")
+    mysqldb = optional("MySQLdb", "pip install 'connguard[mysqlclient]'")
     import MySQLdb.cursors  # noqa: F401
 
     from connguard import mysqldb as seam
