@@ -38,13 +38,13 @@ from MySQLdb import _mysql
 from connguard import dbapis, driver
 from connguard.proxy import PooledConnection, _Returned, lease_of, pooled_cursor_class
 from connguard.session import (
-    _LEAD,
     CHARSET_CHANGED,
     DB_CHANGED,
     TAINTED,
     SessionMarks,
     may_change_session,
 )
+from connguard.statements import starts_with
 
 # -- what connguard.drivers asks of every seam --------------------------------------------------
 #: ``MySQLdb.connect``'s keyword arguments (mysqlclient 2.x; it takes ``**kwargs``, so they
@@ -88,17 +88,20 @@ SENT = 1  # a statement was sent: results may be unread; without autocommit a tr
 BEGUN = 16  # BEGIN / START TRANSACTION: a transaction even with autocommit on
 UNRESETTABLE = 32  # set_server_option(): no reset undoes it, the connection is replaced
 
-# BEGIN / START TRANSACTION after whatever comments and whitespace lead the statement (the
-# session classifier's lead: ``/* app */ BEGIN`` opens a transaction too).
-_BEGIN = f"{_LEAD}(?:BEGIN|START\\s+TRANSACTION)\\b"
-_BEGIN_TEXT = re.compile(_BEGIN, re.IGNORECASE | re.DOTALL)
-_BEGIN_BYTES = re.compile(_BEGIN.encode(), re.IGNORECASE | re.DOTALL)
+# BEGIN / START TRANSACTION as the statement's first keyword, after whatever comments and
+# whitespace lead it (``/* app */ BEGIN`` opens a transaction too): connguard.statements finds
+# that keyword in linear time, and the pattern is tried there only.
+_BEGIN = r"(?:BEGIN|START\s+TRANSACTION)\b"
+_BEGIN_TEXT = re.compile(_BEGIN, re.IGNORECASE)
+_BEGIN_BYTES = re.compile(_BEGIN.encode(), re.IGNORECASE)
 
 
 def _opens_transaction(sql: Any) -> bool:
     if isinstance(sql, str):
-        return _BEGIN_TEXT.match(sql) is not None
-    return _BEGIN_BYTES.match(bytes(sql)) is not None
+        return starts_with(sql, _BEGIN_TEXT)
+    if isinstance(sql, memoryview):
+        sql = sql.tobytes()
+    return starts_with(sql, _BEGIN_BYTES)
 
 
 class GuardedConnection(SessionMarks, MySQLdb.connections.Connection):

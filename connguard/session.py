@@ -21,6 +21,8 @@ import dataclasses
 import re
 from typing import Any, Optional, Union
 
+from connguard.statements import changes_session_anywhere, starts_with
+
 # GuardedConnection._cg_marks (both drivers' connections): what a borrower did that the
 # reset on return must undo. Bit 1 and those from 16 up are each driver's own.
 TAINTED = 2  # a statement may have changed session state (see may_change_session)
@@ -48,41 +50,37 @@ class SessionMarks(_Connection):
         super().set_character_set(charset, collation)
 
 # Statements whose first keyword says they change session state. ``SET`` covers session and
-# user variables, ``SET NAMES``, ``SET TRANSACTION`` and MariaDB's ``SET STATEMENT``.
-_VERBS = (r"SET|USE|LOCK|PREPARE|EXECUTE|DEALLOCATE|HANDLER|CALL|DO|XA|FLUSH|BACKUP|LOAD"
-          r"|BEGIN\s+NOT\s+ATOMIC|(?:CREATE|DROP)\s+(?:OR\s+REPLACE\s+)?TEMPORARY")
-# Leading whitespace, comments and parentheses before the first keyword. Executable comments
-# (``/*!40101 SET NAMES utf8 */``, MariaDB's ``/*M!...``) are not comments to the server:
-# they are caught by the anywhere-pattern below.
-_LEAD = r"(?:\s+|/\*(?!M?!).*?\*/|(?:--\s|#)[^\n]*(?:\n|$)|\()*"
-# Anywhere in a statement: named locks, user-variable assignment (``:=``, ``INTO @v``),
-# LAST_INSERT_ID(expr), which sets the session's value, executable comments, and a second
-# statement after a ";" (multi-statements: it is not judged by its first word). Each has a
-# "_", ":", "@", "!" or ";": a statement with none of them is not searched at all.
-_ANYWHERE = r"GET_LOCK|:=|INTO\s*@|LAST_INSERT_ID\s*\(\s*[^)\s]|/\*M?!|;\s*[^\s;]"
-_FLAGS = re.IGNORECASE | re.DOTALL
-
-VERB_TEXT = re.compile(f"{_LEAD}(?:{_VERBS})\\b", _FLAGS)
-VERB_BYTES = re.compile(f"{_LEAD}(?:{_VERBS})\\b".encode(), _FLAGS)
-ANYWHERE_TEXT = re.compile(_ANYWHERE, _FLAGS)
-ANYWHERE_BYTES = re.compile(_ANYWHERE.encode(), _FLAGS)
-
+# user variables, ``SET NAMES``, ``SET TRANSACTION`` and MariaDB's ``SET STATEMENT``. Tried at
+# one position only (the statement's first keyword, found by connguard.statements), so the
+# ``\s+`` between two words cannot make it backtrack over the lead.
+_VERBS = (r"(?:SET|USE|LOCK|PREPARE|EXECUTE|DEALLOCATE|HANDLER|CALL|DO|XA|FLUSH|BACKUP|LOAD"
+          r"|BEGIN\s+NOT\s+ATOMIC|(?:CREATE|DROP)\s+(?:OR\s+REPLACE\s+)?TEMPORARY)\b")
+VERB_TEXT = re.compile(_VERBS, re.IGNORECASE)
+VERB_BYTES = re.compile(_VERBS.encode(), re.IGNORECASE)
 
 # The first four letters of the statements most programs send, none a session verb: for
-# these the verb pattern (half a microsecond) is not run, only the cheap checks below.
+# these the lead is not scanned nor the verb pattern run, only the cheap checks below.
 _PLAIN_HEADS = frozenset({"SELE", "INSE", "UPDA", "DELE", "REPL", "WITH", "SHOW", "DESC",
                           "EXPL", "COMM", "ROLL", "ALTE", "TRUN"})
 
 
-def may_change_session(sql: Union[str, bytes]) -> bool:
-    """Whether ``sql`` may change session state the pool cannot track (see module doc)."""
+def may_change_session(sql: Union[str, bytes, bytearray, memoryview]) -> bool:
+    """Whether ``sql`` may change session state the pool cannot track (see module doc).
+
+    Linear in the statement, bounded (a statement over ``statements.SCAN_LIMIT`` is taken to
+    change it, unread) and copy-free: each construct searched anywhere is looked for by a
+    character it must hold ("_", ":", "@", "!", ";"), so a statement with none of them
+    costs five memchr scans."""
     if isinstance(sql, str):
-        return (sql[:4].upper() not in _PLAIN_HEADS and VERB_TEXT.match(sql) is not None) or (
-            ("_" in sql or ":" in sql or "@" in sql or "!" in sql or ";" in sql)
-            and ANYWHERE_TEXT.search(sql) is not None)
-    return VERB_BYTES.match(sql) is not None or (
+        if sql[:4].upper() not in _PLAIN_HEADS and starts_with(sql, VERB_TEXT):
+            return True
+        return (("_" in sql or ":" in sql or "@" in sql or "!" in sql or ";" in sql)
+                and changes_session_anywhere(sql))
+    if isinstance(sql, memoryview):
+        sql = sql.tobytes()
+    return starts_with(sql, VERB_BYTES) or (
         (b"_" in sql or b":" in sql or b"@" in sql or b"!" in sql or b";" in sql)
-        and ANYWHERE_BYTES.search(sql) is not None)
+        and changes_session_anywhere(sql))
 
 
 @dataclasses.dataclass(frozen=True)
