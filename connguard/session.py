@@ -21,7 +21,7 @@ import dataclasses
 import re
 from typing import Any, Optional, Union
 
-from connguard.statements import changes_session_anywhere, starts_with
+from connguard.statements import SCAN_LIMIT, changes_session_anywhere, starts_with
 
 # GuardedConnection._cg_marks (both drivers' connections): what a borrower did that the
 # reset on return must undo. Bit 1 and those from 16 up are each driver's own.
@@ -71,6 +71,8 @@ def may_change_session(sql: Union[str, bytes, bytearray, memoryview]) -> bool:
     change it, unread) and copy-free: each construct searched anywhere is looked for by a
     character it must hold ("_", ":", "@", "!", ";"), so a statement with none of them
     costs five memchr scans."""
+    if len(sql) > SCAN_LIMIT:
+        return True
     if isinstance(sql, str):
         if sql[:4].upper() not in _PLAIN_HEADS and starts_with(sql, VERB_TEXT):
             return True

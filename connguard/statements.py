@@ -71,6 +71,8 @@ class _Alphabet(NamedTuple):
     into: Any  # "into" (lower case: compared with a lowered 4-character slice)
     blank: Any  # MySQL's whitespace: what may follow "--" to make it a comment
     blank_or_paren: Any  # what a run of opening parentheses and whitespace is made of
+    blank_or_semicolon: Any  # what may follow a statement's ";" without a second statement
+    executable_comment: Pattern[Any]  # /*! or /*M! (a literal "/*" first: a fast scan)
     named_functions: Pattern[Any]
     at_after_o_or_blank: Pattern[Any]
 
@@ -84,6 +86,8 @@ def _alphabet(encode: Any) -> _Alphabet:
         semicolon=encode(";"), bang=encode("!"), at=encode("@"), colon=encode(":"),
         assign=encode(":="), underscore=encode("_"), into=encode("into"),
         blank=encode(" \t\n\r\f\v"), blank_or_paren=encode(" \t\n\r\f\v("),
+        blank_or_semicolon=encode(" \t\n\r\f\v;"),
+        executable_comment=re.compile(encode(r"/\*[Mm]?!")),
         named_functions=re.compile(encode(_NAMED_FUNCTIONS)),
         at_after_o_or_blank=re.compile(encode(rf"@(?<=[Oo{_WS[1:-1]}]@)")))
 
@@ -189,24 +193,14 @@ def changes_session_anywhere(sql: Statement) -> bool:
 
 
 def _second_statement(sql: Statement, a: _Alphabet) -> bool:
+    """Anything but whitespace and more ";" after a ";". A run of both is skipped in one
+    step, so ``"; ; ; ..."`` costs one pass."""
     i = sql.find(a.semicolon)
-    while i >= 0:
-        nxt = skip_blanks(sql, i + 1)
-        if nxt < len(sql) and not sql.startswith(a.semicolon, nxt):
-            return True
-        i = sql.find(a.semicolon, nxt)
-    return False
+    return i >= 0 and skip_blanks(sql, i, a.blank_or_semicolon) < len(sql)
 
 
 def _executable_comment(sql: Statement, a: _Alphabet) -> bool:
-    i = sql.find(a.bang)
-    while i >= 0:
-        if ((i >= 2 and sql.startswith(a.comment_open, i - 2))
-                or (i >= 3 and sql.startswith(a.comment_open, i - 3)
-                    and _executable_at(sql, i - 1, a))):
-            return True
-        i = sql.find(a.bang, i + 1)
-    return False
+    return a.bang in sql and a.executable_comment.search(sql) is not None
 
 
 def _into_variable(sql: Statement, a: _Alphabet) -> bool:

@@ -4,8 +4,9 @@ event loop (no CLOSE_WAIT, no checkout needed), an outage waited out through the
 without ever blocking the loop (a ticker measures the loop's stalls), 1040, 1135 and errno 99
 translated and still the driver's classes.
 
-Each test runs its own event loop (``asyncio.run``). ``.ci/run`` sets
-``CONNGUARD_REQUIRE_DRIVERS=1``: a missing driver is then a failure, not a skip.
+Each test runs its own event loop (``asyncio.run``). A driver (or greenlet) that does not
+import skips its tests (tests/optional.py); with ``CONNGUARD_REQUIRE_DRIVERS=1``, as CI sets
+it, it is a failure instead.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
-import importlib
-import os
 import threading
 import time
 from typing import Any, Awaitable, Callable, Dict, List
@@ -26,9 +25,11 @@ import sqlalchemy as sa
 from connguard.sqlalchemy_plugin import stats
 from tests.mariadb import MariaDB, socket_states
 from tests.netns import run_in_netns
+from tests.optional import optional
 from tests.test_errors_real import DEADLINE, check, fill, raw_connections, report
 
-pytest.importorskip("sqlalchemy.ext.asyncio")
+# SQLAlchemy's asyncio needs greenlet, which SQLAlchemy 2.1 no longer installs by itself.
+optional("greenlet", "SQLAlchemy's async engines need it: pip install 'sqlalchemy[asyncio]'")
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine  # noqa: E402
 
 DRIVERS = ("aiomysql", "asyncmy")
@@ -36,11 +37,7 @@ POOL_SIZE = 4
 
 
 def _driver(name: str) -> Any:
-    if os.environ.get("CONNGUARD_REQUIRE_DRIVERS") == "1":
-        importlib.import_module("greenlet")
-        return importlib.import_module(name)
-    pytest.importorskip("greenlet", reason="SQLAlchemy's async engines need greenlet")
-    return pytest.importorskip(name, reason=f"{name} is not installed")
+    return optional(name, f"pip install {name}")
 
 
 @pytest.fixture(params=DRIVERS)

@@ -16,6 +16,7 @@ from connguard import cli
 from connguard.bench import report, runner
 from connguard.bench.common import Measurement, ScenarioResult
 from tests.mariadb import APP_PASSWORD, INSTALL_HINT, MariaDB
+from tests.optional import optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,7 +171,7 @@ def test_ratios_against_the_best_alternative() -> None:
 
 
 def test_charts_from_a_document(tmp_path: Any) -> None:
-    pytest.importorskip("matplotlib")
+    optional("matplotlib")
     timeline = {"kind": "timeline", "bucket_s": 0.1, "clients": {
         name: {"attempts": [0, 3, 9, 1], "errors": [0, 5, 7, 0], "ok": [4, 0, 0, 4],
                "stop": 0.1, "restart": 0.2, "ready": 0.3}
@@ -212,7 +213,7 @@ def test_plain_and_rich_progress(capsys: Any) -> None:
     assert stream.getvalue().splitlines() == [
         "[1/1] checkout: checkout + return of an idle connection",
         "[1/1] checkout: round 1/3", "[1/1] checkout: skipped in 0.5 s (needs sqlalchemy)"]
-    pytest.importorskip("rich")
+    optional("rich")
     fancy = runner.RichProgress()
     try:
         fancy.begin(1)
@@ -225,9 +226,8 @@ def test_plain_and_rich_progress(capsys: Any) -> None:
 
 
 def test_setuptools_ships_the_benchmarks_inside_connguard_only() -> None:
-    tomllib = pytest.importorskip("tomllib") if sys.version_info >= (3, 11) else \
-        pytest.importorskip("tomli")
-    setuptools = pytest.importorskip("setuptools")
+    tomllib = optional("tomllib") if sys.version_info >= (3, 11) else optional("tomli")
+    setuptools = optional("setuptools")
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         config = tomllib.load(f)
     include = config["tool"]["setuptools"]["packages"]["find"]["include"]
@@ -261,7 +261,7 @@ def test_connect_attempts_are_counted_reconnects_included(mariadb: MariaDB) -> N
     from connguard.bench import storm
     from tests.mariadb import wait_until
 
-    pytest.importorskip("dbutils")
+    optional("dbutils")
     client = storm.DBUtilsClient(mariadb.connect_kwargs(), 1, 5.0)
     try:
         client.work("SELECT 1")

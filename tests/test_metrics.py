@@ -16,6 +16,7 @@ import sqlalchemy as sa
 import connguard
 from connguard import events
 from tests.mariadb import MariaDB, wait_until
+from tests.optional import optional
 
 SECTIONS = {"name", "kind", "sizes", "counters", "distributions"}
 SIZES = {"idle", "in_use", "opening", "max", "ceiling"}
@@ -193,7 +194,7 @@ def _sample_stats(mariadb: MariaDB) -> Any:
 
 
 def test_a_prometheus_scrape_parses_and_matches_stats(mariadb: MariaDB) -> None:
-    prometheus_client = pytest.importorskip("prometheus_client")
+    prometheus_client = optional("prometheus_client")
     from prometheus_client.parser import text_string_to_metric_families
 
     from connguard.prometheus import register
@@ -219,7 +220,7 @@ def test_a_prometheus_scrape_parses_and_matches_stats(mariadb: MariaDB) -> None:
 
 
 def test_opentelemetry_metrics_read_the_same_numbers(mariadb: MariaDB) -> None:
-    pytest.importorskip("opentelemetry.sdk")
+    optional("opentelemetry.sdk")
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -349,7 +350,7 @@ def test_a_listener_raising_systemexit_leaves_no_connection_behind(mariadb: Mari
 
 
 def test_registering_the_collector_twice_exports_every_series_once(mariadb: MariaDB) -> None:
-    prometheus_client = pytest.importorskip("prometheus_client")
+    prometheus_client = optional("prometheus_client")
     from connguard.prometheus import register
 
     registry = prometheus_client.CollectorRegistry()

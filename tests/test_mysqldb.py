@@ -26,13 +26,10 @@ from connguard.sqlalchemy_plugin import stats
 from tests.forking import in_forked_child
 from tests.mariadb import MariaDB, socket_states, wait_until
 from tests.netns import run_in_netns
+from tests.optional import optional
 from tests.test_errors_real import DEADLINE, check, fill, raw_connections, report
 
-if os.environ.get("CONNGUARD_REQUIRE_DRIVERS") == "1":
-    import MySQLdb
-else:
-    MySQLdb = pytest.importorskip("MySQLdb", reason="mysqlclient is not installed "
-                                  "(pip install mysqlclient; needs libmariadb-dev, pkg-config)")
+MySQLdb = optional("MySQLdb", "pip install mysqlclient (needs libmariadb-dev, pkg-config)")
 
 POOL_SIZE = 4
 

@@ -8,7 +8,6 @@ be mysqlclient's classes. mysqlclient's own suite runs with it too (tests/driver
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from typing import Any, Iterator, Tuple
@@ -18,14 +17,11 @@ import pytest
 import connguard
 from connguard import dropin
 from tests.mariadb import MariaDB, socket_states, wait_until
+from tests.optional import optional
 from tests.test_transparency import DEADLINE, STATE_SQL, other_database, table  # noqa: F401
 
-if os.environ.get("CONNGUARD_REQUIRE_DRIVERS") == "1":
-    import MySQLdb
-else:
-    MySQLdb = pytest.importorskip("MySQLdb", reason="mysqlclient is not installed")
-
-import MySQLdb.cursors  # noqa: E402
+MySQLdb = optional("MySQLdb", "pip install mysqlclient (needs libmariadb-dev, pkg-config)")
+optional("MySQLdb.cursors")  # MySQLdb.cursors.DictCursor and the others, below
 
 
 def state(conn: Any) -> Tuple[Any, ...]:

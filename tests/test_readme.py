@@ -28,8 +28,8 @@ CI_RUN = Path(REPO_ROOT, ".ci", "run").read_text()
 
 
 def block_after(marker: str) -> str:
-    """The first line of the fenced block right after ``<!-- marker -->`` in README."""
-    match = re.search(rf"<!-- {marker} -->\n```sh\n(.+?)\n```", README)
+    """The fenced block right after ``<!-- marker -->`` in README, without its fences."""
+    match = re.search(rf"<!-- {marker} -->\n```sh\n(.+?)\n```", README, re.DOTALL)
     assert match is not None, f"README.md has no <!-- {marker} --> block"
     return match.group(1)
 
@@ -118,12 +118,36 @@ def apt_packages_of_ci() -> Set[str]:
 
 def test_the_second_command_is_what_ci_runs() -> None:
     assert "```sh\nbash .ci/run\n```" in README
-    # .ci/run runs README's test command, read from README itself.
-    assert "<!-- test-command -->" in CI_RUN and 'eval "$test_cmd"' in CI_RUN
-    assert block_after("test-command") == "python -m pytest"
+    # README's test block: its install line (the [test] extra only), then the test command.
+    assert block_after("test-command").splitlines() == ["pip install -e '.[test]'",
+                                                         "python -m pytest"]
+    # .ci/run reads that block from README and runs it in its fresh venv, before it installs
+    # any other extra, with CONNGUARD_REQUIRE_DRIVERS unset: what a user runs.
+    readme_run = CI_RUN.index('(unset CONNGUARD_REQUIRE_DRIVERS; eval "$readme_block")')
+    assert "<!-- test-command -->" in CI_RUN[:readme_run]
+    assert CI_RUN.index('python3 -m venv "$venv"') < readme_run
+    assert readme_run < CI_RUN.index("pip install -q -e '.[dev,") \
+        < CI_RUN.index("export CONNGUARD_REQUIRE_DRIVERS=1")
+    assert "pip install" not in CI_RUN[CI_RUN.index('python3 -m venv "$venv"'):readme_run] \
+        .replace("pip install -q -U pip", "")
     # Every Debian package README says it installs is one .ci/run installs, and back.
     sentence = re.search(r"installs every test prerequisite that is missing \(Debian packages"
                          r"(.+?)\)", README, re.DOTALL)
     assert sentence is not None
     named = set(re.findall(r"`([\w-]+)`", sentence.group(1)))
     assert named == apt_packages_of_ci()
+
+
+def test_ci_extracts_exactly_the_readme_block(tmp_path: Path) -> None:
+    """.ci/run's own extraction command, run on README, gives the block README shows."""
+    line = next(x for x in CI_RUN.splitlines() if x.startswith("readme_block=$("))
+    extraction = line[len("readme_block=$("):-1]
+    got = subprocess.run(["bash", "-c", extraction], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    assert got.rstrip("\n") == block_after("test-command")
+
+
+def test_readme_is_written_for_users() -> None:
+    """No word of how the project is developed: README is for people who use connguard."""
+    for word in ("session 6", "target ≤", ": met", "## Status"):
+        assert word not in README, word

@@ -18,6 +18,7 @@ from connguard import coordination
 from connguard.errors import redact, redact_exception
 from connguard.sqlalchemy_plugin import PluginOptions
 from tests.mariadb import MariaDB
+from tests.optional import optional
 
 DISTINCT = "Zq9-distinct-Pw!x"
 
@@ -140,7 +141,7 @@ def test_access_denied_never_shows_the_password(mariadb: MariaDB) -> None:
 
 
 def test_an_unparsable_coordinator_url_never_quotes_the_password() -> None:
-    pytest.importorskip("redis")
+    optional("redis")
     with pytest.raises(ValueError) as info:  # a "/" in the password, not percent-encoded
         connguard.Pool(host="127.0.0.1", port=1, user="u", password="p",
                        coordinator="redis://:Zq9x/Secret@127.0.0.1:1/0", global_max=3)
