@@ -32,13 +32,23 @@ def pytest_report_header(config: pytest.Config) -> str:
             f"installed={connguard.installed(DRIVER)}")
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    # Proof that the suite went through connguard: the runner fails a run that opened none.
-    # Only pools speaking DRIVER count (install("MySQLdb") leaves pymysql.connect alone).
-    seam = drivers.SEAMS[DRIVER.lower()]
+def opened_line(driver: str) -> str:
+    """The line the runners look for: pooled connections the drop-in pools speaking
+    ``driver`` opened (install("MySQLdb") leaves pymysql.connect alone, so only those count)."""
+    seam = drivers.SEAMS[driver.lower()]
     pools = [pool for pool in dropin._pools.values() if pool._driver.__name__ == seam]
     opened = sum(pool.stats()["opened"] for pool in pools)
-    terminalreporter.write_line(f"{OPENED_MARK}{opened} in {len(pools)} drop-in {DRIVER} pools")
+    return f"{OPENED_MARK}{opened} in {len(pools)} drop-in {driver} pools"
+
+
+def report_opened(driver: str) -> None:
+    """Print :func:`opened_line` (for suites that run without pytest, e.g. at exit)."""
+    print(opened_line(driver), flush=True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # Proof that the suite went through connguard: the runner fails a run that opened none.
+    terminalreporter.write_line(opened_line(DRIVER))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -20,9 +20,10 @@ mysqlclient, the one connguard patches. pytest runs in a subprocess with a per-t
 so a hang fails one test, not the run.
 
 Exit status: 0 when every test that passes plainly also passes with connguard (tests listed
-in ``mysqlclient_allowed.txt`` excepted); 1 otherwise; 2 when a run produced no report or
-the connguard run opened no pooled connection. With ``--only``, 0 when that run has no
-failures or errors.
+in ``mysqlclient_allowed.txt`` excepted) and its run's wall time is within
+``outcomes.MAX_COST_RATIO`` (1.15x) of the plain run's; 1 otherwise; 2 when a run produced no
+report or the connguard run opened no pooled connection. With ``--only``, 0 when that run
+has no failures or errors.
 """
 
 from __future__ import annotations

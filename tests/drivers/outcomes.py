@@ -1,7 +1,8 @@
 """Test outcomes read from pytest's JUnit XML, two runs compared, allowlists, report lines.
 
-Shared by the drivers' suite runners (``pymysql_suite.py``, ``sqlalchemy_suite.py``), which
-run a driver's own tests once plainly and once with connguard and compare the outcomes.
+Shared by the drivers' suite runners (``pymysql_suite.py``, ``sqlalchemy_suite.py``,
+``mysqlclient_suite.py``, ``django_suite.py``), which run a suite once plainly and once with
+connguard and compare the outcomes and the wall times.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 RUNS = ("plain", "connguard")
 STATUSES = ("passed", "failed", "error", "skipped")
 TIMEOUT_MARK = "Timeout (>"  # how pytest-timeout words a test it interrupted
+#: connguard's run of a driver's suite may take at most this many times the plain run's wall
+#: time: what connguard adds per statement and per connection must stay small next to the
+#: work itself (a statement classifier that backtracks shows up here, not in the outcomes).
+MAX_COST_RATIO = 1.15
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,21 @@ def report_runs(results: Dict[str, RunResult], only: Optional[str], title: str,
     if not opened:
         print("the connguard run opened no pooled connection: install() was not in effect")
         return 2
-    return compare(results["plain"], results["connguard"], read_allowlist(allowlist))
+    verdict = compare(results["plain"], results["connguard"], read_allowlist(allowlist))
+    return max(verdict, cost_verdict(results["plain"].seconds, results["connguard"].seconds))
+
+
+def cost_verdict(plain_seconds: float, guarded_seconds: float,
+                 limit: float = MAX_COST_RATIO) -> int:
+    """Print both wall times and their ratio; 1 when connguard's run is above ``limit``
+    times the plain run's, else 0."""
+    ratio = guarded_seconds / plain_seconds if plain_seconds > 0 else float("inf")
+    print(f"\nwall time: plain {plain_seconds:.1f}s, connguard {guarded_seconds:.1f}s, "
+          f"ratio {ratio:.2f}x (limit {limit:.2f}x)")
+    if ratio > limit:
+        print(f"connguard's run took {ratio:.2f}x the plain run's wall time, above {limit:.2f}x")
+        return 1
+    return 0
 
 
 @contextlib.contextmanager

@@ -10,7 +10,8 @@ CI provisions its service container (databases test1/test2, user test2, auth_ed2
 pytest runs in a subprocess with a per-test timeout, so a hang fails one test, not the run.
 
 Exit status: 0 when every test that passes plainly also passes with connguard (tests listed
-in ``pymysql_allowed.txt`` excepted); 1 otherwise; 2 when a run produced no report. With
+in ``pymysql_allowed.txt`` excepted) and its run's wall time is within ``outcomes.MAX_COST_RATIO``
+(1.15x) of the plain run's; 1 otherwise; 2 when a run produced no report. With
 ``--only``, 0 when that run has no failures or errors.
 """
 

@@ -17,8 +17,9 @@ connguard run adds ``-p tests.drivers.sqla_connguard``, which gives every MySQL 
 suite creates ``plugins=["connguard"]``; a connguard run that touched no engine fails.
 
 Exit status: 0 when every test that passes plainly also passes with the plugin (tests listed
-in ``sqlalchemy_allowed.txt`` excepted); 1 otherwise; 2 when a run produced no report or the
-plugin touched no engine. With ``--only``, 0 when that run produced a report (and, for
+in ``sqlalchemy_allowed.txt`` excepted) and its run's wall time is within
+``outcomes.MAX_COST_RATIO`` (1.15x) of the plain run's; 1 otherwise; 2 when a run produced no
+report or the plugin touched no engine. With ``--only``, 0 when that run produced a report (and, for
 ``connguard``, touched engines).
 """
 
@@ -49,6 +50,7 @@ from tests.drivers.outcomes import (  # noqa: E402
     RUNS,
     RunResult,
     call_pytest,
+    cost_verdict,
     counts_line,
     describe,
     fresh_server,
@@ -244,7 +246,8 @@ def report(results: Dict[str, PluginRunResult], options: Dict[str, str]) -> int:
         return 2
     if len(results) < len(RUNS):
         return 0
-    return compare(results["plain"], results["connguard"], read_allowlist(ALLOWLIST))
+    verdict = compare(results["plain"], results["connguard"], read_allowlist(ALLOWLIST))
+    return max(verdict, cost_verdict(results["plain"].seconds, results["connguard"].seconds))
 
 
 # -- main ------------------------------------------------------------------------------------
