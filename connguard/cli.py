@@ -54,7 +54,8 @@ def add_doctor(commands: Any) -> None:
                         help="ask for the password on the terminal")
     parser.add_argument("--pid", type=int, help="report the fd limits of this process (e.g. "
                         "your service) instead of the doctor's own")
-    parser.add_argument("--json", action="store_true", help="print JSON (see docs/doctor.md)")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON (its keys: the doctor page of the docs)")
     parser.set_defaults(handler=run_doctor, parser=parser)
 
 

@@ -18,7 +18,7 @@ import pymysql
 import wrapt
 
 from connguard import coordination, drivers
-from connguard.arguments import POOL_OPTIONS, pool_key, split_arguments
+from connguard.arguments import POOL_OPTIONS, pool_key, split_arguments, unknown_names
 from connguard.pool import Pool, build_policies
 from connguard.proxy import PooledConnection
 
@@ -40,8 +40,8 @@ def configure(**options: Any) -> None:
     """Pool options (``max_size``, ``checkout_timeout``, …) for drop-in pools made from now on."""
     unknown = sorted(set(options) - POOL_OPTIONS)
     if unknown:
-        raise TypeError(f"configure() got unknown option(s) {', '.join(map(repr, unknown))}; "
-                        f"allowed: {', '.join(sorted(POOL_OPTIONS))}")
+        raise TypeError(f"configure() got {unknown_names(unknown, POOL_OPTIONS, 'option')}; "
+                        "the full list: connguard.arguments.POOL_OPTIONS")
     build_policies(options)  # validate values now, not at the first connect
     with _lock:
         _defaults.update(options)

@@ -161,7 +161,7 @@ _UNKNOWN_HOST: Dict[str, Any] = dict(
 
 _ACCESS_CAUSE = "[{server_message}|access denied][ on {target}]"
 _ACCESS_NO_RETRY = ("do not retry: credentials and grants do not change by themselves, and "
-                    "MariaDB blocks the account after max_password_errors failed logins (4150)")
+                    "MariaDB blocks the account after max_password_errors failed logins")
 
 TABLE: Tuple[Row, ...] = (
     Row(

@@ -1074,3 +1074,35 @@ def test_an_outage_of_a_server_never_reached_says_to_check_host_and_port() -> No
     assert "this process has never connected to it: check the host and port" in never
     assert "never connected" not in known  # a server this process used: an outage
     assert "(see `connguard explain server-unavailable`)" in never
+
+
+def test_1040_past_max_connections_from_this_host_names_the_admin_slot() -> None:
+    """11 established beside max_connections 10: the server allows one more, for an account
+    with SUPER / CONNECTION ADMIN, and the message says so instead of leaving 11 > 10 bare."""
+    new = translate(OperationalError(1040, "Too many connections"), host="10.0.0.5", port=3306,
+                    extra={"max_connections": 10, "census": {"established": 11}})
+    first = str(new).split("\n", 1)[0]
+    assert first.startswith(
+        "too many connections to 10.0.0.5:3306: server at max_connections (11 established "
+        "from this host alone: max_connections 10 + 1 kept for SUPER / CONNECTION ADMIN)")
+    assert any(r.startswith("11 established is past max_connections: an account of this host "
+                            "has SUPER or CONNECTION ADMIN") for r in new.remedies)
+    within = translate(OperationalError(1040, "Too many connections"), host="10.0.0.5",
+                       port=3306, extra={"max_connections": 10, "census": {"established": 4}})
+    assert "CONNECTION ADMIN" not in str(within)  # 4 of 10: other hosts fill the server
+
+
+def test_access_denied_lists_only_the_remedies_of_its_own_code() -> None:
+    for code, own, text in [
+        (1045, "check the user name and the password",
+         "Access denied for user 'app'@'10.0.0.7' (using password: YES)"),
+        (1044, "grant the account the database", "Access denied for user 'app'@'%' to "
+         "database 'other'"),
+        (1130, "create the account for this client host",
+         "Host '10.0.0.7' is not allowed to connect to this MariaDB server"),
+    ]:
+        new = translate(OperationalError(code, text), host="10.0.0.5", port=3306)
+        assert isinstance(new, AccessDenied)
+        assert str(new).startswith(f"{text} on 10.0.0.5:3306 — {own}")
+        others = {1044, 1045, 1130, 1698, 1862, 4151} - {code}
+        assert not any(str(other) in " ".join(new.remedies) for other in others), new.remedies

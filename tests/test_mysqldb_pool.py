@@ -82,7 +82,7 @@ def test_install_pools_mysqldb_connect_and_uninstall_restores_it(mariadb: MariaD
         connguard.install("mysql")
     with pytest.raises(ValueError, match="driver must be one of 'mysqldb', 'pymysql'"):
         connguard.Pool(driver="MySQL", **kwargs)
-    with pytest.raises(TypeError, match="MySQLdb.connect's arguments"):
+    with pytest.raises(TypeError, match="MySQLdb.connect's parameters"):
         connguard.Pool(driver="mysqldb", **kwargs, defer_connect=True)
 
 
