@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import ssl
-from typing import Any, Dict, Hashable, Tuple
+from typing import Any, Collection, Dict, Hashable, Tuple
 
 from connguard import drivers
 
@@ -31,19 +32,30 @@ def split_arguments(kwargs: Dict[str, Any], where: str) -> Tuple[Dict[str, Any],
     """
     seam = drivers.seam(kwargs.get("driver", "pymysql"))
     kwargs = seam.normalize(kwargs)
+    known = POOL_OPTIONS | seam.ARGUMENTS | set(getattr(seam, "ALIASES", ()))
     unknown = sorted(set(kwargs) - POOL_OPTIONS - seam.ARGUMENTS)
     if unknown:
-        raise TypeError(
-            f"{where}() got unknown argument{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(map(repr, unknown))}; allowed are the pool options "
-            f"({', '.join(sorted(POOL_OPTIONS))}) and {seam.CONNECT_NAME}'s arguments "
-            f"({', '.join(sorted(seam.ARGUMENTS | set(getattr(seam, 'ALIASES', ()))))})")
+        raise TypeError(f"{where}() got {unknown_names(unknown, known, 'argument')}; the full "
+                        f"list: connguard.arguments.POOL_OPTIONS and {seam.CONNECT_NAME}'s "
+                        "parameters")
     if kwargs.get("defer_connect"):
         raise ValueError(f"{where}(): defer_connect=True is not supported: pooled connections "
                          "are connected when handed out")
     options = {k: v for k, v in kwargs.items() if k in POOL_OPTIONS}
     connect = {k: v for k, v in kwargs.items() if k not in POOL_OPTIONS}
     return options, connect
+
+
+def unknown_names(unknown: Collection[str], known: Collection[str], kind: str) -> str:
+    """"unknown argument 'pasword' (did you mean 'password'?)": each misspelt name with its
+    closest known one, if any. The whole list of known names is too long to read for a
+    typo (about 70 names), so messages point to where it is instead."""
+    names = sorted(unknown)
+    shown = []
+    for name in names:
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        shown.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    return f"unknown {kind}{'s' if len(names) > 1 else ''} {', '.join(shown)}"
 
 
 def _freeze_ssl_context(ctx: ssl.SSLContext) -> Hashable:

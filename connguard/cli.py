@@ -1,4 +1,5 @@
-"""The ``connguard`` command.  Subcommands: ``doctor`` and ``bench`` (more plug in here).
+"""The ``connguard`` command.  Subcommands: ``doctor``, ``bench`` and ``explain`` (more plug
+in here).
 
 Only argument parsing and printing live here; the report itself is :mod:`connguard.doctor`.
 Exit status: 0 when nothing is red, 1 when a check is red, 2 on a usage error.
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     add_doctor(commands)
     add_bench(commands)
+    add_explain(commands)
     return parser
 
 
@@ -52,7 +54,8 @@ def add_doctor(commands: Any) -> None:
                         help="ask for the password on the terminal")
     parser.add_argument("--pid", type=int, help="report the fd limits of this process (e.g. "
                         "your service) instead of the doctor's own")
-    parser.add_argument("--json", action="store_true", help="print JSON (see docs/doctor.md)")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON (its keys: the doctor page of the docs)")
     parser.set_defaults(handler=run_doctor, parser=parser)
 
 
@@ -73,6 +76,32 @@ def add_bench(commands: Any) -> None:
         "status 1 when a scenario failed, 2 on a usage error or when there is no server.")
     runner.add_arguments(parser)
     parser.set_defaults(handler=runner.run_from_args, parser=parser)
+
+
+def add_explain(commands: Any) -> None:
+    """Register ``connguard explain`` (the pages: :mod:`connguard.explain`)."""
+    parser = commands.add_parser(
+        "explain", help="print the page about an error (the name its message gives)",
+        description="Print the page about a connguard error: why it happens, how to confirm "
+        "it, how to fix it. The name is the one in the error's `see:` line (also its .docs "
+        "attribute). Without a name, list the pages.")
+    parser.add_argument("name", nargs="?", help="e.g. access-denied")
+    parser.set_defaults(handler=run_explain, parser=parser)
+
+
+def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from connguard import explain
+
+    if args.name is None:
+        sys.stdout.write("connguard explain NAME prints one of these pages:\n")
+        sys.stdout.writelines(f"  {name}\n" for name in explain.names())
+        return EXIT_OK
+    try:
+        text = explain.page(args.name)
+    except ValueError as exc:
+        parser.error(str(exc))
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return EXIT_OK
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -128,6 +157,10 @@ def _target(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Option
         target = doctor.parse_dsn(args.dsn) if args.dsn else Target()
     except ValueError as exc:
         parser.error(f"--dsn: {exc}")
+    if target.ignored:
+        sys.stderr.write(f"note: --dsn: ignoring {', '.join(target.ignored)}: for SQLAlchemy "
+                         "and the connguard plugin, not the server (the doctor connects with "
+                         "PyMySQL)\n")
     if args.socket:
         target = dataclasses.replace(target, unix_socket=args.socket)
     return dataclasses.replace(target, password=_password(args, target, parser))

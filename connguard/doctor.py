@@ -119,6 +119,8 @@ class Target:
     database: Optional[str] = None
     unix_socket: Optional[str] = None
     password: Optional[str] = dataclasses.field(default=None, repr=False)
+    #: DSN parameters left out (for SQLAlchemy and the plugin, not the server).
+    ignored: Tuple[str, ...] = ()
 
     def address(self) -> str:
         """``host:port``, or the unix socket path."""
@@ -166,10 +168,22 @@ def _valid_host(host: str) -> bool:
 
 #: Query parameters a DSN may carry.
 DSN_PARAMETERS = ("unix_socket",)
+#: Parameters of an engine URL that are for SQLAlchemy and the connguard plugin, not for the
+#: server: ``plugin=connguard`` and the plugin's ``connguard_*`` options. The doctor connects
+#: with PyMySQL, so it ignores them (with a note) and the engine's URL can be pasted as is.
+IGNORED_PARAMETER = "plugin"
+IGNORED_PREFIX = "connguard_"
+
+
+def _ignored(name: str) -> bool:
+    return name == IGNORED_PARAMETER or name.startswith(IGNORED_PREFIX)
 
 
 def parse_dsn(dsn: str) -> Target:
     """``mysql://user[:password]@host[:port][/database][?unix_socket=PATH]`` as a Target.
+
+    Any scheme of :data:`DSN_SCHEMES` (a SQLAlchemy URL of a MySQL driver); ``plugin=`` and
+    ``connguard_*`` parameters are left out, named in ``Target.ignored``.
 
     Raises ValueError, with a message that never contains the password.
     """
@@ -184,10 +198,12 @@ def parse_dsn(dsn: str) -> Target:
     if port is not None and not 1 <= port <= 65535:
         raise ValueError("DSN port must be a number in 1..65535")
     query = parse_qs(parts.query, keep_blank_values=True)
-    unknown = sorted(set(query) - set(DSN_PARAMETERS))
+    ignored = tuple(sorted(name for name in query if _ignored(name)))
+    unknown = sorted(set(query) - set(DSN_PARAMETERS) - set(ignored))
     if unknown:
         raise ValueError(f"unknown DSN parameter{'s' if len(unknown) > 1 else ''} "
-                         f"{', '.join(unknown)}; allowed: {', '.join(DSN_PARAMETERS)}")
+                         f"{', '.join(unknown)}; allowed: {', '.join(DSN_PARAMETERS)} (and, "
+                         f"ignored: {IGNORED_PARAMETER}=, {IGNORED_PREFIX}*)")
     socket_path = query.get("unix_socket", [None])[0]
     if not parts.hostname and not socket_path:
         raise ValueError("DSN names no server: mysql://user@host:port/db, or "
@@ -200,7 +216,8 @@ def parse_dsn(dsn: str) -> Target:
                   user=unquote(parts.username) if parts.username else None,
                   database=unquote(parts.path.lstrip("/")) or None,
                   unix_socket=socket_path,
-                  password=unquote(parts.password) if parts.password is not None else None)
+                  password=unquote(parts.password) if parts.password is not None else None,
+                  ignored=ignored)
 
 
 # --- verdict rules: host ------------------------------------------------------------------------
@@ -269,12 +286,37 @@ def check_port_range(port_range: Optional[Tuple[int, int]]) -> Check:
     return Check("host", "ephemeral port range", value, GREEN, note, amount=size)
 
 
-def check_tw_reuse(value: Optional[int]) -> Check:
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine by its name alone (no DNS: a doctor must not hang)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def check_tw_reuse(value: Optional[int], server: Optional[str] = None) -> Check:
+    """``server``: the host connected to over TCP (None: no server, or a unix socket).
+    Mode 2 (the kernel's default) reuses TIME_WAIT ports early toward loopback only, so it
+    is a warning when the server is remote."""
     meaning = {0: "TIME_WAIT ports are never reused early",
-               1: "connect() may reuse TIME_WAIT ports after 1 s",
-               2: "TIME_WAIT ports are reused early on loopback only"}
-    return Check("host", "net.ipv4.tcp_tw_reuse", value, GREEN,
-                 meaning.get(value, "") if value is not None else "unknown")
+               1: "connect() may reuse TIME_WAIT ports after 1 s"}
+    if value != 2:
+        return Check("host", "net.ipv4.tcp_tw_reuse", value, GREEN,
+                     meaning.get(value, "") if value is not None else "unknown")
+    loopback_only = "TIME_WAIT ports are reused early on loopback (127.0.0.0/8, ::1) only"
+    if server is None:
+        return Check("host", "net.ipv4.tcp_tw_reuse", value, GREEN,
+                     f"{loopback_only}: connections to a remote server wait the full 60 s; "
+                     "set 1 if this host connects to remote servers often")
+    if _is_loopback(server):
+        return Check("host", "net.ipv4.tcp_tw_reuse", value, GREEN,
+                     f"{loopback_only}, which is where {server} is")
+    return Check("host", "net.ipv4.tcp_tw_reuse", value, YELLOW,
+                 f"{loopback_only}, and {server} is remote: its ports wait the full 60 s of "
+                 "TIME_WAIT; set net.ipv4.tcp_tw_reuse=1 if this host opens connections to "
+                 "it often (better: pool them)")
 
 
 def check_file_table(file_nr: Optional[Tuple[int, int]]) -> Check:
@@ -568,12 +610,14 @@ def _parse_limit(text: str) -> Optional[int]:
     return None if text == "unlimited" else int(text)
 
 
-def host_checks(process: Mapping[str, Any], found: Mapping[str, Any]) -> List[Check]:
+def host_checks(process: Mapping[str, Any], found: Mapping[str, Any],
+                server: Optional[str] = None) -> List[Check]:
+    """``server``: the host of the target over TCP, for checks that depend on where it is."""
     return [
         check_fd_soft_limit(process.get("fd_soft"), process.get("fd_hard")),
         check_fd_headroom(process.get("fd_in_use"), process.get("fd_soft")),
         check_port_range(found.get("port_range")),
-        check_tw_reuse(found.get("tcp_tw_reuse")),
+        check_tw_reuse(found.get("tcp_tw_reuse"), server),
         check_file_table(found.get("file_nr")),
         check_somaxconn(found.get("somaxconn")),
     ]
@@ -649,6 +693,9 @@ def _server(target: Target, connect: Connect) -> Tuple[Dict[str, Any], List[Chec
         answered = isinstance(translated, pymysql.err.OperationalError) and bool(
             translated.args) and isinstance(translated.args[0], int) and \
             1000 <= translated.args[0] < 2000
+        if answered and not target.password:  # the login failed, and it had nothing to send
+            text += ("; no password was given: set MYSQL_PWD, use --password-prompt, or put "
+                     "it in the DSN (mysql://user:password@host)")
         checks = ([Check("server", "reachable", True, GREEN, "the server answered"),
                    Check("server", "login", False, RED, text)] if answered else
                   [Check("server", "reachable", False, RED, text)])
@@ -663,7 +710,8 @@ def diagnose(target: Optional[Target], pid: Optional[int] = None,
     """Gather the report: host always, sockets and server when a target is given."""
     found = limits()
     process = process_limits(pid)
-    checks = host_checks(process, found)
+    tcp_host = target.host if target is not None and not target.unix_socket else None
+    checks = host_checks(process, found, tcp_host)
     counts: Optional[Dict[str, int]] = None
     server: Optional[Dict[str, Any]] = None
     if target is not None:

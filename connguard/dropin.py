@@ -10,6 +10,7 @@ so unchanged code gets the same.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Any, Dict, Hashable, Tuple
 
@@ -17,7 +18,7 @@ import pymysql
 import wrapt
 
 from connguard import coordination, drivers
-from connguard.arguments import POOL_OPTIONS, pool_key, split_arguments
+from connguard.arguments import POOL_OPTIONS, pool_key, split_arguments, unknown_names
 from connguard.pool import Pool, build_policies
 from connguard.proxy import PooledConnection
 
@@ -39,8 +40,8 @@ def configure(**options: Any) -> None:
     """Pool options (``max_size``, ``checkout_timeout``, …) for drop-in pools made from now on."""
     unknown = sorted(set(options) - POOL_OPTIONS)
     if unknown:
-        raise TypeError(f"configure() got unknown option(s) {', '.join(map(repr, unknown))}; "
-                        f"allowed: {', '.join(sorted(POOL_OPTIONS))}")
+        raise TypeError(f"configure() got {unknown_names(unknown, POOL_OPTIONS, 'option')}; "
+                        "the full list: connguard.arguments.POOL_OPTIONS")
     build_policies(options)  # validate values now, not at the first connect
     with _lock:
         _defaults.update(options)
@@ -144,19 +145,42 @@ def _drivers_to_patch() -> Dict[str, Tuple[Any, Tuple[str, ...], Any]]:
             "MySQLdb": (mysqldb, ("connect", "Connect", "Connection"), _patched_mysqldb_connect)}
 
 
+#: Other names ``install()`` takes for a driver: mysqlclient is what pip installs as MySQLdb.
+_DRIVER_ALIASES = {"mysqlclient": "MySQLdb"}
+
+
+def _is_pymysql_shim() -> bool:
+    """Whether ``import MySQLdb`` gives PyMySQL (``pymysql.install_as_MySQLdb()``, what
+    Django users without a C compiler do): PyMySQL's module itself, or a MySQLdb without
+    mysqlclient's C core ``_mysql``. Only a module already imported is looked at: a real
+    mysqlclient is never imported here."""
+    module = sys.modules.get("MySQLdb")
+    return module is not None and (module is pymysql or not hasattr(module, "_mysql"))
+
+
+def _resolved(name: str) -> str:
+    """The driver ``install()`` patches for ``name``: aliases spelt one way, and
+    ``"MySQLdb"`` under PyMySQL's shim is PyMySQL (patching mysqlclient's seam onto PyMySQL
+    would break the first connect: PyMySQL has no ``_mysql``)."""
+    name = _DRIVER_ALIASES.get(name, name)
+    return "pymysql" if name == "MySQLdb" and _is_pymysql_shim() else name
+
+
 def install(*drivers: str) -> None:
     """Make the named drivers' ``connect`` pooled; idempotent. ``"pymysql"`` (the default
     when none is named): ``pymysql.connect`` / ``pymysql.Connect``. ``"MySQLdb"``
-    (mysqlclient): ``MySQLdb.connect`` / ``Connect`` / ``Connection``, opt-in.
+    (mysqlclient; ``"mysqlclient"``, its pip name, is the same): ``MySQLdb.connect`` /
+    ``Connect`` / ``Connection``, opt-in. After ``pymysql.install_as_MySQLdb()``,
+    ``"MySQLdb"`` is PyMySQL itself and is installed as ``"pymysql"``.
 
     Code that did ``from pymysql import connect`` before this call keeps the original.
     """
     table = _drivers_to_patch()
-    unknown = [name for name in drivers if name not in table]
+    unknown = [name for name in drivers if _DRIVER_ALIASES.get(name, name) not in table]
     if unknown:
         raise ValueError(f"install(): unknown driver {unknown[0]!r}; allowed: "
-                         f"{', '.join(map(repr, table))}")
-    for name in drivers or ("pymysql",):
+                         f"{', '.join(map(repr, [*table, *_DRIVER_ALIASES]))}")
+    for name in dict.fromkeys(_resolved(name) for name in drivers or ("pymysql",)):
         load, names, wrapper = table[name]
         module = load()
         with _lock:
@@ -184,7 +208,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def installed(driver: str = "pymysql") -> bool:
-    """Whether :func:`install` patched ``driver``'s connect (``"pymysql"``, ``"MySQLdb"``)."""
-    return any(name == driver for name, _ in _originals)
+    """Whether :func:`install` patched ``driver``'s connect (``"pymysql"``, ``"MySQLdb"``;
+    under PyMySQL's MySQLdb shim, ``"MySQLdb"`` answers for PyMySQL)."""
+    return any(name == _resolved(driver) for name, _ in _originals)
 
 

@@ -3,7 +3,8 @@ matters, the errno of the ``OSError`` underneath) to a connguard exception class
 retrying can help, the cause and remedies to tell, and a docs page.
 
 Data only: :mod:`connguard.errors` identifies an error, finds its :class:`Row` here and
-builds the exception (``docs/errors`` has a page per row's ``doc``). Cause and remedy texts
+builds the exception (``docs/errors`` has a page per row's class, ``connguard explain``
+prints it). Cause and remedy texts
 are :mod:`connguard.messages` templates: ``{name}`` is a fact of the diagnosis, ``[...]``
 a part left out when a fact in it is unknown, ``[a|b]`` b when a fact in a is unknown.
 """
@@ -36,6 +37,7 @@ from connguard.exceptions import (
     ServerUnavailable,
     StatementTimeout,
     TooManyConnections,
+    UnknownDatabase,
     UserConnectionLimit,
 )
 
@@ -118,7 +120,7 @@ class Row:
 
     @property
     def docs(self) -> str:
-        """The docs page, relative to ``docs/`` (one page per class)."""
+        """The name of the error page (one page per class; ``connguard explain NAME``)."""
         return self.cls.docs
 
     def matches(self, ident: Identity) -> bool:
@@ -156,6 +158,10 @@ _UNKNOWN_HOST: Dict[str, Any] = dict(
         "check DNS and /etc/hosts on this machine (`getent hosts NAME`)",
     ),
 )
+
+_ACCESS_CAUSE = "[{server_message}|access denied][ on {target}]"
+_ACCESS_NO_RETRY = ("do not retry: credentials and grants do not change by themselves, and "
+                    "MariaDB blocks the account after max_password_errors failed logins")
 
 TABLE: Tuple[Row, ...] = (
     Row(
@@ -262,15 +268,18 @@ TABLE: Tuple[Row, ...] = (
         census=True,
         cause="too many connections[ to {target}]: server at max_connections"
         "[ ({admin_slot_used} connected, max_connections {max_connections} + 1 kept for "
-        "SUPER / CONNECTION ADMIN)| ({threads_connected} of {max_connections} connected)"
-        "| ({max_connections})]",
+        "SUPER / CONNECTION ADMIN)| ({established_past_max} established from this host alone: "
+        "max_connections {max_connections} + 1 kept for SUPER / CONNECTION ADMIN)"
+        "| ({threads_connected} of {max_connections} connected)| ({max_connections})]",
         remedies=(
             "pool and cap connections so that all clients together stay below max_connections "
             "(connguard pool)",
             "[{admin_slot_used} connected is past max_connections: an application account with "
             "SUPER or CONNECTION ADMIN takes the connection kept for administrators, and then "
             "no one can log in to fix this; give application accounts only the privileges "
-            "they need]",
+            "they need|{established_past_max} established is past max_connections: an "
+            "account of this host has SUPER or CONNECTION ADMIN and took the connection kept "
+            "for administrators; give application accounts only the privileges they need]",
             "close idle and leaked connections[ ({established} established from this host to "
             "{target})]; look for long Sleep rows in SHOW PROCESSLIST",
             "raise max_connections if the server has memory for more threads",
@@ -323,26 +332,89 @@ TABLE: Tuple[Row, ...] = (
             "MAX_CONNECTIONS_PER_HOUR (ALTER USER ... WITH ...)",
         ),
     ),
+    # Access denied: one row per code, so that each lists only its own remedies. The
+    # server's text says what was refused ("Access denied for user 'app'@'10.0.0.7' ..."),
+    # so it is the cause as it stands.
     Row(
         AccessDenied,
-        (
-            ER.DBACCESS_DENIED_ERROR,
-            ER.ACCESS_DENIED_ERROR,
-            ER.HOST_NOT_PRIVILEGED,
-            ER_ACCESS_DENIED_NO_PASSWORD_ERROR,
-            ER_MUST_CHANGE_PASSWORD_LOGIN,
-            ER_USER_IS_BLOCKED,
-            ER_ACCOUNT_HAS_BEEN_LOCKED,
-        ),
+        (ER.ACCESS_DENIED_ERROR,),
         transient=False,
-        cause="access denied[: {server_message}]",
+        cause=_ACCESS_CAUSE,
         remedies=(
-            "check the user name, the password and the account's host part "
-            "(SELECT user, host FROM mysql.user; SHOW GRANTS FOR ...)",
-            "1044: grant the account the database; 1130: create the account for this client "
-            "host; 1862: change the expired password; 4150/4151: unblock or unlock the account",
-            "do not retry: credentials and grants do not change by themselves, and MariaDB "
-            "blocks the account after max_password_errors failed logins (4150)",
+            "[{no_password}|check the user name and the password]",
+            "check that an account matches this client's host part (SELECT user, host FROM "
+            "mysql.user; the server names the host it saw)",
+            _ACCESS_NO_RETRY,
+        ),
+    ),
+    Row(
+        AccessDenied,
+        (ER.DBACCESS_DENIED_ERROR,),
+        transient=False,
+        cause=_ACCESS_CAUSE,
+        remedies=(
+            "grant the account the database (GRANT ... ON db.* TO 'user'@'host'), or connect "
+            "to a database it may use (SHOW GRANTS FOR CURRENT_USER)",
+            _ACCESS_NO_RETRY,
+        ),
+    ),
+    Row(
+        AccessDenied,
+        (ER.HOST_NOT_PRIVILEGED,),
+        transient=False,
+        cause=_ACCESS_CAUSE,
+        remedies=(
+            "create the account for this client host (CREATE USER 'user'@'host' ...), or "
+            "connect from a host an account exists for (SELECT user, host FROM mysql.user)",
+            _ACCESS_NO_RETRY,
+        ),
+    ),
+    Row(
+        AccessDenied,
+        (ER_ACCESS_DENIED_NO_PASSWORD_ERROR,),
+        transient=False,
+        cause=_ACCESS_CAUSE,
+        remedies=(
+            "the account logs in by its operating-system user (unix_socket / auth_socket): "
+            "connect as that OS user over the unix socket, or give the account a password "
+            "(ALTER USER ... IDENTIFIED BY ...)",
+            _ACCESS_NO_RETRY,
+        ),
+    ),
+    Row(
+        AccessDenied,
+        (ER_MUST_CHANGE_PASSWORD_LOGIN,),
+        transient=False,
+        cause=_ACCESS_CAUSE,
+        remedies=(
+            "the password has expired: change it (ALTER USER ... IDENTIFIED BY ...) with a "
+            "client that supports expired passwords, or as an administrator",
+            _ACCESS_NO_RETRY,
+        ),
+    ),
+    Row(
+        AccessDenied,
+        (ER_USER_IS_BLOCKED, ER_ACCOUNT_HAS_BEEN_LOCKED),
+        transient=False,
+        cause=_ACCESS_CAUSE,
+        remedies=(
+            "4150: the account is blocked after max_password_errors failed logins: fix the "
+            "password, then FLUSH PRIVILEGES; 4151: the account is locked: ALTER USER ... "
+            "ACCOUNT UNLOCK",
+            _ACCESS_NO_RETRY,
+        ),
+    ),
+    Row(
+        UnknownDatabase,
+        (ER.BAD_DB_ERROR,),
+        transient=False,
+        cause="[{server_message}|unknown database][ on {target}]",
+        remedies=(
+            "check the database name in the connection settings (database=, db=, the DSN's "
+            "path): names are case-sensitive on Linux servers (lower_case_table_names=0)",
+            "create it (CREATE DATABASE ...) or connect without a database and list them "
+            "(SHOW DATABASES: it shows only those the account may use)",
+            "do not retry: the database does not appear by itself",
         ),
     ),
     Row(

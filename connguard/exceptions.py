@@ -44,6 +44,7 @@ __all__ = [
     "ServerUnavailable",
     "StatementTimeout",
     "TooManyConnections",
+    "UnknownDatabase",
     "UserConnectionLimit",
 ]
 
@@ -52,13 +53,14 @@ class ConnGuardError(Exception):
 
     Attributes: ``transient`` (a later retry, with backoff, can succeed), ``diagnosis``
     (facts gathered when the error was translated), ``remedies`` (most useful first),
-    ``cause`` (one-line explanation), ``docs`` (page under ``docs/``, e.g.
-    ``"errors/local-ports-exhausted.md"``) and ``original`` (the exception translated, or
-    ``None``).  ``str()`` gives the full multi-line message.
+    ``cause`` (one-line explanation), ``docs`` (the name of its error page, e.g.
+    ``"local-ports-exhausted"``: ``connguard explain local-ports-exhausted`` prints it,
+    :meth:`explain` returns it) and ``original`` (the exception translated, or ``None``).
+    ``str()`` gives the full multi-line message.
     """
 
     transient: bool = False
-    docs: str = "errors/index.md"
+    docs: str = "index"
     # Set on the classes translate() combines with the original's class (see combined_class()).
     _static: Optional[Type[ConnGuardError]] = None
     _origin: Optional[Type[BaseException]] = None
@@ -74,6 +76,12 @@ class ConnGuardError(Exception):
 
     def __str__(self) -> str:
         return self._message or super().__str__()
+
+    def explain(self) -> str:
+        """The text of this error's page (what ``connguard explain <docs>`` prints)."""
+        from connguard import explain  # read only when asked for
+
+        return explain.page(self.docs)
 
     def __repr__(self) -> str:
         first = str(self).split("\n", 1)[0]
@@ -93,74 +101,80 @@ class LocalPortsExhausted(ConnGuardError, pymysql.err.OperationalError):
     """No free local port for a new connection (EADDRNOTAVAIL, errno 99)."""
 
     transient = True
-    docs = "errors/local-ports-exhausted.md"
+    docs = "local-ports-exhausted"
 
 
 class FdLimitReached(ConnGuardError, pymysql.err.OperationalError):
     """The open-file limit stopped a new socket (EMFILE 24 per process, ENFILE 23 system)."""
 
     transient = True
-    docs = "errors/fd-limit-reached.md"
+    docs = "fd-limit-reached"
 
 
 class ResourceTemporarilyUnavailable(ConnGuardError, pymysql.err.OperationalError):
     """connect() returned EAGAIN (errno 11): typically a full Unix-socket listen backlog."""
 
     transient = True
-    docs = "errors/resource-temporarily-unavailable.md"
+    docs = "resource-temporarily-unavailable"
 
 
 class ServerUnavailable(ConnGuardError, pymysql.err.OperationalError):
     """The server could not be reached: refused, unreachable, timed out or unknown host."""
 
     transient = True
-    docs = "errors/server-unavailable.md"
+    docs = "server-unavailable"
 
 
 class TooManyConnections(ConnGuardError, pymysql.err.OperationalError):
     """The server is at ``max_connections`` (1040)."""
 
     transient = True
-    docs = "errors/too-many-connections.md"
+    docs = "too-many-connections"
 
 
 class ServerThreadLimit(ConnGuardError, pymysql.err.OperationalError):
     """The server could not create a thread for the connection (1135, errno 11)."""
 
     transient = True
-    docs = "errors/server-thread-limit.md"
+    docs = "server-thread-limit"
 
 
 class HostBlocked(ConnGuardError, pymysql.err.OperationalError):
     """The server blocked this client host after ``max_connect_errors`` (1129). Permanent."""
 
-    docs = "errors/host-blocked.md"
+    docs = "host-blocked"
 
 
 class UserConnectionLimit(ConnGuardError, pymysql.err.OperationalError):
     """The account hit ``max_user_connections`` or a per-account resource limit (1203, 1226)."""
 
     transient = True
-    docs = "errors/user-connection-limit.md"
+    docs = "user-connection-limit"
 
 
 class AccessDenied(ConnGuardError, pymysql.err.OperationalError):
     """Wrong credentials, host or database grant (1044, 1045, 1130, 1698). Permanent."""
 
-    docs = "errors/access-denied.md"
+    docs = "access-denied"
+
+
+class UnknownDatabase(ConnGuardError, pymysql.err.OperationalError):
+    """The database named at connect (``database=``, ``db=``) does not exist (1049). Permanent."""
+
+    docs = "unknown-database"
 
 
 class ConnectionLost(ConnGuardError, pymysql.err.OperationalError):
     """An established connection died (2006, 2013, 2055, 4031, 1927, reset, broken pipe)."""
 
     transient = True
-    docs = "errors/connection-lost.md"
+    docs = "connection-lost"
 
 
 class HandshakeLost(ConnectionLost):
     """The connection died during login, before it was usable (2013/2006 while connecting)."""
 
-    docs = "errors/handshake-lost.md"
+    docs = "handshake-lost"
 
 
 class CommandsOutOfSync(ConnectionLost):
@@ -171,14 +185,14 @@ class CommandsOutOfSync(ConnectionLost):
     so retrying the same code fails the same way.
     """
 
-    docs = "errors/commands-out-of-sync.md"
+    docs = "commands-out-of-sync"
 
 
 class ServerShuttingDown(ConnGuardError, pymysql.err.OperationalError):
     """The server is shutting down (1053)."""
 
     transient = True
-    docs = "errors/server-shutting-down.md"
+    docs = "server-shutting-down"
 
 
 class QueryInterrupted(ConnGuardError, pymysql.err.OperationalError):
@@ -188,7 +202,7 @@ class QueryInterrupted(ConnGuardError, pymysql.err.OperationalError):
     """
 
     transient = True
-    docs = "errors/query-interrupted.md"
+    docs = "query-interrupted"
 
 
 class StatementTimeout(QueryInterrupted):
@@ -196,7 +210,7 @@ class StatementTimeout(QueryInterrupted):
     MySQL 3024 ``max_execution_time``).  Not a disconnect; transient like
     :class:`QueryInterrupted`, but the same statement under the same load times out again."""
 
-    docs = "errors/statement-timeout.md"
+    docs = "statement-timeout"
 
 
 class LockWaitTimeout(ConnGuardError, pymysql.err.OperationalError):
@@ -208,7 +222,7 @@ class LockWaitTimeout(ConnGuardError, pymysql.err.OperationalError):
     """
 
     transient = True
-    docs = "errors/lock-wait-timeout.md"
+    docs = "lock-wait-timeout"
 
 
 class Deadlock(ConnGuardError, pymysql.err.OperationalError):
@@ -218,7 +232,7 @@ class Deadlock(ConnGuardError, pymysql.err.OperationalError):
     """
 
     transient = True
-    docs = "errors/deadlock.md"
+    docs = "deadlock"
 
 
 class PoolTimeout(ConnGuardError, pymysql.err.OperationalError):
@@ -232,7 +246,7 @@ class PoolTimeout(ConnGuardError, pymysql.err.OperationalError):
     """
 
     transient = True
-    docs = "errors/pool-timeout.md"
+    docs = "pool-timeout"
 
     def __init__(
         self,
@@ -273,7 +287,7 @@ class PoolClosed(ConnGuardError, pymysql.err.InterfaceError):
     in the program, not a database condition.  ``args`` is ``(first line,)``.
     """
 
-    docs = "errors/pool-closed.md"
+    docs = "pool-closed"
 
     def __init__(self, pool: str = "") -> None:
         diagnosis: Dict[str, Any] = {"pool": pool or None}
@@ -290,7 +304,7 @@ class CircuitOpen(ConnGuardError, pymysql.err.OperationalError):
     """
 
     transient = True
-    docs = "errors/circuit-open.md"
+    docs = "circuit-open"
 
     def __init__(
         self,
@@ -332,7 +346,7 @@ class LeaseUnavailable(ConnGuardError, pymysql.err.OperationalError):
     """
 
     transient = True
-    docs = "deployment.md"
+    docs = "lease-unavailable"
 
     def __init__(self, destination: str, global_max: int, census: Optional[Any],
                  retry_after: float, fallback: bool = False) -> None:
@@ -363,7 +377,7 @@ class CoordinatorUnavailable(ConnGuardError, pymysql.err.OperationalError):
     (``coordinator_fail="closed"``). Idle pooled connections are still handed out."""
 
     transient = True
-    docs = "deployment.md"
+    docs = "coordinator-unavailable"
 
     def __init__(self, address: str, last_error: str, retry_after: float) -> None:
         diagnosis = {"coordinator": address, "last_error": last_error,
@@ -398,9 +412,9 @@ _OUTAGE_REMEDIES = (
 
 
 def _docs_of(err: Optional[BaseException]) -> Optional[str]:
-    """Where the docs of ``err`` (a connguard error) are, as its own ``docs:`` line says."""
+    """How to read the page of ``err`` (a connguard error), as its own ``see:`` line says."""
     page = getattr(err, "docs", None)
-    return messages.docs_link(page) if isinstance(page, str) and page else None
+    return f"`{messages.see(page)}`" if isinstance(page, str) and page else None
 
 
 def note_deadline_cut(err: BaseException, left: float) -> None:
@@ -464,7 +478,7 @@ class GateTimeout(ConnGuardError, pymysql.err.OperationalError):
     """
 
     transient = True
-    docs = "errors/gate-timeout.md"
+    docs = "gate-timeout"
 
     def __init__(self, retry_after: float, *, scope: str = "cluster-wide",
                  host: Optional[str] = None, port: Optional[int] = None,

@@ -4,7 +4,7 @@ A template names facts in braces (``{port_range_text}``); a bracketed segment is
 a fact it names is unknown (``[ (now {port_range_text})]``), and ``[a|b]`` takes the first
 alternative whose facts are all known. Numbers are shown with separators and about three
 significant digits. The message is the cause and its top remedy on the first line, the other
-remedies, the original error and the docs page (:func:`docs_link`) after it. Pure functions:
+remedies, the original error and where to read its page (:func:`see`) after it. Pure functions:
 :mod:`connguard.errors` decides what to say, this module only how.
 """
 
@@ -122,6 +122,13 @@ def server_facts(diagnosis: Mapping[str, Any]) -> Dict[str, Any]:
             facts["admin_slot_used"] = threads
         elif threads < most:
             facts["threads_below_max"] = threads
+    census = diagnosis.get("census")
+    established = census.get("established") if isinstance(census, dict) else None
+    if (threads is None and isinstance(most, int) and isinstance(established, int)
+            and established > most):
+        # More from this host alone than max_connections: MariaDB and MySQL allow
+        # max_connections + 1, the last for an account with SUPER / CONNECTION ADMIN.
+        facts["established_past_max"] = established
     user_limit = diagnosis.get("max_user_connections")
     if isinstance(user_limit, int) and user_limit > 0:  # 0 means "no global limit"
         facts["user_limit"] = user_limit
@@ -136,11 +143,17 @@ def server_facts(diagnosis: Mapping[str, Any]) -> Dict[str, Any]:
 _PLAIN_NUMBERS = ("port", "errno", "mysql_code", "server_errno", "thread_id")
 
 
+_NO_PASSWORD = ("no password was sent (using password: NO): give it (password=, the URL's "
+                "user:password@), then check the user name")
+
+
 def facts(diagnosis: Mapping[str, Any], server_message: str = "") -> Dict[str, str]:
     """Known facts as display strings, for templates; unknown ones are left out."""
     merged: Dict[str, Any] = {**diagnosis, **derived(diagnosis)}
     if server_message:
         merged["server_message"] = server_message
+        if "(using password: NO)" in server_message:
+            merged["no_password"] = _NO_PASSWORD
     facts: Dict[str, str] = {}
     for key, value in merged.items():
         if value is None or isinstance(value, (dict, tuple, list)):
@@ -172,19 +185,21 @@ def docs_base() -> str:
     return _docs_base
 
 
-def docs_link(page: str) -> str:
-    """``page`` (``errors/access-denied.md``, ``errors/index.md#table``) as a link to the
-    published page when the distribution names where its docs live (mkdocs' directory URLs);
-    else the page under the project's ``docs/``."""
+def docs_link(page: str) -> Optional[str]:
+    """Error page ``page`` (``access-denied``) as a link to the published page when the
+    distribution names where its docs live (mkdocs' directory URLs); else None."""
     base = docs_base()
     if not base:
-        return "docs/" + page  # as a checkout or the sdist has it
-    path, hash_, fragment = page.partition("#")
-    if path.endswith("index.md"):
-        path = path[:-len("index.md")]
-    elif path.endswith(".md"):
-        path = path[:-3] + "/"
-    return base + path + hash_ + fragment
+        return None
+    return base + ("errors/" if page == "index" else f"errors/{page}/")
+
+
+def see(page: str) -> str:
+    """Where to read error page ``page``: the command that prints it (the pages ship with
+    the package, so it works offline), and the published page when there is one."""
+    link = docs_link(page)
+    command = f"connguard explain {page}"
+    return f"{command} (or {link})" if link else command
 
 
 def compose(cause: str, remedies: List[str], original: str, docs: str) -> str:
@@ -193,5 +208,5 @@ def compose(cause: str, remedies: List[str], original: str, docs: str) -> str:
     lines.extend(f"  - {remedy}" for remedy in remedies[1:])
     if original:
         lines.append(f"original: {original}")
-    lines.append(f"docs: {docs_link(docs)}")
+    lines.append(f"see: {see(docs)}")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from sqlalchemy import exc as sa_exc
 
 from connguard import coordination, storm
+from connguard.arguments import unknown_names
 
 PREFIX = "connguard_"
 
@@ -140,9 +141,9 @@ def _reject_unknown(names: List[str]) -> None:
     unknown = sorted(set(names) - set(OPTION_NAMES))
     if unknown:
         raise sa_exc.ArgumentError(
-            f"unknown connguard plugin option{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(unknown)}; the options are {', '.join(OPTION_NAMES)} "
-            "(see docs/sqlalchemy.md)")
+            f"{unknown_names(unknown, OPTION_NAMES, 'connguard plugin option')}; the full "
+            "list: connguard.sqlalchemy_options.OPTION_NAMES (the SQLAlchemy page of the "
+            "docs has the table)")
 
 
 def single_value(name: str, value: Any) -> Any:

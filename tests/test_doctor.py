@@ -118,6 +118,32 @@ def test_parse_dsn() -> None:
             parse_dsn(bad)
 
 
+@pytest.mark.parametrize("scheme", doctor.DSN_SCHEMES)
+def test_every_engine_url_the_docs_show_is_accepted_and_plugin_options_ignored(
+        scheme: str) -> None:
+    target = parse_dsn(f"{scheme}://app:secret@db.example:3306/shop?plugin=connguard"
+                       "&connguard_max_size=5&connguard_storm_control=false")
+    assert (target.host, target.port, target.user, target.database) == (
+        "db.example", 3306, "app", "shop")
+    assert target.ignored == ("connguard_max_size", "connguard_storm_control", "plugin")
+    with pytest.raises(ValueError, match=r"unknown DSN parameter charset; allowed: "
+                                         r"unix_socket \(and, ignored: plugin=, connguard_\*\)"):
+        parse_dsn(f"{scheme}://app@db/shop?plugin=connguard&charset=utf8mb4")
+
+
+def test_tw_reuse_2_is_loopback_only_and_a_warning_for_a_remote_server() -> None:
+    alone = doctor.check_tw_reuse(2)
+    assert alone.verdict == GREEN and "loopback (127.0.0.0/8, ::1) only" in alone.note
+    assert "remote server" in alone.note
+    for local in ("127.0.0.1", "::1", "localhost"):
+        assert doctor.check_tw_reuse(2, local).verdict == GREEN
+    remote = doctor.check_tw_reuse(2, "10.0.0.5")
+    assert remote.verdict == YELLOW and "10.0.0.5 is remote" in remote.note
+    assert "tcp_tw_reuse=1" in remote.note
+    assert doctor.check_tw_reuse(2, "db.example").verdict == YELLOW  # a name: no DNS, remote
+    assert doctor.check_tw_reuse(1, "10.0.0.5").verdict == GREEN
+
+
 # --- the command ------------------------------------------------------------------------------
 
 
@@ -234,7 +260,7 @@ def test_unreachable_and_refused_logins_are_red_without_the_password(
     wrong = APP_PASSWORD + "-wrong"
     code, out, err = run_doctor(capsys, "--dsn",
                                 f"mysql://app:{wrong}@127.0.0.1:{mariadb.port}/app")
-    assert code == cli.EXIT_RED and "access denied" in out
+    assert code == cli.EXIT_RED and "Access denied for user" in out
     assert wrong not in out + err and APP_PASSWORD not in out + err
 
 
@@ -388,6 +414,30 @@ def test_a_wrong_password_is_a_refused_login_on_a_reachable_server(mariadb: Mari
     assert by_id["server.reachable"]["verdict"] == GREEN
     assert by_id["server.login"]["verdict"] == RED
     assert "access denied" in by_id["server.login"]["note"].lower()
-    assert "check the user name, the password" in by_id["server.login"]["note"]
+    assert "check the user name and the password" in by_id["server.login"]["note"]
     assert document["server"]["reachable"] is True and code == cli.EXIT_RED
     assert APP_PASSWORD not in out
+    assert "no password was given" not in out  # one was: it was wrong
+
+
+def test_a_login_without_a_password_says_how_to_give_one(mariadb: MariaDB) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MYSQL_PWD"}
+    code, out = _cli("doctor", "--json", "--dsn", dsn(mariadb), env=env)
+    document = json.loads(out[:out.rindex("}") + 1])
+    login = {c["id"]: c for c in document["checks"]}["server.login"]
+    assert login["verdict"] == RED and code == cli.EXIT_RED
+    assert "(using password: NO)" in login["note"]
+    assert "no password was given: set MYSQL_PWD, use --password-prompt" in login["note"]
+
+
+def test_the_engine_url_with_the_plugin_reaches_the_server_with_a_note(mariadb: MariaDB) -> None:
+    url = (f"mysql+pymysql://app@127.0.0.1:{mariadb.port}/app?plugin=connguard"
+           "&connguard_max_size=5")
+    proc = subprocess.run([sys.executable, "-m", "connguard.cli", "doctor", "--json", "--dsn",
+                           url], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, MYSQL_PWD=APP_PASSWORD))
+    document = json.loads(proc.stdout)  # the note goes to stderr: stdout stays JSON
+    by_id = {c["id"]: c for c in document["checks"]}
+    assert by_id["server.reachable"]["verdict"] == GREEN and "server.login" not in by_id
+    assert "note: --dsn: ignoring connguard_max_size, plugin" in proc.stderr
+    assert APP_PASSWORD not in proc.stdout + proc.stderr

@@ -28,6 +28,7 @@ import pymysql
 import pytest
 
 from connguard import errors, messages
+from connguard import explain as err_explain
 from connguard.census import unix_listen_queue
 from connguard.errors import (
     AccessDenied,
@@ -140,9 +141,10 @@ def test_every_template_renders_without_facts(row: errors.Row) -> None:
 def test_every_class_has_a_docs_page_listed_in_the_index() -> None:
     index = (DOCS / "errors" / "index.md").read_text()
     for cls in PUBLIC_CLASSES:
-        assert (DOCS / cls.docs).is_file(), cls.docs
+        assert (DOCS / "errors" / f"{cls.docs}.md").is_file(), cls.docs
         assert cls.__name__ in index
-        assert Path(cls.docs).name in index
+        assert f"{cls.docs}.md" in index
+        assert cls.__name__ in err_explain.page(cls.docs).split("\n", 1)[0]
 
 
 def test_rows_are_ordered_specific_first() -> None:
@@ -296,7 +298,7 @@ def test_statement_errors_are_not_disconnects(exc: BaseException) -> None:
 def test_statement_timeout_is_an_interruption() -> None:
     new = translate(server_error(1969, "Query execution was interrupted "
                                        "(max_statement_time exceeded)"))
-    assert isinstance(new, QueryInterrupted) and new.docs == "errors/statement-timeout.md"
+    assert isinstance(new, QueryInterrupted) and new.docs == "statement-timeout"
 
 
 def test_handshake_lost_needs_the_connect_phase() -> None:
@@ -478,7 +480,7 @@ def test_first_line_names_the_numbers() -> None:
     assert any("ip_local_port_range (now 32768-60999)" in line for line in lines)
     assert any("tcp_tw_reuse=1 (now 2)" in line for line in lines)
     assert lines[-2].startswith("original: (2003, \"Can't connect to MySQL server on '10.0.0.5'")
-    assert lines[-1] == "docs: docs/errors/local-ports-exhausted.md"
+    assert lines[-1] == "see: connguard explain local-ports-exhausted"
     assert new.cause == lines[0].split(" — ")[0]
 
 
@@ -841,7 +843,8 @@ def test_pool_timeout_names_the_servers_refusal() -> None:
         "no free connection in the pool for 10.0.0.5:3306 after waiting 5 s: 4 of 10 in use; "
         "the server refused more: TooManyConnections: too many connections to 10.0.0.5:3306: "
         "server at max_connections (151 of 151 connected) — the pool cannot grow because the "
-        "server refuses new connections: fix that first (see docs/errors/too-many-connections.md)"
+        "server refuses new connections: fix that first (see `connguard explain "
+        "too-many-connections`)"
     )
     assert err.last_cause is refusal and err.__cause__ is refusal
     back = pickle.loads(pickle.dumps(err))
@@ -858,7 +861,7 @@ def test_circuit_open() -> None:
         "connecting to 10.0.0.5:3306 paused for 4.2 s after 5 failures in a row; "
         "last: TooManyConnections: too many connections: server at max_connections"
     )
-    assert "errors/too-many-connections.md" in first
+    assert "(see `connguard explain too-many-connections`)" in first
     bare = str(CircuitOpen(None, 3))
     assert bare.startswith("connecting paused for 3 s — fix the last failure;")
     assert "None" not in bare
@@ -1005,25 +1008,24 @@ def test_real_emfile_in_a_child_process() -> None:
 
 
 @pytest.mark.parametrize("base, page, expected", [
-    ("", "errors/local-ports-exhausted.md", "docs/errors/local-ports-exhausted.md"),
-    ("https://docs.example.org/connguard/", "errors/local-ports-exhausted.md",
-     "https://docs.example.org/connguard/errors/local-ports-exhausted/"),
-    ("https://docs.example.org/connguard/", "errors/index.md",
-     "https://docs.example.org/connguard/errors/"),
-    ("https://docs.example.org/connguard/", "errors/index.md#the-table",
-     "https://docs.example.org/connguard/errors/#the-table"),
+    ("", "local-ports-exhausted", "connguard explain local-ports-exhausted"),
+    ("https://docs.example.org/connguard/", "local-ports-exhausted",
+     "connguard explain local-ports-exhausted "
+     "(or https://docs.example.org/connguard/errors/local-ports-exhausted/)"),
+    ("https://docs.example.org/connguard/", "index",
+     "connguard explain index (or https://docs.example.org/connguard/errors/)"),
 ])
-def test_the_docs_line_links_to_the_published_page_when_the_project_names_one(
+def test_the_see_line_names_the_command_and_the_published_page_when_there_is_one(
         monkeypatch: pytest.MonkeyPatch, base: str, page: str, expected: str) -> None:
-    from connguard import errors as errors_module
-
     monkeypatch.setattr(messages, "_docs_base", base)
-    assert errors_module.docs_link(page) == expected
-    if page == "errors/local-ports-exhausted.md":
+    assert messages.see(page) == expected
+    if page == "local-ports-exhausted":
         new = translate(pymysql.err.OperationalError(
             2003, "Can't connect to MySQL server on '10.0.0.5' ([Errno 99] Cannot assign "
                   "requested address)"))
-        assert str(new).split("\n")[-1] == "docs: " + expected
+        assert str(new).split("\n")[-1] == "see: " + expected
+        assert new.docs == page and new.explain().startswith("# LocalPortsExhausted")
+        assert "docs/" not in str(new)  # no repository path in a user-facing message
 
 
 def test_the_docs_base_is_read_from_the_distribution_and_a_failure_is_not_kept(
@@ -1071,4 +1073,36 @@ def test_an_outage_of_a_server_never_reached_says_to_check_host_and_port() -> No
                                     port=3307)).split("\n")[0]
     assert "this process has never connected to it: check the host and port" in never
     assert "never connected" not in known  # a server this process used: an outage
-    assert "(see docs/errors/server-unavailable.md)" in never
+    assert "(see `connguard explain server-unavailable`)" in never
+
+
+def test_1040_past_max_connections_from_this_host_names_the_admin_slot() -> None:
+    """11 established beside max_connections 10: the server allows one more, for an account
+    with SUPER / CONNECTION ADMIN, and the message says so instead of leaving 11 > 10 bare."""
+    new = translate(OperationalError(1040, "Too many connections"), host="10.0.0.5", port=3306,
+                    extra={"max_connections": 10, "census": {"established": 11}})
+    first = str(new).split("\n", 1)[0]
+    assert first.startswith(
+        "too many connections to 10.0.0.5:3306: server at max_connections (11 established "
+        "from this host alone: max_connections 10 + 1 kept for SUPER / CONNECTION ADMIN)")
+    assert any(r.startswith("11 established is past max_connections: an account of this host "
+                            "has SUPER or CONNECTION ADMIN") for r in new.remedies)
+    within = translate(OperationalError(1040, "Too many connections"), host="10.0.0.5",
+                       port=3306, extra={"max_connections": 10, "census": {"established": 4}})
+    assert "CONNECTION ADMIN" not in str(within)  # 4 of 10: other hosts fill the server
+
+
+def test_access_denied_lists_only_the_remedies_of_its_own_code() -> None:
+    for code, own, text in [
+        (1045, "check the user name and the password",
+         "Access denied for user 'app'@'10.0.0.7' (using password: YES)"),
+        (1044, "grant the account the database", "Access denied for user 'app'@'%' to "
+         "database 'other'"),
+        (1130, "create the account for this client host",
+         "Host '10.0.0.7' is not allowed to connect to this MariaDB server"),
+    ]:
+        new = translate(OperationalError(code, text), host="10.0.0.5", port=3306)
+        assert isinstance(new, AccessDenied)
+        assert str(new).startswith(f"{text} on 10.0.0.5:3306 — {own}")
+        others = {1044, 1045, 1130, 1698, 1862, 4151} - {code}
+        assert not any(str(other) in " ".join(new.remedies) for other in others), new.remedies

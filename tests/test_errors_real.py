@@ -16,6 +16,7 @@ import contextlib
 import errno
 import gc
 import json
+import re
 import resource
 import socket
 import sys
@@ -321,12 +322,44 @@ def test_1045_access_denied_after_exactly_one_attempt(mariadb: MariaDB) -> None:
                 err = raised_by(connect)
                 after = status(admin, "Connections"), status(admin, "Aborted_connects")
                 assert (after[0] - before[0], after[1] - before[1]) == (1, 1)  # no retry
-                check(report(err), "AccessDenied", transient=False, code=1045,
-                      first_has=["access denied: Access denied for user 'app'@'127.0.0.1'"])
+                first = check(report(err), "AccessDenied", transient=False, code=1045,
+                              first_has=["Access denied for user 'app'@'127.0.0.1' (using "
+                                         f"password: YES) on 127.0.0.1:{mariadb.port} — check "
+                                         "the user name and the password"])
+                assert first.startswith("Access denied")  # the server's words, said once
+                assert "access denied" not in str(err)
+                assert not re.search(r"\b(1044|1130|1698|1862|4151)\b", "\n".join(err.remedies))
                 assert "not-" not in str(err)  # the wrong password is masked too
+                assert str(err).endswith("\nsee: connguard explain access-denied")
     finally:
         pool.close()
         connguard.close_all()
+
+
+def test_1045_without_a_password_says_none_was_sent(mariadb: MariaDB) -> None:
+    err = raised_by(lambda: connguard.connect(**mariadb.connect_kwargs(password="")))
+    first = check(report(err), "AccessDenied", transient=False, code=1045,
+                  first_has=["(using password: NO)"])
+    assert "no password was sent (using password: NO): give it (password=" in first
+    connguard.close_all()
+
+
+# --- 1049 unknown database --------------------------------------------------------------------
+
+
+def test_1049_unknown_database_is_translated_and_not_retried(mariadb: MariaDB) -> None:
+    # As root: the application account has no grant there, so it would get 1044 instead.
+    kwargs = dict(unix_socket=mariadb.socket_path, user="root", password=mariadb.root_password,
+                  database="no_such_db", connect_timeout=10)
+    with admin_of(mariadb) as admin:
+        before = status(admin, "Connections")
+        err = raised_by(lambda: connguard.connect(**kwargs))
+        assert status(admin, "Connections") - before == 1  # permanent: one attempt
+    check(report(err), "UnknownDatabase", transient=False, code=1049,
+          first_has=["Unknown database 'no_such_db' on ", " — check the database name"])
+    assert isinstance(err, connguard.UnknownDatabase) and "do not retry" in str(err)
+    assert str(err).endswith("\nsee: connguard explain unknown-database")
+    connguard.close_all()
 
 
 # --- 2003 with errno 111: nothing listens -----------------------------------------------------

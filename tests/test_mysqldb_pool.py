@@ -73,12 +73,28 @@ def test_install_pools_mysqldb_connect_and_uninstall_restores_it(mariadb: MariaD
         connguard.uninstall()
         dropin.close_all()
     assert MySQLdb.connect is original and not connguard.installed("MySQLdb")
-    with pytest.raises(ValueError, match="allowed: 'pymysql', 'MySQLdb'"):
-        connguard.install("mysqlclient")
+    with pytest.raises(ValueError, match="unknown driver 'mysql'; allowed: 'pymysql', "
+                       "'MySQLdb', 'mysqlclient'"):
+        connguard.install("mysql")
     with pytest.raises(ValueError, match="driver must be one of 'mysqldb', 'pymysql'"):
         connguard.Pool(driver="MySQL", **kwargs)
-    with pytest.raises(TypeError, match="MySQLdb.connect's arguments"):
+    with pytest.raises(TypeError, match="MySQLdb.connect's parameters"):
         connguard.Pool(driver="mysqldb", **kwargs, defer_connect=True)
+
+
+def test_install_takes_mysqlclient_the_pip_name_for_mysqldb(mariadb: MariaDB) -> None:
+    connguard.install("mysqlclient")
+    try:
+        assert connguard.installed("MySQLdb") and connguard.installed("mysqlclient")
+        assert not connguard.installed("pymysql")
+        conn = MySQLdb.connect(**mariadb.connect_kwargs())
+        try:
+            assert repr(conn).startswith("<connguard.mysqldb.Handle thread_id=")
+        finally:
+            conn.close()
+    finally:
+        connguard.uninstall()
+        dropin.close_all()
 
 
 @pytest.mark.parametrize("autocommit", [False, True])

@@ -30,7 +30,7 @@ from sqlalchemy.util import queue as sqla_queue
 import connguard
 from connguard import sqlalchemy_plugin
 from connguard.errors import QueryInterrupted
-from connguard.sqlalchemy_plugin import OPTION_NAMES, ConnGuardPluginWarning, stats
+from connguard.sqlalchemy_plugin import ConnGuardPluginWarning, stats
 from connguard.sqlalchemy_pool import GuardedQueuePool, capacity_code
 from connguard.storm import StormPolicy
 from tests.forking import in_forked_child
@@ -336,8 +336,9 @@ def test_stats_refuses_an_engine_without_the_plugin(make_engine: EngineFactory) 
 
 
 @pytest.mark.parametrize("url_query, kwargs, message", [
-    ("connguard_max_size=3", {}, "unknown connguard plugin option connguard_max_size"),
-    ("", {"connguard_reaperr": True}, "unknown connguard plugin option connguard_reaperr"),
+    ("connguard_max_size=3", {}, "unknown connguard plugin option 'connguard_max_size'"),
+    ("", {"connguard_reaperr": True}, "unknown connguard plugin option 'connguard_reaperr' "
+     "(did you mean 'connguard_reaper'?)"),
     ("connguard_reaper=maybe", {}, "connguard_reaper must be true or false"),
     ("connguard_idle_timeout=-1", {}, "connguard_idle_timeout must be a number"),
     ("connguard_connect_burst=0", {}, "connguard_connect_burst must be an integer >= 1"),
@@ -364,8 +365,8 @@ def test_bad_plugin_options_are_rejected_clearly(
         sa.create_engine(url, **kwargs)
     text = str(info.value)
     assert message in text
-    if "unknown" in message:
-        assert all(name in text for name in OPTION_NAMES)  # names the allowed ones
+    if "unknown" in message:  # a pointer to the options, not all 40 of them
+        assert "connguard.sqlalchemy_options.OPTION_NAMES" in text and len(text) < 400
     assert APP_PASSWORD not in text
     assert "s3cret" not in text  # nor the coordinator's
 
