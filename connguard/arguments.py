@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import ssl
-from typing import Any, Collection, Dict, Hashable, Tuple
+from typing import Any, Collection, Dict, Hashable, Mapping, Tuple
 
 from connguard import drivers
 
@@ -19,6 +19,28 @@ POOL_OPTIONS = frozenset({
     "coordinator", "global_max", "coordinator_fail", "lease_ttl", "coordinator_key",
     "driver",
 })
+
+
+class _Default:
+    """The default of a pool option the caller did not pass: the option is left out, as if
+    the signature were ``**kwargs`` (a pool tells given options from defaults: the drop-in
+    compares a later call's given options with its pool's, and some defaults differ between
+    the drop-in and ``Pool``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+#: The default of every pool option in ``Pool``'s signature.
+DEFAULT: Any = _Default()
+
+
+def given_options(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """The pool options among ``values`` (a signature's parameters) the caller passed."""
+    return {name: value for name, value in values.items()
+            if name in POOL_OPTIONS and value is not DEFAULT}
 
 
 def split_arguments(kwargs: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:

@@ -7,8 +7,8 @@ with the cached SSL context, and any failure leaves here translated.
 
 from __future__ import annotations
 
-import asyncio
 import socket
+import sys
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -20,10 +20,16 @@ from connguard.storm import ConnectGate
 
 #: Connect failures of a server that is down or restarting (refused, unreachable, timed out,
 #: cut off during the handshake, shutting down, listen queue full): worth waiting out.
-_TIMEOUTS = (asyncio.TimeoutError, socket.timeout)
-
 OUTAGE_ERRORS = (errors.ServerUnavailable, errors.ConnectionLost, errors.ServerShuttingDown,
                  errors.ResourceTemporarilyUnavailable)
+
+
+def _timeouts() -> Tuple[type, ...]:
+    """A connect timeout's classes: socket's, and asyncio's (its own class before Python 3.11)
+    once a driver has imported asyncio (read then, so connguard itself never imports it)."""
+    aio = sys.modules.get("asyncio")
+    return (socket.timeout,) if aio is None else (socket.timeout, aio.TimeoutError)
+
 
 #: A caller retries a failed attempt only with at least this much of its time left.
 MIN_RETRY_TIME = 0.01
@@ -114,7 +120,7 @@ class Connector:
         except Exception as exc:
             # The server's answer, or the network's: a driver's error, or a connect timeout a
             # driver let through unwrapped (asyncmy, on Python < 3.11 asyncio's own class).
-            if not (errors.is_driver_error(exc) or isinstance(exc, _TIMEOUTS)):
+            if not (errors.is_driver_error(exc) or isinstance(exc, _timeouts())):
                 self._abandon(exc)
                 raise
             translated = self.translate(exc, during_connect=True)

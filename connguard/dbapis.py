@@ -223,14 +223,15 @@ GUARDED = frozenset({"pymysql", "mysqldb", "aiomysql", "asyncmy"})
 
 def facts_for(dialect: Any) -> Optional[DriverFacts]:
     """The facts for the driver of ``dialect`` (an instance: its DBAPI module loaded), or
-    None for a driver connguard cannot watch."""
-    if dialect.driver == "pymysql":
+    None for a driver connguard cannot watch (a third-party dialect may name no driver)."""
+    name = getattr(dialect, "driver", None)
+    if name == "pymysql":
         return PYMYSQL
     dbapi = getattr(dialect, "loaded_dbapi", None) or getattr(dialect, "dbapi", None)
-    if dialect.driver == "mysqldb" and getattr(dbapi, "__name__", None) == "MySQLdb":
+    if name == "mysqldb" and getattr(dbapi, "__name__", None) == "MySQLdb":
         return mysqldb_facts(dbapi)  # not another module given as module= (PyMySQL's shim, say)
-    if dialect.driver in ("aiomysql", "asyncmy") and getattr(dialect, "is_async", False):
-        return _async(dialect.driver, dbapi)
+    if name in ("aiomysql", "asyncmy") and getattr(dialect, "is_async", False):
+        return _async(name, dbapi)
     return None
 
 

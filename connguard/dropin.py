@@ -9,6 +9,7 @@ so unchanged code gets the same.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
@@ -96,6 +97,14 @@ def connect(*args: Any, **kwargs: Any) -> PooledConnection:
         raise TypeError("connguard.connect() takes keyword arguments only, as pymysql.connect "
                         f"does; got {len(args)} positional")
     return pool_for(**kwargs).connect()
+
+
+# What help() and IDEs that introspect show for connect: Pool's options by name (the
+# drop-in's own defaults for them are in DROPIN_DEFAULTS), then pymysql.connect's arguments.
+# The function itself keeps ``**kwargs``: each call pays for no signature binding.
+connect.__signature__ = inspect.signature(Pool).replace(  # type: ignore[attr-defined]
+    parameters=[p for p in inspect.signature(Pool).parameters.values() if p.name != "clock"],
+    return_annotation="PooledConnection")
 
 
 def close_all() -> None:

@@ -22,11 +22,11 @@ import threading
 import time
 import traceback
 from collections import Counter, deque
-from typing import Any, Callable, Deque, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Optional, Set, Tuple, Union
 
 from connguard import coordination, drivers, errors, events, metrics, reaper, storm
 from connguard.admission import Admission
-from connguard.arguments import POOL_OPTIONS, split_arguments
+from connguard.arguments import DEFAULT, POOL_OPTIONS, given_options, split_arguments
 from connguard.clock import Clock
 from connguard.connector import Connector
 from connguard.hostgate import check_option
@@ -45,6 +45,9 @@ from connguard.pool_stats import PoolReport
 from connguard.pool_upkeep import Upkeep
 from connguard.proxy import PooledConnection
 from connguard.storm import StormPolicy
+
+if TYPE_CHECKING:
+    from connguard.backend import Coordinator
 
 log = logging.getLogger("connguard.pool")
 _bucket = bisect.bisect_left
@@ -73,7 +76,35 @@ class Pool(ConnectPath, ReturnPath, Upkeep, PoolReport):
     ``close()`` (or ``with`` block end) returns it to the pool.
     """
 
-    def __init__(self, *, clock: Clock = time.monotonic, **kwargs: Any) -> None:
+    def __init__(
+        self, *, clock: Clock = time.monotonic,
+        name: Optional[str] = DEFAULT, driver: str = DEFAULT,
+        # sizing and waiting (PoolSettings)
+        max_size: int = DEFAULT, max_overflow: int = DEFAULT, min_idle: int = DEFAULT,
+        checkout_timeout: float = DEFAULT, leak_threshold: Optional[float] = DEFAULT,
+        # lifetime and reset (LifetimePolicy, ResetPolicy), TCP keepalive (KeepalivePolicy)
+        max_lifetime: Optional[float] = DEFAULT, lifetime_jitter: float = DEFAULT,
+        idle_timeout: Optional[float] = DEFAULT, reset: str = DEFAULT,
+        keepalive: Union[bool, None, Tuple[float, float, int]] = DEFAULT,
+        # the OS resource guard and the host-wide handshake gate
+        resource_guard: bool = DEFAULT, fd_reserve: int = DEFAULT,
+        port_reserve: Optional[int] = DEFAULT, host_gate: Union[bool, str] = DEFAULT,
+        # storm control (StormPolicy)
+        storm_control: bool = DEFAULT, max_connect_rate: float = DEFAULT,
+        connect_burst: int = DEFAULT, max_handshakes: int = DEFAULT,
+        backoff_initial: float = DEFAULT, backoff_max: float = DEFAULT,
+        breaker_threshold: int = DEFAULT, ceiling_probe: float = DEFAULT,
+        fail_fast: bool = DEFAULT, reconnect_rate: float = DEFAULT,
+        reconnect_burst: int = DEFAULT,
+        # coordination across processes (docs/deployment.md)
+        coordinator: Union[None, str, Coordinator] = DEFAULT,
+        global_max: Optional[int] = DEFAULT, coordinator_fail: str = DEFAULT,
+        lease_ttl: float = DEFAULT, coordinator_key: Optional[str] = DEFAULT,
+        **connect_args: Any,
+    ) -> None:
+        # The options by name, for an IDE and help(); those not passed are left out, as
+        # they were when this was **kwargs (locals() here: the parameters, nothing else).
+        kwargs = {**connect_args, **given_options(locals())}
         self._driver: Any = drivers.seam(kwargs.get("driver", "pymysql"))
         options, self._connect_kwargs = split_arguments(kwargs, where="connguard.Pool")
         self._settings, self._lifetime, self._reset = build_policies(options)
@@ -94,13 +125,13 @@ class Pool(ConnectPath, ReturnPath, Upkeep, PoolReport):
         # Growth: handshake cap, the ceilings learnt from the server and the global budget.
         self._admission = Admission.for_policy(self._storm, self._settings.limit,
                                                budget=self._budget is not None)
-        keepalive: Optional[KeepalivePolicy] = keepalive_from_option(
+        probes: Optional[KeepalivePolicy] = keepalive_from_option(
             options.get("keepalive", True))
         self._connector = Connector(self._connect_kwargs, driver=self._driver,
                                     guard=self._make_guard(options),
                                     gate=self._make_gate(options),
                                     server_facts=self._server_facts,
-                                    keepalive=keepalive.as_tuple() if keepalive else None,
+                                    keepalive=probes.as_tuple() if probes else None,
                                     fail_fast=bool(self._storm and self._storm.fail_fast))
         self._options = dict(options)  # as given: the drop-in compares later calls to them
         self._wait_timeout: Optional[int] = None
@@ -114,10 +145,10 @@ class Pool(ConnectPath, ReturnPath, Upkeep, PoolReport):
         self._top_up_running = False
         self._closed = False
         self._stats: Counter = Counter()
-        name = options.get("name")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"name must be a non-empty string, got {name!r}")
-        self._metrics = PoolMetrics(metrics.claim_name(name or self._describe_destination(),
+        given_name = options.get("name")
+        if given_name is not None and (not isinstance(given_name, str) or not given_name):
+            raise ValueError(f"name must be a non-empty string, got {given_name!r}")
+        self._metrics = PoolMetrics(metrics.claim_name(given_name or self._describe_destination(),
                                                        self), events.Listeners())
         metrics.register(self)
         reaper.register(self)

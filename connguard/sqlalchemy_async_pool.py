@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
-from connguard.sqlalchemy_pool import IDLE_SINCE, GuardedQueuePool
+from connguard.sqlalchemy_pool import GuardedQueuePool
 
 __all__ = ["GuardedAsyncQueuePool"]
 
@@ -184,7 +184,7 @@ class GuardedAsyncQueuePool(GuardedQueuePool):
                 return
 
     def _do_return_conn(self, record: Any) -> None:
-        record.info[IDLE_SINCE] = time.monotonic()
+        record._connguard_idle_since = time.monotonic()
         if self._line:
             with self._cond:
                 if self._serve_line(record):

@@ -62,15 +62,13 @@ from connguard.sqlalchemy_options import (  # noqa: F401 - re-exported: the plug
     single_value,
     warn,
 )
-from connguard.sqlalchemy_pool import IDLE_SINCE, GuardedQueuePool
+from connguard.sqlalchemy_pool import GuardedQueuePool
 from connguard.sqlalchemy_reaper import IdleReaper, _Reaped  # noqa: F401 - _Reaped: its home
 
 __all__ = ["ConnGuardPlugin", "ConnGuardPluginWarning", "PluginOptions", "stats"]
 
 log = logging.getLogger("connguard.sqlalchemy")
 
-# record.info key: the connection's Probe (a cached poll object) for the checkout check.
-_PROBE = "connguard_probe"
 _PYMYSQL_CONNECTION = pymysql.connections.Connection
 
 
@@ -90,13 +88,19 @@ class ConnGuardPlugin(CreateEnginePlugin):
         self._guard: Optional[EngineGuard] = None
         self._user_recycle = False
         self._destination = _url_destination(url)
-        # The pool class is chosen here: handle_pool_kwargs sees the class but cannot change
-        # it (create_engine keeps it in a local variable), while the kwargs it reads next
-        # are this dict.
-        _choose_pool_class(url, kwargs)
+        # create_engine's own kwargs (its copy, made for the plugins): where the pool class
+        # is chosen, in handle_dialect_kwargs.
+        self._engine_kwargs = kwargs
 
     def update_url(self, url: Any) -> Any:
         return url.difference_update_query([k for k in url.query if k.startswith(PREFIX)])
+
+    def handle_dialect_kwargs(self, dialect_cls: Any, dialect_args: Dict[str, Any]) -> None:
+        # The pool class is chosen here, from the dialect class create_engine itself chose
+        # (sync or async, from the same entry point): handle_pool_kwargs sees the pool class
+        # but cannot change it (create_engine keeps it in a local variable), while the
+        # poolclass create_engine reads after this call is in this dict.
+        _choose_pool_class(dialect_cls, self.url, self._engine_kwargs)
 
     def handle_pool_kwargs(self, pool_cls: Any, pool_args: Dict[str, Any]) -> None:
         # create_engine copies only what the user passed: presence means "set by the user".
@@ -150,16 +154,13 @@ def _budget_factory(options: PluginOptions, host: str,
     return make
 
 
-def _choose_pool_class(url: Any, kwargs: Dict[str, Any]) -> None:
+def _choose_pool_class(dialect_cls: Any, url: Any, kwargs: Dict[str, Any]) -> None:
     """Put GuardedQueuePool in place of QueuePool (exactly that class, chosen by the user or
-    the dialect's default) for a MySQL engine; leave any other pool alone, with a warning."""
-    try:
-        dialect_cls = url.get_dialect()
-    except Exception:  # noqa: BLE001 - create_engine reports an unknown dialect itself
-        return
+    the dialect's default) for a MySQL engine; leave any other pool alone, with a warning.
+    ``dialect_cls``: the one create_engine chose (its async one for create_async_engine)."""
     if _support(dialect_cls) == NONE:
         return  # nothing to guard
-    is_async = bool(kwargs.get("_is_async") or getattr(dialect_cls, "is_async", False) is True)
+    is_async = getattr(dialect_cls, "is_async", False) is True
     default, guarded = ((AsyncAdaptedQueuePool, GuardedAsyncQueuePool) if is_async
                         else (QueuePool, GuardedQueuePool))
     if kwargs.get("pool") is not None:
@@ -203,7 +204,8 @@ FULL, PARTIAL, NONE = "full", "partial", "none"
 def _support(dialect: Any) -> str:
     if dialect.name not in ("mysql", "mariadb"):
         return NONE
-    return FULL if dialect.driver in dbapis.GUARDED else PARTIAL
+    # A third-party dialect need not have a driver name: one connguard does not know.
+    return FULL if getattr(dialect, "driver", None) in dbapis.GUARDED else PARTIAL
 
 
 class EngineGuard:
@@ -262,7 +264,8 @@ class EngineGuard:
             return
         event.listen(engine.pool, "connect", self._on_connect)
         if self.support == PARTIAL:
-            warn(f"connguard: driver {engine.dialect.driver!r} is not one connguard "
+            driver_name = getattr(engine.dialect, "driver", None)
+            warn(f"connguard: driver {driver_name!r} is not one connguard "
                  "guards (pymysql, mysqldb, aiomysql, asyncmy); only "
                  "recycling below the server's wait_timeout and the guarded pool (adaptive "
                  "ceiling, handshake cap) apply. Not applied: guarded connects (resource "
@@ -328,13 +331,14 @@ class EngineGuard:
         """Refuse a connection whose server end is gone; SQLAlchemy then invalidates it and
         connects again (at most once more per checkout), and the caller never sees it."""
         self._checkouts += 1
-        # PyMySQL's socket and _probe, inlined: every checkout passes here (a subscript, not
-        # dict.get; the socket read directly, no getattr call).
-        info = record.info
+        # PyMySQL's socket and _probe, inlined: every checkout passes here (the socket read
+        # directly, no getattr call). The probe (a cached poll object; it follows the fd when
+        # the record reconnects) is an attribute of the record, not a key of record.info:
+        # that dict is the user's, and must stay empty, JSON-serialisable and copyable.
         try:
-            probe = info[_PROBE]
-        except KeyError:
-            probe = info[_PROBE] = Probe()
+            probe = record._connguard_probe
+        except AttributeError:
+            probe = record._connguard_probe = Probe()
         if isinstance(dbapi_conn, _PYMYSQL_CONNECTION):
             try:
                 sock = dbapi_conn._sock
@@ -364,7 +368,7 @@ class EngineGuard:
             return True
 
     def _on_checkin(self, dbapi_conn: Any, record: Any) -> None:
-        record.info[IDLE_SINCE] = time.monotonic()
+        record._connguard_idle_since = time.monotonic()
         if self.facts.is_async and self.options.reaper and dbapi_conn is not None \
                 and self.facts.watches(dbapi_conn):
             try:

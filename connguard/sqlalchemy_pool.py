@@ -71,9 +71,6 @@ log = logging.getLogger("connguard.sqlalchemy")
 #: The policy a GuardedQueuePool built without one uses (StormPolicy's defaults).
 DEFAULT_POLICY = StormPolicy()
 
-#: ``record.info`` key: when the connection went idle (monotonic), for the plugin's reaper.
-IDLE_SINCE = "connguard_idle_since"
-
 class GuardedQueuePool(ReconnectInPlace, PoolUpkeep, GuardedPoolReport, QueuePool):
     """A ``QueuePool`` with connguard's adaptive ceiling and handshake cap.
 
@@ -334,8 +331,10 @@ class GuardedQueuePool(ReconnectInPlace, PoolUpkeep, GuardedPoolReport, QueuePoo
 
     def _do_return_conn(self, record: Any) -> None:
         # When it went idle, for the plugin's reaper (here rather than in a checkin listener:
-        # one event dispatch less on every return).
-        record.info[IDLE_SINCE] = time.monotonic()
+        # one event dispatch less on every return). An attribute of the record, not a key of
+        # record.info, which is the user's dict; set on every return, so a record that
+        # reconnected never shows the idle time of its previous connection in the queue.
+        record._connguard_idle_since = time.monotonic()
         super()._do_return_conn(record)
         # Read without the lock, to keep the lock off the return path when nobody waits: a
         # caller counts itself before it looks at the queue, so if it is not counted yet,

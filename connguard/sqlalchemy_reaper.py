@@ -22,7 +22,7 @@ from connguard import dbapis, driver, errors
 from connguard.liveness import peer_closed
 from connguard.policies import LifetimePolicy
 from connguard.sqlalchemy_options import EnginePart, PluginOptions
-from connguard.sqlalchemy_pool import IDLE_SINCE, GuardedQueuePool
+from connguard.sqlalchemy_pool import GuardedQueuePool
 
 log = logging.getLogger("connguard.sqlalchemy")
 
@@ -180,7 +180,7 @@ class IdleReaper(EnginePart):
 
     def _idle_too_long(self, record: Any, now: float) -> bool:
         limit = self.idle_timeout
-        since = record.info.get(IDLE_SINCE)
+        since = getattr(record, "_connguard_idle_since", None)  # set by each return
         return limit is not None and since is not None and now - since >= limit
 
     def _close_idle(self, pool: Any, queue: Any, doomed: List[Tuple[Any, Any, str]],

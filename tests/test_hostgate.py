@@ -23,7 +23,9 @@ from connguard import hostgate
 from connguard.hostgate import HostGate, gate_directory
 from tests.mariadb import MariaDB
 
-OTHER_USER = "connguard-other"
+#: The second user of the host, one per test run: runs side by side never share (nor remove)
+#: each other's.
+OTHER_USER = f"cg-other-{os.getpid()}"
 
 
 @pytest.fixture
@@ -113,16 +115,21 @@ def test_bad_host_gate_values_are_named(value: Any) -> None:
 # --- another user of the host ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def other_user() -> str:
+@pytest.fixture(scope="session")
+def other_user() -> Iterator[str]:
+    """A system user made for the run and removed at its end (only if this run made it)."""
     if os.geteuid() != 0 or shutil.which("runuser") is None:
         pytest.skip("needs root and runuser to act as a second user")
     try:
         pwd.getpwnam(OTHER_USER)
+        made = False
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/false",
                         OTHER_USER], check=True)
-    return OTHER_USER
+        made = True
+    yield OTHER_USER
+    if made:
+        subprocess.run(["userdel", OTHER_USER], check=True, capture_output=True)
 
 
 def _as_other(user: str, code: str) -> Tuple[int, str]:
@@ -247,3 +254,20 @@ def test_a_base_others_may_write_to_without_the_sticky_bit_is_refused(
         HostGate("db", 3306, 1, base).admit(time.monotonic() + 1)
     assert "writable by others and not sticky" in caplog.text
     assert not os.path.exists(gate_directory(base))
+
+
+def test_the_suite_removes_the_user_it_made() -> None:
+    if os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("needs root and runuser to act as a second user")
+    before = {p.pw_name for p in pwd.getpwall()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "another_user_cannot_take"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "1 passed" in out, out  # the user was made and used
+    # That run's user (named by its pid), or the fixed name older suites used.
+    left = {name for name in {p.pw_name for p in pwd.getpwall()} - before
+            if name.endswith(f"-{proc.pid}") or name == "connguard-other"}
+    assert not left, f"users left behind: {sorted(left)}"

@@ -55,3 +55,48 @@ def test_help_of_pool_names_every_option() -> None:
     from connguard.arguments import POOL_OPTIONS
 
     assert all(name in connguard.Pool.__doc__ for name in POOL_OPTIONS)
+
+
+def _modules_after(code: str) -> set:
+    """The modules loaded by ``code`` in a fresh interpreter."""
+    out = subprocess.run([sys.executable, "-c", f"import sys\n{code}\nprint(*sys.modules)"],
+                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+                         check=True).stdout
+    return set(out.split())
+
+
+#: What most processes never use: loaded only by the code that needs it.
+_OPTIONAL = ("redis", "opentelemetry", "prometheus_client", "tenacity", "sqlalchemy",
+             "connguard.redis_coordination", "connguard.otel", "connguard.prometheus",
+             "connguard.bench", "connguard.cli", "connguard.doctor")
+
+
+def _loaded(modules: set, names: tuple) -> list:
+    return sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in names))
+
+
+def test_import_connguard_loads_only_the_exceptions() -> None:
+    loaded = _modules_after("import connguard")
+    assert _loaded(loaded, (*_OPTIONAL, "asyncio", "wrapt", "connguard.coordination",
+                            "connguard.pool", "connguard.storm", "connguard.dropin")) == []
+
+
+def test_a_pool_loads_no_optional_module() -> None:
+    # A pool is made and its drop-in reached, but nothing fails: no backoff, so no tenacity.
+    loaded = _modules_after("import connguard\nconnguard.Pool(host='127.0.0.1', port=1)\n"
+                            "connguard.connect, connguard.install, connguard.stats")
+    assert _loaded(loaded, _OPTIONAL) == []
+
+
+def test_the_cli_loads_the_bench_only_to_run_it() -> None:
+    assert _loaded(_modules_after("import connguard.cli"), ("connguard.bench",)) == []
+
+
+def test_lazy_names_are_the_public_api() -> None:
+    code = ("import connguard\n"
+            "missing = [n for n in connguard.__all__ if n not in dir(connguard)]\n"
+            "from connguard import *\n"
+            "print(missing, Pool.__module__, connect.__module__, translate.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=60, check=True).stdout.split()
+    assert out == ["[]", "connguard.pool", "connguard.dropin", "connguard.errors"]

@@ -417,3 +417,32 @@ def test_an_interrupt_inside_close_still_gives_the_connection_back(mariadb: Mari
         assert lease.returned is True  # ended on the way back: its cursors are done
         with pool.connect() as again:  # the one slot is free: no PoolTimeout
             assert _select_one(again) == 1
+
+
+# --- the signature ------------------------------------------------------------------------
+
+
+def test_the_signature_names_every_option_keyword_only() -> None:
+    import inspect
+
+    from connguard.arguments import POOL_OPTIONS
+
+    for call, extra in ((connguard.Pool, {"clock"}), (connguard.connect, set())):
+        params = inspect.signature(call).parameters
+        named = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert named == POOL_OPTIONS | extra, call
+        assert params["connect_args"].kind is inspect.Parameter.VAR_KEYWORD
+        assert "max_size" in str(params["max_size"]) and "int" in str(params["max_size"])
+
+
+def test_options_not_passed_are_left_to_their_defaults(mariadb: MariaDB) -> None:
+    p = connguard.Pool(**mariadb.connect_kwargs(), max_size=3, leak_threshold=None)
+    try:
+        assert p._options == {"max_size": 3, "leak_threshold": None}  # as given, no more
+        assert (p._settings.max_size, p._settings.checkout_timeout) == (3, 30.0)
+        with p.connect() as conn:
+            assert _select_one(conn) == 1
+    finally:
+        p.close()
+    with pytest.raises(TypeError, match="'max_sise'"):
+        connguard.Pool(**mariadb.connect_kwargs(), max_sise=3)

@@ -5,7 +5,9 @@ Runs on SQLAlchemy 1.4 and 2.x (tox envs sqla14, sqla2): only APIs both have are
 
 from __future__ import annotations
 
+import copy
 import gc
+import json
 import logging
 import os
 import queue
@@ -154,6 +156,24 @@ def test_killed_idle_connections_are_replaced_without_a_ping(
     counts = stats(engine)
     assert counts["peer_closed"] == POOL_SIZE and counts["reaped"] == 0
     assert counts["checkouts"] >= QUERIES
+
+
+def test_connection_info_is_left_to_the_user(
+        mariadb: MariaDB, make_engine: EngineFactory) -> None:
+    # Connection.info is SQLAlchemy's dict for the user's data: the plugin keeps its probe
+    # and idle time elsewhere, so the dict stays empty, serialisable and copyable.
+    engine = make_engine(pool_size=1)
+    for _ in range(3):  # fresh, then reused (checked in and out again)
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            assert dict(conn.info) == {}
+            json.dumps(dict(conn.info))
+            copy.deepcopy(conn.info)
+    with engine.connect() as conn:
+        conn.info["mine"] = 1
+    with engine.connect() as conn:
+        assert dict(conn.info) == {"mine": 1}  # the user's own key, kept as SQLAlchemy does
+    assert stats(engine)["checkouts"] >= 4
 
 
 def test_control_pre_ping_engine_pays_a_round_trip_per_checkout(

@@ -72,6 +72,10 @@ DEFAULT_PATHS = (
     "test/orm/test_session.py",
     "test/sql/test_types.py",
     "test/sql/test_resultset.py",
+    # Connection.info left to the user, URLs, dialect entry points and create_engine's
+    # plugin hooks: where the plugin meets SQLAlchemy's own engine building.
+    "test/ext/asyncio",
+    "test/engine/test_parseconnect.py",
 )
 DB_USER, DB_PASSWORD, DB_NAME = "scott", "tiger", "test"  # SQLAlchemy's setup.cfg defaults
 SCHEMAS = (DB_NAME, "test_schema", "test_schema_2")
@@ -255,7 +259,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("paths", nargs="*", default=list(DEFAULT_PATHS),
                         help="test paths relative to the sdist (default: the MySQL, engine, "
-                             "transaction, session, types and result tests)")
+                             "transaction, session, types, result, asyncio extension and "
+                             "URL parsing tests)")
     parser.add_argument("--src", type=Path,
                         help="unpacked SQLAlchemy sdist (default: download into the cache)")
     parser.add_argument("--only", choices=RUNS, help="run one configuration, compare nothing")
