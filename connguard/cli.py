@@ -72,7 +72,8 @@ def add_bench(commands: Any) -> None:
         "bench", help="compare connguard with plain PyMySQL, SQLAlchemy and DBUtils here",
         description="Run the benchmark scenarios, every client side by side, against a "
         "throwaway MariaDB (the mariadbd on PATH) or --dsn; write results.json, report.md "
-        "and PNG charts into --out and print a summary table. See docs/bench.md. Exit "
+        "and PNG charts into --out and print a summary table (docs/bench.md in the source "
+        "tree explains every field). Exit "
         "status 1 when a scenario failed, 2 on a usage error or when there is no server.")
     runner.add_arguments(parser)
     parser.set_defaults(handler=runner.run_from_args, parser=parser)

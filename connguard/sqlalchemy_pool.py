@@ -314,7 +314,7 @@ class GuardedQueuePool(ReconnectInPlace, PoolUpkeep, GuardedPoolReport, QueuePoo
                 self._counts["lease_waits" if lease else "capacity_waits"] += 1
             self._slot_freed()
         if news is not None:  # once when the ceiling is learnt
-            log.warning("connguard: %s (see docs/sqlalchemy.md)", news)
+            log.warning("connguard: %s (see: connguard explain too-many-connections)", news)
         return wait
 
     def _drop_empty(self, record: Any, counted: bool = True) -> None:
@@ -364,6 +364,6 @@ class GuardedQueuePool(ReconnectInPlace, PoolUpkeep, GuardedPoolReport, QueuePoo
         if held_at is None and self._admission.lease_ceiling is not None:
             held_at = self._admission.lease_ceiling.value
         if refusal is not None and held_at is not None:
-            message += (f"; connguard: {refusal}, the pool holds at {held_at} (see "
-                        "docs/sqlalchemy.md)")
+            message += (f"; connguard: {refusal}, the pool holds at {held_at} (see: "
+                        "connguard explain too-many-connections)")
         return sa_exc.TimeoutError(message, code="3o7r")

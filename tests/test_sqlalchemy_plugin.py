@@ -871,7 +871,7 @@ def test_guarded_pool_probes_past_the_ceiling_once_per_interval() -> None:
     with pytest.raises(sa.exc.TimeoutError, match="refused a new connection with 1040") as info:
         pool.connect()  # refused, and no time to wait: SQLAlchemy's timeout, with the cause
     assert "QueuePool limit of size 4 overflow -2 reached" in str(info.value)
-    assert "the pool holds at 2 (see docs/sqlalchemy.md)" in str(info.value)
+    assert "the pool holds at 2 (see: connguard explain too-many-connections)" in str(info.value)
     assert server.attempts == 3
     clock.now += 1.9
     with pytest.raises(sa.exc.TimeoutError):
