@@ -75,6 +75,12 @@ class ProcessLock:
                  tb: Optional[TracebackType]) -> None:
         self._lock.release()
 
+    def acquire(self) -> bool:
+        return self.__enter__()
+
+    def release(self) -> None:
+        self._lock.release()
+
     def __repr__(self) -> str:
         return f"<ProcessLock {self._lock!r}>"
 

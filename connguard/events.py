@@ -65,7 +65,7 @@ class Listeners:
 
     def __init__(self) -> None:
         self._by_name: Dict[str, Tuple[Listener, ...]] = {}
-        self._lock = threading.Lock()
+        self._lock: Any = threading.Lock()  # everywhere's: a ProcessLock
 
     def __del__(self) -> None:
         # A pool collected with listeners still registered: they no longer count. (At

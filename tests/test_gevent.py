@@ -69,7 +69,7 @@ class Gunicorn:
                "--worker-connections", "100", "-b", f"127.0.0.1:{self.port}",
                "--control-socket", os.path.join(workdir, "gunicorn.ctl"),
                "--graceful-timeout", "5", "tests.gevent_app:app"]
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed by stop()
         self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=self._log,
                                         env=_env(CONNGUARD_TEST_URL=url,
                                                  CONNGUARD_TEST_ORDER=order))
