@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from connguard.coordination import Budget
 
 from connguard.clock import Clock
+from connguard.concurrency import ProcessLock
 
 log = logging.getLogger("connguard.coordination")
 
@@ -238,7 +239,7 @@ class Coordinator(abc.ABC):
 
 
 _coordinators: Dict[str, Coordinator] = {}
-_coordinators_lock = threading.Lock()
+_coordinators_lock = ProcessLock()  # re-made after a fork and once threading is patched
 
 
 def coordinator_for(spec: Union[str, Coordinator]) -> Coordinator:
@@ -263,8 +264,6 @@ def _backend_class(url: str) -> Any:
 
 
 def _after_fork_in_child() -> None:
-    global _coordinators_lock
-    _coordinators_lock = threading.Lock()
     for coordinator in _coordinators.values():
         coordinator._after_fork_in_child()
 

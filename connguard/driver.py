@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import ssl
-import threading
 import time
 from typing import Any, Callable, Dict, FrozenSet, Hashable, List, Optional, Tuple
 
@@ -21,6 +20,7 @@ import pymysql
 from pymysql.constants import CR, SERVER_STATUS
 from pymysql.protocol import EOFPacketWrapper
 
+from connguard.concurrency import ProcessLock
 from connguard.proxy import PooledConnection as Handle  # noqa: F401 - what callers hold
 from connguard.session import (
     CHARSET_CHANGED,
@@ -60,7 +60,7 @@ def own_error(err: BaseException) -> BaseException:
 
 #: ssl parameters -> (context, the files' fingerprint, when it was last checked).
 _ssl_contexts: Dict[Hashable, Tuple[ssl.SSLContext, Tuple[Any, ...], float]] = {}
-_ssl_lock = threading.Lock()
+_ssl_lock = ProcessLock()  # re-made after a fork and once threading is patched
 #: ssl parameters that name files: a context is rebuilt when one of them changes.
 TLS_FILE_KEYS = ("ca", "cert", "key", "capath")
 #: Seconds between looks at those files (a stat each) for one cached context.
@@ -273,13 +273,6 @@ class GuardedConnection(SessionMarks, pymysql.connections.Connection):
         return result.affected_rows
 
 
-def _after_fork_in_child() -> None:
-    global _ssl_lock
-    _ssl_lock = threading.Lock()  # a parent thread may have held it at fork
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def set_keepalive(sock: socket.socket, idle: float, interval: float, count: int) -> None:

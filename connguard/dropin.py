@@ -10,9 +10,7 @@ so unchanged code gets the same.
 from __future__ import annotations
 
 import inspect
-import os
 import sys
-import threading
 from typing import Any, Dict, Hashable, Tuple
 
 import pymysql
@@ -20,12 +18,13 @@ import wrapt
 
 from connguard import coordination, drivers
 from connguard.arguments import POOL_OPTIONS, pool_key, split_arguments, unknown_names
+from connguard.concurrency import ProcessLock
 from connguard.pool import Pool, build_policies
 from connguard.proxy import PooledConnection
 
 _pools: Dict[Hashable, Pool] = {}
 _defaults: Dict[str, Any] = {}
-_lock = threading.Lock()
+_lock = ProcessLock()  # re-made after a fork and once threading is patched
 _originals: Dict[Tuple[str, str], Tuple[Any, Any]] = {}
 _UNSET = object()
 #: Drop-in pools never make a caller wait where pymysql.connect would have connected:
@@ -205,15 +204,6 @@ def uninstall() -> None:
         for (_, attr), (module, original) in _originals.items():
             setattr(module, attr, original)
         _originals.clear()
-
-
-def _after_fork_in_child() -> None:
-    global _lock
-    _lock = threading.Lock()  # a parent thread may have held it (building a pool) at fork
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def installed(driver: str = "pymysql") -> bool:

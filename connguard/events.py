@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from connguard import metrics
+from connguard.concurrency import ProcessLock
 
 log = logging.getLogger("connguard.events")
 
@@ -65,7 +65,7 @@ class Listeners:
 
     def __init__(self) -> None:
         self._by_name: Dict[str, Tuple[Listener, ...]] = {}
-        self._lock = threading.Lock()
+        self._lock: Any = threading.Lock()  # everywhere's: a ProcessLock
 
     def __del__(self) -> None:
         # A pool collected with listeners still registered: they no longer count. (At
@@ -104,12 +104,13 @@ class Listeners:
 
 #: Listeners for every pool of the process.
 everywhere = Listeners()
+everywhere._lock = ProcessLock()  # made at import: must follow a later patch
 #: How many listeners are registered anywhere, and the event names that have one: all a
 #: pool's hot path reads (``if "checkin" in events.wanted``).
 active = 0
 wanted: frozenset = frozenset()
 _per_name: Dict[str, int] = {}
-_active_lock = threading.Lock()
+_active_lock = ProcessLock()  # re-made after a fork and once threading is patched
 _reported: Set[Tuple[int, str]] = set()  # (listener, event) already logged
 
 
@@ -154,14 +155,6 @@ def remove(target: Optional[Any], name: str, fn: Listener) -> None:
     _of(target).remove(name, fn)
 
 
-def _after_fork_in_child() -> None:
-    global _active_lock
-    _active_lock = threading.Lock()
-    everywhere._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def dispatch(own: Optional[Listeners], pool_name: str, name: str, **details: Any) -> None:

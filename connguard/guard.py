@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Tuple
 from connguard import errors
 from connguard.census import census, local_port_range, resolve
 from connguard.clock import Clock
+from connguard.concurrency import ProcessLock
 from connguard.limits import fds_in_use, max_connect_rate
 from connguard.policies import check_number
 
@@ -320,7 +321,7 @@ class Tracker:
 
 
 _trackers: weakref.WeakValueDictionary[Hashable, Tracker] = weakref.WeakValueDictionary()
-_trackers_lock = threading.Lock()
+_trackers_lock = ProcessLock()  # re-made after a fork and once threading is patched
 
 
 def tracker_for(host: str, port: int, probes: Probes, clock: Clock) -> Tracker:
@@ -335,8 +336,6 @@ def tracker_for(host: str, port: int, probes: Probes, clock: Clock) -> Tracker:
 
 
 def _after_fork_in_child() -> None:
-    global _trackers_lock
-    _trackers_lock = threading.Lock()
     for tracker in list(_trackers.values()):
         tracker.after_fork_in_child()
 

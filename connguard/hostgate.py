@@ -39,6 +39,7 @@ import time
 from typing import Any, Callable, Hashable, List, Optional, Set
 
 from connguard import errors
+from connguard.concurrency import ProcessLock
 
 log = logging.getLogger("connguard.hostgate")
 
@@ -48,7 +49,7 @@ POLL = 0.005
 MAX_POLL = 0.05
 
 _held: Set[int] = set()  # slot descriptors this process holds (closed in a forked child)
-_held_lock = threading.Lock()
+_held_lock = ProcessLock()  # re-made after a fork and once threading is patched
 _warned: Set[str] = set()
 
 
@@ -220,8 +221,6 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     """The child's copies of the parent's slot descriptors: closed (the parent's locks stay,
     held by the parent's descriptors)."""
-    global _held_lock
-    _held_lock = threading.Lock()
     inherited: List[int] = list(_held)
     _held.clear()
     for fd in inherited:

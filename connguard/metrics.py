@@ -17,11 +17,12 @@ value is a bisect and an increment, nothing is allocated per event.
 from __future__ import annotations
 
 import bisect
-import os
 import threading
 import weakref
 from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
+
+from connguard.concurrency import ProcessLock
 
 #: Bucket upper bounds in seconds (Prometheus' ``le``), the last bucket is +Inf: from
 #: 100 µs (a checkout served from the idle queue) to 30 s (a long wait, a slow login).
@@ -134,7 +135,7 @@ def empty_distribution() -> Dict[str, Any]:
 # -- every pool of the process ------------------------------------------------------------------
 
 _pools: weakref.WeakSet[Any] = weakref.WeakSet()
-_pools_lock = threading.Lock()
+_pools_lock = ProcessLock()  # re-made after a fork and once threading is patched
 
 
 _names: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
@@ -158,15 +159,6 @@ def release_name(name: str, owner: Any) -> None:
     with _pools_lock:
         if _names.get(name) is owner:
             del _names[name]
-
-
-def _after_fork_in_child() -> None:
-    global _pools_lock
-    _pools_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def register(pool: Any) -> None:

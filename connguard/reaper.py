@@ -4,6 +4,9 @@ Every ``INTERVAL`` seconds it asks each live pool to ``reap()``: close idle conn
 peer has closed (so no socket lingers in CLOSE_WAIT while the application is idle), that
 outlived their lifetime or idle timeout, report leaked checkouts, and top up ``min_idle``.
 The thread starts with the first pool and exits when the last one is closed or collected.
+When gevent or eventlet has patched ``threading``, that thread is a greenlet (a patched
+``threading.Thread`` is one): its waits and the pools' I/O yield to the hub. It is never
+started under a lock: a patched ``Thread.start()`` switches to the new greenlet at once.
 
 Fork safety lives here too: the child of ``os.fork()`` drops every inherited connection
 without a word to the server (the parent's sessions stay intact) and gets its own thread.
@@ -13,9 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import weakref
-from typing import List, Optional, Protocol
+from typing import Any, List, Optional, Protocol
+
+from connguard.concurrency import ProcessLock, threading_patched
 
 
 class Reapable(Protocol):
@@ -31,44 +37,59 @@ log = logging.getLogger("connguard.pool")
 INTERVAL = 0.5
 
 _pools: weakref.WeakSet[Reapable] = weakref.WeakSet()
-_lock = threading.Lock()
-_wake = threading.Condition(_lock)
+_lock = ProcessLock()  # re-made after a fork and once threading is patched
 _thread: Optional[threading.Thread] = None
+_running = False  # set under the lock by whoever starts the thread, cleared by it on exit
 
 
 def register(pool: Reapable) -> None:
     """Start watching ``pool`` (starting the thread if needed)."""
-    global _thread
+    global _running
     with _lock:
         _pools.add(pool)
-        if _thread is None or not _thread.is_alive():
-            _thread = threading.Thread(target=_run, name="connguard-reaper", daemon=True)
-            _thread.start()
+        if _running:
+            return
+        _running = True
+    _start()
+
+
+def _start() -> None:
+    """Start the thread, outside the lock: under gevent ``start()`` runs it at once, and it
+    takes the lock first thing."""
+    global _thread, _running
+    thread = threading.Thread(target=_run, name="connguard-reaper", daemon=True)
+    try:
+        thread.start()
+    except BaseException:
+        with _lock:
+            _running = False
+        raise
+    _thread = thread
 
 
 def unregister(pool: Reapable) -> None:
     with _lock:
         _pools.discard(pool)
-        _wake.notify_all()
+        _lock.condition().notify_all()
 
 
 def running() -> bool:
     """Whether the reaper thread is alive (tests use it to check nothing leaks)."""
     thread = _thread
-    return thread is not None and thread.is_alive()
+    return _running and thread is not None and thread.is_alive()
 
 
 def _run() -> None:
-    global _thread
+    global _running
     while True:
         with _lock:
             if not _pools:
-                _thread = None
+                _running = False
                 return
         _reap_all()  # a function of its own: no reference to a pool outlives the pass
         with _lock:
             if _pools:
-                _wake.wait(INTERVAL)
+                _lock.condition().wait(INTERVAL)
 
 
 def _reap_all() -> None:
@@ -82,19 +103,50 @@ def _reap_all() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _wake, _thread
-    _lock = threading.Lock()
-    _wake = threading.Condition(_lock)
+    global _thread, _running
+    # The lock itself is re-made by connguard.concurrency's handler, which runs first.
     _thread = None
+    _running = False
     pools = list(_pools)
     for pool in pools:
         try:
             pool._after_fork_in_child()
         except Exception:  # noqa: BLE001 - one pool's failure must not spare the others
             log.exception("connguard: a pool could not drop its inherited connections")
-    if pools:
+    if not pools:
+        return
+    if _patch_coming():
+        # A gevent worker forked from a --preload master patches after the fork: a thread
+        # started now would be a real OS thread taking the locks the patch then makes
+        # gevent's (not safe across OS threads). Start it as a greenlet once patched.
+        _subscribe_to_patch(pools)
+        return
+    for pool in pools:
+        register(pool)
+
+
+def _patch_coming() -> bool:
+    """gevent is imported but has not patched threading yet."""
+    return "gevent" in sys.modules and not threading_patched()
+
+
+def _subscribe_to_patch(pools: List[Reapable]) -> None:
+    try:
+        import gevent.events  # gevent is imported already: no new dependency
+    except ImportError:
         for pool in pools:
             register(pool)
+        return
+    events: Any = gevent.events
+    waiting = weakref.WeakSet(pools)
+
+    def on_patch(event: object) -> None:
+        if isinstance(event, events.GeventDidPatchAllEvent):
+            events.subscribers.remove(on_patch)
+            for pool in list(waiting):
+                register(pool)
+
+    events.subscribers.append(on_patch)
 
 
 if hasattr(os, "register_at_fork"):

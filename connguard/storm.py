@@ -52,6 +52,7 @@ from connguard.breaker import (  # noqa: F401 - re-exported: the gate's parts
     ReportedFailure,
 )
 from connguard.clock import Clock, Sleep
+from connguard.concurrency import ProcessLock
 from connguard.policies import check_number
 from connguard.storm_report import GateReport
 from connguard.storm_shared import SharedGate, SharedHalves  # noqa: F401 - re-exported
@@ -437,7 +438,7 @@ class ConnectGate(SharedHalves, GateReport):
 
 
 _gates: Dict[Hashable, ConnectGate] = {}
-_gates_lock = threading.Lock()
+_gates_lock = ProcessLock()  # re-made after a fork and once threading is patched
 
 
 def gate_for(host: str, port: int, policy: StormPolicy, host_gate: Any = None,
@@ -459,8 +460,6 @@ def gate_for(host: str, port: int, policy: StormPolicy, host_gate: Any = None,
 
 
 def _after_fork_in_child() -> None:
-    global _gates_lock
-    _gates_lock = threading.Lock()
     for gate in _gates.values():
         gate._lock = threading.Lock()
         gate._settled = threading.Condition(gate._lock)

@@ -1,0 +1,96 @@
+"""Process-wide locks that follow the ``threading`` module as it is now, patched or not.
+
+A ``threading.Lock()`` made at import is a real OS lock for ever, even after
+``gevent.monkey.patch_all()`` (gunicorn ``--preload -k gevent`` imports the application, and
+so connguard, before each worker patches). Two greenlets meeting on such a lock while its
+holder waits for the hub block the only OS thread for good. So every module-level lock of
+connguard is a :class:`ProcessLock`: it is made again from the current ``threading.Lock``
+when that attribute has changed since (the patch replaces it), and again in the child of a
+fork. Locks of objects (a pool, an engine's guard) are made at the object's construction from
+the current module, which costs their hot paths nothing.
+
+Nothing here imports gevent or eventlet: a patch is seen by its effect on ``threading``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import weakref
+from types import TracebackType
+from typing import Any, Optional, Type
+
+
+def threading_patched() -> bool:
+    """Whether gevent or eventlet has patched ``threading`` (asked only if already imported)."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        return True
+    patcher = sys.modules.get("eventlet.patcher")
+    return bool(patcher is not None and patcher.is_monkey_patched("thread"))
+
+
+_every: weakref.WeakSet[ProcessLock] = weakref.WeakSet()
+
+
+class ProcessLock:
+    """A module-level lock (``with lock:``), re-made when ``threading`` has been patched since.
+
+    Taken as a plain lock; :meth:`condition` gives a ``threading.Condition`` over the current
+    lock (re-made with it). The check is one attribute comparison per use."""
+
+    __slots__ = ("_lock", "_made_with", "_condition", "__weakref__")
+
+    def __init__(self) -> None:
+        self._remake()
+        _every.add(self)
+
+    def _remake(self) -> None:
+        self._made_with = threading.Lock
+        self._lock: Any = threading.Lock()
+        self._condition: Optional[threading.Condition] = None
+
+    def current(self) -> Any:
+        """The lock to take now (a new one if ``threading`` was patched since the last)."""
+        if threading.Lock is not self._made_with:
+            self._remake()
+        return self._lock
+
+    def condition(self) -> threading.Condition:
+        """A condition over :meth:`current`, made with it."""
+        lock = self.current()
+        cond = self._condition
+        if cond is None:
+            cond = self._condition = threading.Condition(lock)
+        return cond
+
+    def __enter__(self) -> bool:
+        lock = self._lock
+        if threading.Lock is not self._made_with:
+            lock = self.current()
+        return bool(lock.acquire())
+
+    def __exit__(self, kind: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        self._lock.release()
+
+    def acquire(self) -> bool:
+        return self.__enter__()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __repr__(self) -> str:
+        return f"<ProcessLock {self._lock!r}>"
+
+
+def _after_fork_in_child() -> None:
+    # Imported before every module that makes a ProcessLock, so this handler runs before
+    # theirs: their own handlers (the reaper re-registering pools) find fresh locks.
+    for lock in list(_every):
+        lock._remake()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
