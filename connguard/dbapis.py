@@ -15,6 +15,7 @@ only the event loop may close (see :attr:`DriverFacts.is_async` and the plugin's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -152,6 +153,14 @@ def mysqldb_raw_rows(conn: Any, sql: str) -> List[Tuple[Optional[bytes], ...]]:
     try:
         conn.query(sql)
         result = conn.store_result()
+    except Exception:
+        raise
+    except BaseException:
+        # Interrupted between the query and its result: the result is unread and the next
+        # command would be out of sync. Closed, the connection is discarded, not handed on.
+        with contextlib.suppress(Exception):
+            conn.close()
+        raise
     finally:
         conn.converter = saved
     return list(result.fetch_row(0)) if result is not None else []

@@ -44,7 +44,7 @@ from connguard.session import (
     SessionMarks,
     may_change_session,
 )
-from connguard.statements import starts_with
+from connguard.statements import SCAN_LIMIT, starts_with
 
 # -- what connguard.drivers asks of every seam --------------------------------------------------
 #: ``MySQLdb.connect``'s keyword arguments (mysqlclient 2.x; it takes ``**kwargs``, so they
@@ -91,17 +91,21 @@ UNRESETTABLE = 32  # set_server_option(): no reset undoes it, the connection is 
 # BEGIN / START TRANSACTION as the statement's first keyword, after whatever comments and
 # whitespace lead it (``/* app */ BEGIN`` opens a transaction too): connguard.statements finds
 # that keyword in linear time, and the pattern is tried there only.
-_BEGIN = r"(?:BEGIN|START\s+TRANSACTION)\b"
+_BEGIN = r"BEGIN\b"
 _BEGIN_TEXT = re.compile(_BEGIN, re.IGNORECASE)
 _BEGIN_BYTES = re.compile(_BEGIN.encode(), re.IGNORECASE)
+_START_TEXT = (("START", "TRANSACTION"),)  # comments may sit between the two words
+_START_BYTES = ((b"START", b"TRANSACTION"),)
 
 
 def _opens_transaction(sql: Any) -> bool:
     if isinstance(sql, str):
-        return starts_with(sql, _BEGIN_TEXT)
+        return starts_with(sql, _BEGIN_TEXT, _START_TEXT)
     if isinstance(sql, memoryview):
+        if sql.nbytes > SCAN_LIMIT:  # not copied to be read: the conservative answer
+            return True
         sql = sql.tobytes()
-    return starts_with(sql, _BEGIN_BYTES)
+    return starts_with(sql, _BEGIN_BYTES, _START_BYTES)
 
 
 class GuardedConnection(SessionMarks, MySQLdb.connections.Connection):

@@ -51,12 +51,15 @@ class SessionMarks(_Connection):
 
 # Statements whose first keyword says they change session state. ``SET`` covers session and
 # user variables, ``SET NAMES``, ``SET TRANSACTION`` and MariaDB's ``SET STATEMENT``. Tried at
-# one position only (the statement's first keyword, found by connguard.statements), so the
-# ``\s+`` between two words cannot make it backtrack over the lead.
-_VERBS = (r"(?:SET|USE|LOCK|PREPARE|EXECUTE|DEALLOCATE|HANDLER|CALL|DO|XA|FLUSH|BACKUP|LOAD"
-          r"|BEGIN\s+NOT\s+ATOMIC|(?:CREATE|DROP)\s+(?:OR\s+REPLACE\s+)?TEMPORARY)\b")
+# one position only (the statement's first keyword, found by connguard.statements).
+_VERBS = r"(?:SET|USE|LOCK|PREPARE|EXECUTE|DEALLOCATE|HANDLER|CALL|DO|XA|FLUSH|BACKUP|LOAD)\b"
 VERB_TEXT = re.compile(_VERBS, re.IGNORECASE)
 VERB_BYTES = re.compile(_VERBS.encode(), re.IGNORECASE)
+# Verbs of several words: the server reads whitespace or comments between them.
+_PHRASES = (("BEGIN", "NOT", "ATOMIC"), ("CREATE", "TEMPORARY"), ("DROP", "TEMPORARY"),
+            ("CREATE", "OR", "REPLACE", "TEMPORARY"))
+PHRASES_TEXT = _PHRASES
+PHRASES_BYTES = tuple(tuple(word.encode() for word in phrase) for phrase in _PHRASES)
 
 # The first four letters of the statements most programs send, none a session verb: for
 # these the lead is not scanned nor the verb pattern run, only the cheap checks below.
@@ -71,16 +74,16 @@ def may_change_session(sql: Union[str, bytes, bytearray, memoryview]) -> bool:
     change it, unread) and copy-free: each construct searched anywhere is looked for by a
     character it must hold ("_", ":", "@", "!", ";"), so a statement with none of them
     costs five memchr scans."""
-    if len(sql) > SCAN_LIMIT:
+    if (sql.nbytes if isinstance(sql, memoryview) else len(sql)) > SCAN_LIMIT:
         return True
     if isinstance(sql, str):
-        if sql[:4].upper() not in _PLAIN_HEADS and starts_with(sql, VERB_TEXT):
+        if sql[:4].upper() not in _PLAIN_HEADS and starts_with(sql, VERB_TEXT, PHRASES_TEXT):
             return True
         return (("_" in sql or ":" in sql or "@" in sql or "!" in sql or ";" in sql)
                 and changes_session_anywhere(sql))
     if isinstance(sql, memoryview):
         sql = sql.tobytes()
-    return starts_with(sql, VERB_BYTES) or (
+    return starts_with(sql, VERB_BYTES, PHRASES_BYTES) or (
         (b"_" in sql or b":" in sql or b"@" in sql or b"!" in sql or b";" in sql)
         and changes_session_anywhere(sql))
 

@@ -43,12 +43,15 @@ _FIRST_WINDOW = 128
 
 
 _WS = r"[ \t\n\r\f\v]"  # MySQL's whitespace (ASCII only)
-# GET_LOCK and LAST_INSERT_ID(expr) (not "()": that reads the value, it does not set it).
+# GET_LOCK and LAST_INSERT_ID(expr) (not "()": that reads the value, it does not set it;
+# a comment before or inside the parentheses counts as an argument).
 # Letters spelt as classes and the name checked by a lookbehind after the "_", so that the
 # pattern starts with a literal "_", which the regex engine scans for at C speed (with
 # IGNORECASE, or a class first, it tries every position: ~30x slower on a 64 KB INSERT).
 _NAMED_FUNCTIONS = (r"_(?:(?<=[Gg][Ee][Tt]_)[Ll][Oo][Cc][Kk]"
-                    rf"|(?<=[Ll][Aa][Ss][Tt]_)[Ii][Nn][Ss][Ee][Rr][Tt]_[Ii][Dd]{_WS}*\({_WS}*[^){_WS[1:-1]}])")
+                    rf"|(?<=[Ll][Aa][Ss][Tt]_)[Ii][Nn][Ss][Ee][Rr][Tt]_[Ii][Dd]{_WS}*"
+                    # an argument, or a comment where one may hide: conservative
+                    rf"(?:\({_WS}*[^){_WS[1:-1]}]|/\*|#|--))")
 
 
 class _Alphabet(NamedTuple):
@@ -62,6 +65,7 @@ class _Alphabet(NamedTuple):
     newline: Any
     paren: Any  # "("
     lead_marks: Any  # the first characters of what may lead a keyword, whitespace aside
+    word_marks: Any  # what continues an identifier beside letters and digits: "_", "$"
     semicolon: Any
     at: Any  # "@" (INTO @v)
     bang: Any  # "!"
@@ -69,7 +73,8 @@ class _Alphabet(NamedTuple):
     assign: Any  # ":="
     underscore: Any  # "_" (GET_LOCK, LAST_INSERT_ID)
     into: Any  # "into" (lower case: compared with a lowered 4-character slice)
-    blank: Any  # MySQL's whitespace: what may follow "--" to make it a comment
+    space: Any  # " ": "--" and a character up to this one (or DEL) start a comment
+    delete: Any  # "\x7f"
     blank_or_paren: Any  # what a run of opening parentheses and whitespace is made of
     blank_or_semicolon: Any  # what may follow a statement's ";" without a second statement
     executable_comment: Pattern[Any]  # /*! or /*M! (a literal "/*" first: a fast scan)
@@ -82,14 +87,14 @@ def _alphabet(encode: Any) -> _Alphabet:
         comment_open=encode("/*"), comment_close=encode("*/"),
         executable=(encode("!"), encode("M!"), encode("m!")), dash_comment=encode("--"),
         hash_comment=encode("#"), newline=encode("\n"), paren=encode("("),
-        lead_marks=encode("(/-#"),
+        lead_marks=encode("(/-#"), word_marks=encode("_$"),
         semicolon=encode(";"), bang=encode("!"), at=encode("@"), colon=encode(":"),
         assign=encode(":="), underscore=encode("_"), into=encode("into"),
-        blank=encode(" \t\n\r\f\v"), blank_or_paren=encode(" \t\n\r\f\v("),
+        space=encode(" "), delete=encode("\x7f"), blank_or_paren=encode(" \t\n\r\f\v("),
         blank_or_semicolon=encode(" \t\n\r\f\v;"),
         executable_comment=re.compile(encode(r"/\*[Mm]?!")),
         named_functions=re.compile(encode(_NAMED_FUNCTIONS)),
-        at_after_o_or_blank=re.compile(encode(rf"@(?<=[Oo{_WS[1:-1]}]@)")))
+        at_after_o_or_blank=re.compile(encode(rf"@(?<=[Oo/{_WS[1:-1]}]@)")))
 
 
 _TEXT = _alphabet(lambda text: text)
@@ -129,7 +134,7 @@ def skip_blanks_back(sql: Statement, end: int) -> int:
     return 0
 
 
-def keyword_start(sql: Statement) -> int:
+def keyword_start(sql: Statement, pos: int = 0) -> int:
     """Where the statement's first keyword starts: after whitespace, comments (``/* */``,
     ``-- ``, ``#``) and opening parentheses; ``len(sql)`` when nothing follows them.
 
@@ -137,7 +142,6 @@ def keyword_start(sql: Statement) -> int:
     the server: the lead stops at them (:func:`changes_session_anywhere` sees them). An
     unterminated comment runs to the end, as the server reads it."""
     a = _of(sql)
-    pos = 0
     while True:
         head = sql[pos:pos + 1]
         if head.isspace():
@@ -163,19 +167,43 @@ def _executable_at(sql: Statement, pos: int, a: _Alphabet) -> bool:
 
 
 def _dash_comment_at(sql: Statement, pos: int, a: _Alphabet) -> bool:
-    """"--" starts a comment only when whitespace (or the end) follows it (MySQL's rule:
-    ``SELECT 1--1`` is arithmetic)."""
+    """"--" starts a comment only when a space or a control character (or the end) follows
+    it (MySQL's rule: ``SELECT 1--1`` is arithmetic; ``--\\x01`` is a comment)."""
     if not sql.startswith(a.dash_comment, pos):
         return False
     follower = sql[pos + 2:pos + 3]
-    return not follower or follower in a.blank
+    return not follower or follower <= a.space or follower == a.delete
 
 
-def starts_with(sql: Statement, keywords: Pattern[Any]) -> bool:
-    """Whether ``keywords`` (a compiled pattern of the text's type, anchored by ``match``)
-    matches at the statement's first keyword; True, without reading, for a statement over
-    :data:`SCAN_LIMIT`. The pattern is tried at one position only."""
-    return len(sql) > SCAN_LIMIT or keywords.match(sql, keyword_start(sql)) is not None
+def starts_with(sql: Statement, keywords: Pattern[Any], phrases: Any = ()) -> bool:
+    """Whether the statement's first keyword is one of ``keywords`` (a compiled pattern of the
+    text's type, tried by ``match`` at that one position) or starts one of ``phrases`` (tuples
+    of upper-case words of the text's type, such as ``("START", "TRANSACTION")``, which the
+    server reads with whitespace or comments between the words); True, without reading, for
+    a statement over :data:`SCAN_LIMIT`."""
+    if len(sql) > SCAN_LIMIT:
+        return True
+    pos = keyword_start(sql)
+    return keywords.match(sql, pos) is not None or any(
+        _phrase_at(sql, pos, phrase) for phrase in phrases)
+
+
+def _phrase_at(sql: Statement, pos: int, words: Any) -> bool:
+    for i, word in enumerate(words):
+        if i:
+            pos = keyword_start(sql, pos)
+        end = pos + len(word)
+        if sql[pos:end].upper() != word or _word_goes_on(sql, end):
+            return False
+        pos = end
+    return True
+
+
+def _word_goes_on(sql: Statement, end: int) -> bool:
+    """Whether the character at ``end`` continues an identifier (so the word before it is
+    not a keyword of its own)."""
+    follower = sql[end:end + 1]
+    return bool(follower) and (follower.isalnum() or follower in _of(sql).word_marks)
 
 
 def changes_session_anywhere(sql: Statement) -> bool:
@@ -204,14 +232,24 @@ def _executable_comment(sql: Statement, a: _Alphabet) -> bool:
 
 
 def _into_variable(sql: Statement, a: _Alphabet) -> bool:
-    """INTO, then only whitespace, right before an "@". The regex engine keeps only the "@"s
-    after an "o" or whitespace (not the "@" of an e-mail address, mostly), at C speed."""
+    """INTO right before an "@", with whitespace or comments between. The regex engine keeps
+    only the "@"s after an "o", a "/" (a comment's end) or whitespace (not the "@" of an
+    e-mail address, mostly), at C speed. Conservative where a comment may hide the INTO:
+    after "*/", or after a line holding "#" or "--"."""
     if a.at not in sql:
         return False
     for match in a.at_after_o_or_blank.finditer(sql):
-        end = skip_blanks_back(sql, match.start())
+        at = match.start()
+        end = skip_blanks_back(sql, at)
         if end >= 4 and sql[end - 4:end].lower() == a.into:
             return True
+        if end >= 2 and sql.startswith(a.comment_close, end - 2):
+            return True
+        newline = sql.rfind(a.newline, end, at)
+        if newline >= 0:  # the "@" starts a line: the line before may end in a comment
+            line = sql[sql.rfind(a.newline, 0, end) + 1:end]
+            if a.hash_comment in line or a.dash_comment in line:
+                return True
     return False
 
 

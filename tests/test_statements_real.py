@@ -69,3 +69,30 @@ def test_a_statement_over_the_scan_limit_is_reset_on_return(pool: connguard.Pool
     assert pool.stats()["resets"] == 1  # unread, so taken to change the session: one reset
     with pool.connect() as conn:
         assert _execute(conn, "SELECT 1")[0][0] == 1
+
+
+@pytest.mark.parametrize("sql", [
+    "--\x01\nSET @v = 3", "SELECT 3 INTO/**/@v", "SELECT 3 INTO -- c\n@v", "SELECT 3 INTO#c\n@v",
+    "SET/**/@v = 3", "SELECT 3 INTO @v", "/* a */ SELECT 3 INTO\n    @v",
+])
+def test_what_a_comment_hides_from_a_reader_still_reaches_no_one(pool: connguard.Pool,
+                                                                   sql: str) -> None:
+    """The server reads comments and control characters where a careless reader does not:
+    each of these sets @v, and the next borrower must not see it."""
+    with pool.connect() as conn:
+        _execute(conn, sql)
+        assert _execute(conn, "SELECT @v")[0][0] == 3
+    with pool.connect() as conn:
+        assert _execute(conn, "SELECT @v")[0][0] is None
+
+
+@pytest.mark.parametrize("ddl", ["CREATE/**/TEMPORARY TABLE tt (a INT)",
+                                 "CREATE OR/* x */REPLACE TEMPORARY TABLE tt (a INT)",
+                                 "CREATE -- x\nTEMPORARY TABLE tt (a INT)"])
+def test_a_temporary_table_made_with_comments_between_the_words_is_dropped(
+        pool: connguard.Pool, ddl: str) -> None:
+    with pool.connect() as conn:
+        _execute(conn, ddl)
+    with pool.connect() as conn:
+        assert _execute(conn, "SELECT COUNT(*) FROM information_schema.tables "
+                              "WHERE table_name = 'tt' AND table_type = 'TEMPORARY'")[0][0] == 0
