@@ -29,8 +29,9 @@ _SECRET_ASSIGNMENT = re.compile(
     rf"({_QUOTED}|[^\s,;)&'\"]+)")
 _SECRET_ENTRY = re.compile(
     rf"(?i)(['\"][a-z_]*(?:password|passwd|pwd)['\"]\s*:\s*)({_QUOTED})")
-# scheme://user: ; its password runs to the last "@" of the token that a host follows.
-_URL_USER = re.compile(r"://[^/\s:@]*:")
+# scheme://user: (a user name may hold "@": user@corp:pw@host); its password runs to the last
+# "@" of the token, whatever follows it (a host, or "/" in a host-less socket URL).
+_URL_USER = re.compile(r"://[^/\s:]*:")
 _BLANK = re.compile(r"\s")
 #: A password is also masked where it appears verbatim, as a whole token, only from this
 #: length on (and not all digits): a short one would match by chance ("3" in 10.0.0.3),
@@ -90,12 +91,9 @@ def _mask_url_passwords(text: str) -> str:
 
 
 def _last_host_at(text: str, start: int, end: int) -> int:
-    """The last "@" in text[start:end] followed by a host character (not "@", "/" or the
-    token's end); -1 if there is none."""
-    at = text.rfind("@", start, end)
-    while at >= 0 and (at + 1 >= end or text[at + 1] in "@/"):
-        at = text.rfind("@", start, at)
-    return at
+    """The last "@" in text[start:end]; -1 if there is none. Past a password's own "@"s and
+    "/"s: masking a URL's path too hides more, never less."""
+    return text.rfind("@", start, end)
 
 
 def redact_args(args: Tuple[Any, ...], password: Password) -> Tuple[Any, ...]:

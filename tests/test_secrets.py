@@ -176,3 +176,13 @@ def test_redaction_of_hostile_text_is_linear(text: str) -> None:
 
     taken = _best_of(redact, text)
     assert taken <= RATIO * _best_of(_linear_scan, text) + 0.001, f"{taken * 1e3:.1f} ms"
+
+
+@pytest.mark.parametrize(("text", "masked"), [
+    ("mysql://u:s3cret-pw@/db", "mysql://u:***@/db"),
+    ("mysql+pymysql://u:s3cret-pw@/app?unix_socket=/run/m.sock", "mysql+pymysql://u:***@/app?unix_socket=/run/m.sock"),
+    ("mysql://user@corp:s3cret-pw@host/db", "mysql://user@corp:***@host/db"),
+    ("mysql://app@db.example:3306/app", "mysql://app@db.example:3306/app"),
+])
+def test_url_passwords_are_masked_in_every_url_shape(text: str, masked: str) -> None:
+    assert redact(text) == masked
