@@ -41,6 +41,8 @@ from typing import (
     Tuple,
 )
 
+import tenacity  # with the pool, never on a failure: at errno 24 an import has no fd
+
 from connguard import errors, events
 from connguard.breaker import (  # noqa: F401 - re-exported: the gate's parts
     CAPACITY_CODES,
@@ -106,10 +108,6 @@ class StormPolicy:
 
     def backoff(self, failures: int) -> float:
         """Seconds to wait after ``failures`` consecutive failures (>= 1), jitter included."""
-        # Imported here, on the first failure: tenacity imports asyncio, which a process that
-        # never fails to connect should not pay for at `import connguard`.
-        import tenacity
-
         # wait_exponential + wait_random rather than wait_exponential_jitter, whose
         # arguments changed between tenacity releases.
         wait = (tenacity.wait_exponential(multiplier=self.backoff_initial, max=self.backoff_max)
