@@ -348,7 +348,10 @@ class Pool(ConnectPath, ReturnPath, Upkeep, PoolReport):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return (f"<connguard.Pool {self._describe_destination()} {state} [Connections: "
+        # The name as stats() keys it (a "#2" included); the destination beside a chosen one.
+        where = self._describe_destination()
+        label = self.name if self.name.startswith(where) else f"{self.name} ({where})"
+        return (f"<connguard.Pool {label} {state} [Connections: "
                 f"{len(self._in_use)} in use, {len(self._idle)} idle, {self._opening} opening, "
                 f"max {self._settings.max_size} | Waiting: {len(self._waiters)}]>")
 
