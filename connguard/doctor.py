@@ -121,6 +121,8 @@ class Target:
     password: Optional[str] = dataclasses.field(default=None, repr=False)
     #: DSN parameters left out (for SQLAlchemy and the plugin, not the server).
     ignored: Tuple[str, ...] = ()
+    #: PyMySQL connect arguments from the DSN (CONNECT_PARAMETERS), as (name, value).
+    options: Tuple[Tuple[str, Any], ...] = ()
 
     def address(self) -> str:
         """``host:port``, or the unix socket path."""
@@ -144,6 +146,7 @@ class Target:
                                   "read_timeout": IO_TIMEOUT, "write_timeout": IO_TIMEOUT}
         if self.unix_socket:
             kwargs["unix_socket"] = self.unix_socket
+        kwargs.update(self.options)
         return kwargs
 
 
@@ -166,8 +169,12 @@ def _valid_host(host: str) -> bool:
                                         for label in name.split("."))
 
 
-#: Query parameters a DSN may carry.
-DSN_PARAMETERS = ("unix_socket",)
+#: Query parameters a DSN may carry: the socket, and PyMySQL's connect arguments that an
+#: engine URL commonly holds (the doctor connects with them: a TLS-only server needs ssl_*).
+CONNECT_PARAMETERS = ("charset", "ssl_ca", "ssl_cert", "ssl_key", "ssl_verify_cert",
+                      "ssl_verify_identity")
+DSN_PARAMETERS = ("unix_socket", *CONNECT_PARAMETERS)
+_FLAGS = ("ssl_verify_cert", "ssl_verify_identity")
 #: Parameters of an engine URL that are for SQLAlchemy and the connguard plugin, not for the
 #: server: ``plugin=connguard`` and the plugin's ``connguard_*`` options. The doctor connects
 #: with PyMySQL, so it ignores them (with a note) and the engine's URL can be pasted as is.
@@ -217,7 +224,22 @@ def parse_dsn(dsn: str) -> Target:
                   database=unquote(parts.path.lstrip("/")) or None,
                   unix_socket=socket_path,
                   password=unquote(parts.password) if parts.password is not None else None,
-                  ignored=ignored)
+                  ignored=ignored, options=_connect_options(query))
+
+
+def _connect_options(query: Dict[str, List[str]]) -> Tuple[Tuple[str, Any], ...]:
+    """CONNECT_PARAMETERS of the DSN as PyMySQL's arguments (flags as booleans)."""
+    options = []
+    for name in CONNECT_PARAMETERS:
+        if name in query:
+            value: Any = query[name][-1]
+            if name in _FLAGS:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(f"DSN parameter {name} must be true or false, "
+                                     f"got {value!r}")
+                value = value.lower() in ("true", "1", "yes", "on")
+            options.append((name, value))
+    return tuple(options)
 
 
 # --- verdict rules: host ------------------------------------------------------------------------
@@ -684,18 +706,19 @@ def _server(target: Target, connect: Connect) -> Tuple[Dict[str, Any], List[Chec
         translated = errors.translate(exc, host=host, port=port,
                                       password=target.password, during_connect=True)
         text = getattr(translated, "cause", "") or str(translated).split("\n", 1)[0]
-        remedies = getattr(translated, "remedies", None)
-        if remedies:  # what to do, as the library's own error says it
-            text += f" — {remedies[0]}"
-        text = errors.redact(text, target.password)
         # The server answered, but refused this login (wrong password, blocked host,
         # too many connections): it is reachable; the login is what failed.
         answered = isinstance(translated, pymysql.err.OperationalError) and bool(
             translated.args) and isinstance(translated.args[0], int) and \
             1000 <= translated.args[0] < 2000
+        remedies = getattr(translated, "remedies", None)
         if answered and not target.password:  # the login failed, and it had nothing to send
-            text += ("; no password was given: set MYSQL_PWD, use --password-prompt, or put "
+            # (the library's remedy speaks of password=; on this command line it is these)
+            text += (" — no password was given: set MYSQL_PWD, use --password-prompt, or put "
                      "it in the DSN (mysql://user:password@host)")
+        elif remedies:  # what to do, as the library's own error says it
+            text += f" — {remedies[0]}"
+        text = errors.redact(text, target.password)
         checks = ([Check("server", "reachable", True, GREEN, "the server answered"),
                    Check("server", "login", False, RED, text)] if answered else
                   [Check("server", "reachable", False, RED, text)])

@@ -126,9 +126,10 @@ def test_every_engine_url_the_docs_show_is_accepted_and_plugin_options_ignored(
     assert (target.host, target.port, target.user, target.database) == (
         "db.example", 3306, "app", "shop")
     assert target.ignored == ("connguard_max_size", "connguard_storm_control", "plugin")
-    with pytest.raises(ValueError, match=r"unknown DSN parameter charset; allowed: "
-                                         r"unix_socket \(and, ignored: plugin=, connguard_\*\)"):
-        parse_dsn(f"{scheme}://app@db/shop?plugin=connguard&charset=utf8mb4")
+    with pytest.raises(ValueError, match=r"unknown DSN parameter chrset; allowed: "
+                                         r"unix_socket, charset, .*\(and, ignored: plugin=, "
+                                         r"connguard_\*\)"):
+        parse_dsn(f"{scheme}://app@db/shop?plugin=connguard&chrset=utf8mb4")
 
 
 def test_tw_reuse_2_is_loopback_only_and_a_warning_for_a_remote_server() -> None:
@@ -428,11 +429,12 @@ def test_a_login_without_a_password_says_how_to_give_one(mariadb: MariaDB) -> No
     assert login["verdict"] == RED and code == cli.EXIT_RED
     assert "(using password: NO)" in login["note"]
     assert "no password was given: set MYSQL_PWD, use --password-prompt" in login["note"]
+    assert "password=" not in login["note"]  # the library's remedy: not for a command line
 
 
 def test_the_engine_url_with_the_plugin_reaches_the_server_with_a_note(mariadb: MariaDB) -> None:
     url = (f"mysql+pymysql://app@127.0.0.1:{mariadb.port}/app?plugin=connguard"
-           "&connguard_max_size=5")
+           "&connguard_max_size=5&charset=utf8mb4")  # charset: PyMySQL's, used
     proc = subprocess.run([sys.executable, "-m", "connguard.cli", "doctor", "--json", "--dsn",
                            url], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, MYSQL_PWD=APP_PASSWORD))
@@ -441,3 +443,13 @@ def test_the_engine_url_with_the_plugin_reaches_the_server_with_a_note(mariadb: 
     assert by_id["server.reachable"]["verdict"] == GREEN and "server.login" not in by_id
     assert "note: --dsn: ignoring connguard_max_size, plugin" in proc.stderr
     assert APP_PASSWORD not in proc.stdout + proc.stderr
+
+
+def test_pymysql_connect_parameters_of_an_engine_url_are_used() -> None:
+    target = doctor.parse_dsn("mysql+pymysql://app@db/app?charset=latin1&ssl_ca=/ca.pem"
+                              "&ssl_verify_cert=false")
+    kwargs = target.connect_kwargs()
+    assert (kwargs["charset"], kwargs["ssl_ca"], kwargs["ssl_verify_cert"]) == \
+        ("latin1", "/ca.pem", False)
+    with pytest.raises(ValueError, match="ssl_verify_cert must be true or false"):
+        doctor.parse_dsn("mysql://app@db/app?ssl_verify_cert=maybe")
