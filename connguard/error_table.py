@@ -353,9 +353,11 @@ TABLE: Tuple[Row, ...] = (
         transient=False,
         cause=_ACCESS_CAUSE,
         remedies=(
+            "check the database name: to an account with no rights on it, the server answers "
+            "so for a database that does not exist too (SHOW DATABASES as an administrator)",
             "grant the account the database (GRANT ... ON db.* TO 'user'@'host'), or connect "
             "to a database it may use (SHOW GRANTS FOR CURRENT_USER)",
-            _ACCESS_NO_RETRY,
+            "do not retry: grants and databases do not change by themselves",
         ),
     ),
     Row(

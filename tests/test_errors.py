@@ -1096,7 +1096,7 @@ def test_access_denied_lists_only_the_remedies_of_its_own_code() -> None:
     for code, own, text in [
         (1045, "check the user name and the password",
          "Access denied for user 'app'@'10.0.0.7' (using password: YES)"),
-        (1044, "grant the account the database", "Access denied for user 'app'@'%' to "
+        (1044, "check the database name", "Access denied for user 'app'@'%' to "
          "database 'other'"),
         (1130, "create the account for this client host",
          "Host '10.0.0.7' is not allowed to connect to this MariaDB server"),
