@@ -77,7 +77,8 @@ def may_change_session(sql: Union[str, bytes, bytearray, memoryview]) -> bool:
     if (sql.nbytes if isinstance(sql, memoryview) else len(sql)) > SCAN_LIMIT:
         return True
     if isinstance(sql, str):
-        if sql[:4].upper() not in _PLAIN_HEADS and starts_with(sql, VERB_TEXT, PHRASES_TEXT):
+        if sql[:4].upper() not in _PLAIN_HEADS and starts_with(
+                sql, VERB_TEXT, PHRASES_TEXT, _PLAIN_HEADS):
             return True
         return (("_" in sql or ":" in sql or "@" in sql or "!" in sql or ";" in sql)
                 and changes_session_anywhere(sql))

@@ -175,15 +175,19 @@ def _dash_comment_at(sql: Statement, pos: int, a: _Alphabet) -> bool:
     return not follower or follower <= a.space or follower == a.delete
 
 
-def starts_with(sql: Statement, keywords: Pattern[Any], phrases: Any = ()) -> bool:
+def starts_with(sql: Statement, keywords: Pattern[Any], phrases: Any = (),
+                plain: Any = ()) -> bool:
     """Whether the statement's first keyword is one of ``keywords`` (a compiled pattern of the
     text's type, tried by ``match`` at that one position) or starts one of ``phrases`` (tuples
     of upper-case words of the text's type, such as ``("START", "TRANSACTION")``, which the
     server reads with whitespace or comments between the words); True, without reading, for
-    a statement over :data:`SCAN_LIMIT`."""
+    a statement over :data:`SCAN_LIMIT`. ``plain``: upper-case first four letters (str) of
+    statements known to match neither, answered at once (SELECT after indentation)."""
     if len(sql) > SCAN_LIMIT:
         return True
     pos = keyword_start(sql)
+    if plain and sql[pos:pos + 4].upper() in plain:
+        return False
     return keywords.match(sql, pos) is not None or any(
         _phrase_at(sql, pos, phrase) for phrase in phrases)
 
