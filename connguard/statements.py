@@ -54,6 +54,13 @@ _NAMED_FUNCTIONS = (r"_(?:(?<=[Gg][Ee][Tt]_)[Ll][Oo][Cc][Kk]"
                     rf"(?:\({_WS}*[^){_WS[1:-1]}]|/\*|#|--))")
 
 
+# The "@"s INTO may stand before: right after an "o" or a "/" (a comment's end), or one
+# blank after one, or after two blanks or a newline (a longer gap, or a line that may end in
+# a comment: read in Python). Fixed-width lookbehinds after a literal "@": a C-speed scan
+# that drops "@ @ @ ..." and e-mail addresses without a Python step each.
+_AT_CANDIDATE = (rf"@(?:(?<=[Oo/]@)|(?<=[Oo/]{_WS}@)|(?<={_WS}{_WS}@)|(?<=\n@))")
+
+
 class _Alphabet(NamedTuple):
     """The needles of one text type (str or bytes): the same code, no per-call encoding."""
 
@@ -94,7 +101,7 @@ def _alphabet(encode: Any) -> _Alphabet:
         blank_or_semicolon=encode(" \t\n\r\f\v;"),
         executable_comment=re.compile(encode(r"/\*[Mm]?!")),
         named_functions=re.compile(encode(_NAMED_FUNCTIONS)),
-        at_after_o_or_blank=re.compile(encode(rf"@(?<=[Oo/{_WS[1:-1]}]@)")))
+        at_after_o_or_blank=re.compile(encode(_AT_CANDIDATE)))
 
 
 _TEXT = _alphabet(lambda text: text)
@@ -235,16 +242,24 @@ def _executable_comment(sql: Statement, a: _Alphabet) -> bool:
     return a.bang in sql and a.executable_comment.search(sql) is not None
 
 
+#: How many "@"s after an "o" or a blank are read in Python before the answer is "may
+#: change" unread: bounds a statement's Python steps (real SQL has a handful at most).
+_CANDIDATES_READ = 64
+
+
 def _into_variable(sql: Statement, a: _Alphabet) -> bool:
     """INTO right before an "@", with whitespace or comments between. The regex engine keeps
-    only the "@"s after an "o", a "/" (a comment's end) or whitespace (not the "@" of an
-    e-mail address, mostly), at C speed. Conservative where a comment may hide the INTO:
-    after "*/", or after a line holding "#" or "--"."""
+    only the "@"s INTO may stand before (_AT_CANDIDATE), at C speed. Conservative where a
+    comment may hide the INTO: after "*/", or after a line holding "#" or "--"."""
     if a.at not in sql:
         return False
-    for match in a.at_after_o_or_blank.finditer(sql):
+    for read, match in enumerate(a.at_after_o_or_blank.finditer(sql)):
+        if read == _CANDIDATES_READ:  # a statement full of them: a reset costs less
+            return True
         at = match.start()
-        end = skip_blanks_back(sql, at)
+        # the gap is mostly empty or one blank: no window copied for those
+        end = at if not sql[at - 1:at].isspace() else (
+            at - 1 if at < 2 or not sql[at - 2:at - 1].isspace() else skip_blanks_back(sql, at))
         if end >= 4 and sql[end - 4:end].lower() == a.into:
             return True
         if end >= 2 and sql.startswith(a.comment_close, end - 2):
