@@ -49,7 +49,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
-from connguard import coordination, dbapis
+from connguard import coordination, dbapis, errors
 from connguard.admission import Admission, capacity_code
 from connguard.clock import Clock
 from connguard.metrics import Histogram
@@ -204,19 +204,21 @@ class GuardedQueuePool(ReconnectInPlace, PoolUpkeep, GuardedPoolReport, QueuePoo
     def _wait_or_open(self, deadline: float) -> Any:
         """A record for a checkout not served at once: one returned (waiting for it until
         ``deadline``) or one opened in a connect slot reserved for it."""
-        # A reconnect in place later in this checkout keeps its deadline (set here, off the
-        # fast path: a checkout served at once has nearly all of it left).
-        self._local.checkout_deadline = deadline
         while True:
             record = self._take_or_reserve(deadline)
             if record is None:  # a connect slot was reserved for us
                 record = self._open_reserved(deadline)
                 if record is None:  # the server is full: wait for a returned one
                     continue
-                return record
-            if record.dbapi_connection is not None:
-                return record
-            self._drop_empty(record)
+            elif record.dbapi_connection is None:
+                self._drop_empty(record)
+                continue
+            # A reconnect in place later in this checkout keeps its deadline: on the record
+            # (not a thread-local: the async pool's tasks share one thread), set here, off
+            # the fast path (a checkout served at once has nearly all of it left), and
+            # cleared by the return.
+            record._connguard_deadline = deadline
+            return record
 
     def _idle_record(self) -> Any:
         """An idle record, or None. Nothing else happens inside ``except Empty``: an error
@@ -335,6 +337,7 @@ class GuardedQueuePool(ReconnectInPlace, PoolUpkeep, GuardedPoolReport, QueuePoo
         # record.info, which is the user's dict; set on every return, so a record that
         # reconnected never shows the idle time of its previous connection in the queue.
         record._connguard_idle_since = time.monotonic()
+        record._connguard_deadline = None  # that checkout's (see _wait_or_open)
         super()._do_return_conn(record)
         # Read without the lock, to keep the lock off the return path when nobody waits: a
         # caller counts itself before it looks at the queue, so if it is not counted yet,
@@ -343,11 +346,12 @@ class GuardedQueuePool(ReconnectInPlace, PoolUpkeep, GuardedPoolReport, QueuePoo
             with self._cond:
                 self._slot_freed()
 
-    def _timeout_error(self) -> BaseException:
+    def _timeout_error(self, in_place_refusal: Optional[BaseException] = None) -> BaseException:
         """Under the lock. While connects fail for want of a server: the outage
         (ServerUnavailable, a DBAPI error SQLAlchemy wraps as OperationalError, as without
         a pool). Otherwise SQLAlchemy's own TimeoutError, text and code, so that what
-        callers match on still matches, naming the refusal that holds the pool back."""
+        callers match on still matches, naming the refusal that holds the pool back
+        (``in_place_refusal``: the lease refused to a reconnect in place)."""
         gate = self._gate()
         # An outage only if the pool could have grown (a full pool of healthy connections
         # timing out is SQLAlchemy's TimeoutError, whatever failed before).
@@ -363,7 +367,11 @@ class GuardedQueuePool(ReconnectInPlace, PoolUpkeep, GuardedPoolReport, QueuePoo
         held_at = self._admission.ceiling.value
         if held_at is None and self._admission.lease_ceiling is not None:
             held_at = self._admission.lease_ceiling.value
-        if refusal is not None and held_at is not None:
+        if in_place_refusal is not None:
+            message += (f"; connguard: no connection lease to reconnect in place "
+                        f"({errors.summary(in_place_refusal)}; see: connguard explain "
+                        "lease-unavailable)")
+        elif refusal is not None and held_at is not None:
             message += (f"; connguard: {refusal}, the pool holds at {held_at} (see: "
                         "connguard explain too-many-connections)")
         return sa_exc.TimeoutError(message, code="3o7r")

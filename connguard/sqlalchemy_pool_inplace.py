@@ -34,7 +34,7 @@ class ReconnectInPlace(GuardedPoolState):
                 return invoke(record)
             if getattr(pool._local, "reserved", False):
                 return pool._leased(invoke, record)
-            deadline = pool._in_place_slot()
+            deadline = pool._in_place_slot(record)
             pool._local.deadline = deadline
             try:
                 return pool._leased(invoke, record)
@@ -45,20 +45,19 @@ class ReconnectInPlace(GuardedPoolState):
                     pool._slot_freed()
         return invoke_creator
 
-    def _checkout_deadline(self) -> float:
-        """The deadline of this thread's checkout if it had to wait (SQLAlchemy reconnects
-        in place within it, after ``_do_get`` returned), else ``pool_timeout`` from now. A
-        deadline left from an earlier checkout of this thread can only shorten the wait."""
-        now = self._clock()
-        deadline = getattr(self._local, "checkout_deadline", None)
-        if deadline is not None and deadline > now:
+    def _checkout_deadline(self, record: Any) -> float:
+        """The deadline of the checkout of ``record`` if it had to wait (SQLAlchemy
+        reconnects in place within it, after ``_do_get`` returned), else ``pool_timeout``
+        from now."""
+        deadline = getattr(record, "_connguard_deadline", None)
+        if deadline is not None:
             return float(deadline)
-        return now + (30.0 if self._timeout is None else self._timeout)
+        return self._clock() + (30.0 if self._timeout is None else self._timeout)
 
-    def _in_place_slot(self) -> float:
+    def _in_place_slot(self, record: Any) -> float:
         """Wait for a handshake slot for a reconnect in place (no growth: the record is
         counted already); returns the connect's deadline (the checkout's)."""
-        deadline = self._checkout_deadline()
+        deadline = self._checkout_deadline(record)
         with self._cond:
             self._waiting += 1
             self._in_place_waiting += 1
@@ -87,29 +86,34 @@ class ReconnectInPlace(GuardedPoolState):
         if getattr(self._local, "leased", False):
             self._local.leased = False
         else:
-            self._lease_in_place(budget)
+            self._lease_in_place(budget, record)
         try:
             return invoke(record)
         except BaseException:
             budget.release()
             raise
 
-    def _lease_in_place(self, budget: coordination.Budget) -> None:
+    def _lease_in_place(self, budget: coordination.Budget, record: Any) -> None:
         """A lease for a reconnect in place: asks again after each hint until the checkout's
-        deadline (``pool_timeout``), then raises the refusal."""
-        deadline = self._checkout_deadline()
+        deadline (``pool_timeout``), then raises SQLAlchemy's TimeoutError naming the
+        refusal, as a checkout waiting for a lease does: no lease is a wait, not an error."""
+        deadline = self._checkout_deadline(record)
         while True:
             try:
                 budget.acquire()
                 return
             except coordination.LeaseUnavailable as exc:
-                wait = max(exc.retry_after, 0.05)
-                if self._clock() + wait > deadline:
-                    raise
-                with self._cond:
-                    self._counts["lease_waits"] += 1
-                    self._in_place_waiting += 1  # so that a freed slot wakes everyone
-                    try:
-                        self._wait_locked(wait)  # a return notifies: its release may be it
-                    finally:
-                        self._in_place_waiting -= 1
+                refused = exc
+            with self._cond:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    self._counts["timeouts"] += 1
+                    raise self._timeout_error(in_place_refusal=refused) from refused
+                self._counts["lease_waits"] += 1
+                self._in_place_waiting += 1  # so that a freed slot wakes everyone
+                try:
+                    # A return notifies (its release may be the lease); a hint past the
+                    # deadline is cut to it, so the last ask is made in time.
+                    self._wait_locked(min(max(refused.retry_after, 0.05), remaining))
+                finally:
+                    self._in_place_waiting -= 1

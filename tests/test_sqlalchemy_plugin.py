@@ -1250,6 +1250,69 @@ def test_idle_checkout_sends_nothing_to_redis(
                    message="leases released on dispose")
 
 
+def _recycle_refused_by_a_needy_pool(
+        mariadb: MariaDB, make_engine: EngineFactory, redis: RedisServer,
+        pool_timeout: float) -> Tuple[sa.engine.Engine, sa.engine.Engine, threading.Thread]:
+    """Engine A holds both leases of global_max=2 (idle, due for pool_recycle); engine B
+    asks for one and is denied, so it is registered as needy. A's next checkout reconnects
+    in place; the coordinator then refuses A (A is at its share of 1 and B is needy) and
+    grants B's next ask. Returns (A, B, B's waiting thread)."""
+    options = dict(pool_size=2, max_overflow=0, connguard_coordinator=redis.url,
+                   connguard_global_max=2, connguard_lease_ttl=30)
+    a = make_engine(pool_recycle=1, pool_timeout=pool_timeout, **options)
+    b = make_engine(pool_timeout=60, **options)
+    _fill_idle(a, 2)
+    opened = time.monotonic()
+    assert stats(a)["leases_held"] == 2
+    waiter = threading.Thread(target=_core_query, args=(b,), daemon=True)
+    waiter.start()
+    wait_until(lambda: stats(b)["lease_waits"] >= 1, 30, message="B refused a lease")
+    wait_until(lambda: time.monotonic() - opened > 1.5, 10, message="A's records to age")
+    return a, b, waiter
+
+
+def test_a_reconnect_in_place_refused_a_lease_waits_then_times_out_as_a_checkout(
+        mariadb: MariaDB, make_engine: EngineFactory, own_redis: RedisServer) -> None:
+    """No lease for a reconnect in place (pool_recycle) is a wait within pool_timeout, and
+    then SQLAlchemy's TimeoutError naming the refusal, as for any other checkout; never
+    connguard's LeaseUnavailable from the middle of SQLAlchemy's checkout."""
+    a, b, waiter = _recycle_refused_by_a_needy_pool(mariadb, make_engine, own_redis, 3.0)
+    started = time.monotonic()
+    with pytest.raises(sa.exc.TimeoutError) as caught:
+        a.connect()
+    waited = time.monotonic() - started
+    assert "lease" in str(caught.value), str(caught.value)
+    assert isinstance(caught.value.__cause__, connguard.LeaseUnavailable)
+    assert 2.5 <= waited < 30, waited  # waited out pool_timeout (3 s), then gave up
+    waiter.join(60)
+    assert not waiter.is_alive(), "B got the lease A gave back"
+    counts = stats(a)
+    assert counts["leases_held"] == 1 and counts["timeouts"] >= 1, counts
+    assert _core_query(a) > 0  # A's other connection still serves
+
+
+def test_a_reconnect_in_place_gets_a_lease_given_back_within_its_timeout(
+        mariadb: MariaDB, make_engine: EngineFactory, own_redis: RedisServer) -> None:
+    a, b, waiter = _recycle_refused_by_a_needy_pool(mariadb, make_engine, own_redis, 60.0)
+    result: List[Any] = []
+
+    def checkout() -> None:
+        try:
+            result.append(_core_query(a))
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            result.append(exc)
+
+    in_place = threading.Thread(target=checkout, daemon=True)
+    in_place.start()
+    waiter.join(60)
+    assert not waiter.is_alive(), "B got the lease A gave back"
+    wait_until(lambda: stats(a)["lease_waits"] >= 1, 30, message="A refused in place")
+    b.dispose()  # B's lease goes back: A's reconnect in place takes it
+    in_place.join(60)
+    assert result and isinstance(result[0], int), result
+    assert stats(a)["leases_held"] == 2
+
+
 def test_coordinator_without_budget_shares_the_gate_and_host_gate_is_used(
         tmp_path: Any, make_engine: EngineFactory, fresh_redis: RedisServer) -> None:
     engine = make_engine(connguard_host_gate=str(tmp_path),
