@@ -19,12 +19,31 @@ import contextlib
 import fcntl
 import select
 import socket
-from typing import Optional, Protocol, Union
+import sys
+from typing import Any, Optional, Protocol, Union
 
 from connguard.tcpstates import ESTABLISHED
 
 # Some builds of ``select`` lack the constant; the value is fixed by the Linux ABI.
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
+
+
+def _os_poll() -> Any:
+    """``select.poll`` as the OS gives it, even under a green hub's monkey patch: a poll
+    with a zero timeout never blocks, so a green version only costs (gevent's yields to the
+    hub), and ``eventlet.monkey_patch()`` deletes ``select.poll`` altogether."""
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None:
+        return gevent_monkey.get_original("select", "poll")
+    poll = getattr(select, "poll", None)
+    if poll is None and "eventlet.patcher" in sys.modules:
+        return sys.modules["eventlet.patcher"].original("select").poll
+    return poll
+
+
+#: Taken once, at import: before a patch made later, or the original kept by the patcher.
+_poll = _os_poll()
+
 # POLLHUP, POLLERR and POLLNVAL are always reported; asking for them is harmless and says
 # what we mean.
 _DEAD_EVENTS = select.POLLIN | _POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -96,7 +115,7 @@ def _readable_or_hung_up(fd: int) -> bool:
     concurrent ``poll()`` on one object, and creating one costs about as much as the
     re-``register()`` a cached object would need anyway.
     """
-    poller = select.poll()
+    poller = _poll()
     poller.register(fd, _DEAD_EVENTS)
     # Only descriptors with events are returned, and we registered exactly one.
     return bool(poller.poll(0))
@@ -144,7 +163,7 @@ class Probe:
 
     def __init__(self) -> None:
         self._fd = -1
-        self._poller = select.poll()
+        self._poller = _poll()
 
     def dead(self, sock: HasFileno) -> bool:
         """Whether the connection behind ``sock`` (a socket, or anything with ``fileno()``;
