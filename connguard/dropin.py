@@ -19,6 +19,7 @@ import wrapt
 from connguard import coordination, drivers
 from connguard.arguments import POOL_OPTIONS, pool_key, split_arguments, unknown_names
 from connguard.concurrency import ProcessLock
+from connguard.options import check_options
 from connguard.pool import Pool, build_policies
 from connguard.proxy import PooledConnection
 
@@ -51,6 +52,8 @@ def pool_for(where: str = "connguard.connect", **kwargs: Any) -> Pool:
     """The process-wide pool for these connect arguments (made on first use); ``where``
     names the call in an argument error."""
     options, connect_kwargs = split_arguments(kwargs, where=where)
+    if options:  # checked before a pool made earlier is compared with them
+        check_options(options)
     key = (options.get("driver", "pymysql"), pool_key(connect_kwargs))
     with _lock:
         pool = _pools.get(key)
