@@ -52,8 +52,6 @@ def pool_for(where: str = "connguard.connect", **kwargs: Any) -> Pool:
     """The process-wide pool for these connect arguments (made on first use); ``where``
     names the call in an argument error."""
     options, connect_kwargs = split_arguments(kwargs, where=where)
-    if options:  # checked before a pool made earlier is compared with them
-        check_options(options)
     key = (options.get("driver", "pymysql"), pool_key(connect_kwargs))
     with _lock:
         pool = _pools.get(key)
@@ -71,6 +69,9 @@ def _check_same_options(pool: Pool, options: Dict[str, Any]) -> None:
     conflicts = sorted(name for name, value in options.items()
                        if _held(pool, name) not in (value, _UNSET))
     if conflicts:
+        # A value the pool could not have been made with says so first (values equal to the
+        # pool's were checked when it was made: nothing to check on the hot path).
+        check_options({name: options[name] for name in conflicts})
         given = ", ".join(f"{name}={_shown(name, options[name])}" for name in conflicts)
         held = ", ".join(f"{name}={_shown(name, _held(pool, name))}" for name in conflicts)
         raise ValueError(f"connguard.connect(): a pool for these connection arguments already "

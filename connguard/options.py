@@ -57,6 +57,8 @@ MAX_PORTS = 65_535
 MAX_KEEPIDLE, MAX_KEEPINTVL, MAX_KEEPCNT = 32_767, 32_767, 127
 MAX_USER_TIMEOUT = (2 ** 31 - 1) // 1000
 
+SECONDS = "a number of seconds"
+
 RESET_MODES = ("rollback", "full", "none")
 FAIL_MODES = ("open", "closed")
 
@@ -351,7 +353,6 @@ def url_problem(url: str) -> Optional[str]:
 
 
 #: Every pool option (connguard.arguments.POOL_OPTIONS) and what it may be.
-SECONDS = "a number of seconds"
 RULES: Mapping[str, Rule] = {
     "name": Text(none="the default, user@host:port/db"),
     "driver": Choice(tuple(sorted(SEAMS))),
