@@ -272,3 +272,18 @@ def test_plugin_options_in_connect_args_fail_create_engine() -> None:
     with pytest.raises(sa.exc.ArgumentError, match="connect_args holds connguard_max_connect_rate: "
                                                    "connect_args go to the driver's connect"):
         sa.create_engine(URL, connect_args={"connguard_max_connect_rate": "nan"})
+
+
+def test_a_later_connect_with_other_values_is_checked_then_compared() -> None:
+    dropin.pool_for(**SERVER, max_size=2, checkout_timeout=5)
+    try:
+        dropin.pool_for(**SERVER, max_size=2, checkout_timeout=5.0)  # the same values
+        for given, start in [({"max_size": True}, "max_size must be an integer"),
+                             ({"storm_control": "off"}, "storm_control must be True or False"),
+                             ({"max_lifetime": math.nan}, "max_lifetime must be"),
+                             ({"max_size": 3}, "connguard.connect(): a pool for these")]:
+            with pytest.raises(ValueError) as info:
+                dropin.pool_for(**SERVER, **given)
+            assert str(info.value).startswith(start), str(info.value)
+    finally:
+        connguard.close_all()
