@@ -48,14 +48,12 @@ from connguard.backend import (  # noqa: F401 - the backend interface, re-export
 )
 from connguard.clock import Clock, Sleep
 from connguard.errors import CoordinatorUnavailable, LeaseUnavailable  # noqa: F401 - re-exported
-from connguard.policies import check_number
+from connguard.options import FAIL_MODES, RULES  # noqa: F401 - FAIL_MODES re-exported
 from connguard.storm import StormPolicy
 
 log = logging.getLogger("connguard.coordination")
 
 T = TypeVar("T")
-
-FAIL_MODES = ("open", "closed")
 
 # How a connect attempt ended, as the gate's shared backends are told.
 SUCCEEDED, OUTAGE, CAPACITY, PERMANENT, ABANDONED = (
@@ -106,27 +104,15 @@ class CoordinationSettings:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in values.items())})"
 
     def __post_init__(self) -> None:
-        spec = self.coordinator
-        if spec is not None and not isinstance(spec, Coordinator):
-            if not isinstance(spec, str):
-                raise ValueError("coordinator must be a URL such as 'redis://host:6379/0' or "
-                                 f"None, got {type(spec).__name__}")
-            scheme = spec.split("://", 1)[0].lower() if "://" in spec else ""
-            if scheme not in BACKENDS:
-                raise ValueError(f"coordinator must be a URL with scheme "
-                                 f"{', '.join(sorted(BACKENDS))}, got {redact_url(spec)!r}")
-        if self.global_max is not None:
-            check_number("global_max", self.global_max, 1, integer=True)
-            if spec is None:
-                raise ValueError("global_max needs a coordinator (coordinator='redis://...'): "
-                                 "without one no process can see the others' connections")
-        if self.fail not in FAIL_MODES:
-            raise ValueError(f"coordinator_fail must be one of {', '.join(FAIL_MODES)}, "
-                             f"got {self.fail!r}")
-        check_number("lease_ttl", self.lease_ttl, 1.5, kind="a number of seconds",
-                     why="three reaper passes")
-        if self.key is not None and (not isinstance(self.key, str) or not self.key):
-            raise ValueError(f"coordinator_key must be a non-empty string, got {self.key!r}")
+        for option, field in POOL_OPTION_FIELDS.items():
+            RULES[option].check(option, getattr(self, field))
+        # None is the default, as for the pool options (settings_from_options drops them).
+        for field in ("fail", "lease_ttl"):
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, getattr(CoordinationSettings, field))
+        if self.global_max is not None and self.coordinator is None:
+            raise ValueError("global_max needs a coordinator (coordinator='redis://...'): "
+                             "without one no process can see the others' connections")
 
 
 #: Pool options of this module and the CoordinationSettings field each one sets.

@@ -19,6 +19,7 @@ import wrapt
 from connguard import coordination, drivers
 from connguard.arguments import POOL_OPTIONS, pool_key, split_arguments, unknown_names
 from connguard.concurrency import ProcessLock
+from connguard.options import check_options
 from connguard.pool import Pool, build_policies
 from connguard.proxy import PooledConnection
 
@@ -65,13 +66,22 @@ def pool_for(where: str = "connguard.connect", **kwargs: Any) -> Pool:
 def _check_same_options(pool: Pool, options: Dict[str, Any]) -> None:
     """A later call for the same server and credentials gets the same pool; pool options it
     names must agree with that pool's, or the caller would silently get other limits."""
-    conflicts = sorted(name for name, value in options.items()
-                       if _held(pool, name) not in (value, _UNSET))
+    held = {name: _held(pool, name) for name in options}
+    # A value the pool holds (same type, equal) was checked when it was made: nothing to do
+    # on the hot path. Any other is checked first, so a bad one says what it may be (and
+    # True does not pass for 1, nor NaN for anything).
+    unchecked = {name: value for name, value in options.items()
+                 if not (type(held[name]) is type(value) and held[name] == value)}
+    if not unchecked:
+        return
+    check_options(unchecked)
+    conflicts = sorted(name for name, value in unchecked.items()
+                       if held[name] not in (value, _UNSET))
     if conflicts:
         given = ", ".join(f"{name}={_shown(name, options[name])}" for name in conflicts)
-        held = ", ".join(f"{name}={_shown(name, _held(pool, name))}" for name in conflicts)
+        kept = ", ".join(f"{name}={_shown(name, held[name])}" for name in conflicts)
         raise ValueError(f"connguard.connect(): a pool for these connection arguments already "
-                         f"exists with {held}; this call asks for {given}. Pass the same pool "
+                         f"exists with {kept}; this call asks for {given}. Pass the same pool "
                          "options everywhere (or set them once with connguard.configure()).")
 
 

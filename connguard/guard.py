@@ -38,7 +38,7 @@ from connguard.census import census, local_port_range, resolve
 from connguard.clock import Clock
 from connguard.concurrency import ProcessLock
 from connguard.limits import fds_in_use, max_connect_rate
-from connguard.policies import check_number
+from connguard.options import HOUR, RULES, check_number
 
 log = logging.getLogger("connguard.guard")
 
@@ -80,9 +80,10 @@ class GuardPolicy:
     census_ttl: float = DEFAULT_CENSUS_TTL
 
     def __post_init__(self) -> None:
-        check_number("fd_reserve", self.fd_reserve, 0, integer=True)
-        check_number("port_reserve", self.port_reserve, 0, allow_none=True, integer=True)
-        check_number("census_ttl", self.census_ttl, 0)
+        RULES["fd_reserve"].check("fd_reserve", self.fd_reserve)
+        RULES["port_reserve"].check("port_reserve", self.port_reserve)
+        check_number("census_ttl", self.census_ttl, 0, kind="a number of seconds",
+                     maximum=HOUR)
 
     def ports_reserve(self, ports_total: int) -> int:
         if self.port_reserve is not None:

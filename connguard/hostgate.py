@@ -36,7 +36,7 @@ import stat
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Hashable, List, Optional, Set
+from typing import Callable, Hashable, List, Optional, Set
 
 from connguard import errors
 from connguard.concurrency import ProcessLock
@@ -64,16 +64,6 @@ def base_directory() -> str:
 def gate_directory(base: Optional[str] = None) -> str:
     """This user's directory of slot files under ``base`` (default: base_directory())."""
     return os.path.join(base or base_directory(), f"connguard-{os.geteuid()}")
-
-
-def check_option(value: Any) -> Any:
-    """``host_gate``: True/False, or the absolute path of a directory. ValueError otherwise."""
-    if isinstance(value, bool) or value is None:
-        return bool(value)
-    if isinstance(value, str) and os.path.isabs(value) and "\0" not in value:
-        return value
-    raise ValueError("host_gate must be True, False or the absolute path of a directory for "
-                     f"the shared handshake slots; got {value!r}")
 
 
 class UnsafeDirectory(Exception):

@@ -6,27 +6,8 @@ import dataclasses
 import random
 from typing import Any, Callable, Optional, Tuple
 
-RESET_MODES = ("rollback", "full", "none")
-
-
-def check_number(name: str, value: Any, minimum: float, allow_none: bool = False,
-                 integer: bool = False, above: bool = False, kind: str = "",
-                 why: str = "") -> None:
-    """The one check of a numeric option: a ValueError naming ``name``, the allowed values
-    and what was given, unless ``value`` is a number (``integer``: an int; never a bool)
-    ``>= minimum`` (``above``: ``> minimum``), or None when ``allow_none``. ``kind`` words
-    the number ("a number of seconds"), ``why`` says why the minimum."""
-    if value is None and allow_none:
-        return
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or (
-            value <= minimum if above else value < minimum):
-        kind = kind or ("an integer" if integer else "a number")
-        none = " or None" if allow_none else ""
-        op = ">" if above else ">="
-        why = f" ({why})" if why else ""
-        raise ValueError(f"{name} must be {kind} {op} {minimum}{none}{why}, got {value!r}")
-
+# The rules of every option: connguard.options (RESET_MODES re-exported, where it was).
+from connguard.options import RESET_MODES, RULES, check_keepalive  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +23,7 @@ class ResetPolicy:
     mode: str = "rollback"
 
     def __post_init__(self) -> None:
-        if self.mode not in RESET_MODES:
-            raise ValueError(f"reset must be one of {', '.join(RESET_MODES)}; got {self.mode!r}")
+        RULES["reset"].check("reset", self.mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +41,9 @@ class LifetimePolicy:
     idle_timeout: Optional[float] = 600.0
 
     def __post_init__(self) -> None:
-        check_number("max_lifetime", self.max_lifetime, 0.001, allow_none=True)
-        check_number("idle_timeout", self.idle_timeout, 0.001, allow_none=True)
-        if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)) \
-                or not 0 <= self.jitter < 1:
-            raise ValueError(f"lifetime_jitter must be a number in [0, 1), got {self.jitter!r}")
+        RULES["max_lifetime"].check("max_lifetime", self.max_lifetime)
+        RULES["idle_timeout"].check("idle_timeout", self.idle_timeout)
+        RULES["lifetime_jitter"].check("lifetime_jitter", self.jitter)
 
     def expiry(self, opened_at: float, rand: Callable[[], float] = random.random) -> float:
         """The monotonic time at which a connection opened at ``opened_at`` retires."""
@@ -106,14 +84,11 @@ class PoolSettings:
     leak_threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
-        check_number("max_size", self.max_size, 1, integer=True)
-        check_number("max_overflow", self.max_overflow, -1, integer=True)
-        check_number("min_idle", self.min_idle, 0, integer=True)
+        for field in dataclasses.fields(self):  # every field is the option of its name
+            RULES[field.name].check(field.name, getattr(self, field.name))
         if self.min_idle > self.max_size:
             raise ValueError(f"min_idle ({self.min_idle}) must not exceed max_size "
                              f"({self.max_size})")
-        check_number("checkout_timeout", self.checkout_timeout, 0)
-        check_number("leak_threshold", self.leak_threshold, 0.001, allow_none=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +108,7 @@ class KeepalivePolicy:
     count: int = 4
 
     def __post_init__(self) -> None:
-        check_number("keepalive idle", self.idle, 1)
-        check_number("keepalive interval", self.interval, 1)
-        check_number("keepalive count", self.count, 1, integer=True)
+        check_keepalive("keepalive", self.idle, self.interval, self.count)
 
     @property
     def bound(self) -> float:
@@ -148,11 +121,9 @@ class KeepalivePolicy:
 def keepalive_from_option(value: Any) -> Optional[KeepalivePolicy]:
     """``keepalive``: True (the defaults), False/None (the OS defaults: off), or a tuple
     ``(idle, interval, count)``."""
+    RULES["keepalive"].check("keepalive", value)
     if value is True:
         return KeepalivePolicy()
     if value is False or value is None:
         return None
-    if isinstance(value, (tuple, list)) and len(value) == 3:
-        return KeepalivePolicy(*value)
-    raise ValueError("keepalive must be True, False, None or a tuple (idle seconds, "
-                     f"interval seconds, probe count); got {value!r}")
+    return KeepalivePolicy(*value)

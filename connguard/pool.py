@@ -29,8 +29,8 @@ from connguard.admission import Admission
 from connguard.arguments import DEFAULT, POOL_OPTIONS, given_options, split_arguments
 from connguard.clock import Clock
 from connguard.connector import Connector
-from connguard.hostgate import check_option
 from connguard.metrics import PoolMetrics
+from connguard.options import check_options
 from connguard.policies import (
     KeepalivePolicy,
     LifetimePolicy,
@@ -55,10 +55,9 @@ _bucket = bisect.bisect_left
 
 def build_policies(options: Dict[str, Any]) -> Tuple[PoolSettings, LifetimePolicy, ResetPolicy]:
     """The policy objects for a pool's options; raises ValueError naming a bad option."""
-    storm.policy_from_options(options)  # validated here too, before anything is started
+    check_options(options)  # each by its rule, before anything is started
+    storm.policy_from_options(options)  # and what they make together
     coordination.settings_from_options(options)
-    keepalive_from_option(options.get("keepalive", True))
-    check_option(options.get("host_gate", False))
     settings = PoolSettings(**{k: v for k, v in options.items()
                                if k in PoolSettings.__dataclass_fields__})
     lifetime = LifetimePolicy(
@@ -145,9 +144,7 @@ class Pool(ConnectPath, ReturnPath, Upkeep, PoolReport):
         self._top_up_running = False
         self._closed = False
         self._stats: Counter = Counter()
-        given_name = options.get("name")
-        if given_name is not None and (not isinstance(given_name, str) or not given_name):
-            raise ValueError(f"name must be a non-empty string, got {given_name!r}")
+        given_name = options.get("name")  # checked by build_policies
         self._metrics = PoolMetrics(metrics.claim_name(given_name or self._describe_destination(),
                                                        self), events.Listeners())
         metrics.register(self)

@@ -180,7 +180,8 @@ class RedisCoordinator(Coordinator):
                 # urllib's own words may quote a piece of the password ("Port could not be
                 # cast to integer value as 'Zq9x'"): not shown.
                 raise ValueError(
-                    f"coordinator URL {self.address!r} could not be parsed: percent-encode "
+                    f"coordinator URL {self.address!r} could not be read by the Redis client: "
+                    "check its query arguments (?socket_timeout=0.5) and percent-encode "
                     "characters such as / @ : # ? in its user name and password (/ is "
                     "%2F)") from None
         self.client = client

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from sqlalchemy import exc as sa_exc
 
-from connguard import coordination, storm
+from connguard import coordination, options, storm
 from connguard.arguments import unknown_names
 
 PREFIX = "connguard_"
@@ -30,53 +30,9 @@ def warn(message: str) -> None:
     # stacklevel: point past SQLAlchemy's create_engine at the caller's line, roughly.
     warnings.warn(message, ConnGuardPluginWarning, stacklevel=5)
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
 
-
-def _as_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
-    raise sa_exc.ArgumentError(f"{name} must be true or false (1/0, yes/no, on/off); "
-                               f"got {value!r}")
-
-
-def _as_number(name: str, value: Any, integer: bool, minimum: float) -> Any:
-    kind = int if integer else float
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        number = kind(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number < minimum:
-        what = "an integer" if integer else "a number"
-        raise sa_exc.ArgumentError(f"{name} must be {what} >= {minimum}; got {value!r}")
-    return number
-
-
-def _as_host_gate(name: str, value: Any) -> Union[bool, str]:
-    """``host_gate``: true/false, or the directory of the shared gate file."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip()
-    if text.lower() in _TRUE or text.lower() in _FALSE:
-        return text.lower() in _TRUE
-    if not text.startswith("/"):
-        raise sa_exc.ArgumentError(f"{name} must be true or false, or the absolute path of a "
-                                   f"directory for the shared gate file; got {value!r}")
-    return text
-
-
-def _parser(integer: bool = False, minimum: float = 0) -> Callable[[str, Any], Any]:
-    return lambda name, value: _as_number(name, value, integer, minimum)
-
-
-def _option(default: Any, parse: Callable[[str, Any], Any], doc: str) -> Any:
-    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc})
+def _option(default: Any, rule: options.Rule, doc: str) -> Any:
+    return dataclasses.field(default=default, metadata={"rule": rule, "doc": doc})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,29 +41,31 @@ class PluginOptions:
     or as a ``create_engine`` keyword (``docs/sqlalchemy.md`` has the table)."""
 
     reaper: bool = _option(
-        True, _as_bool,
+        True, options.Flag(),
         "close idle pooled connections whose server end closed (background thread, every "
         "0.5 s), and idle ones past idle_timeout")
     idle_timeout: Optional[float] = _option(
-        None, _parser(),
+        None, options.Number(0, options.YEAR, kind=options.SECONDS, why="0: off",
+                             top="a year"),
         "seconds a pooled connection may stay idle before the reaper closes it; default: "
         "derived from the server's wait_timeout unless pool_recycle is set; 0 disables")
     resource_guard: bool = _option(
-        True, _as_bool, "refuse a connect before the OS runs out of fds or local ports")
+        True, options.RULES["resource_guard"],
+        "refuse a connect before the OS runs out of fds or local ports")
     fd_reserve: Optional[int] = _option(
-        None, _parser(integer=True), "fds the resource guard keeps free")
+        None, options.RULES["fd_reserve"], "fds the resource guard keeps free")
     port_reserve: Optional[int] = _option(
-        None, _parser(integer=True), "local ports the resource guard keeps free")
+        None, options.RULES["port_reserve"], "local ports the resource guard keeps free")
     storm_control: bool = _option(
-        True, _as_bool,
+        True, options.RULES["storm_control"],
         "pass new connections through connguard's reconnect-storm gate (rate limit, backoff, "
         "breaker), shared per server by every pool and engine of the process")
     invalidate_pool: bool = _option(
-        True, _as_bool,
+        True, options.Flag(),
         "on a disconnect error, also invalidate every other pooled connection, as SQLAlchemy "
         "does; false keeps them (each checkout checks its own connection anyway)")
     host_gate: Union[bool, str] = _option(
-        False, _as_host_gate,
+        False, options.RULES["host_gate"],
         "share the handshake cap with this user's other processes of the host through "
         "flock'd slot files (true: in a directory of this user's under $XDG_RUNTIME_DIR or "
         "/dev/shm; or under the directory given)")
@@ -173,58 +131,74 @@ def _merge(from_url: Mapping[str, Any], from_kwargs: Mapping[str, Any]) -> Dict[
     return merged
 
 
-def _storm_settings(given: Mapping[str, Any]) -> Dict[str, Any]:
-    """The storm gate's settings, typed like StormPolicy's defaults and validated by it."""
-    settings = {}
-    for name, field in STORM_OPTIONS.items():
-        raw = given.get(PREFIX + name)
-        if raw is not None:
-            kind = type(getattr(storm.StormPolicy, field))
-            settings[name] = (_as_bool(PREFIX + name, raw) if kind is bool else
-                              _as_number(PREFIX + name, raw, kind is int, 0))
+#: Every plugin option (without its prefix) and its rule: the pool's rule for the options the
+#: plugin shares with connguard.Pool (connguard.options.RULES), the field's for its own.
+RULES: Dict[str, options.Rule] = {
+    **{f.name: f.metadata["rule"] for f in dataclasses.fields(PluginOptions)
+       if f.name not in _GROUPS},
+    **{name: options.RULES[name] for name in (*STORM_OPTIONS, *COORDINATION_OPTIONS)},
+}
+
+
+def _parsed(name: str, raw: Any) -> Any:
+    """``connguard_<name>``'s value by its rule, text read as in a URL (a config file's
+    keyword arguments are text too); ArgumentError naming the option if it is bad."""
+    try:
+        return RULES[name].parse(PREFIX + name, raw)
+    except ValueError as exc:
+        raise sa_exc.ArgumentError(str(exc)) from None
+
+
+def _storm_settings(typed: Mapping[str, Any]) -> Dict[str, Any]:
+    """The storm gate's settings given, as StormPolicy's pool options."""
+    settings = {name: typed[name] for name in STORM_OPTIONS if name in typed}
     try:
         storm.policy_from_options(settings)
     except ValueError as exc:
-        raise sa_exc.ArgumentError(_with_option_name(str(exc))) from exc
+        raise sa_exc.ArgumentError(_with_prefix(str(exc), STORM_OPTIONS)) from None
     return settings
 
 
-def _coordination_settings(given: Mapping[str, Any]) -> coordination.CoordinationSettings:
-    """The coordination settings, typed (URL values are strings) and validated by
-    :func:`connguard.coordination.settings_from_options`; errors name the plugin option."""
-    settings: Dict[str, Any] = {}
-    for name in COORDINATION_OPTIONS:
-        raw = given.get(PREFIX + name)
-        if raw is None:
-            continue
-        if name == "global_max":
-            raw = _as_number(PREFIX + name, raw, True, 1)
-        elif name == "lease_ttl":
-            raw = _as_number(PREFIX + name, raw, False, 0)
-        elif not isinstance(raw, str):
-            raise sa_exc.ArgumentError(f"{PREFIX}{name} must be a string; got "
-                                       f"{type(raw).__name__}")
-        settings[name] = raw
+def _coordination_settings(typed: Mapping[str, Any]) -> coordination.CoordinationSettings:
+    """The coordination settings, as :func:`connguard.coordination.settings_from_options`
+    makes them (global_max needs a coordinator); errors name the plugin option."""
+    settings = {name: typed[name] for name in COORDINATION_OPTIONS if name in typed}
     try:
         return coordination.settings_from_options(settings)
     except ValueError as exc:
-        message = str(exc)
-        # Longest names first: "coordinator_fail must" is not "coordinator must".
-        for name in sorted(COORDINATION_OPTIONS, key=len, reverse=True):
-            if message.startswith(name + " "):
-                message = PREFIX + message
-                break
-        else:
-            message = f"connguard plugin: {message}"
-        raise sa_exc.ArgumentError(message) from None
+        raise sa_exc.ArgumentError(_with_prefix(str(exc), COORDINATION_OPTIONS)) from None
 
 
-def _with_option_name(message: str) -> str:
-    """StormPolicy names its fields ("burst must be ..."); say the plugin option instead."""
-    for name, field in STORM_OPTIONS.items():
-        if message.startswith(field + " "):
-            return PREFIX + name + message[len(field):]
+def _with_prefix(message: str, names: Mapping[str, Any]) -> str:
+    """A pool option's message ("global_max needs ...") as the plugin option's."""
+    # Longest names first: "coordinator_fail must" is not "coordinator must".
+    for name in sorted(names, key=len, reverse=True):
+        if message.startswith(name + " "):
+            return PREFIX + message
     return f"connguard plugin: {message}"
+
+
+def check_connect_args(connect_args: Any) -> None:
+    """``connect_args`` go to the driver's ``connect()``: a ``connguard_*`` option there would
+    be a TypeError at the first connect, far from its cause. Refused at create_engine."""
+    if not isinstance(connect_args, Mapping):
+        return
+    misplaced = sorted(k for k in connect_args if isinstance(k, str) and k.startswith(PREFIX))
+    if misplaced:
+        raise sa_exc.ArgumentError(
+            f"connect_args holds {', '.join(misplaced)}: connect_args go to the driver's "
+            "connect(); give connguard's options in the URL query or as create_engine "
+            "keywords instead")
+
+
+def check_coordinator(plugin_options: PluginOptions) -> None:
+    """Make the coordinator the options name now, as connguard.Pool does when it is made: a
+    URL its backend cannot read (or a missing redis package) fails create_engine, not each
+    connect."""
+    try:
+        coordinator_of(plugin_options)
+    except ValueError as exc:
+        raise sa_exc.ArgumentError(_with_prefix(str(exc), COORDINATION_OPTIONS)) from None
 
 
 def parse_options(query: Mapping[str, Any], kwargs: Dict[str, Any]) -> PluginOptions:
@@ -238,12 +212,14 @@ def parse_options(query: Mapping[str, Any], kwargs: Dict[str, Any]) -> PluginOpt
     from_kwargs = {k: kwargs.pop(k) for k in [k for k in kwargs if k.startswith(PREFIX)]}
     _reject_unknown(list(from_url) + list(from_kwargs))
     given = _merge(from_url, from_kwargs)
-    values: Dict[str, Any] = {"storm_settings": _storm_settings(given),
-                              "coordination_settings": _coordination_settings(given)}
+    # None (a keyword argument) is the default, as if not given.
+    typed = {name[len(PREFIX):]: _parsed(name[len(PREFIX):], raw)
+             for name, raw in given.items() if raw is not None}
+    values: Dict[str, Any] = {"storm_settings": _storm_settings(typed),
+                              "coordination_settings": _coordination_settings(typed)}
     for field in dataclasses.fields(PluginOptions):
-        raw = given.get(PREFIX + field.name)
-        if raw is not None and field.name not in _GROUPS:
-            values[field.name] = field.metadata["parse"](PREFIX + field.name, raw)
+        if field.name in typed and field.name not in _GROUPS:
+            values[field.name] = typed[field.name]
     return PluginOptions(**values)
 
 

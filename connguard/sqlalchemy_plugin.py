@@ -57,6 +57,8 @@ from connguard.sqlalchemy_options import (  # noqa: F401 - re-exported: the plug
     STORM_OPTIONS,
     ConnGuardPluginWarning,
     PluginOptions,
+    check_connect_args,
+    check_coordinator,
     coordinator_of,
     parse_options,
     single_value,
@@ -82,7 +84,9 @@ class ConnGuardPlugin(CreateEnginePlugin):
 
     def __init__(self, url: Any, kwargs: Dict[str, Any]) -> None:
         super().__init__(url, kwargs)
+        check_connect_args(kwargs.get("connect_args"))
         self.options = parse_options(url.query, kwargs)
+        check_coordinator(self.options)  # made now, as connguard.Pool makes it
         self._password = url.password  # only to mask it in translated errors
         self._custom_creator = "creator" in kwargs
         self._guard: Optional[EngineGuard] = None

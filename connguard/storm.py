@@ -55,7 +55,7 @@ from connguard.breaker import (  # noqa: F401 - re-exported: the gate's parts
 )
 from connguard.clock import Clock, Sleep
 from connguard.concurrency import ProcessLock
-from connguard.policies import check_number
+from connguard.options import HOUR, RULES, check_number
 from connguard.storm_report import GateReport
 from connguard.storm_shared import SharedGate, SharedHalves  # noqa: F401 - re-exported
 
@@ -97,14 +97,11 @@ class StormPolicy:
     reconnect_burst: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("rate", "backoff_initial", "backoff_max", "ceiling_probe",
-                     "reconnect_rate"):
-            check_number(name, getattr(self, name), 0, above=True)
-        for name in ("burst", "max_handshakes", "breaker_threshold", "reconnect_burst"):
-            check_number(name, getattr(self, name), 1, integer=True)
-        if not isinstance(self.fail_fast, bool):
-            raise ValueError(f"fail_fast must be True or False, got {self.fail_fast!r}")
-        check_number("backoff_jitter", self.backoff_jitter, 0)
+        # Named as the pool options that set them (max_connect_rate, not rate).
+        for option, field in POOL_OPTION_FIELDS.items():
+            RULES[option].check(option, getattr(self, field))
+        check_number("backoff_jitter", self.backoff_jitter, 0, kind="a number of seconds",
+                     maximum=HOUR)
 
     def backoff(self, failures: int) -> float:
         """Seconds to wait after ``failures`` consecutive failures (>= 1), jitter included."""

@@ -299,9 +299,9 @@ def test_names_stay_with_their_pools(mariadb: MariaDB) -> None:
         b.close()
 
 
-def test_a_wait_without_a_timeout_is_timed(mariadb: MariaDB) -> None:
+def test_a_wait_under_the_longest_timeout_is_timed(mariadb: MariaDB) -> None:
     pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=1,
-                          checkout_timeout=float("inf"))
+                          checkout_timeout=86400)  # the longest allowed
     try:
         held = pool.connect()
         waiter = threading.Thread(target=lambda: pool.connect().close())
