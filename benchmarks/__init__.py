@@ -1,2 +1,2 @@
-"""The benchmarks live in :mod:`connguard.bench` (shipped, for ``connguard bench``); this
-package, in the repository only, keeps ``python -m benchmarks`` working from a checkout."""
+"""connguard's benchmarks, in the repository only (not in the wheel): ``connguard bench`` and
+``python -m benchmarks`` run them from a checkout (see README.md here and docs/bench.md)."""

@@ -1,5 +1,9 @@
-"""``python -m benchmarks``: ``python -m connguard.bench`` (the same as ``connguard bench``)."""
+"""``python -m benchmarks``: the same as ``connguard bench`` (see
+:mod:`benchmarks.runner`)."""
 
-from connguard.bench.runner import main
+import sys
 
-raise SystemExit(main())
+from benchmarks.runner import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import getpass
+import importlib
 import json
 import os
 import sys
-from typing import Any, Callable, List, Optional, Sequence, TextIO
+from types import ModuleType
+from typing import Any, Callable, Iterable, List, Optional, Sequence, TextIO, Tuple
 
 from connguard import doctor
 from connguard.doctor import RED, Check, Report, Target
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="connguard", description="Client-side guard for MySQL/MariaDB connections.")
     parser.add_argument("--version", action="version", version=_version())
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     add_doctor(commands)
     add_bench(commands)
@@ -60,23 +62,69 @@ def add_doctor(commands: Any) -> None:
 
 
 def add_bench(commands: Any) -> None:
-    """Register ``connguard bench`` (the runner lives in :mod:`connguard.bench.runner`)."""
-    try:
-        from connguard.bench import runner
-    except ImportError as exc:  # an install without the benchmarks package: say so on use
-        reason = f"the benchmarks package is not importable ({exc}); reinstall connguard"
-        missing = commands.add_parser("bench", help="(unavailable: benchmarks not installed)")
-        missing.set_defaults(handler=lambda args, parser: parser.error(reason), parser=missing)
-        return
-    parser = commands.add_parser(
-        "bench", help="compare connguard with plain PyMySQL, SQLAlchemy and DBUtils here",
+    """Register ``connguard bench``. Its options and handler are the runner's
+    (:mod:`benchmarks.runner`, in a checkout of the repository, not in the wheel), added when
+    the command is parsed: the other commands never import the benchmarks."""
+    commands.add_parser(
+        "bench", help="compare connguard with plain PyMySQL, SQLAlchemy and DBUtils here "
+        "(from a checkout)",
         description="Run the benchmark scenarios, every client side by side, against a "
         "throwaway MariaDB (the mariadbd on PATH) or --dsn; write results.json, report.md "
         "and PNG charts into --out and print a summary table (docs/bench.md in the source "
-        "tree explains every field). Exit "
-        "status 1 when a scenario failed, 2 on a usage error or when there is no server.")
+        "tree explains every field). Runs from a checkout of the repository (pip install -e "
+        "'.[bench]'). Exit status 1 when a scenario failed, 2 on a usage error or when there "
+        "is no server.", fill=_bench_options)
+
+
+def _bench_options(parser: argparse.ArgumentParser) -> None:
+    runner = _bench_runner(parser)
     runner.add_arguments(parser)
     parser.set_defaults(handler=runner.run_from_args, parser=parser)
+
+
+def checkout_root(package_dir: str) -> Optional[str]:
+    """The checkout that holds this connguard package, when ``benchmarks/`` sits beside it
+    (an editable install or a source tree on the path); None for an installed wheel."""
+    root = os.path.dirname(os.path.abspath(package_dir))
+    return root if os.path.isfile(os.path.join(root, "benchmarks", "runner.py")) else None
+
+
+def _bench_runner(parser: argparse.ArgumentParser) -> ModuleType:
+    """:mod:`benchmarks.runner` from this connguard's own checkout (an editable install does
+    not put the checkout on ``sys.path``, so it is added); exit 2 without one."""
+    import connguard
+
+    root = checkout_root(os.path.dirname(connguard.__file__))
+    if root is None:
+        parser.exit(EXIT_USAGE, f"{parser.prog}: the benchmarks are not part of the installed "
+                    "package; they run from a checkout of the connguard repository: there, "
+                    "pip install -e '.[bench]' and run connguard bench (or python -m "
+                    "benchmarks)\n")
+    if not sys.path or os.path.abspath(sys.path[0] or os.curdir) != root:
+        sys.path.insert(0, root)  # first: the benchmarks that match this connguard, no other
+    try:
+        return importlib.import_module("benchmarks.runner")
+    except ImportError as exc:
+        parser.exit(EXIT_USAGE, f"{parser.prog}: cannot import the benchmarks from {root} "
+                    f"({exc})\n")
+
+
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser whose options may come from a module loaded on first use:
+    ``fill(parser)`` runs once, when the command line names this command (help included)."""
+
+    def __init__(self, *args: Any,
+                 fill: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fill = fill
+
+    def parse_known_args(self, args: Optional[Iterable[str]] = None,
+                         namespace: Any = None) -> Tuple[Any, List[str]]:
+        fill, self._fill = self._fill, None
+        if fill is not None:
+            fill(self)
+        return super().parse_known_args(args, namespace)
 
 
 def add_explain(commands: Any) -> None:

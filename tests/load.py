@@ -12,7 +12,7 @@ from typing import Callable, Deque, List, Tuple, Type
 import pymysql
 
 import connguard
-from connguard.testing import APP_USER, MariaDB
+from testsupport.servers import APP_USER, MariaDB
 
 
 @dataclass

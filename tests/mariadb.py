@@ -1,6 +1,6 @@
 """The real-MariaDB test harness, loaded as a pytest plugin (``-p tests.mariadb``).
 
-Servers come from :mod:`connguard.testing` (also used by ``connguard bench``); this module adds
+Servers come from :mod:`testsupport.servers` (also used by ``connguard bench``); this module adds
 the fixtures (``mariadb``, ``mariadb_factory``, ``mariadb_template``) and socket helpers that
 ask ``ss``, so assertions about connguard's own census do not rely on connguard.
 """
@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
-from connguard.testing import (  # noqa: F401 - re-exported for the tests
+from testsupport.servers import (  # noqa: F401 - re-exported for the tests
     APP_DATABASE,
     APP_PASSWORD,
     APP_USER,

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from connguard.testing import REDIS_INSTALL_HINT, RedisServer
+from testsupport.servers import REDIS_INSTALL_HINT, RedisServer
 
 INSTALL_HINT = REDIS_INSTALL_HINT
 

@@ -12,9 +12,9 @@ from typing import Any, Dict
 
 import pytest
 
+from benchmarks import report, runner
+from benchmarks.common import Measurement, ScenarioResult
 from connguard import cli
-from connguard.bench import report, runner
-from connguard.bench.common import Measurement, ScenarioResult
 from tests.mariadb import APP_PASSWORD, INSTALL_HINT, MariaDB
 from tests.optional import optional
 
@@ -150,9 +150,9 @@ def test_bad_dsn_is_a_usage_error(capsys: Any) -> None:
 
 def test_without_mariadbd_it_says_how_to_install(monkeypatch: Any, tmp_path: Any,
                                                   capsys: Any) -> None:
-    import connguard.testing
+    import testsupport.servers
 
-    monkeypatch.setattr(connguard.testing, "find_binary", lambda name: None)
+    monkeypatch.setattr(testsupport.servers, "find_binary", lambda name: None)
     assert cli.main(["bench", "--quick", "--out", str(tmp_path / "out")]) == 2
     assert INSTALL_HINT in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -225,18 +225,34 @@ def test_plain_and_rich_progress(capsys: Any) -> None:
     assert "checkout: ok in 0.5 s" in capsys.readouterr().err
 
 
-def test_setuptools_ships_the_benchmarks_inside_connguard_only() -> None:
+def test_setuptools_finds_the_library_only_and_the_bench_extra_is_complete() -> None:
     tomllib = optional("tomllib") if sys.version_info >= (3, 11) else optional("tomli")
     setuptools = optional("setuptools")
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         config = tomllib.load(f)
     include = config["tool"]["setuptools"]["packages"]["find"]["include"]
     found = setuptools.find_packages(where=REPO, include=include)
-    assert "connguard.bench" in found and "connguard" in found
-    assert "benchmarks" not in found and "tests" not in found  # no top-level package
+    assert "connguard" in found
+    assert all(p == "connguard" or p.startswith("connguard.") for p in found), found
     extras = config["project"]["optional-dependencies"]
     assert {"matplotlib", "rich"} <= set(extras["bench"])
     assert "connguard[bench]" in extras["dev"] and "connguard[docs]" in extras["dev"]
+
+
+def test_bench_help_shows_the_runners_options(capsys: Any) -> None:
+    # The options come from benchmarks.runner, loaded when `bench` is parsed: --help too.
+    assert cli.main(["bench", "--quick", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: connguard bench ")
+    assert all(option in out for option in ("--dsn", "--quick", "--scenario", "--out"))
+
+
+def test_the_benchmarks_are_found_beside_the_package_only(tmp_path: Any) -> None:
+    # From a wheel (tests/test_package.py runs one) `connguard bench` says it needs a checkout.
+    assert cli.checkout_root(os.path.join(REPO, "connguard")) == REPO
+    site = tmp_path / "site-packages"
+    (site / "connguard").mkdir(parents=True)  # a wheel's layout: nothing beside the package
+    assert cli.checkout_root(str(site / "connguard")) is None
 
 
 def test_a_failing_scenario_is_recorded_not_fatal(capsys: Any) -> None:
@@ -258,7 +274,7 @@ def test_a_failing_scenario_is_recorded_not_fatal(capsys: Any) -> None:
 
 
 def test_connect_attempts_are_counted_reconnects_included(mariadb: MariaDB) -> None:
-    from connguard.bench import storm
+    from benchmarks import storm
     from tests.mariadb import wait_until
 
     optional("dbutils")
@@ -278,7 +294,7 @@ def test_connect_attempts_are_counted_reconnects_included(mariadb: MariaDB) -> N
 
 
 def test_window_counts() -> None:
-    from connguard.bench import storm
+    from benchmarks import storm
 
     times = [0.0, 0.01, 0.05, 0.3, 0.31, 0.32, 0.33, 1.0]
     assert storm.peak_per_window(times) == 4
@@ -297,7 +313,7 @@ def test_window_counts() -> None:
 ])
 def test_every_ratio_reads_in_one_direction(ours: float, best: float, higher: bool,
                                              expected: str) -> None:
-    from connguard.bench.report import verdict_text
+    from benchmarks.report import verdict_text
 
     assert verdict_text(ours, best, higher) == expected
 
@@ -326,7 +342,7 @@ def test_figures_are_shown_with_sensible_precision(value: Any, shown: str) -> No
 
 
 def test_a_client_that_never_failed_has_no_failure_latency() -> None:
-    from connguard.bench.common import failure_latency
+    from benchmarks.common import failure_latency
 
     latency = failure_latency(ScenarioResult("outage: failed-call latency", "ms", False, [
         Measurement("connguard Pool", "ms", [0.0, 0.0]),

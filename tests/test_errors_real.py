@@ -266,7 +266,7 @@ def test_1203_user_connection_limit(mariadb_factory: Any) -> None:
 
 def child_host_blocked(host: str, port: int, socket_path: str, aborts: int) -> Dict[str, Any]:
     """In the namespace: interrupt ``aborts`` handshakes, then connect through connguard."""
-    from connguard.testing import ROOT_PASSWORD  # the child inherits this run's password
+    from testsupport.servers import ROOT_PASSWORD  # the child inherits this run's password
 
     admin = pymysql.connect(unix_socket=socket_path, user="root", password=ROOT_PASSWORD,
                             autocommit=True)

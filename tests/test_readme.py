@@ -20,7 +20,7 @@ from typing import Set
 
 import pytest
 
-from connguard.bench.report import validate
+from benchmarks.report import validate
 from tests.netns import REPO_ROOT
 
 README = Path(REPO_ROOT, "README.md").read_text()
@@ -98,7 +98,8 @@ def test_the_first_command_installs_and_runs_the_bench(tmp_path: Path) -> None:
     for chart in ("outage.png", "saturation.png", "census.png"):
         data = (results / chart).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, chart
-    # Installed from the clone, into the venv the command made; no benchmarks package beside.
+    # Installed from the clone (editable), into the venv the command made: `connguard bench`
+    # ran the clone's benchmarks/, which the wheel does not hold.
     python = clone / ".venv" / "bin" / "python"
     where = subprocess.run([str(python), "-c", "import connguard; print(connguard.__file__)"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True)

@@ -10,7 +10,7 @@ otherwise the sdist of the installed Django 5.2.x (or, when none is installed, o
 5.2.x, which is then installed from that sdist) is downloaded once into
 ``~/.cache/connguard/django``.
 
-Each run gets a fresh throwaway MariaDB (``connguard.testing``) with root over TCP (Django's
+Each run gets a fresh throwaway MariaDB (``testsupport.servers``) with root over TCP (Django's
 runner creates and drops ``test_*`` databases), and a settings module of its own in the work
 directory: the ``default`` and ``other`` aliases that ``tests/runtests.py`` needs, on
 ``django.db.backends.mysql`` (mysqlclient), utf8mb4. The connguard run's settings module calls
@@ -38,8 +38,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from connguard.testing import MariaDB, Template, find_binary
-
 # Run as a script, this file's directory is on sys.path, not the checkout's root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.drivers.outcomes import (  # noqa: E402
@@ -54,6 +52,7 @@ from tests.drivers.outcomes import (  # noqa: E402
 )
 from tests.drivers.pymysql_suite import pooled_connections  # noqa: E402
 from tests.drivers.sqlalchemy_suite import cache_dir, unpack  # noqa: E402
+from testsupport.servers import MariaDB, Template, find_binary  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 ALLOWLIST = Path(__file__).with_name("django_allowed.txt")

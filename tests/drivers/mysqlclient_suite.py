@@ -8,7 +8,7 @@ The suite comes from the sdist of the installed mysqlclient version (its tests m
 driver that runs): ``--src`` names an unpacked sdist or a checkout, otherwise it is
 downloaded once into ``~/.cache/connguard/mysqlclient``.
 
-Each run gets a fresh throwaway MariaDB (``connguard.testing``) provisioned the way
+Each run gets a fresh throwaway MariaDB (``testsupport.servers``) provisioned the way
 mysqlclient's CI provisions its MariaDB container (root with password ``root`` over TCP,
 database ``mysqldb_test``), and an option file like the checkout's ``tests/actions.cnf``
 pointing there. The suite reads it through ``$TESTDB`` (``tests/configdb.py`` joins it to its
@@ -37,8 +37,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from connguard.testing import MariaDB, Template
-
 # Run as a script, this file's directory is on sys.path, not the checkout's root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.drivers.connguard_install import DRIVER_ENV  # noqa: E402
@@ -57,6 +55,7 @@ from tests.drivers.pymysql_suite import (  # noqa: E402
     print_non_passing,
 )
 from tests.drivers.sqlalchemy_suite import fetch_sdist  # noqa: E402
+from testsupport.servers import MariaDB, Template  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 ALLOWLIST = Path(__file__).with_name("mysqlclient_allowed.txt")

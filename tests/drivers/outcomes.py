@@ -140,7 +140,7 @@ def run_each(args: Any, suite: str, run_suite: Callable[[Any, Any, str], RunResu
              ) -> Dict[str, RunResult]:
     """``run_suite(args, template, run)`` for each run (``args.only``, or plain then
     connguard), on throwaway servers made from one datadir template, removed after."""
-    from connguard.testing import Template
+    from testsupport.servers import Template
 
     print(f"reports and logs in {args.workdir}", flush=True)
     root = tempfile.mkdtemp(prefix="driver-suite-servers-")
@@ -209,7 +209,7 @@ def cost_verdict(plain_seconds: float, guarded_seconds: float,
 def fresh_server(template: Any, options: Dict[str, Any],
                  provision: Callable[[Any], None]) -> Iterator[Any]:
     """A provisioned server of its own per run: one run's leftovers cannot sway the other."""
-    from connguard.testing import MariaDB
+    from testsupport.servers import MariaDB
 
     server = MariaDB(template, options)
     try:

@@ -4,7 +4,7 @@
     python tests/drivers/pymysql_suite.py --src /path/to/PyMySQL [--only plain|connguard]
                                           [-k EXPR] [--timeout SECONDS] [--workdir DIR]
 
-Each run gets a fresh throwaway MariaDB (``connguard.testing``) provisioned the way PyMySQL's
+Each run gets a fresh throwaway MariaDB (``testsupport.servers``) provisioned the way PyMySQL's
 CI provisions its service container (databases test1/test2, user test2, auth_ed25519), and a
 ``databases.json`` in the checkout's ``pymysql/tests`` pointing there (restored afterwards).
 pytest runs in a subprocess with a per-test timeout, so a hang fails one test, not the run.
@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
-from connguard.testing import MariaDB, Template
-
 # Run as a script, this file's directory is on sys.path, not the checkout's root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.drivers.connguard_install import OPENED_MARK  # noqa: E402
@@ -44,6 +42,7 @@ from tests.drivers.outcomes import (  # noqa: E402
     report_runs,
     run_each,
 )
+from testsupport.servers import MariaDB, Template  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 ALLOWLIST = Path(__file__).with_name("pymysql_allowed.txt")

@@ -8,7 +8,7 @@
 The suite comes from the sdist of the installed SQLAlchemy version: ``--src`` names an
 unpacked one, otherwise it is downloaded (``pip download --no-binary :all:``) and unpacked
 into a cache directory (``$CONNGUARD_SQLA_CACHE``, default ``~/.cache/connguard/sqlalchemy``).
-Each run gets a fresh throwaway MariaDB (``connguard.testing``) provisioned as SQLAlchemy's
+Each run gets a fresh throwaway MariaDB (``testsupport.servers``) provisioned as SQLAlchemy's
 README.unittests.rst asks (database ``test`` plus schemas ``test_schema`` and
 ``test_schema_2``, utf8mb4, a user with all privileges on them) and pytest runs from the
 sdist in a subprocess with ``--dburi mysql+pymysql://...``, a per-test timeout and
@@ -42,8 +42,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from connguard.testing import MariaDB, Template
-
 # Run as a script, this file's directory is on sys.path, not the checkout's root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.drivers.outcomes import (  # noqa: E402
@@ -59,6 +57,7 @@ from tests.drivers.outcomes import (  # noqa: E402
     print_regressions,
     read_allowlist,
 )
+from testsupport.servers import MariaDB, Template  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 ALLOWLIST = Path(__file__).with_name("sqlalchemy_allowed.txt")

@@ -1,5 +1,6 @@
 """Throwaway MariaDB and Redis servers, for testing only: the test suite, the benchmarks and
-``connguard bench`` start them. The library never imports this module.
+``connguard bench`` start them. The library never imports this module, and the wheel does
+not hold it (it lives in the repository, beside ``tests/`` and ``benchmarks/``).
 
 A fresh datadir copied from a template made once by ``mariadb-install-db``, a random free TCP
 port on 127.0.0.1 plus a unix socket, server options per instance, an application account

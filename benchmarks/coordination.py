@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pymysql
 
 import connguard
-from connguard.bench.common import ScenarioResult, alternate, time_per_op
-from connguard.testing import RedisServer, free_port
+from benchmarks.common import ScenarioResult, alternate, time_per_op
+from testsupport.servers import RedisServer, free_port
 
 LOCAL = "connguard Pool"
 REDIS = "connguard Pool + Redis coordinator"
@@ -238,11 +238,11 @@ def run_all(kwargs: Dict[str, Any], quick: bool) -> List[ScenarioResult]:
     return results
 
 
-if __name__ == "__main__":  # python -m connguard.bench.coordination [--quick]
+if __name__ == "__main__":  # python -m benchmarks.coordination [--quick]
     import sys
 
-    from connguard.bench.report import write_results
-    from connguard.testing import MariaDB, Template
+    from benchmarks.report import write_results
+    from testsupport.servers import MariaDB, Template
 
     root = tempfile.mkdtemp(prefix="connguard-bench-")
     try:

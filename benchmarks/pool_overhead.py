@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, List, Tuple
 import pymysql
 
 import connguard
+from benchmarks.common import Measurement, ScenarioResult, alternate, time_per_op
 from connguard import driver
-from connguard.bench.common import Measurement, ScenarioResult, alternate, time_per_op
 
 PoolFactory = Callable[[Dict[str, Any], int], Tuple[Callable[[], Any], Callable[[], None]]]
 

@@ -17,7 +17,7 @@ own: every attempt its connect gate lets through (a call refused by the open bre
 touches the network and is not an attempt).
 
 The outage, saturation and mass-KILL scenarios stop, cap or KILL a server, so they need one
-they started (``start_server(**options)``, e.g. a :class:`connguard.testing.MariaDB`); port
+they started (``start_server(**options)``, e.g. a :class:`testsupport.servers.MariaDB`); port
 churn only needs ``pymysql.connect`` arguments.
 
 On servers a run started, every client connects with ``ssl_disabled=True``. Those servers
@@ -43,8 +43,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import pymysql
 
 import connguard
-from connguard.bench.common import Measurement, ScenarioResult, failure_latency
-from connguard.testing import wait_until
+from benchmarks.common import Measurement, ScenarioResult, failure_latency
+from testsupport.servers import wait_until
 
 PLAIN = "pymysql (connect per request)"
 QUEUEPOOL = "sqlalchemy QueuePool"

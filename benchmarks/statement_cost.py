@@ -9,7 +9,7 @@ connection from ``connguard.connect()``, alternating rounds in one run, for:
 * large ``INSERT`` statements (1 MB, 16 MB): not read past ``statements.SCAN_LIMIT`` (the
   return then pays one session reset: a round trip, not counted here).
 
-``python -m connguard.bench.statement_cost [--dsn URL] [--rounds N]`` prints the table; with no
+``python -m benchmarks.statement_cost [--dsn URL] [--rounds N]`` prints the table; with no
 DSN it starts a throwaway MariaDB (``max_allowed_packet`` 64 MB).
 """
 
@@ -88,16 +88,16 @@ def report(rows: List[Dict[str, Any]]) -> str:
 
 
 def main(argv: Any = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m connguard.bench.statement_cost")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.statement_cost")
     parser.add_argument("--dsn", help="a server of yours (mysql://user:pw@host:port/db)")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds (median)")
     args = parser.parse_args(argv)
     if args.dsn:
-        from connguard.bench.runner import kwargs_from_dsn
+        from benchmarks.runner import kwargs_from_dsn
 
         print(report(run(kwargs_from_dsn(args.dsn), args.rounds)))
         return 0
-    from connguard.bench.runner import Sandbox
+    from benchmarks.runner import Sandbox
 
     sandbox = Sandbox()
     try:

@@ -10,7 +10,7 @@
   pool with ``resource_guard=False``.
 
 ``run_all(kwargs, quick)`` returns the scenarios (kwargs: a server's ``pymysql.connect``
-arguments).  ``python -m connguard.bench.census_cost [--quick]`` runs only the census part.
+arguments).  ``python -m benchmarks.census_cost [--quick]`` runs only the census part.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import connguard
+from benchmarks.common import Measurement, ScenarioResult, alternate, time_per_op
 from connguard import driver
 from connguard.arguments import POOL_OPTIONS
-from connguard.bench.common import Measurement, ScenarioResult, alternate, time_per_op
 from connguard.census import census
 from connguard.connector import Connector
 from connguard.guard import ResourceGuard
 
-# Where the connguard package is found (a checkout, or site-packages): the child's path.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The checkout (benchmarks/ beside connguard/ and testsupport/): the child's path.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "@@CENSUS-COST@@"
 NETLINK, PROC, PSUTIL = "connguard census (netlink)", "connguard census (/proc)", \
     "psutil.net_connections"
@@ -144,7 +144,7 @@ def _run_child(total: int, established: int, rounds: int) -> Dict[str, Any]:
     spec = {"total": total, "established": established, "rounds": rounds}
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(["unshare", "-n", "--", sys.executable, "-m",
-                           "connguard.bench.census_cost", "--child"], input=json.dumps(spec),
+                           "benchmarks.census_cost", "--child"], input=json.dumps(spec),
                           capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
     for line in proc.stdout.splitlines():
         if line.startswith(MARKER):
@@ -288,7 +288,7 @@ def run_all(kwargs: Dict[str, Any], quick: bool) -> List[ScenarioResult]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m connguard.bench.census_cost")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.census_cost")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)

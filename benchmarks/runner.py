@@ -1,9 +1,9 @@
-"""One runner for every scenario: ``connguard bench`` and ``python -m connguard.bench``.
+"""One runner for every scenario: ``connguard bench`` and ``python -m benchmarks``.
 
 ``run(dsn=None, quick=False, scenarios=None, out_dir="bench-results")`` runs the scenarios of
 :data:`SCENARIOS` (all by default) against one server and writes ``results.json``,
 ``report.md`` and PNG charts into ``out_dir``. Without a DSN it starts a throwaway MariaDB
-from the ``mariadbd`` on PATH (:mod:`connguard.testing`) and stops it afterwards; the
+from the ``mariadbd`` on PATH (:mod:`testsupport.servers`) and stops it afterwards; the
 outage, saturation and mass-KILL scenarios start servers of their own from the same template,
 since they stop, cap or KILL them. With a DSN those three are skipped with a note: a
 benchmark never stops or KILLs a server it did not start.
@@ -28,8 +28,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO
 
-from connguard.bench.common import ScenarioResult
-from connguard.bench.report import results_document, summary, write_all
+from benchmarks.common import ScenarioResult
+from benchmarks.report import results_document, summary, write_all
 
 DEFAULT_OUT = "bench-results"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -68,47 +68,47 @@ class Scenario:
 
 
 def _checkout(ctx: Context) -> List[ScenarioResult]:
-    from connguard.bench import pool_overhead
+    from benchmarks import pool_overhead
 
     return [pool_overhead.checkout_return(ctx.kwargs, ctx.rounds,
                                           2000 if ctx.quick else 20000)]
 
 
 def _query(ctx: Context) -> List[ScenarioResult]:
-    from connguard.bench import pool_overhead
+    from benchmarks import pool_overhead
 
     return [pool_overhead.checkout_select_return(ctx.kwargs, ctx.rounds,
                                                  500 if ctx.quick else 5000)]
 
 
 def _connect_per_request(ctx: Context) -> List[ScenarioResult]:
-    from connguard.bench import pool_overhead
+    from benchmarks import pool_overhead
 
     return [pool_overhead.connect_per_request(ctx.kwargs, ctx.rounds,
                                               200 if ctx.quick else 2000)]
 
 
 def _cold_connect(ctx: Context) -> List[ScenarioResult]:
-    from connguard.bench import pool_overhead
+    from benchmarks import pool_overhead
 
     return [pool_overhead.cold_connect(ctx.kwargs, ctx.rounds, 12 if ctx.quick else 100)]
 
 
 def _threads(ctx: Context) -> List[ScenarioResult]:
-    from connguard.bench import pool_overhead
+    from benchmarks import pool_overhead
 
     return [pool_overhead.threaded_throughput(ctx.kwargs, ctx.rounds,
                                               640 if ctx.quick else 20000)]
 
 
 def _census(ctx: Context) -> List[ScenarioResult]:
-    from connguard.bench import census_cost
+    from benchmarks import census_cost
 
     return census_cost.run_all(ctx.kwargs, ctx.quick)
 
 
 def _sqlalchemy(ctx: Context) -> List[ScenarioResult]:
-    from connguard.bench import sqlalchemy_plugin
+    from benchmarks import sqlalchemy_plugin
 
     # Lend it this run's throwaway servers if its run_all takes them (no second template).
     extra: Dict[str, Any] = {}
@@ -119,34 +119,34 @@ def _sqlalchemy(ctx: Context) -> List[ScenarioResult]:
 
 
 def _coordination(ctx: Context) -> List[ScenarioResult]:
-    from connguard.bench import coordination
+    from benchmarks import coordination
 
     return coordination.run_all(ctx.kwargs, ctx.quick)
 
 
 def _outage(ctx: Context) -> List[ScenarioResult]:
-    from connguard.bench import storm
+    from benchmarks import storm
 
     assert ctx.start_server is not None
     return storm.outage(ctx.start_server, ctx.quick, ctx.step)
 
 
 def _saturation(ctx: Context) -> List[ScenarioResult]:
-    from connguard.bench import storm
+    from benchmarks import storm
 
     assert ctx.start_server is not None
     return storm.saturation(ctx.start_server, ctx.quick, ctx.step)
 
 
 def _mass_kill(ctx: Context) -> List[ScenarioResult]:
-    from connguard.bench import storm
+    from benchmarks import storm
 
     assert ctx.start_server is not None
     return storm.mass_kill(ctx.start_server, ctx.quick, ctx.step)
 
 
 def _port_churn(ctx: Context) -> List[ScenarioResult]:
-    from connguard.bench import storm
+    from benchmarks import storm
 
     return storm.port_churn(ctx.kwargs, ctx.quick, ctx.step, no_tls=ctx.throwaway)
 
@@ -160,7 +160,7 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in (
     Scenario("threads", "64 threads on a pool of 8", _threads),
     Scenario("census", "socket census cost vs sockets; the resource guard's overhead",
              _census),
-    Scenario("sqlalchemy", "the SQLAlchemy plugin vs pool_pre_ping (connguard/bench/"
+    Scenario("sqlalchemy", "the SQLAlchemy plugin vs pool_pre_ping (benchmarks/"
              "sqlalchemy_plugin.py)", _sqlalchemy),
     Scenario("outage", "server restart under 64 threads", _outage, own_server=True),
     Scenario("saturation", "64 threads, max_connections 16, pools allowed 64", _saturation,
@@ -168,7 +168,7 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in (
     Scenario("mass-kill", "every connection KILLed at once", _mass_kill, own_server=True),
     Scenario("port-churn", "connect per request: TIME_WAIT left behind", _port_churn),
     Scenario("coordination", "Redis lease cost; global attempt rate in an outage with 1, 4 "
-             "and 16 processes (connguard/bench/coordination.py)", _coordination),
+             "and 16 processes (benchmarks/coordination.py)", _coordination),
 )}
 SCENARIO_NAMES = tuple(SCENARIOS)
 
@@ -289,7 +289,7 @@ class Sandbox:
     """Throwaway MariaDB servers from one template; every one is destroyed by ``close()``."""
 
     def __init__(self) -> None:
-        from connguard.testing import Template
+        from testsupport.servers import Template
 
         require_mariadbd()
         self.root = tempfile.mkdtemp(prefix="connguard-bench-")
@@ -305,7 +305,7 @@ class Sandbox:
             raise
 
     def start(self, **options: Any) -> Any:
-        from connguard.testing import MariaDB
+        from testsupport.servers import MariaDB
 
         server = MariaDB(self.template, options)
         self.servers.append(server)
@@ -320,7 +320,7 @@ class Sandbox:
 
 def require_mariadbd() -> None:
     """SetupError with the install hint when there is no server binary to start."""
-    from connguard.testing import INSTALL_HINT, find_binary
+    from testsupport.servers import INSTALL_HINT, find_binary
 
     if find_binary("mariadbd") is None and find_binary("mysqld") is None:
         raise SetupError(INSTALL_HINT)
@@ -483,7 +483,7 @@ def _run_one(scenario: Scenario, ctx: Context) -> tuple:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``connguard bench`` / ``python -m connguard.bench``."""
+    """The options of ``connguard bench`` / ``python -m benchmarks``."""
     parser.add_argument("--dsn", metavar="URL", help="benchmark this server instead of a "
                         "throwaway MariaDB: mysql://user[:password]@host[:port]/db (the "
                         "password may instead come from MYSQL_PWD or --password-prompt); "
@@ -522,7 +522,7 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m connguard.bench", description="connguard's benchmarks: every scenario, "
+        prog="python -m benchmarks", description="connguard's benchmarks: every scenario, "
         "every client side by side (same as `connguard bench`).")
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv), parser)

@@ -4,7 +4,7 @@ Two claims. Its socket-level check costs a small fraction of pre_ping's round tr
 a checkout at most 0.5x the pre_ping engine's): every engine runs against the same server in
 the same run, rounds alternating between them so a noisy neighbour hurts all. And through an
 engine, the outage and saturation scenarios of issue 6 stay bounded: those run on throwaway
-servers of their own (``connguard.testing``), since they stop the server or cap it at 16
+servers of their own (``testsupport.servers``), since they stop the server or cap it at 16
 connections.
 """
 
@@ -19,10 +19,10 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
-from connguard.bench.common import Measurement, ScenarioResult, failure_latency, time_per_op
-from connguard.bench.storm import EngineClient, Load, run_for
+from benchmarks.common import Measurement, ScenarioResult, failure_latency, time_per_op
+from benchmarks.storm import EngineClient, Load, run_for
 from connguard.census import own_sockets
-from connguard.testing import MariaDB, Template, wait_until
+from testsupport.servers import MariaDB, Template, wait_until
 
 PLUGIN = "connguard plugin"
 PRE_PING = "pool_pre_ping=True"
@@ -301,7 +301,7 @@ StartServer = Callable[..., Any]
 
 def engine_saturation(start_server: StartServer, quick: bool) -> List[ScenarioResult]:
     """``start_server(**options)`` returns a started server of its own (a
-    :class:`connguard.testing.MariaDB`), destroyed here at the end."""
+    :class:`testsupport.servers.MariaDB`), destroyed here at the end."""
     clients = (PLUGIN, PRE_PING, NO_PRE_PING, EXACT)
     runs: Dict[str, List[Dict[str, float]]] = {client: [] for client in clients}
     server = start_server(max_connections=SERVER_CAP)
@@ -397,11 +397,11 @@ def run_all(kwargs_or_url: Union[str, Mapping[str, Any]], quick: bool,
 
 
 def main() -> None:
-    """``python -m connguard.bench.sqlalchemy_plugin [--quick]``: these scenarios alone, on
-    throwaway MariaDB servers (``connguard.testing``)."""
+    """``python -m benchmarks.sqlalchemy_plugin [--quick]``: these scenarios alone, on
+    throwaway MariaDB servers (``testsupport.servers``)."""
     import sys
 
-    from connguard.bench.report import write_results
+    from benchmarks.report import write_results
 
     with _server_starter() as start_server:
         server = start_server(max_connections=500)

@@ -15,8 +15,8 @@ instructions. So each scenario is measured under ``--shifts`` such layouts (0, 5
 same collisions) and the median is reported, with the range. Differences smaller than the
 range are not shown by this bench.
 
-    python -m connguard.bench.instructions [--dsn mysql://user@host:port/db] [--out DIR]
-                                           [--shifts N]
+    python -m benchmarks.instructions [--dsn mysql://user@host:port/db] [--out DIR]
+                                      [--shifts N]
 
 Without ``--dsn`` a throwaway MariaDB is started (``mariadbd`` on PATH). The password comes
 from ``MYSQL_PWD`` (never the command line). Needs ``valgrind``.
@@ -50,7 +50,7 @@ _SHIFTED_CHILD = (
     "[t.x for t in kept]\n"
     "sys.argv = ['instructions'] + sys.argv[2:]\n"
     "import runpy\n"
-    "runpy.run_module('connguard.bench.instructions', run_name='__main__', alter_sys=True)\n")
+    "runpy.run_module('benchmarks.instructions', run_name='__main__', alter_sys=True)\n")
 
 # Scenario -> (what it measures, the scenario it is compared with, the target ratio).
 SCENARIOS: Dict[str, Tuple[str, Optional[str], Optional[float]]] = {
@@ -201,7 +201,7 @@ def _from_dsn(dsn: str) -> Tuple[Dict[str, Any], str]:
 
 @contextlib.contextmanager
 def _throwaway_server() -> Iterator[Tuple[Dict[str, Any], str]]:
-    from connguard.testing import APP_PASSWORD, MariaDB, Template
+    from testsupport.servers import APP_PASSWORD, MariaDB, Template
 
     root = tempfile.mkdtemp(prefix="connguard-callgrind-server-")
     os.chmod(root, 0o755)

@@ -2,7 +2,7 @@
 
 Everything here works from the results *document* (the dict written to ``results.json``, see
 docs/bench.md), so a report and its charts can be rebuilt from a saved run:
-``python -m connguard.bench.report DIR`` rewrites ``DIR/report.md`` and the charts from
+``python -m benchmarks.report DIR`` rewrites ``DIR/report.md`` and the charts from
 ``DIR/results.json``.
 """
 
@@ -15,7 +15,7 @@ import statistics
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from connguard.bench.common import NO_FAILURES, ScenarioResult, is_connguard, machine
+from benchmarks.common import NO_FAILURES, ScenarioResult, is_connguard, machine
 
 SCHEMA_VERSION = 1
 
@@ -280,7 +280,7 @@ def _versus_best(scenario: Dict[str, Any], m: Dict[str, Any]) -> str:
 def write_results(results: Sequence[ScenarioResult], out_dir: str, server_version: str) -> str:
     """results.json, report.md and charts for ``results``; returns the Markdown. For the
     per-module ``main()`` entry points; ``connguard bench`` goes through
-    :func:`connguard.bench.runner.run`."""
+    :func:`benchmarks.runner.run`."""
     return write_all(results_document(results, server_version), out_dir)
 
 
@@ -432,7 +432,7 @@ def _census_chart(plt: Any, doc: Dict[str, Any]) -> Any:
 def main(argv: Optional[List[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m connguard.bench.report DIR  (rebuilds DIR/report.md and charts)",
+        print("usage: python -m benchmarks.report DIR  (rebuilds DIR/report.md and charts)",
               file=sys.stderr)
         return 2
     with open(os.path.join(args[0], "results.json")) as f:
