@@ -102,7 +102,8 @@ def test_the_first_command_installs_and_runs_the_bench(tmp_path: Path) -> None:
     # ran the clone's benchmarks/, which the wheel does not hold.
     python = clone / ".venv" / "bin" / "python"
     where = subprocess.run([str(python), "-c", "import connguard; print(connguard.__file__)"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True)
+                           cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                           timeout=60, check=True)
     assert where.stdout.strip().startswith(str(clone / "connguard"))
 
     # "Then `connguard doctor` checks this host": it runs and reports, exit 0 or 1 (findings).
