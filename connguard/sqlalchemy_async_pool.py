@@ -185,6 +185,9 @@ class GuardedAsyncQueuePool(GuardedQueuePool):
 
     def _do_return_conn(self, record: Any) -> None:
         record._connguard_idle_since = time.monotonic()
+        # That checkout's deadline ends with it (as in GuardedQueuePool._do_return_conn): a
+        # later one taking this record at once would read it for a reconnect in place.
+        record._connguard_deadline = None
         if self._line:
             with self._cond:
                 if self._serve_line(record):

@@ -361,8 +361,11 @@ class GuardedQueuePool(ReconnectInPlace, PoolUpkeep, GuardedPoolReport, QueuePoo
         if outage is not None:  # as the engine's driver's error, which SQLAlchemy wraps
             facts = dbapis.facts_for(self._dialect) if hasattr(self, "_dialect") else None
             return outage if facts is None else facts.own_error(outage)
+        # pool_timeout=None: only a reconnect in place times out (after 30 s, see
+        # _checkout_deadline); "%0.2f" of None is a TypeError.
+        timeout = "None" if self._timeout is None else f"{self._timeout:0.2f}"
         message = (f"QueuePool limit of size {self.size()} overflow {self.overflow()} "
-                   f"reached, connection timed out, timeout {self._timeout:0.2f}")
+                   f"reached, connection timed out, timeout {timeout}")
         refusal = self._admission.refusal_text()
         held_at = self._admission.ceiling.value
         if held_at is None and self._admission.lease_ceiling is not None:

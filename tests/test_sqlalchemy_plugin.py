@@ -966,6 +966,92 @@ def test_capacity_refusals_are_recognised_translated_raw_or_behind_the_gate() ->
     assert capacity_code(gone) is None and capacity_code(KeyboardInterrupt()) is None
 
 
+def _pool_classes() -> List[Any]:
+    """GuardedQueuePool, and its async twin where SQLAlchemy's asyncio can run."""
+    classes: List[Any] = [GuardedQueuePool]
+    try:
+        import greenlet  # noqa: F401
+
+        from connguard.sqlalchemy_async_pool import GuardedAsyncQueuePool
+    except ImportError:
+        return classes
+    return classes + [GuardedAsyncQueuePool]
+
+
+def _in_place_under_a_held_slot(pool_class: Any, timeout: Optional[float]) -> Tuple[str, float]:
+    """A record opened by a checkout that went the slow way (its deadline kept on the record)
+    is returned; 100 s later (a fake clock) another checkout takes it at once and it is due
+    for pool_recycle, while another handshake holds the only slot for a moment. Returns what
+    the second checkout got ("connected", or the error's class) and how long it took."""
+    import asyncio
+
+    from sqlalchemy.util import greenlet_spawn
+
+    clock = FakeClock()
+    pool = pool_class(FakeServer(capacity=8).connect, pool_size=1, max_overflow=0,
+                      timeout=timeout, recycle=1, connguard_clock=clock,
+                      connguard_policy=StormPolicy(max_handshakes=1))
+
+    async def body() -> Tuple[str, float]:
+        first = await greenlet_spawn(pool.connect)  # the empty pool: _wait_or_open
+        record = first._connection_record
+        await greenlet_spawn(first.close)
+        clock.now += 100  # a later borrower
+        record.starttime -= 100  # due for pool_recycle: reconnected in place on checkout
+        with pool._cond:
+            pool._opening = 1  # another connect holds the only handshake slot
+
+        def free_the_slot() -> None:
+            wait_until(lambda: pool.guard_stats()["waiting"] >= 1 or finished.is_set(), 30,
+                       message="the reconnect in place waiting for the slot")
+            if timeout is None:
+                clock.now += 31  # past the 30 s a reconnect in place waits then
+                with pool._cond:
+                    pool._slot_freed()  # wakes it, to find its time up
+                finished.wait(30)
+            with pool._cond:
+                pool._opening -= 1
+                pool._slot_freed()
+
+        finished = threading.Event()
+        freer = threading.Thread(target=free_the_slot, daemon=True)
+        freer.start()
+        began = time.monotonic()
+        try:
+            second = await greenlet_spawn(pool.connect)
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            outcome = type(exc).__name__
+        else:
+            outcome = "connected"
+            await greenlet_spawn(second.close)
+        took = time.monotonic() - began
+        finished.set()
+        freer.join(30)
+        return outcome, took
+
+    try:
+        return asyncio.run(body())
+    finally:
+        pool.dispose()
+
+
+@pytest.mark.parametrize("pool_class", _pool_classes(), ids=lambda c: c.__name__)
+def test_a_returned_record_keeps_no_deadline_of_its_last_checkout(pool_class: Any) -> None:
+    """The checkout deadline kept on the record is that checkout's only: the async pool's
+    return left it there, and a later checkout's reconnect in place (pool_recycle) behind a
+    busy handshake slot timed out at once (a deadline 70 s gone) instead of waiting."""
+    outcome, took = _in_place_under_a_held_slot(pool_class, timeout=30)
+    assert outcome == "connected", (outcome, took)
+
+
+@pytest.mark.parametrize("pool_class", _pool_classes(), ids=lambda c: c.__name__)
+def test_a_reconnect_in_place_times_out_cleanly_without_a_pool_timeout(pool_class: Any) -> None:
+    """pool_timeout=None: a reconnect in place still gives up after 30 s, with SQLAlchemy's
+    TimeoutError (formatting ``timeout None`` into its message raised a TypeError)."""
+    outcome, _ = _in_place_under_a_held_slot(pool_class, timeout=None)
+    assert outcome == "TimeoutError", outcome
+
+
 def test_guarded_pool_keeps_its_policy_across_dispose() -> None:
     policy = StormPolicy(max_handshakes=3, ceiling_probe=7.0)
     pool = GuardedQueuePool(FakeServer(4).connect, pool_size=2, connguard_policy=policy)
