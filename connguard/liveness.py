@@ -33,7 +33,9 @@ def _os_poll() -> Any:
     with a zero timeout never blocks, so a green version only costs (gevent's yields to the
     hub), and ``eventlet.monkey_patch()`` deletes ``select.poll`` altogether."""
     gevent_monkey = sys.modules.get("gevent.monkey")
-    if gevent_monkey is not None:
+    # Only if gevent patched it: a library may import gevent.monkey (to ask whether anything
+    # is patched) in an eventlet process, where get_original would read the deleted poll.
+    if gevent_monkey is not None and gevent_monkey.is_object_patched("select", "poll"):
         return gevent_monkey.get_original("select", "poll")
     poll = getattr(select, "poll", None)
     if poll is None and "eventlet.patcher" in sys.modules:

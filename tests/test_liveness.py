@@ -249,3 +249,39 @@ def test_probe_follows_a_new_socket(tcp: Pair) -> None:
         fresh_server.close()
     client.close()
     assert probe.dead(client) is True
+
+
+# -- green hubs: the OS's poll whatever was patched or imported ------------------------------
+_GREEN_CHECK = """
+import socket, sys, warnings
+warnings.simplefilter("ignore")  # eventlet's deprecation notice
+{setup}
+from connguard.liveness import Probe, peer_closed
+a, b = socket.socketpair()
+alive = not peer_closed(a) and not Probe().dead(a)
+b.close()
+print(alive and peer_closed(a) and Probe().dead(a))
+"""
+
+
+@pytest.mark.parametrize("setup", [
+    "import gevent.monkey; gevent.monkey.patch_all()",
+    "import gevent.monkey",  # imported, never patched
+    "import eventlet; eventlet.monkey_patch()",
+    # eventlet's patch with gevent.monkey imported by some library (sentry-sdk does, to ask
+    # is_object_patched): gevent's get_original read select.poll, which eventlet deleted,
+    # and importing connguard raised AttributeError.
+    "import eventlet; eventlet.monkey_patch(); import gevent.monkey",
+], ids=["gevent", "gevent-imported", "eventlet", "eventlet-and-gevent-imported"])
+def test_the_check_works_under_green_hubs(setup: str) -> None:
+    import importlib.util
+    import subprocess
+    import sys
+
+    for module in ("gevent", "eventlet"):  # not imported here: they patch
+        if module in setup and importlib.util.find_spec(module) is None:
+            pytest.skip(f"optional module {module} cannot be imported (pip install {module})")
+    out = subprocess.run([sys.executable, "-c", _GREEN_CHECK.format(setup=setup)],
+                         capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
