@@ -170,8 +170,10 @@ class Number(Rule):
             except ValueError:
                 raise ValueError(f"{name} must be {self.allowed()}, got {shown(value)}") \
                     from None
-        elif self.integer is False and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)  # typed as the policy's default is
+        elif self.integer is False and isinstance(value, int) and not isinstance(value, bool) \
+                and abs(value) <= self.maximum:
+            value = float(value)  # typed as the policy's default is (a larger int is refused
+            # by check, as an int: float() of one past 1e308 would raise OverflowError)
         return self.check(name, value)
 
     def allowed(self) -> str:

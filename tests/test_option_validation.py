@@ -34,6 +34,7 @@ REDIS = "redis://127.0.0.1:1/0"
 #: The hostile values, by the name a failure shows.
 HOSTILE: Dict[str, Any] = {
     "nan": math.nan, "+inf": math.inf, "-inf": -math.inf, "10**30": 10 ** 30,
+    "10**400": 10 ** 400,  # past a float: float(value) raises OverflowError, not ValueError
     "object()": object(), "[1]": [1], "'off'": "off", "'abc'": "abc", "None": None,
 }
 
@@ -215,8 +216,8 @@ FLAGS = ("reaper", "resource_guard", "storm_control", "invalidate_pool", "fail_f
 URL_ACCEPTED = {*{(PREFIX + name, "off") for name in FLAGS},
                 *{(PREFIX + "coordinator_key", label) for label in URL_TEXT}}
 #: Python values as keywords (None is the default there: not given).
-KWARGS = {label: HOSTILE[label] for label in ("nan", "+inf", "-inf", "10**30", "object()", "[1]",
-                                               "'abc'")}
+KWARGS = {label: HOSTILE[label] for label in ("nan", "+inf", "-inf", "10**30", "10**400",
+                                               "object()", "[1]", "'abc'")}
 KWARGS_ACCEPTED = {(PREFIX + "coordinator_key", "'abc'")}
 
 
