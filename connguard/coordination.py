@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Any, Dict, Hashable, Optional, TypeVar, Union
 
-from connguard import errors
+from connguard import errors, redaction
 from connguard.backend import (  # noqa: F401 - the backend interface, re-exported
     BACKENDS,
     BackendDown,
@@ -69,9 +69,9 @@ def summary(exc: Optional[BaseException], limit: int = 300) -> str:
 def redact_url(url: str) -> str:
     """``url`` with its password replaced by ``***``: the only form that is ever shown.
 
-    By structure (:func:`connguard.errors.redact`): the userinfo up to the last ``@`` before
-    the host (a password may hold ``@`` and ``/``), and a ``password=`` query parameter."""
-    return errors.redact(url)
+    By structure (:func:`connguard.redaction.redact_url`): the userinfo up to the URL's last
+    ``@`` (a password may hold ``@``, ``/`` and blanks), and a ``password=`` query parameter."""
+    return redaction.redact_url(url)
 
 
 # --- settings -------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from connguard.backend import BACKENDS, Coordinator
 from connguard.drivers import SEAMS
-from connguard.redaction import redact
+from connguard.redaction import redact, redact_url
 
 #: The most connections any count may name (sizes, bursts, a global budget): MySQL's and
 #: MariaDB's ``max_connections`` cannot be set above 100,000.
@@ -322,34 +322,40 @@ _ENCODE_HINT = ("percent-encode / @ : # ? [ ] in its user name and password (/ i
                 "close an IPv6 address's bracket")
 
 
+def _shown_url(url: str) -> str:
+    """A coordinator URL as a message shows it: its password masked by the URL's structure
+    (a blank in it ends a token of text, not the password), bounded."""
+    return shown(redact_url(url))
+
+
 def url_problem(url: str) -> Optional[str]:
     """What is wrong with a coordinator URL ("must ..."), or None. The URL is shown with its
     password masked, and urllib's own words never (they may quote a piece of the password:
     "Port could not be cast to integer value as 'Zq9x'")."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme not in BACKENDS:
-        return f"must be a URL with scheme {', '.join(sorted(BACKENDS))}, got {shown(url)}"
+        return f"must be a URL with scheme {', '.join(sorted(BACKENDS))}, got {_shown_url(url)}"
     try:
         parts = urlsplit(url)
     except ValueError:
-        return f"must be a URL that can be read, got {shown(url)}: {_ENCODE_HINT}"
+        return f"must be a URL that can be read, got {_shown_url(url)}: {_ENCODE_HINT}"
     try:
         port = parts.port
     except ValueError:
-        return f"must name a port in 1..65535, got {shown(url)}: {_ENCODE_HINT}"
+        return f"must name a port in 1..65535, got {_shown_url(url)}: {_ENCODE_HINT}"
     if scheme == "unix":
         if not parts.path:
-            return f"must name the socket (unix:///path/redis.sock?db=0), got {shown(url)}"
+            return f"must name the socket (unix:///path/redis.sock?db=0), got {_shown_url(url)}"
         return None
     if not parts.hostname:
-        return (f"must name the Redis host (redis://host:6379/0), got {shown(url)}: without "
+        return (f"must name the Redis host (redis://host:6379/0), got {_shown_url(url)}: without "
                 "one the client would use localhost:6379 (write redis://localhost:6379/0 if "
                 f"that is meant); {_ENCODE_HINT}")
     if port == 0:
-        return f"must name a port in 1..65535, got {shown(url)}"
+        return f"must name a port in 1..65535, got {_shown_url(url)}"
     database = parts.path.strip("/")
     if database and not database.isdigit():
-        return (f"must name the database by number (redis://host:6379/0), got {shown(url)}: "
+        return (f"must name the database by number (redis://host:6379/0), got {_shown_url(url)}: "
                 f"{_ENCODE_HINT}")
     return None
 

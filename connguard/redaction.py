@@ -90,6 +90,25 @@ def _mask_url_passwords(text: str) -> str:
     return "".join(out)
 
 
+#: A ``password=`` query parameter of a URL, its value up to the next parameter.
+_QUERY_PASSWORD = re.compile(r"(?i)([?&;][a-z_]*(?:password|passwd|pwd)=)[^&;#]*")
+
+
+def redact_url(url: str) -> str:
+    """A URL given as a value (a coordinator's) with its password masked, by the URL's own
+    structure: the userinfo's password up to the URL's last "@", and the value of a
+    ``password=`` query parameter up to the next parameter, whatever they hold. Text's
+    :func:`redact` ends a URL at the first blank, and urllib and the Redis client read
+    ``redis://app:two words@host`` with the password "two words"."""
+    head, sep, rest = url.partition("://")
+    if sep:
+        at = rest.rfind("@")
+        user, colon, _ = rest[:max(at, 0)].partition(":")
+        if at >= 0 and colon:
+            rest = f"{user}:{_MASK}{rest[at:]}"
+    return redact(_QUERY_PASSWORD.sub(rf"\1{_MASK}", head + sep + rest))
+
+
 def _last_host_at(text: str, start: int, end: int) -> int:
     """The last "@" in text[start:end]; -1 if there is none. Past a password's own "@"s and
     "/"s: masking a URL's path too hides more, never less."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from connguard import errors
+from connguard import redaction
 from connguard.backend import BackendDown, Census, Coordinator, GateVerdict
 
 # Redis < 5 needs this before a script may write after reading TIME; later it is a no-op.
@@ -167,7 +167,7 @@ class RedisCoordinator(Coordinator):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        self.address = errors.redact(url)  # as coordination.redact_url: by structure
+        self.address = redaction.redact_url(url)  # as coordination.redact_url
         super().__init__()
         self.prefix = prefix
         if client is None:

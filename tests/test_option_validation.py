@@ -193,6 +193,31 @@ def test_coordinator_urls_are_read_when_the_pool_is_made(url: str, start: str) -
     assert SECRET not in text and "Zq9x" not in text
 
 
+#: Coordinator URLs whose password holds what text's redaction stops a token at (a blank):
+#: urllib and the Redis client read them (the password is "s3cret Zq9x"), so they are accepted,
+#: and their password must not show in what the pool tells (repr, stats) nor in a message.
+BLANK_PASSWORDS = ["redis://app:s3cret Zq9x@127.0.0.1:1/0", "redis://:s3cret\tZq9x@127.0.0.1:1/0",
+                   "redis://127.0.0.1:1/0?password=s3cret Zq9x"]
+
+
+@pytest.mark.parametrize("url", BLANK_PASSWORDS)
+def test_a_password_with_a_blank_never_shows(url: str) -> None:
+    pool = _pool({"coordinator": url})
+    try:
+        shown = f"{pool!r} {pool.stats()} {pool._budget!r} {pool._coordinator!r}"
+    finally:
+        pool.close()
+    assert "s3cret" not in shown and "Zq9x" not in shown, shown
+    for bad in (url.replace("127.0.0.1:1", "127.0.0.1:99999"),  # refused: a message shows it
+                url.replace("127.0.0.1:1/0", "127.0.0.1:1/abc")):
+        with pytest.raises(ValueError) as info:
+            _pool({"coordinator": bad})
+        assert "s3cret" not in str(info.value) and "Zq9x" not in str(info.value), info.value
+    with pytest.raises(sa.exc.ArgumentError) as conflict:  # given twice, differently
+        sa.create_engine(f"{URL}&{PREFIX}coordinator={REDIS}", **{PREFIX + "coordinator": url})
+    assert "s3cret" not in str(conflict.value) and "Zq9x" not in str(conflict.value)
+
+
 def test_a_named_redis_host_is_accepted() -> None:
     for url in ("redis://localhost:6379/0", "rediss://u:pw@redis.internal/1", "redis://[::1]:6379",
                 "unix:///run/redis.sock?db=0"):
