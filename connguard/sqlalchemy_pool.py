@@ -370,10 +370,10 @@ class GuardedQueuePool(ReconnectInPlace, PoolUpkeep, GuardedPoolReport, QueuePoo
         held_at = self._admission.ceiling.value
         if held_at is None and self._admission.lease_ceiling is not None:
             held_at = self._admission.lease_ceiling.value
-        if in_place_refusal is not None:
+        if in_place_refusal is not None:  # LeaseUnavailable or CoordinatorUnavailable
+            page = getattr(in_place_refusal, "docs", "lease-unavailable")
             message += (f"; connguard: no connection lease to reconnect in place "
-                        f"({errors.summary(in_place_refusal)}; see: connguard explain "
-                        "lease-unavailable)")
+                        f"({errors.summary(in_place_refusal)}; see: connguard explain {page})")
         elif refusal is not None and held_at is not None:
             message += (f"; connguard: {refusal}, the pool holds at {held_at} (see: "
                         "connguard explain too-many-connections)")

@@ -96,13 +96,15 @@ class ReconnectInPlace(GuardedPoolState):
     def _lease_in_place(self, budget: coordination.Budget, record: Any) -> None:
         """A lease for a reconnect in place: asks again after each hint until the checkout's
         deadline (``pool_timeout``), then raises SQLAlchemy's TimeoutError naming the
-        refusal, as a checkout waiting for a lease does: no lease is a wait, not an error."""
+        refusal, as a checkout waiting for a lease does: no lease is a wait, not an error.
+        So is a coordinator down while failing closed (a checkout that needs a new
+        connection waits it out too: the pool holds connections, this record among them)."""
         deadline = self._checkout_deadline(record)
         while True:
             try:
                 budget.acquire()
                 return
-            except coordination.LeaseUnavailable as exc:
+            except (coordination.LeaseUnavailable, coordination.CoordinatorUnavailable) as exc:
                 refused = exc
             with self._cond:
                 remaining = deadline - self._clock()

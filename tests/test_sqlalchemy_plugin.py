@@ -1052,6 +1052,60 @@ def test_a_reconnect_in_place_times_out_cleanly_without_a_pool_timeout(pool_clas
     assert outcome == "TimeoutError", outcome
 
 
+class _DownBudget:
+    """A global budget whose coordinator is down, failing closed, for the next ``down`` asks
+    (what coordination.Budget.acquire raises then); every other ask is granted."""
+
+    surplus = False
+
+    def __init__(self) -> None:
+        self.down = 0
+        self.asks = 0
+
+    def acquire(self) -> None:
+        self.asks += 1
+        if self.down:
+            self.down -= 1
+            raise connguard.CoordinatorUnavailable("redis://r:6379/0", "ConnectionError", 0.05)
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def stats(self) -> Dict[str, Any]:
+        return {}
+
+
+def test_a_reconnect_in_place_waits_out_a_coordinator_failing_closed() -> None:
+    """coordinator_fail="closed" and the coordinator away: a checkout that needs a new
+    connection waits for it within pool_timeout (Admission.refused); a reconnect in place
+    (pool_recycle) did not: CoordinatorUnavailable came out of SQLAlchemy's checkout at once.
+    And when the time is up it is SQLAlchemy's TimeoutError naming the coordinator's page."""
+    budget = _DownBudget()
+    pool = GuardedQueuePool(FakeServer(capacity=8).connect, pool_size=1, max_overflow=0,
+                            timeout=5, recycle=1, connguard_budget=lambda size: budget)
+    try:
+        first = pool.connect()
+        record = first._connection_record
+        first.close()
+        record.starttime -= 100  # due for pool_recycle
+        budget.down = 2  # the next two asks find the coordinator down
+        again = pool.connect()
+        assert budget.asks == 4 and again.dbapi_connection is not None
+        again.close()
+        record.starttime -= 100
+        budget.down = 10 ** 6
+        with pytest.raises(sa.exc.TimeoutError, match="explain coordinator-unavailable"):
+            pool.connect()
+    finally:
+        pool.dispose()
+
+
 def test_guarded_pool_keeps_its_policy_across_dispose() -> None:
     policy = StormPolicy(max_handshakes=3, ceiling_probe=7.0)
     pool = GuardedQueuePool(FakeServer(4).connect, pool_size=2, connguard_policy=policy)
