@@ -84,9 +84,12 @@ def _bench_options(parser: argparse.ArgumentParser) -> None:
 
 def checkout_root(package_dir: str) -> Optional[str]:
     """The checkout that holds this connguard package, when ``benchmarks/`` sits beside it
-    (an editable install or a source tree on the path); None for an installed wheel."""
+    (an editable install or a source tree on the path); None for an installed wheel. The
+    checkout's pyproject.toml says it is one: in site-packages a ``benchmarks/`` beside the
+    package is another distribution's (some wheels ship one), never to be run."""
     root = os.path.dirname(os.path.abspath(package_dir))
-    return root if os.path.isfile(os.path.join(root, "benchmarks", "runner.py")) else None
+    marks = (os.path.join(root, "benchmarks", "runner.py"), os.path.join(root, "pyproject.toml"))
+    return root if all(os.path.isfile(mark) for mark in marks) else None
 
 
 def _bench_runner(parser: argparse.ArgumentParser) -> ModuleType:

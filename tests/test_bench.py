@@ -253,6 +253,11 @@ def test_the_benchmarks_are_found_beside_the_package_only(tmp_path: Any) -> None
     site = tmp_path / "site-packages"
     (site / "connguard").mkdir(parents=True)  # a wheel's layout: nothing beside the package
     assert cli.checkout_root(str(site / "connguard")) is None
+    # Another distribution's top-level benchmarks/ in site-packages (some wheels ship one) is
+    # not this checkout's: `connguard bench` would import and run its runner.
+    (site / "benchmarks").mkdir()
+    (site / "benchmarks" / "runner.py").write_text("raise SystemExit('not connguard')\n")
+    assert cli.checkout_root(str(site / "connguard")) is None
 
 
 def test_a_failing_scenario_is_recorded_not_fatal(capsys: Any) -> None:
