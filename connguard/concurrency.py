@@ -19,7 +19,7 @@ import sys
 import threading
 import weakref
 from types import TracebackType
-from typing import Any, Optional, Type
+from typing import TYPE_CHECKING, Any, Optional, Type
 
 
 def threading_patched() -> bool:
@@ -32,6 +32,22 @@ def threading_patched() -> bool:
 
 
 _every: weakref.WeakSet[ProcessLock] = weakref.WeakSet()
+
+
+class _OfCurrentLock:
+    """``ProcessLock.__enter__``/``__exit__``: the current lock's own (C) methods, found by the
+    ``with`` statement's lookup. A Python ``__enter__`` that acquires and returns can be
+    interrupted after the acquire, before the ``with`` body begins (a signal handler runs
+    on the way out of it): the lock would stay held for good. The lock's own ``__enter__``
+    runs no Python code after acquiring."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, lock: Optional[ProcessLock], owner: type) -> Any:
+        if lock is None:
+            return self
+        return getattr(lock.current(), self.name)
 
 
 class ProcessLock:
@@ -65,18 +81,17 @@ class ProcessLock:
             cond = self._condition = threading.Condition(lock)
         return cond
 
-    def __enter__(self) -> bool:
-        lock = self._lock
-        if threading.Lock is not self._made_with:
-            lock = self.current()
-        return bool(lock.acquire())
+    if TYPE_CHECKING:  # what the type checker sees; the objects are below
+        def __enter__(self) -> bool: ...
 
-    def __exit__(self, kind: Optional[Type[BaseException]], exc: Optional[BaseException],
-                 tb: Optional[TracebackType]) -> None:
-        self._lock.release()
+        def __exit__(self, kind: Optional[Type[BaseException]], exc: Optional[BaseException],
+                     tb: Optional[TracebackType]) -> None: ...
+    else:
+        __enter__ = _OfCurrentLock("__enter__")
+        __exit__ = _OfCurrentLock("__exit__")
 
     def acquire(self) -> bool:
-        return self.__enter__()
+        return bool(self.current().acquire())
 
     def release(self) -> None:
         self._lock.release()
