@@ -100,6 +100,45 @@ class ProcessLock:
         return f"<ProcessLock {self._lock!r}>"
 
 
+class _OfOwnLock:
+    """A condition's ``__enter__``/``__exit__``: its lock's own (C) methods (see
+    _OfCurrentLock: ``threading.Condition.__enter__`` is Python, interruptible after the
+    acquire)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, cond: Any, owner: type) -> Any:
+        if cond is None:
+            return self
+        return getattr(cond._lock, self.name)
+
+
+class Condition(threading.Condition):
+    """``threading.Condition`` over a re-entrant lock, safe from signal handlers that raise.
+
+    ``with cond:`` takes the lock through the lock's own methods, and :meth:`wait` takes the
+    lock again when an exception (a signal handler's) left ``threading.Condition.wait``
+    between its release and its re-acquire: the caller's ``with`` would otherwise release a
+    lock it does not hold, or another thread's. Make it after any monkey patch, like the
+    objects that own it."""
+
+    if not TYPE_CHECKING:
+        __enter__ = _OfOwnLock("__enter__")
+        __exit__ = _OfOwnLock("__exit__")
+
+    def __init__(self) -> None:
+        super().__init__(threading.RLock())
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        try:
+            return super().wait(timeout)
+        except BaseException:
+            if not self._is_owned():  # type: ignore[attr-defined]
+                self._lock.acquire()  # type: ignore[attr-defined]
+            raise
+
+
 def _after_fork_in_child() -> None:
     # Imported before every module that makes a ProcessLock, so this handler runs before
     # theirs: their own handlers (the reaper re-registering pools) find fresh locks.

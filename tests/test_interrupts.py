@@ -20,7 +20,6 @@ import gc
 import os
 import random
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -88,16 +87,22 @@ class Interrupter:
 
     def _unraisable(self, info: Any) -> None:
         # An interrupt that landed in a finalizer is dropped by CPython (printed, never
-        # raised): that is how Python is. So is a socket the standard library dropped when
-        # interrupted while making it (socket.create_connection closes it on OSError only):
-        # its finalizer closes it, with a ResourceWarning; the descriptor and server session
-        # counts below show that nothing stays open. A dropped connection object closes its
-        # socket without a warning (PyMySQL's __del__), so anything else is a failure.
+        # raised): that is how Python is. So is a socket or file dropped when interrupted
+        # while being made (socket.create_connection closes it on OSError only; an open()
+        # returns it into an exception): its finalizer closes it at once, with a
+        # ResourceWarning; the descriptor and server session counts at the end show that
+        # nothing stays open (a dropped connection object closes its socket without a
+        # warning: PyMySQL's __del__). Anything else is a failure.
         if isinstance(info.exc_value, (Interrupt, SoftInterrupt)):
             self.dropped["in a finalizer"] += 1
-        elif (isinstance(info.exc_value, ResourceWarning)
-              and isinstance(info.object, socket.socket)):
-            self.dropped["sockets being made"] += 1
+        elif isinstance(info.exc_value, ResourceWarning):
+            self.dropped["sockets and files being made"] += 1
+        elif (isinstance(info.exc_value, AttributeError)
+              and info.exc_value.name == "unbuffered_active"):
+            # PyMySQL's MySQLResult.__del__ reads an attribute its __init__ sets: a result
+            # whose __init__ was interrupted fails there (harmless; connguard's own results
+            # have it as a class default).
+            self.dropped["half-made PyMySQL results"] += 1
         else:
             self.unraisable.append(f"{info.exc_type.__name__}: {info.exc_value} "
                                    f"in {info.object!r}")
@@ -216,14 +221,18 @@ def pool(mariadb: MariaDB) -> Iterator[connguard.Pool]:
     p.close()
 
 
-def connect_time(server: MariaDB) -> float:
-    """The median time the pool takes to open (and close) a connection to ``server``."""
+def connect_time(opener: Callable[[], Any]) -> float:
+    """The median time ``opener`` takes to open (and close) a connection."""
     times = []
     for _ in range(10):
         began = time.perf_counter()
-        driver.open_connection(server.connect_kwargs()).close()
+        opener().close()
         times.append(time.perf_counter() - began)
     return statistics.median(times)
+
+
+def pool_connect_time(server: MariaDB) -> float:
+    return connect_time(lambda: driver.open_connection(server.connect_kwargs()))
 
 
 def test_checkout_and_return(mariadb: MariaDB, baseline: Dict[str, int],
@@ -235,7 +244,7 @@ def test_checkout_and_return(mariadb: MariaDB, baseline: Dict[str, int],
         finally:
             conn.close()
 
-    Interrupter(CYCLES).run(cycle, lambda: not pool._idle, connect_time(mariadb))
+    Interrupter(CYCLES).run(cycle, lambda: not pool._idle, pool_connect_time(mariadb))
     _assert_pool_intact(pool, mariadb, baseline)
 
 
@@ -245,5 +254,79 @@ def test_checkout_select_and_return(mariadb: MariaDB, baseline: Dict[str, int],
         with pool.connect() as conn:
             _select_one(conn)
 
-    Interrupter(CYCLES).run(cycle, lambda: not pool._idle, connect_time(mariadb))
+    Interrupter(CYCLES).run(cycle, lambda: not pool._idle, pool_connect_time(mariadb))
     _assert_pool_intact(pool, mariadb, baseline)
+
+
+def _interrupt_in(exc: BaseException) -> Any:
+    """The test's interrupt, if ``exc`` is one or came of one (cause, context, ``orig``)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, (Interrupt, SoftInterrupt)):
+            return exc
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+#: Cycles through the SQLAlchemy plugin engine: fewer than the Pool's 20,000 while it fails
+#: (below): 2,000 already leave every connection counted checked out.
+ENGINE_CYCLES = 2_000
+NO_TLS = {"ssl_disabled": True}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "#26 open: interrupts in SQLAlchemy's own checkout and checkin (pool/base.py: "
+    "_ConnectionRecord.checkout, _finalize_fairy) and GuardedQueuePool._do_get leak records: "
+    "after 2,000 cycles all 8 of pool_size are counted checked out"))
+def test_plugin_engine_connect_select(mariadb: MariaDB, baseline: Dict[str, int]) -> None:
+    # Without TLS: PyMySQL >= 1.2 builds a new TLS context for each connect (~0.1 s here),
+    # and nearly every interrupt costs the engine a connection (SQLAlchemy invalidates it).
+    engine = sqlalchemy.create_engine(
+        mariadb.url() + "?plugin=connguard", pool_size=MAX_SIZE, max_overflow=0,
+        pool_timeout=5, connect_args=NO_TLS, **{f"connguard_{k}": v for k, v in UNPACED.items()})
+    query = sqlalchemy.text("SELECT 1")
+    pool = engine.pool
+
+    def cycle() -> None:
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(query).scalar() == 1
+        except BaseException as exc:
+            # SQLAlchemy wraps an Exception raised in a statement (StatementError, the
+            # interrupt as .orig), and its own cleanup may raise in place of an interrupt
+            # that landed in it (Transaction.close's assert): with or without the plugin.
+            # What this test looks at is the pool's state, after whatever the caller got.
+            interrupt = _interrupt_in(exc)
+            if interrupt is None:
+                raise
+            raise interrupt from None
+
+    try:
+        # The dialect's connect, which the plugin calls (PyMySQL's own TLS context each time).
+        unpooled = sqlalchemy.create_engine(mariadb.url(), poolclass=sqlalchemy.pool.NullPool,
+                                            connect_args=NO_TLS)
+        opening = connect_time(unpooled.raw_connection)
+        unpooled.dispose()
+        Interrupter(ENGINE_CYCLES).run(cycle, lambda: pool.checkedin() == 0, opening)
+        gc.collect()
+        wait_until(lambda: pool.checkedout() == 0, 15,
+                   message=f"nothing checked out: {pool.status()}")
+        guarded = connguard.stats(engine)
+        print(f"engine: {pool.status()}; connguard: opening {guarded['opening']}, "
+              f"connects {guarded['connects']}, invalidated {guarded['invalidated']}")
+        assert guarded["opening"] == 0 and guarded["waiting"] == 0, guarded
+        assert pool._opening == 0, pool.status()
+        held = [engine.connect() for _ in range(MAX_SIZE)]  # all of pool_size at once
+        for conn in held:
+            assert conn.execute(query).scalar() == 1
+        for conn in held:
+            conn.close()
+        assert pool.checkedout() == 0 and pool.checkedin() == MAX_SIZE, pool.status()
+        wait_until(lambda: server_sessions(mariadb) == MAX_SIZE, 30,
+                   message=f"{MAX_SIZE} app sessions, {server_sessions(mariadb)} now")
+    finally:
+        engine.dispose()
+    wait_until(lambda: server_sessions(mariadb) == baseline["sessions"], 30,
+               message="the server's app sessions gone after dispose()")
+    assert fd_count() == baseline["fds"], "a descriptor was left open"
