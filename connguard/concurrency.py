@@ -19,7 +19,7 @@ import sys
 import threading
 import weakref
 from types import TracebackType
-from typing import Any, Optional, Type
+from typing import TYPE_CHECKING, Any, Optional, Type
 
 
 def threading_patched() -> bool:
@@ -32,6 +32,22 @@ def threading_patched() -> bool:
 
 
 _every: weakref.WeakSet[ProcessLock] = weakref.WeakSet()
+
+
+class _OfCurrentLock:
+    """``ProcessLock.__enter__``/``__exit__``: the current lock's own (C) methods, found by the
+    ``with`` statement's lookup. A Python ``__enter__`` that acquires and returns can be
+    interrupted after the acquire, before the ``with`` body begins (a signal handler runs
+    on the way out of it): the lock would stay held for good. The lock's own ``__enter__``
+    runs no Python code after acquiring."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, lock: Optional[ProcessLock], owner: type) -> Any:
+        if lock is None:
+            return self
+        return getattr(lock.current(), self.name)
 
 
 class ProcessLock:
@@ -58,31 +74,72 @@ class ProcessLock:
         return self._lock
 
     def condition(self) -> threading.Condition:
-        """A condition over :meth:`current`, made with it."""
-        lock = self.current()
+        """A condition over the lock the caller holds (taken by ``with lock:``, which re-made
+        it if ``threading`` was patched since). Never re-made here: a gunicorn gevent worker
+        patches again after the fork, and a lock re-made while held left the reaper waiting
+        on (and ``with`` releasing) a lock nobody held: "Semaphore released too many times"
+        in every patch-first worker."""
         cond = self._condition
         if cond is None:
-            cond = self._condition = threading.Condition(lock)
+            cond = self._condition = threading.Condition(self._lock)
         return cond
 
-    def __enter__(self) -> bool:
-        lock = self._lock
-        if threading.Lock is not self._made_with:
-            lock = self.current()
-        return bool(lock.acquire())
+    if TYPE_CHECKING:  # what the type checker sees; the objects are below
+        def __enter__(self) -> bool: ...
 
-    def __exit__(self, kind: Optional[Type[BaseException]], exc: Optional[BaseException],
-                 tb: Optional[TracebackType]) -> None:
-        self._lock.release()
+        def __exit__(self, kind: Optional[Type[BaseException]], exc: Optional[BaseException],
+                     tb: Optional[TracebackType]) -> None: ...
+    else:
+        __enter__ = _OfCurrentLock("__enter__")
+        __exit__ = _OfCurrentLock("__exit__")
 
     def acquire(self) -> bool:
-        return self.__enter__()
+        return bool(self.current().acquire())
 
     def release(self) -> None:
         self._lock.release()
 
     def __repr__(self) -> str:
         return f"<ProcessLock {self._lock!r}>"
+
+
+class _OfOwnLock:
+    """A condition's ``__enter__``/``__exit__``: its lock's own (C) methods (see
+    _OfCurrentLock: ``threading.Condition.__enter__`` is Python, interruptible after the
+    acquire)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, cond: Any, owner: type) -> Any:
+        if cond is None:
+            return self
+        return getattr(cond._lock, self.name)
+
+
+class Condition(threading.Condition):
+    """``threading.Condition`` over a re-entrant lock, safe from signal handlers that raise.
+
+    ``with cond:`` takes the lock through the lock's own methods, and :meth:`wait` takes the
+    lock again when an exception (a signal handler's) left ``threading.Condition.wait``
+    between its release and its re-acquire: the caller's ``with`` would otherwise release a
+    lock it does not hold, or another thread's. Make it after any monkey patch, like the
+    objects that own it."""
+
+    if not TYPE_CHECKING:
+        __enter__ = _OfOwnLock("__enter__")
+        __exit__ = _OfOwnLock("__exit__")
+
+    def __init__(self) -> None:
+        super().__init__(threading.RLock())
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        try:
+            return super().wait(timeout)
+        except BaseException:
+            if not self._is_owned():  # type: ignore[attr-defined]
+                self._lock.acquire()  # type: ignore[attr-defined]
+            raise
 
 
 def _after_fork_in_child() -> None:

@@ -109,6 +109,10 @@ class _StatusResult(pymysql.connections.MySQLResult):
     whether a returned connection needs a rollback.
     """
 
+    # PyMySQL's __del__ reads it: set here too for a result whose __init__ was interrupted
+    # before setting it (a signal handler's exception), which is then finalized at once.
+    unbuffered_active = False
+
     def _check_packet_is_eof(self, packet: Any) -> bool:
         # PyMySQL's check, plus the status flags it reads and drops. Not a wrapper around
         # super(): this runs once per row, and an extra call per row would tax every result.

@@ -40,7 +40,13 @@ from connguard.policies import (
 )
 from connguard.pool_connect import ConnectPath
 from connguard.pool_return import ReturnPath
-from connguard.pool_state import CLOSE_REASONS, Entry, Waiter, retire_reason  # noqa: F401 - re-exported
+from connguard.pool_state import (  # noqa: F401 - CLOSE_REASONS re-exported
+    CLOSE_REASONS,
+    Entry,
+    Slot,
+    Waiter,
+    retire_reason,
+)
 from connguard.pool_stats import PoolReport
 from connguard.pool_upkeep import Upkeep
 from connguard.proxy import PooledConnection
@@ -151,6 +157,13 @@ class Pool(ConnectPath, ReturnPath, Upkeep, PoolReport):
         reaper.register(self)
 
     # -- checkout --------------------------------------------------------------------------
+    # Interrupts. A signal handler that raises (Ctrl-C, Celery's soft time limit, an alarm)
+    # can strike wherever CPython runs handlers: at a function's entry, at a loop's back
+    # edge and after any call, including between a lock's ``__exit__`` and the next line.
+    # So every step that changes what the pool counts is taken inside the ``try`` whose
+    # ``except`` undoes it, and the undo looks at the state itself (is the entry idle? is
+    # the slot still reserved?) rather than trusting a flag set one call later. What a
+    # function returns is its caller's from that moment: the caller's ``try`` holds it.
     def connect(self) -> PooledConnection:
         """A live connection from the pool; waits up to ``checkout_timeout`` for one."""
         try:
@@ -178,120 +191,194 @@ class Pool(ConnectPath, ReturnPath, Upkeep, PoolReport):
             self._reclaim_lost()
         now = started = self._clock()
         while True:
-            entry = self._take_or_reserve(started)
-            if entry is None:
-                # With no time to wait (drop-in pools), the server's refusal itself.
-                entry = self._open_reserved(started + self._settings.checkout_timeout,
-                                            may_wait=self._settings.checkout_timeout > 0,
-                                            started=started)
-                if entry is not None:
-                    if "checkout" in events.wanted:
-                        self._announce(entry, "checkout", waited=self._clock() - started)
-                    return entry
-                # Refused (server full, no lease): wait in line; the ceiling now holds
-                # growth back, and past the deadline the line answers with the timeout.
-                now = self._clock()
-                continue
+            got: Any = None  # an entry or a connect slot: this caller's, until returned
             try:
-                reason = retire_reason(entry, now, self._lifetime)
+                got = self._take_or_reserve(started)
+                if got.__class__ is not Entry:  # a connect slot, reserved for this caller
+                    # With no time to wait (drop-in pools), the server's refusal itself.
+                    got = self._open_reserved(got, started + self._settings.checkout_timeout,
+                                              may_wait=self._settings.checkout_timeout > 0,
+                                              started=started)
+                    if got is not None:
+                        if "checkout" in events.wanted:
+                            self._announce(got, "checkout", waited=self._clock() - started)
+                        return got
+                    # Refused (server full, no lease): wait in line; the ceiling now holds
+                    # growth back, and past the deadline the line answers with the timeout.
+                    now = self._clock()
+                    continue
+                reason = retire_reason(got, now, self._lifetime)
                 if reason is None:
                     if self._settings.leak_threshold is None:  # _mark_checked_out, inlined
-                        entry.uses += 1
-                        entry.checked_out_at = now
+                        got.uses += 1
+                        got.checked_out_at = now
                     else:
-                        self._mark_checked_out(entry, now)
-                    if events.wanted:  # a listener's BaseException: discarded below, once
+                        self._mark_checked_out(got, now)
+                    if events.wanted:  # a listener's BaseException: given back below, once
                         events.dispatch(self._listeners, self.name, "checkout",
                                         waited=now - started)
-                    return entry
+                    return got
             except BaseException:
-                self._discard(entry, "broken")
+                if got is not None:
+                    self._checkout_interrupted(got)
                 raise
-            self._discard(entry, reason)
+            self._discard(got, reason)
             now = self._clock()
 
-    def _take_or_reserve(self, started: float) -> Optional[Entry]:
-        """Under the lock: an idle entry (now in use), or None with a connect slot reserved.
+    def _checkout_interrupted(self, got: Any) -> None:
+        """What a checkout held when it was interrupted goes back: an entry to the idle set
+        (nobody used it: no reset to do), a slot to the free ones (if still reserved)."""
+        if got.__class__ is Entry:
+            self._release(got, borrowed=False)
+        else:
+            self._free_slot(got)
 
-        Served at once only when nobody waits; otherwise in line behind the waiters, until
-        ``checkout_timeout`` after ``started``."""
-        # ``with self._lock`` rather than the Condition: same lock, without the Python-level
-        # __enter__/__exit__ of threading.Condition on the hot path.
-        with self._lock:
-            if self._closed:
-                raise errors.PoolClosed(repr(self))
-            if not self._waiters:
-                if self._idle:
-                    entry = self._idle.pop()  # most recently used: warmest, least likely dead
-                    self._in_use.add(entry)
-                    return entry
-                if self._may_open(self._clock()):
-                    self._opening += 1
-                    return None
-            return self._wait_in_line(started + self._settings.checkout_timeout, started)
-
-    def _wait_in_line(self, deadline: float, started: float) -> Optional[Entry]:
-        """Under the lock: queue up and wait to be served an entry or a slot, or time out.
-
-        Whatever happens (timeout, close, KeyboardInterrupt while waiting), an entry or slot
-        handed to this waiter is passed on, never lost."""
-        waiter = Waiter(self._lock)
-        self._waiters.append(waiter)
-        self._stats["waits"] += 1
+    def _take_or_reserve(self, started: float) -> Any:
+        """An idle entry (now in use), a reserved connect Slot, or either one after waiting
+        in line. Served at once only when nobody waits; otherwise in line behind the
+        waiters, until ``checkout_timeout`` after ``started``."""
+        entry = slot = waiter = None
         try:
-            while True:
-                self._serve_waiters()
-                if waiter.entry is not None or waiter.may_open:
-                    if waiter.entry is not None:  # served a returned connection
-                        self._metrics.waited.observe(self._clock() - started)
-                    return waiter.entry
+            # ``with self._lock`` rather than the Condition: same lock, without the
+            # Python-level __enter__/__exit__ of threading.Condition on the hot path.
+            with self._lock:
                 if self._closed:
                     raise errors.PoolClosed(repr(self))
-                now = self._clock()
-                gate = self._connector.gate
-                remaining = self._admission.time_left(
-                    deadline, now, len(self._in_use) + len(self._idle) + self._opening,
-                    self._opening, gate is not None and gate.failing)
-                if remaining is None:
-                    self._stats["timeouts"] += 1
-                    raise self._timeout_error()
-                waiter.cond.wait(self._admission.pause(remaining, now))
+                if not self._waiters:
+                    idle = self._idle
+                    if idle:
+                        entry = idle[-1]  # most recently used: warmest, least likely dead
+                        self._in_use.add(entry)  # named before it moves: see _untake
+                        idle.pop()
+                        return entry
+                    if self._may_open(self._clock()):
+                        slot = Slot()
+                        self._opening += 1
+                        slot.reserved = True
+                        return slot
+                waiter = Waiter()
+                self._waiters.append(waiter)
+                self._stats["waits"] += 1
+            return self._wait_in_line(waiter, started + self._settings.checkout_timeout,
+                                      started)
+        except BaseException:
+            if entry is not None:
+                self._untake(entry)
+            elif slot is not None:
+                self._free_slot(slot)
+            elif waiter is not None:
+                self._give_back(waiter)
+            raise
+
+    def _untake(self, entry: Entry) -> None:
+        """An interrupt landed while ``entry`` was taken from the idle set: back it goes,
+        untouched, from wherever the take got to (in both sets, or in use only)."""
+        with self._lock:
+            if entry not in self._idle:
+                self._idle.append(entry)
+            self._in_use.discard(entry)
+            self._serve_waiters()
+
+    def _free_slot(self, slot: Slot) -> None:
+        """A reserved connect slot goes unused (idempotent: see Slot)."""
+        with self._lock:
+            if slot.reserved:
+                slot.reserved = False
+                self._opening -= 1
+                self._serve_waiters()
+
+    def _wait_in_line(self, waiter: Waiter, deadline: float, started: float) -> Any:
+        """Outside the lock: ``waiter`` is in line; wait to be served an entry or a slot, or
+        time out. The wait itself holds no lock (Waiter.wait).
+
+        Whatever happens (timeout, close, an interrupt while waiting), an entry or slot
+        handed to this waiter is passed on, never lost."""
+        try:
+            while True:
+                with self._lock:
+                    self._serve_waiters()
+                    if waiter.entry is not None:  # served a returned connection
+                        self._metrics.waited.observe(self._clock() - started)
+                        return waiter.entry
+                    if waiter.reserved:  # served a connect slot
+                        return waiter
+                    if self._closed:
+                        raise errors.PoolClosed(repr(self))
+                    now = self._clock()
+                    gate = self._connector.gate
+                    remaining = self._admission.time_left(
+                        deadline, now, len(self._in_use) + len(self._idle) + self._opening,
+                        self._opening, gate is not None and gate.failing)
+                    if remaining is None:
+                        self._stats["timeouts"] += 1
+                        raise self._timeout_error()
+                    pause = self._admission.pause(remaining, now)
+                waiter.wait(pause)
         except BaseException:
             self._give_back(waiter)
             raise
 
     def _give_back(self, waiter: Waiter) -> None:
-        """Under the lock: a waiter leaves without using what it was served."""
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
-        entry, waiter.entry = waiter.entry, None
-        if entry is not None:
-            self._in_use.discard(entry)
-            if self._closed:
-                entry.broken = True  # dropped without a word: no network I/O under the lock
-                self._metrics.retired_uses += entry.uses
-                self._close_entry(entry, "pool_closed")
-            else:
-                self._idle.append(entry)
-        if waiter.may_open:
-            waiter.may_open = False
-            self._opening -= 1
-        self._serve_waiters()
+        """A waiter leaves without using what it was served (idempotent: a second call, from
+        an outer cleanup, finds nothing left to give)."""
+        with self._lock:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            entry = waiter.entry
+            if entry is not None:
+                if self._closed:
+                    entry.broken = True  # dropped without a word: no network I/O under the lock
+                    self._metrics.retired_uses += entry.uses
+                    self._in_use.discard(entry)
+                    waiter.entry = None
+                    self._close_entry(entry, "pool_closed")
+                else:
+                    if entry not in self._idle:
+                        self._idle.append(entry)
+                    self._in_use.discard(entry)
+                    waiter.entry = None
+            if waiter.reserved:
+                waiter.reserved = False
+                self._opening -= 1
+            self._serve_waiters()
 
     def _serve_waiters(self) -> None:
-        """Under the lock: hand idle entries, then connect slots, to the oldest waiters."""
-        while self._waiters and not self._closed:
-            head = self._waiters[0]
-            if self._idle:
-                head.entry = self._idle.pop()
-                self._in_use.add(head.entry)
-            elif self._may_open(self._clock()):
-                self._opening += 1
-                head.may_open = True
-            else:
-                return
-            self._waiters.popleft()
-            head.cond.notify()
+        """Under the lock: hand idle entries, then connect slots, to the oldest waiters.
+
+        A waiter owns what it was handed from the moment ``entry`` or ``reserved`` is set
+        (its _give_back returns it); an interrupt before it was woken wakes it on the way."""
+        head = None
+        try:
+            while self._waiters and not self._closed:
+                head = self._waiters[0]
+                if self._idle:
+                    entry = self._idle[-1]
+                    head.entry = entry
+                    self._in_use.add(entry)
+                    self._idle.pop()
+                elif self._may_open(self._clock()):
+                    self._opening += 1
+                    head.reserved = True
+                else:
+                    return
+                self._waiters.popleft()
+                head.wake()
+        except BaseException:
+            if head is not None and (head.entry is not None or head.reserved):
+                self._settle(head)
+            raise
+
+    def _settle(self, waiter: Waiter) -> None:
+        """Under the lock: an interrupt landed while ``waiter`` was being served; finish it
+        (out of line, its entry out of the idle set, woken)."""
+        entry = waiter.entry
+        if entry is not None:
+            self._in_use.add(entry)
+            if entry in self._idle:
+                self._idle.remove(entry)
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        waiter.wake()
 
     def _may_open(self, now: float) -> bool:
         """Under the lock: may one more connection be opened now? (see Admission)"""
@@ -331,7 +418,7 @@ class Pool(ConnectPath, ReturnPath, Upkeep, PoolReport):
             self._idle.clear()
             self._metrics.retired_uses += sum(e.uses for e in idle)
             for waiter in self._waiters:
-                waiter.cond.notify()  # each raises PoolClosed
+                waiter.wake()  # each raises PoolClosed
         for entry in idle:
             self._close_entry(entry, "pool_closed")
         if self._budget is not None:

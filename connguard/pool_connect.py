@@ -16,7 +16,7 @@ import pymysql
 from connguard import coordination, errors, events, storm
 from connguard.guard import ResourceGuard
 from connguard.hostgate import HostGate
-from connguard.pool_state import Entry, PoolState
+from connguard.pool_state import Entry, PoolState, Slot
 
 log = logging.getLogger("connguard.pool")
 
@@ -56,19 +56,24 @@ class ConnectPath(PoolState):
                                    fail=settings.fail, max_size=self._settings.max_size,
                                    clock=self._clock)
 
-    def _open_reserved(self, deadline: float = float("inf"), may_wait: bool = False,
-                       started: Optional[float] = None) -> Optional[Entry]:
-        """Open a connection in the slot reserved under the lock; the slot is freed on error.
+    def _open_reserved(self, slot: Slot, deadline: float = float("inf"),
+                       may_wait: bool = False, started: Optional[float] = None
+                       ) -> Optional[Entry]:
+        """Open a connection in ``slot``, reserved under the lock; the slot is freed on error.
 
         With a global budget the lease comes first (outside the lock, like the connect).
         ``may_wait``: return None instead of raising when the refusal means "wait" (the
         server is full, no lease: see Admission.refused). ``started``: when the caller's
-        checkout began (its wait is timed); None for the pool's own top-ups."""
+        checkout began (its wait is timed); None for the pool's own top-ups.
+
+        Whatever interrupts it, nothing is left behind: a connection not counted in yet is
+        dropped (with its lease), one counted in goes back to the idle set, and the slot is
+        freed unless the connect filled it (the caller's cleanup frees it otherwise)."""
         budget = self._budget
-        leased = counted = False
-        conn = None
-        began = self._clock()
+        leased = False
+        conn = entry = None
         try:
+            began = self._clock()
             if budget is not None:
                 budget.acquire()
                 leased = True
@@ -77,39 +82,47 @@ class ConnectPath(PoolState):
             entry = Entry(conn=conn, opened_at=now, expires_at=self._lifetime.expiry(now),
                           autocommit=self._driver.autocommit(conn), last_used=now)
             conn._cg_on_error = functools.partial(self.statement_failed, entry)
-            counted = True
-            closed, raised = self._count_opened(entry, began, now, started)
+            closed, raised = self._count_opened(entry, slot, began, now, started)
+            if closed:
+                closing, conn = conn, None  # its lease goes back here, not below
+                self._driver.close_gracefully(closing)
+                if budget is not None:
+                    leased = False
+                    budget.release()
+                    budget.close()
+                raise errors.PoolClosed(repr(self))
+            return self._hand_over(entry, began, now, started, raised)
         except BaseException as exc:
+            if entry is not None and entry in self._in_use:  # counted in: a good connection
+                if not entry.returns:  # (not given back already)
+                    self._release(entry, borrowed=False)
+                raise
             if conn is not None:
                 self._driver.drop(conn)  # interrupted after the handshake: nobody will use it
             if leased and budget is not None:
                 budget.release()
-            if counted or not self._connect_failed(exc) or not may_wait:
+            if not slot.reserved or not self._connect_failed(exc, slot) or not may_wait:
                 raise
             return None
-        if closed:
-            self._driver.close_gracefully(conn)
-            if budget is not None:
-                budget.release()
-                budget.close()
-            raise errors.PoolClosed(repr(self))
-        return self._hand_over(entry, began, now, started, raised)
 
-    def _count_opened(self, entry: Entry, began: float, now: float,
+    def _count_opened(self, entry: Entry, slot: Slot, began: float, now: float,
                       started: Optional[float]) -> Tuple[bool, bool]:
         """Under the lock: the slot's connect succeeded; count ``entry`` in (unless the pool
         closed meanwhile) and let the next waiter use the freed handshake slot. Returns
         (the pool is closed, the ceiling rose)."""
         with self._lock:
+            closed = self._closed
+            # The slot becomes the entry: no call between these steps (see Pool.connect).
             self._opening -= 1
+            slot.reserved = False
             self._stats["opened"] += 1
+            if not closed:
+                self._in_use.add(entry)
             self._metrics.connect_time.observe(now - began)
             if started is not None:  # a caller waited for this connect
                 self._metrics.waited.observe(now - started)
-            closed = self._closed
             ceiling = self._admission.ceiling.value
             if not closed:
-                self._in_use.add(entry)
                 self._admission.opened(len(self._in_use) + len(self._idle) + self._opening)
             raised = ceiling is not None and self._admission.ceiling.value != ceiling
             self._serve_waiters()
@@ -118,16 +131,11 @@ class ConnectPath(PoolState):
     def _hand_over(self, entry: Entry, began: float, now: float, started: Optional[float],
                    raised: bool) -> Entry:
         """A new entry, counted in, goes to its caller (``started``) or to the idle set (a
-        top-up); an interrupt on the way gives it back, discarded."""
-        try:
-            if started is None:  # the pool's own top-up: not a caller's checkout
-                entry.checked_out_at = now
-            else:
-                self._mark_checked_out(entry, now)
-        except BaseException:
-            entry.broken = True
-            self._release(entry, borrowed=started is not None)
-            raise
+        top-up). An interrupt on the way is _open_reserved's to clean up."""
+        if started is None:  # the pool's own top-up: not a caller's checkout
+            entry.checked_out_at = now
+        else:
+            self._mark_checked_out(entry, now)
         if events.active:
             self._announce(entry, "connect", seconds=now - began)
             if raised:
@@ -136,20 +144,19 @@ class ConnectPath(PoolState):
 
     def _announce(self, entry: Entry, name: str, **details: Any) -> None:
         """An event about ``entry``, checked out to the caller: a listener's BaseException
-        (a timeout of gevent's, SystemExit) gives the entry back before it propagates."""
-        try:
-            events.dispatch(self._listeners, self.name, name, **details)
-        except BaseException:
-            self._release(entry, borrowed=False)
-            raise
+        (a timeout of gevent's, SystemExit) is the caller's to clean up (it gives the
+        entry back, once)."""
+        events.dispatch(self._listeners, self.name, name, **details)
 
-    def _connect_failed(self, exc: BaseException) -> bool:
+    def _connect_failed(self, exc: BaseException, slot: Slot) -> bool:
         """Free the slot of a failed connect and learn from the answer (Admission.refused);
         True when the caller should wait in line instead of getting ``exc``."""
         lease = isinstance(exc, (coordination.LeaseUnavailable,
                                  coordination.CoordinatorUnavailable))
         with self._lock:
-            self._opening -= 1
+            if slot.reserved:
+                slot.reserved = False
+                self._opening -= 1
             wait, news = self._admission.refused(
                 exc, len(self._in_use) + len(self._idle) + self._opening, self._clock())
             if wait:

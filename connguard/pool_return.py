@@ -33,64 +33,77 @@ class ReturnPath(PoolState):
         ``borrowed=False``: the pool's own use (a top-up, a server query), not a caller's:
         no hold time, no checkin event.
 
-        Accounting stays exact whatever happens in the reset: an interrupt there (Ctrl-C,
-        SystemExit, an async exception) discards the connection and is then re-raised.
+        Accounting stays exact whatever happens: an interrupt in the reset (Ctrl-C,
+        SystemExit, an async exception, a signal handler's exception) discards the
+        connection and is then re-raised; one anywhere else finishes the return first
+        (_finish_release). ``entry.returns`` counts the returns taken: a caller interrupted
+        before this began sees it unchanged and calls again (PooledConnection.close).
 
         One function on purpose: every return runs it, and a call more costs ~1% of a
-        checkout+return (connguard.bench.instructions)."""
+        checkout+return (benchmarks.instructions)."""
         interrupted: Optional[BaseException] = None
-        clean = self._clean_return
-        if entry.lease is not None:  # a close() interrupted before it ended the lease
-            lease, entry.lease = entry.lease, None
-            lease.returned = True  # the old checkout's cursors must not reach the next one
+        head = None  # the waiter the entry is handed to, if any
+        keep = False
         try:
-            keep = not entry.broken and (
-                (clean is not None and clean(entry.conn, entry.autocommit))
-                or self._reset_session(entry))
-        except BaseException as exc:
-            entry.broken, keep, interrupted = True, False, exc
-        now = self._clock()
-        rebalance = False
-        held = now - entry.checked_out_at
-        with self._lock:
-            if borrowed:  # Histogram.observe, inlined: the return path runs on every checkout
-                self._metrics.held_counts[_bucket(BOUNDS, held)] += 1
-                self._metrics.held_sum += held
-            keep = keep and not self._closed and now < entry.expires_at
-            # Above max_size with nobody waiting: an overflow connection, closed. Only
-            # possible with max_overflow (0, the default, skips the count).
-            overflow = (keep and self._settings.max_overflow != 0 and not self._waiters
-                        and len(self._in_use) + len(self._idle) + self._opening
-                        > self._settings.max_size)
-            keep = keep and not overflow  # above max_size with nobody waiting: closed
-            if keep and self._budget is not None and self._budget.surplus:
-                # Another pool below its fair share waits for a lease: give this one back
-                # (closed below; the coordinator hears of it from the reaper, not from here).
-                rebalance = self._budget.take_surplus()
-                if rebalance:
-                    keep = False
-                    held = len(self._in_use) + len(self._idle) + self._opening - 1
-                    self._lease_held_at(held, now)
-            if keep:
-                entry.last_used = now
-                entry.checkout_stack = None
-                if self._waiters:
-                    head = self._waiters.popleft()  # hand-off: stays in use, for the oldest
-                    head.entry = entry
-                    head.cond.notify()
+            entry.returns += 1  # the first step, inside the try: taken back from here on
+            clean = self._clean_return
+            if entry.lease is not None:  # a close() interrupted before it ended the lease
+                lease, entry.lease = entry.lease, None
+                lease.returned = True  # the old checkout's cursors must not reach the next one
+            # The no-round-trip check first, outside the reset's try: interrupted there, the
+            # session is intact (_finish_release asks again). The reset's I/O is not.
+            keep = not entry.broken and clean is not None and clean(entry.conn, entry.autocommit)
+            if not keep and not entry.broken:
+                try:
+                    keep = self._reset_session(entry)
+                except BaseException as exc:
+                    entry.broken, keep, interrupted = True, False, exc
+            now = self._clock()
+            rebalance = False
+            held = now - entry.checked_out_at
+            with self._lock:
+                if borrowed:  # Histogram.observe, inlined: the return path runs on every checkout
+                    self._metrics.held_counts[_bucket(BOUNDS, held)] += 1
+                    self._metrics.held_sum += held
+                keep = keep and not self._closed and now < entry.expires_at
+                # Above max_size with nobody waiting: an overflow connection, closed. Only
+                # possible with max_overflow (0, the default, skips the count).
+                overflow = (keep and self._settings.max_overflow != 0 and not self._waiters
+                            and len(self._in_use) + len(self._idle) + self._opening
+                            > self._settings.max_size)
+                keep = keep and not overflow  # above max_size with nobody waiting: closed
+                if keep and self._budget is not None and self._budget.surplus:
+                    # Another pool below its fair share waits for a lease: give this one back
+                    # (closed below; the coordinator hears of it from the reaper, not here).
+                    rebalance = self._budget.take_surplus()
+                    if rebalance:
+                        keep = False
+                        held = len(self._in_use) + len(self._idle) + self._opening - 1
+                        self._lease_held_at(held, now)
+                if keep:
+                    entry.last_used = now
+                    entry.checkout_stack = None
+                    if self._waiters:
+                        head = self._waiters[0]  # hand-off: stays in use, for the oldest
+                        head.entry = entry  # the waiter's from here (see _serve_waiters)
+                        self._waiters.popleft()
+                        head.wake()
+                    else:
+                        self._idle.append(entry)  # in both sets until the next line
+                        self._in_use.discard(entry)
                 else:
+                    self._metrics.retired_uses += entry.uses  # with the removal: no dip
                     self._in_use.discard(entry)
-                    self._idle.append(entry)
-            else:
-                self._in_use.discard(entry)
-                self._metrics.retired_uses += entry.uses  # with the removal: no dip
-                self._serve_waiters()
-            closed = self._closed
-        if not keep:
-            self._close_entry(entry, "rebalanced" if rebalance else "overflow" if overflow else
-                              "broken" if entry.broken else "discarded")
-            if closed and self._budget is not None:
-                self._budget.close()  # send the release now: the reaper no longer runs
+                    self._serve_waiters()
+                closed = self._closed
+            if not keep:
+                self._close_entry(entry, "rebalanced" if rebalance else "overflow" if overflow
+                                  else "broken" if entry.broken else "discarded")
+                if closed and self._budget is not None:
+                    self._budget.close()  # send the release now: the reaper no longer runs
+        except BaseException:
+            self._finish_release(entry, head, keep)
+            raise
         if events.wanted and borrowed:  # last: the accounting is done, whatever it raises
             events.dispatch(self._listeners, self.name, "checkin", held=held)
         if interrupted is not None:
@@ -98,6 +111,39 @@ class ReturnPath(PoolState):
                 raise interrupted
             finally:
                 interrupted = None  # no frame <-> traceback cycle
+
+    def _finish_release(self, entry: Entry, head: Any, keep: bool) -> None:
+        """An interrupt landed in _release past its first step: finish the return from
+        where it got. Handed to a waiter, or parked: made whole. Still in use: parked when
+        its reset was done (``keep``), else discarded; being discarded: its socket dropped
+        (whether or not the close had begun: dropping twice is harmless)."""
+        with self._lock:
+            if head is not None and head.entry is entry:
+                if head in self._waiters:
+                    self._waiters.remove(head)
+                head.wake()
+                return
+            if entry in self._idle:
+                self._in_use.discard(entry)
+                return
+            counted = entry in self._in_use  # not yet taken out: its close has not begun
+            if counted:
+                # Its reset done, or nothing to reset (the check is pure: asked again).
+                clean = self._clean_return
+                if not self._closed and not entry.broken and (keep or (
+                        clean is not None and clean(entry.conn, entry.autocommit))):
+                    self._idle.append(entry)
+                    self._in_use.discard(entry)
+                    self._serve_waiters()
+                    return
+                self._metrics.retired_uses += entry.uses
+                self._in_use.discard(entry)
+                self._serve_waiters()
+        entry.broken = True
+        if counted:
+            self._close_entry(entry, "broken")
+        else:
+            self._driver.drop(entry.conn)
 
     def _reset_session(self, entry: Entry) -> bool:
         """Leave nothing of the borrower behind (see connguard.session and docs/pool.md);
@@ -126,27 +172,47 @@ class ReturnPath(PoolState):
         return True
 
     def _discard(self, entry: Entry, reason: str) -> None:
-        """An entry taken for checkout turned out unusable: forget it, serve a waiter, close."""
-        with self._lock:
-            self._in_use.discard(entry)
-            self._metrics.retired_uses += entry.uses
-            self._serve_waiters()
-        self._close_entry(entry, reason)
+        """An entry taken for checkout turned out unusable: forget it, serve a waiter, close.
+        Interrupted anywhere, it is still forgotten and its socket closed."""
+        try:
+            with self._lock:
+                if entry in self._in_use:
+                    self._metrics.retired_uses += entry.uses
+                    self._in_use.discard(entry)
+                self._serve_waiters()
+            self._close_entry(entry, reason)
+        except BaseException:
+            with self._lock:
+                if entry in self._in_use:
+                    self._metrics.retired_uses += entry.uses
+                    self._in_use.discard(entry)
+                    self._serve_waiters()
+            self._driver.drop(entry.conn)
+            raise
 
     def _close_entry(self, entry: Entry, reason: str) -> None:
-        with self._metrics.lock:
-            self._stats[reason] += 1
-            self._stats["closed"] += 1
-        if reason == "peer_closed" and events.active:
-            events.dispatch(self._listeners, self.name, "peer_closed")
-        gate = self._connector.gate
-        if gate is not None and reason in ("peer_closed", "broken"):
-            gate.connection_lost()  # its replacement is a reconnect: paced
-        log.debug("closing connection %s (%s)", self._driver.thread_id(entry.conn), reason)
-        if reason == "peer_closed" or entry.broken:
-            self._driver.drop(entry.conn)  # nobody is listening: no COM_QUIT
-        else:
-            self._driver.close_gracefully(entry.conn)
+        """Count the close and close the socket (without a word when the peer is gone or
+        the session broken); interrupted on the way, the socket is dropped all the same."""
+        conn = entry.conn
+        try:
+            with self._metrics.lock:
+                self._stats[reason] += 1
+                self._stats["closed"] += 1
+            if reason == "peer_closed" and events.active:
+                events.dispatch(self._listeners, self.name, "peer_closed")
+            gate = self._connector.gate
+            if gate is not None and reason in ("peer_closed", "broken"):
+                gate.connection_lost()  # its replacement is a reconnect: paced
+            log.debug("closing connection %s (%s)", self._driver.thread_id(conn), reason)
+            if reason == "peer_closed" or entry.broken:
+                self._driver.drop(conn)  # nobody is listening: no COM_QUIT
+            else:
+                self._driver.close_gracefully(conn)
+        except BaseException:
+            self._driver.drop(conn)
+            if self._budget is not None:
+                self._budget.release()
+            raise
         if self._budget is not None:
             self._budget.release()  # counted now; the coordinator hears at the next refresh
 
@@ -180,15 +246,24 @@ class ReturnPath(PoolState):
 
     def _reclaim_lost(self) -> None:
         while self._lost:
+            entry = None
             try:
-                entry = self._lost.popleft()
-            except IndexError:
-                return
-            log.warning("a pooled connection was garbage collected without close(); "
-                        "closing it (call close() or use `with`)")
-            entry.broken = True  # its session state is unknown: do not reuse it
-            self._release(entry)
-            self._stats["lost"] += 1
+                with self._lock:  # one reclaimer at a time: the entry named is the one taken
+                    if not self._lost:
+                        return
+                    entry = self._lost[0]
+                    returns = entry.returns
+                    self._lost.popleft()
+                log.warning("a pooled connection was garbage collected without close(); "
+                            "closing it (call close() or use `with`)")
+                entry.broken = True  # its session state is unknown: do not reuse it
+                self._stats["lost"] += 1
+                self._release(entry)
+            except BaseException:
+                if entry is not None and entry not in self._lost and entry.returns == returns:
+                    entry.broken = True
+                    self._release(entry)
+                raise
 
     def statement_failed(self, entry: Entry, exc: BaseException) -> BaseException:
         """What a borrower sees when a statement on ``entry`` failed: ``exc`` translated;
@@ -206,16 +281,31 @@ class ReturnPath(PoolState):
     def _server_facts(self) -> Dict[str, Any]:
         """max_connections and Threads_connected, asked through an idle pooled connection
         (never a new one: the server is refusing those). Empty when none is idle."""
-        with self._lock:
-            entry = self._idle.pop() if self._idle else None
-            if entry is not None:
-                # Out of the idle queue while in use here: the reaper cannot take it. Not a
-                # caller's checkout: entry.uses (the checkout count) stays.
-                self._in_use.add(entry)
-        if entry is None:
-            return dict(self._server_limits)  # read at the first connect: better than nothing
-        facts = {**self._server_limits, **self._driver.server_capacity(entry.conn, timeout=1.0)}
-        if not facts:
-            entry.broken = True
-        self._release(entry, borrowed=False)
-        return facts
+        entry = None
+        returns = 0
+        try:
+            with self._lock:
+                if self._idle:
+                    # Out of the idle queue while in use here: the reaper cannot take it. Not
+                    # a caller's checkout: entry.uses (the checkout count) stays.
+                    entry = self._idle[-1]
+                    returns = entry.returns
+                    self._in_use.add(entry)
+                    self._idle.pop()
+            if entry is None:
+                return dict(self._server_limits)  # read at the first connect: better than nothing
+            facts = {**self._server_limits,
+                     **self._driver.server_capacity(entry.conn, timeout=1.0)}
+            if not facts:
+                entry.broken = True
+            self._release(entry, borrowed=False)
+            return facts
+        except BaseException:
+            if entry is not None and entry.returns == returns:  # not given back yet
+                with self._lock:
+                    self._in_use.add(entry)
+                    if entry in self._idle:
+                        self._idle.remove(entry)
+                entry.broken = True  # a query of ours may be half read
+                self._release(entry, borrowed=False)
+            raise

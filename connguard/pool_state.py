@@ -53,22 +53,54 @@ class Entry:
     broken: bool = False
     probe: Probe = dataclasses.field(default_factory=Probe)
     lease: Optional[Lease] = None  # the current checkout, once it made a cursor
+    #: How many times the return path took it back: a caller whose return was interrupted
+    #: before ``_release`` began sees the count unchanged and returns it again (never twice).
+    returns: int = 0
 
 
-class Waiter:
+class Slot:
+    """A connect slot reserved for one caller (counted in the pool's ``_opening``).
+
+    ``reserved`` is True while the slot is counted; freeing it (``Pool._free_slot``, or the
+    connect that fills it) sets it False under the pool's lock, so that freeing it again,
+    from whichever cleanup an interrupt reached first, is a no-op."""
+
+    __slots__ = ("reserved",)
+
+    def __init__(self) -> None:
+        self.reserved = False
+
+
+class Waiter(Slot):
     """A caller waiting for a connection, in line: the pool serves the oldest first.
 
-    The pool hands it an entry (``entry``) or a reserved connect slot (``may_open``) under
+    The pool hands it an entry (``entry``) or a reserved connect slot (``reserved``) under
     its lock, then wakes it; a waiter never takes for itself while older ones wait, so
     newcomers cannot barge past them (HikariCP's and SQLAlchemy's hand-off, FIFO).
+
+    It waits outside the pool's lock, on a lock of its own (``gate``, held until it is woken):
+    whatever interrupts the wait, the pool's lock is not held, so nothing is left half
+    released (``threading.Condition.wait`` can be left so by a signal handler that raises).
     """
 
-    __slots__ = ("cond", "entry", "may_open")
+    __slots__ = ("gate", "entry", "woken")
 
-    def __init__(self, lock: threading.Lock) -> None:
-        self.cond = threading.Condition(lock)
+    def __init__(self) -> None:
+        self.reserved = False
         self.entry: Optional[Entry] = None
-        self.may_open = False
+        self.woken = False
+        self.gate = threading.Lock()  # looked up now: gevent's once threading is patched
+        self.gate.acquire()
+
+    def wake(self) -> None:
+        """Under the pool's lock: it was served, or the pool closed (once; idempotent)."""
+        if not self.woken:
+            self.woken = True
+            self.gate.release()
+
+    def wait(self, timeout: Optional[float]) -> None:
+        """Outside the pool's lock: until woken, or ``timeout`` seconds (None: no limit)."""
+        self.gate.acquire(True, -1 if timeout is None else min(timeout, threading.TIMEOUT_MAX))
 
 
 def retire_reason(entry: Entry, now: float, lifetime: LifetimePolicy,
@@ -129,9 +161,10 @@ class PoolState:
         def _listeners(self) -> events.Listeners: ...
         def _serve_waiters(self) -> None: ...
         def _may_open(self, now: float) -> bool: ...
-        def _open_reserved(self, deadline: float = ..., may_wait: bool = ...,
+        def _open_reserved(self, slot: Slot, deadline: float = ..., may_wait: bool = ...,
                            started: Optional[float] = ...) -> Optional[Entry]: ...
         def _release(self, entry: Entry, borrowed: bool = ...) -> None: ...
+        def _free_slot(self, slot: Slot) -> None: ...
         def _close_entry(self, entry: Entry, reason: str) -> None: ...
         def _reclaim_lost(self) -> None: ...
         def _lease_held_at(self, held: int, now: float) -> None: ...

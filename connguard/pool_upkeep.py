@@ -13,7 +13,7 @@ from collections import deque
 from typing import List, Tuple
 
 from connguard import coordination, events
-from connguard.pool_state import Entry, PoolState, retire_reason
+from connguard.pool_state import Entry, PoolState, Slot, retire_reason
 from connguard.storm import Ceiling
 
 log = logging.getLogger("connguard.pool")
@@ -94,20 +94,27 @@ class Upkeep(PoolState):
 
         The connect runs on a thread of its own, bounded by ``checkout_timeout``: a slow or
         frozen server must not stall the reaper, which keeps every pool's sockets honest."""
+        slot = Slot()
         with self._lock:
             want = (not self._closed and not self._top_up_running
                     and len(self._idle) + self._opening < self._settings.min_idle
                     and not self._waiters and self._may_open(self._clock()))
             if want:
                 self._opening += 1
+                slot.reserved = True
                 self._top_up_running = True
         if want:
-            threading.Thread(target=self._top_up_one, name="connguard-min-idle",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=self._top_up_one, args=(slot,),
+                                 name="connguard-min-idle", daemon=True).start()
+            except BaseException:
+                self._top_up_running = False
+                self._free_slot(slot)
+                raise
 
-    def _top_up_one(self) -> None:
+    def _top_up_one(self, slot: Slot) -> None:
         try:
-            entry = self._open_reserved(self._clock() + self._settings.checkout_timeout)
+            entry = self._open_reserved(slot, self._clock() + self._settings.checkout_timeout)
         except (coordination.LeaseUnavailable, coordination.CoordinatorUnavailable):
             return  # no lease: the next pass asks again (the lease ceiling paces it)
         except Exception as exc:  # noqa: BLE001 - background work: log, do not die

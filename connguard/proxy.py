@@ -92,6 +92,7 @@ class PooledConnection(_ProxyBase):
         entry = self._self_entry
         if entry is None:
             raise self._self_closed_error()
+        returns = entry.returns
         self._self_entry = None
         try:  # whatever interrupts these steps (Ctrl-C), the entry goes back to the pool
             # The module's stand-in, not self._self_returned: an attribute read through the
@@ -101,8 +102,13 @@ class PooledConnection(_ProxyBase):
             if lease is not None:
                 lease.returned = True
                 entry.lease = None
-        finally:
             self._self_pool._release(entry)
+        except BaseException:
+            # Interrupted before _release took it (its first step counts the return):
+            # give it now. After that step, _release finished the return itself.
+            if entry.returns == returns:
+                self._self_pool._release(entry)
+            raise
 
     def connect(self, sock: Any = None) -> None:
         """PyMySQL reopens a closed connection object with ``connect()``; a closed handle
@@ -110,16 +116,16 @@ class PooledConnection(_ProxyBase):
         if sock is not None:
             raise pymysql.err.NotSupportedError("connect(sock) on a pooled connection")
         if self._self_entry is not None:
-            entry = self._self_entry
-            self._self_entry = None
-            try:
-                self.__wrapped__ = self._self_returned
-                _end_lease(entry)
-            finally:
-                self._self_pool._release(entry)  # PyMySQL drops the old session too
+            PooledConnection.close(self)  # PyMySQL drops the old session too
         entry = self._self_pool._checkout()
-        self.__wrapped__ = entry.conn
-        self._self_entry = entry
+        try:
+            self._self_entry = entry  # first: from here its close() or __del__ gives it back
+            self.__wrapped__ = entry.conn
+        except BaseException:
+            self._self_entry = None
+            self.__wrapped__ = self._self_returned
+            self._self_pool._release(entry)
+            raise
 
     @property
     def open(self) -> bool:
@@ -134,12 +140,12 @@ class PooledConnection(_ProxyBase):
 
     def __del__(self) -> None:
         # Forgotten without close(): hand the entry back through a lock-free queue (a
-        # finalizer may run inside any thread, even one holding the pool's lock).
+        # finalizer may run inside any thread, even one holding the pool's lock). Queued
+        # first, with no Python call before: the lease is ended when it is reclaimed.
         entry = self._self_entry
         if entry is not None:
+            self._self_pool._lost.append(entry)
             self._self_entry = None
-            _end_lease(entry)
-            self._self_pool._lost_handle(entry)
 
     def _self_fail(self, exc: BaseException) -> NoReturn:
         """Mark the server connection broken if ``exc`` is connection-level; raise it
@@ -234,13 +240,6 @@ def lease_of(entry: Optional[Entry]) -> Lease:
     if lease is None:
         lease = entry.lease = Lease()
     return lease
-
-
-def _end_lease(entry: Entry) -> None:
-    lease = entry.lease
-    if lease is not None:
-        lease.returned = True
-        entry.lease = None
 
 
 class PooledCursor:

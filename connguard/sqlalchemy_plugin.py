@@ -392,7 +392,16 @@ class EngineGuard:
         ``.orig``; returning the new exception is SQLAlchemy's chaining protocol."""
         original = ctx.original_exception
         if not (errors.is_driver_error(original) or isinstance(original, OSError)):
-            return None  # KeyboardInterrupt and friends: SQLAlchemy's own rules apply
+            # KeyboardInterrupt and friends: SQLAlchemy's own rules apply (it invalidates
+            # the connection). An Exception raised inside the driver's code (by a signal
+            # handler: Celery's soft time limit) left the connection's protocol state unknown
+            # (a command half sent, a reply half read): a disconnect too, or the close would
+            # send a rollback on it and raise that error in place of the caller's.
+            if not ctx.is_disconnect and (_raised_in_driver(ctx, original)
+                                          or _closed_under_statement(ctx)):
+                ctx.is_disconnect = True
+                ctx.invalidate_pool_on_disconnect = False  # only this connection
+            return None
         if ctx.is_disconnect and _trigger_4031(original):
             ctx.is_disconnect = False  # the one verdict of SQLAlchemy's that is wrong (MariaDB)
         disconnect = ctx.is_disconnect  # otherwise SQLAlchemy's (and its listeners') verdict
@@ -509,6 +518,32 @@ def _schema(name: str, engine: Any, counts: Dict[str, int], failures: Dict[str, 
 
 _COUNTERS = ("checkouts", "peer_closed", "reaped", "idle_evicted", "connects",
              "connect_errors", "invalidated", "disconnects", "translated")
+
+
+def _raised_in_driver(ctx: Any, exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while the DBAPI module's own code ran."""
+    dialect = ctx.dialect
+    dbapi = getattr(dialect, "loaded_dbapi", None) or getattr(dialect, "dbapi", None)
+    package = getattr(dbapi, "__name__", "").partition(".")[0]
+    if not package:
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__", "")
+        if name == package or name.startswith(package + "."):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _closed_under_statement(ctx: Any) -> bool:
+    """Whether the statement's DBAPI connection is closed now (the driver closed it)."""
+    conn = ctx.connection
+    if conn is None or conn.invalidated or conn.closed:
+        return False
+    fairy = conn.connection
+    dbapi_conn = getattr(fairy, "dbapi_connection", None) or getattr(fairy, "connection", None)
+    return dbapi_conn is not None and not getattr(dbapi_conn, "open", True)
 
 
 def _trigger_4031(exc: BaseException) -> bool:

@@ -52,6 +52,7 @@ from sqlalchemy.util import queue as sqla_queue
 from connguard import coordination, dbapis, errors
 from connguard.admission import Admission, capacity_code
 from connguard.clock import Clock
+from connguard.concurrency import Condition
 from connguard.metrics import Histogram
 from connguard.sqlalchemy_pool_inplace import ReconnectInPlace
 from connguard.sqlalchemy_pool_stats import GuardedPoolReport
@@ -92,7 +93,7 @@ class GuardedQueuePool(ReconnectInPlace, PoolUpkeep, GuardedPoolReport, QueuePoo
         # Re-entrant: the garbage collector may return a forgotten connection (SQLAlchemy's
         # finalizer calls _do_return_conn) in the very thread that holds the lock, inside any
         # allocation; with a plain lock that thread would wait on itself for ever.
-        self._cond = threading.Condition(threading.RLock())
+        self._cond = Condition()  # (interrupt-safe: connguard.concurrency)
         self._opening = 0  # connections being opened right now (in place ones included)
         self._waiting = 0  # callers looking for a record; seen outside the lock: waiting
         self._in_place_waiting = 0  # reconnects in place waiting for a handshake slot

@@ -4,10 +4,10 @@ rebalanced from the plugin's reaper pass) and a forked child's fresh start."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from connguard import coordination
+from connguard.concurrency import Condition
 from connguard.sqlalchemy_pool_state import GuardedPoolState
 from connguard.storm import Ceiling
 
@@ -59,7 +59,7 @@ class PoolUpkeep(GuardedPoolState):
 
     def connguard_after_fork(self) -> None:
         """In a forked child: new locks; the parent's leases stay the parent's."""
-        self._cond = threading.Condition(threading.RLock())
+        self._cond = Condition()  # (interrupt-safe: connguard.concurrency)
         self._local = self._new_local()
         self._opening = self._waiting = self._in_place_waiting = 0
         if self._admission.lease_ceiling is not None:

@@ -228,7 +228,9 @@ class ConnectGate(SharedHalves, GateReport):
         self.policy = policy
         self.host, self.port = host, port
         self._clock, self._sleep = clock, sleep
-        self._lock = threading.Lock()
+        # Re-entrant for its owner check: a wait interrupted by a signal handler's exception
+        # may leave the lock released, and _pause must know to take it again (see there).
+        self._lock = threading.RLock()
         self._settled = threading.Condition(self._lock)  # an attempt ended
         self._bucket = TokenBucket(policy.rate, policy.burst)
         self._reconnects = TokenBucket(policy.reconnect_rate, policy.reconnect_burst)
@@ -354,14 +356,20 @@ class ConnectGate(SharedHalves, GateReport):
         caller's own ``pause`` (an event loop's) is not woken by the end of an attempt: it
         looks again every ASYNC_POLL seconds instead."""
         sleep = self._sleep if pause is None else pause
-        if sleep is None:
-            self._settled.wait(seconds)
-            return
-        self._lock.release()
         try:
+            if sleep is None:
+                self._settled.wait(seconds)
+                return
+            self._lock.release()
             sleep(seconds if pause is None else min(seconds, ASYNC_POLL))
-        finally:
             self._lock.acquire()
+        except BaseException:
+            # A signal handler that raises can leave Condition.wait (or the sleep above)
+            # without the lock, between its release and its re-acquire: the caller's
+            # ``with`` would then release a lock it does not hold.
+            if not self._lock._is_owned():  # type: ignore[attr-defined]
+                self._lock.acquire()
+            raise
 
     def _release_probe(self) -> None:
         """Under the lock: an attempt ended without a verdict; the next waiter may probe."""
@@ -456,7 +464,7 @@ def gate_for(host: str, port: int, policy: StormPolicy, host_gate: Any = None,
 
 def _after_fork_in_child() -> None:
     for gate in _gates.values():
-        gate._lock = threading.Lock()
+        gate._lock = threading.RLock()
         gate._settled = threading.Condition(gate._lock)
         # A parent thread's probe in flight at fork time never finishes here: without this
         # the child's breaker would stay half-open, refusing every connect, for good.

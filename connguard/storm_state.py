@@ -28,7 +28,7 @@ class GateState:
         shared_refusals: int
         _clock: Clock
         _sleep: Optional[Sleep]
-        _lock: threading.Lock
+        _lock: threading.RLock  # re-entrant: see ConnectGate._pause
         _breaker: Breaker
         _failing_since: Optional[float]
         _failed_at: float
