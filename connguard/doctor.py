@@ -101,6 +101,11 @@ UNITS = {
 }
 
 
+#: The server's answers that refuse the login itself (a password may be what is missing):
+#: access denied (1045), and 1698 (a socket-auth account reached without a password).
+_LOGIN_REFUSED = frozenset({1045, 1698})
+
+
 def worst(checks: Sequence[Check]) -> str:
     """The most severe verdict among ``checks`` (green for none)."""
     return max((c.verdict for c in checks), key=VERDICTS.index, default=GREEN)
@@ -711,8 +716,9 @@ def _server(target: Target, connect: Connect) -> Tuple[Dict[str, Any], List[Chec
         answered = isinstance(translated, pymysql.err.OperationalError) and bool(
             translated.args) and isinstance(translated.args[0], int) and \
             1000 <= translated.args[0] < 2000
+        code = translated.args[0] if answered else None
         remedies = getattr(translated, "remedies", None)
-        if answered and not target.password:  # the login failed, and it had nothing to send
+        if code in _LOGIN_REFUSED and not target.password:  # refused, with nothing sent
             # (the library's remedy speaks of password=; on this command line it is these)
             text += (" — no password was given: set MYSQL_PWD, use --password-prompt, or put "
                      "it in the DSN (mysql://user:password@host)")

@@ -453,3 +453,23 @@ def test_pymysql_connect_parameters_of_an_engine_url_are_used() -> None:
         ("latin1", "/ca.pem", False)
     with pytest.raises(ValueError, match="ssl_verify_cert must be true or false"):
         doctor.parse_dsn("mysql://app@db/app?ssl_verify_cert=maybe")
+
+
+def test_an_unknown_database_of_a_passwordless_account_says_nothing_of_passwords(
+        mariadb: MariaDB) -> None:
+    """The login itself succeeded (the server answered 1049, not 1045): the note is about
+    the database, not about giving a password."""
+    user = f"cg-nopw-{os.getpid()}"
+    mariadb.query(f"CREATE USER IF NOT EXISTS '{user}'@'%'")
+    mariadb.query(f"GRANT SELECT ON *.* TO '{user}'@'%'")  # so the answer is 1049, not 1044
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "MYSQL_PWD"}
+        code, out = _cli("doctor", "--json", "--dsn",
+                         f"mysql://{user}@127.0.0.1:{mariadb.port}/no_such_db", env=env)
+        document = json.loads(out[:out.rindex("}") + 1])
+        login = {c["id"]: c for c in document["checks"]}["server.login"]
+        assert login["verdict"] == RED and code == cli.EXIT_RED
+        assert "Unknown database" in login["note"], login["note"]
+        assert "no password was given" not in login["note"], login["note"]
+    finally:
+        mariadb.query(f"DROP USER IF EXISTS '{user}'@'%'")
