@@ -95,13 +95,29 @@ OPTION_NAMES: Tuple[str, ...] = tuple(
     PREFIX + name for name in COORDINATION_OPTIONS)
 
 
+#: connguard.Pool options whose engine equivalent is SQLAlchemy's own create_engine
+#: argument: someone who knows the pool writes connguard_checkout_timeout, and the closest
+#: plugin option by spelling (connguard_idle_timeout) is not what they mean.
+SQLALCHEMY_EQUIVALENTS = {
+    "checkout_timeout": "pool_timeout", "max_lifetime": "pool_recycle",
+    "max_size": "pool_size", "max_overflow": "max_overflow", "reset": "pool_reset_on_return",
+}
+
+
 def _reject_unknown(names: List[str]) -> None:
     unknown = sorted(set(names) - set(OPTION_NAMES))
-    if unknown:
+    if not unknown:
+        return
+    theirs = [f"{name!r} is SQLAlchemy's own {SQLALCHEMY_EQUIVALENTS[name[len(PREFIX):]]}="
+              for name in unknown if name[len(PREFIX):] in SQLALCHEMY_EQUIVALENTS]
+    if theirs:  # create_engine's argument (and a URL cannot carry it)
         raise sa_exc.ArgumentError(
-            f"{unknown_names(unknown, OPTION_NAMES, 'connguard plugin option')}; the full "
-            "list: connguard.sqlalchemy_options.OPTION_NAMES (the SQLAlchemy page of the "
-            "docs has the table)")
+            f"unknown connguard plugin option: {'; '.join(theirs)} (a create_engine "
+            "argument, which the plugin keeps: pass it to create_engine)")
+    raise sa_exc.ArgumentError(
+        f"{unknown_names(unknown, OPTION_NAMES, 'connguard plugin option')}; the full "
+        "list: connguard.sqlalchemy_options.OPTION_NAMES (the SQLAlchemy page of the "
+        "docs has the table)")
 
 
 def single_value(name: str, value: Any) -> Any:

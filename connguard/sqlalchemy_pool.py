@@ -89,6 +89,13 @@ class GuardedQueuePool(ReconnectInPlace, PoolUpkeep, GuardedPoolReport, QueuePoo
                  connguard_gate: Optional[GateSource] = None,
                  connguard_clock: Clock = time.monotonic, **kw: Any) -> None:
         super().__init__(creator, **kw)
+        timeout = self._timeout
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, (int, float)) or timeout != timeout):
+            # NaN compares false with everything: every wait would end at once ("timeout
+            # nan"); plain QueuePool would wait for ever instead. Neither is meant.
+            raise sa_exc.ArgumentError(f"pool_timeout must be a number of seconds or None, "
+                                       f"got {timeout!r}")
         self._clock = connguard_clock
         # Re-entrant: the garbage collector may return a forgotten connection (SQLAlchemy's
         # finalizer calls _do_return_conn) in the very thread that holds the lock, inside any

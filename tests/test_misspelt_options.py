@@ -10,6 +10,7 @@ import pytest
 import connguard
 from connguard import arguments
 from tests.mariadb import APP_PASSWORD, MariaDB
+from tests.optional import optional
 
 
 def test_one_misspelt_name_gets_its_closest_known_one() -> None:
@@ -44,3 +45,18 @@ def test_configure_says_did_you_mean() -> None:
     with pytest.raises(TypeError, match=r"configure\(\) got unknown option 'max_sise' \(did you "
                                         r"mean 'max_size'\?\); the full list: "):
         connguard.configure(max_sise=3)
+
+
+@pytest.mark.parametrize("name, theirs", [
+    ("connguard_checkout_timeout", "pool_timeout"), ("connguard_max_lifetime", "pool_recycle"),
+    ("connguard_max_size", "pool_size"),
+])
+def test_a_pool_option_given_to_the_plugin_names_sqlalchemys_own(name: str, theirs: str) -> None:
+    """connguard.Pool's name for what create_engine already takes: the plugin says which
+    argument it is, not the plugin option closest in spelling."""
+    sa = optional("sqlalchemy")
+    with pytest.raises(sa.exc.ArgumentError) as caught:
+        sa.create_engine(f"mysql+pymysql://u@127.0.0.1:1/db?plugin=connguard&{name}=5")
+    text = str(caught.value)
+    assert f"{name!r} is SQLAlchemy's own {theirs}=" in text, text
+    assert "did you mean" not in text, text

@@ -313,3 +313,12 @@ def test_a_later_connect_with_other_values_is_checked_then_compared() -> None:
             assert str(info.value).startswith(start), str(info.value)
     finally:
         connguard.close_all()
+
+
+@pytest.mark.parametrize("value", [float("nan"), "5", True])
+def test_the_plugin_refuses_a_pool_timeout_that_is_no_number(value: Any) -> None:
+    """SQLAlchemy's own pool_timeout, read by the guarded pool: NaN made every wait end at
+    once with the plugin (plain QueuePool waits for ever)."""
+    with pytest.raises(sa.exc.ArgumentError, match="pool_timeout must be a number"):
+        sa.create_engine("mysql+pymysql://u@127.0.0.1:1/db?plugin=connguard",
+                         pool_timeout=value)
