@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
-from connguard.sqlalchemy_pool import GuardedQueuePool
+from connguard.sqlalchemy_pool import GuardedQueuePool, quiet_as_sqlalchemy
 
 __all__ = ["GuardedAsyncQueuePool"]
 
@@ -227,3 +227,6 @@ def _wake(future: asyncio.Future) -> bool:
 def _wake_later(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+quiet_as_sqlalchemy(GuardedAsyncQueuePool)

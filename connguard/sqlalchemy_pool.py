@@ -386,3 +386,16 @@ class GuardedQueuePool(ReconnectInPlace, PoolUpkeep, GuardedPoolReport, QueuePoo
             message += (f"; connguard: {refusal}, the pool holds at {held_at} (see: "
                         "connguard explain too-many-connections)")
         return sa_exc.TimeoutError(message, code="3o7r")
+
+
+def quiet_as_sqlalchemy(pool_class: type) -> None:
+    """SQLAlchemy logs a pool's life ("Pool disposed", "Pool recreating": INFO) under the
+    pool class's module and name, and sets its own loggers to WARN at import unless the
+    application set them: a QueuePool says nothing under a root logger at INFO. The guarded
+    pools' loggers get that default too (``echo_pool=True`` still shows everything)."""
+    logger = logging.getLogger(f"{pool_class.__module__}.{pool_class.__name__}")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARN)
+
+
+quiet_as_sqlalchemy(GuardedQueuePool)

@@ -1488,3 +1488,16 @@ def test_a_return_from_the_thread_holding_the_pools_lock_does_not_hang() -> None
     worker.start()
     assert returned.wait(30), "the return waited for a lock its own thread holds"
     assert pool._pool.get(False) is record
+
+
+def test_the_guarded_pool_logs_no_more_than_queuepool_under_a_root_logger_at_info(
+        mariadb: MariaDB, make_engine: EngineFactory, caplog: Any) -> None:
+    """SQLAlchemy quiets its pool loggers (WARN) unless asked (echo_pool): the guarded pool,
+    logging under its own class's name, keeps that default."""
+    with caplog.at_level(logging.INFO):  # the root logger at INFO
+        for plugin in (False, True):
+            engine = make_engine(plugin=plugin)
+            _core_query(engine)
+            engine.dispose()
+    pool_lines = [r.getMessage() for r in caplog.records if "Pool" in r.getMessage()]
+    assert pool_lines == [], pool_lines
