@@ -22,6 +22,12 @@ _bucket = bisect.bisect_left
 
 #: What driver.restore_session did -> the stats() counter it counts in ("discard" counts
 #: as the reason the connection is closed).
+#: _release's progress, for _finish_release: the lock's part not yet done (or not made
+#: whole), or done with the socket still to drop; None: nothing left to do.
+_UNSETTLED = "unsettled"
+_DROP = "drop"
+_CLOSE = "close"
+
 _RESET_COUNTERS = {"rollback": "rollbacks", "reset": "resets", "restored": "restored"}
 
 
@@ -44,6 +50,7 @@ class ReturnPath(PoolState):
         interrupted: Optional[BaseException] = None
         head = None  # the waiter the entry is handed to, if any
         keep = False
+        after: Optional[str] = _UNSETTLED  # what the lock's part left to do (_finish_release)
         try:
             entry.returns += 1  # the first step, inside the try: taken back from here on
             clean = self._clean_return
@@ -62,47 +69,52 @@ class ReturnPath(PoolState):
             rebalance = False
             held = now - entry.checked_out_at
             with self._lock:
-                if borrowed:  # Histogram.observe, inlined: the return path runs on every checkout
-                    self._metrics.held_counts[_bucket(BOUNDS, held)] += 1
-                    self._metrics.held_sum += held
-                keep = keep and not self._closed and now < entry.expires_at
-                # Above max_size with nobody waiting: an overflow connection, closed. Only
-                # possible with max_overflow (0, the default, skips the count).
-                overflow = (keep and self._settings.max_overflow != 0 and not self._waiters
-                            and len(self._in_use) + len(self._idle) + self._opening
-                            > self._settings.max_size)
-                keep = keep and not overflow  # above max_size with nobody waiting: closed
-                if keep and self._budget is not None and self._budget.surplus:
-                    # Another pool below its fair share waits for a lease: give this one back
-                    # (closed below; the coordinator hears of it from the reaper, not here).
-                    rebalance = self._budget.take_surplus()
-                    if rebalance:
-                        keep = False
-                        held = len(self._in_use) + len(self._idle) + self._opening - 1
-                        self._lease_held_at(held, now)
-                if keep:
-                    entry.last_used = now
-                    entry.checkout_stack = None
-                    if self._waiters:
-                        head = self._waiters[0]  # hand-off: stays in use, for the oldest
-                        head.entry = entry  # the waiter's from here (see _serve_waiters)
-                        self._waiters.popleft()
-                        head.wake()
+                try:  # made whole under this same hold: see _settle_release
+                    if borrowed:  # Histogram.observe, inlined: runs on every checkout
+                        self._metrics.held_counts[_bucket(BOUNDS, held)] += 1
+                        self._metrics.held_sum += held
+                    keep = keep and not self._closed and now < entry.expires_at
+                    # Above max_size with nobody waiting: an overflow connection, closed. Only
+                    # possible with max_overflow (0, the default, skips the count).
+                    overflow = (keep and self._settings.max_overflow != 0 and not self._waiters
+                                and len(self._in_use) + len(self._idle) + self._opening
+                                > self._settings.max_size)
+                    keep = keep and not overflow  # above max_size with nobody waiting: closed
+                    if keep and self._budget is not None and self._budget.surplus:
+                        # Another pool below its fair share waits for a lease: give this one back
+                        # (closed below; the coordinator hears of it from the reaper, not here).
+                        rebalance = self._budget.take_surplus()
+                        if rebalance:
+                            keep = False
+                            held = len(self._in_use) + len(self._idle) + self._opening - 1
+                            self._lease_held_at(held, now)
+                    if keep:
+                        entry.last_used = now
+                        entry.checkout_stack = None
+                        if self._waiters:
+                            head = self._waiters[0]  # hand-off: stays in use, for the oldest
+                            head.entry = entry  # the waiter's from here (see _serve_waiters)
+                            self._waiters.popleft()
+                            head.wake()
+                        else:
+                            self._idle.append(entry)  # in both sets until the next line
+                            self._in_use.discard(entry)
                     else:
-                        self._idle.append(entry)  # in both sets until the next line
+                        self._metrics.retired_uses += entry.uses  # with the removal: no dip
                         self._in_use.discard(entry)
-                else:
-                    self._metrics.retired_uses += entry.uses  # with the removal: no dip
-                    self._in_use.discard(entry)
-                    self._serve_waiters()
-                closed = self._closed
+                        self._serve_waiters()
+                    closed = self._closed
+                    after = None if keep else _DROP  # the lock's part is done
+                except BaseException:
+                    after = self._settle_release(entry, head, keep)
+                    raise
             if not keep:
                 self._close_entry(entry, "rebalanced" if rebalance else "overflow" if overflow
                                   else "broken" if entry.broken else "discarded")
                 if closed and self._budget is not None:
                     self._budget.close()  # send the release now: the reaper no longer runs
         except BaseException:
-            self._finish_release(entry, head, keep)
+            self._finish_release(entry, head, keep, after)
             raise
         if events.wanted and borrowed:  # last: the accounting is done, whatever it raises
             events.dispatch(self._listeners, self.name, "checkin", held=held)
@@ -112,38 +124,54 @@ class ReturnPath(PoolState):
             finally:
                 interrupted = None  # no frame <-> traceback cycle
 
-    def _finish_release(self, entry: Entry, head: Any, keep: bool) -> None:
+    def _finish_release(self, entry: Entry, head: Any, keep: bool,
+                        after: Optional[str] = _UNSETTLED) -> None:
         """An interrupt landed in _release past its first step: finish the return from
-        where it got. Handed to a waiter, or parked: made whole. Still in use: parked when
-        its reset was done (``keep``), else discarded; being discarded: its socket dropped
-        (whether or not the close had begun: dropping twice is harmless)."""
-        with self._lock:
-            if head is not None and head.entry is entry:
-                if head in self._waiters:
-                    self._waiters.remove(head)
-                head.wake()
-                return
-            if entry in self._idle:
-                self._in_use.discard(entry)
-                return
-            counted = entry in self._in_use  # not yet taken out: its close has not begun
-            if counted:
-                # Its reset done, or nothing to reset (the check is pure: asked again).
-                clean = self._clean_return
-                if not self._closed and not entry.broken and (keep or (
-                        clean is not None and clean(entry.conn, entry.autocommit))):
-                    self._idle.append(entry)
-                    self._in_use.discard(entry)
-                    self._serve_waiters()
-                    return
-                self._metrics.retired_uses += entry.uses
-                self._in_use.discard(entry)
-                self._serve_waiters()
+        where it got. ``after`` says what the lock's part left: _UNSETTLED (interrupted
+        before it: made whole now, see _settle_release), _DROP or _CLOSE (the socket),
+        None (nothing: parked or handed to a waiter).
+
+        Once _release's lock is released, the pool's state no longer tells this return's
+        progress: another caller may have checked the parked entry out (in use again, as
+        if never returned). So the state is read only under the hold that changed it."""
+        if after == _UNSETTLED:
+            with self._lock:
+                after = self._settle_release(entry, head, keep)
+        if after is None:
+            return
         entry.broken = True
-        if counted:
+        if after == _CLOSE:
             self._close_entry(entry, "broken")
-        else:
+        else:  # whether or not the close had begun: dropping twice is harmless
             self._driver.drop(entry.conn)
+
+    def _settle_release(self, entry: Entry, head: Any, keep: bool) -> Optional[str]:
+        """Under the lock, the same hold as the interrupted step (or before the entry was
+        ever parked): what the state says of this return is this return's own. Handed to a
+        waiter, or parked: made whole. Still in use: parked when its reset was done
+        (``keep``), else retired (_CLOSE); already retired: _DROP, its socket only."""
+        if head is not None and head.entry is entry:
+            if head in self._waiters:
+                self._waiters.remove(head)
+            head.wake()
+            return None
+        if entry in self._idle:
+            self._in_use.discard(entry)
+            return None
+        if entry not in self._in_use:  # taken out: its close has begun (or is next)
+            return _DROP
+        # Its reset done, or nothing to reset (the check is pure: asked again).
+        clean = self._clean_return
+        if not self._closed and not entry.broken and (keep or (
+                clean is not None and clean(entry.conn, entry.autocommit))):
+            self._idle.append(entry)
+            self._in_use.discard(entry)
+            self._serve_waiters()
+            return None
+        self._metrics.retired_uses += entry.uses
+        self._in_use.discard(entry)
+        self._serve_waiters()
+        return _CLOSE
 
     def _reset_session(self, entry: Entry) -> bool:
         """Leave nothing of the borrower behind (see connguard.session and docs/pool.md);

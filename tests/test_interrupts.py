@@ -22,6 +22,7 @@ import random
 import signal
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from typing import Any, Callable, Dict, Iterator, List
@@ -331,3 +332,55 @@ def test_plugin_engine_connect_select(mariadb: MariaDB, baseline: Dict[str, int]
     wait_until(lambda: server_sessions(mariadb) == baseline["sessions"], 30,
                message="the server's app sessions gone after dispose()")
     assert fd_count() == baseline["fds"], "a descriptor was left open"
+
+
+class _InterruptAfterReleaseLock:
+    """The pool's lock, which, once armed, acts as a signal handler that runs right after
+    ``_release``'s ``with self._lock:`` ends: meanwhile another caller checks out (the
+    handler's Python code lets other threads run), then the handler raises."""
+
+    def __init__(self, pool: Any) -> None:
+        self.inner = threading.Lock()
+        self.pool = pool
+        self.armed = False
+        self.taken: List[Any] = []
+
+    def acquire(self, *args: Any) -> bool:
+        return self.inner.acquire(*args)
+
+    def release(self) -> None:
+        self.inner.release()
+
+    def __enter__(self) -> bool:
+        return self.inner.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.inner.release()
+        if self.armed and exc[0] is None and sys._getframe(1).f_code.co_name == "_release":
+            self.armed = False
+            self.taken.append(self.pool.connect())  # "another thread" takes the parked entry
+            raise Interrupt
+
+
+def test_interrupt_after_park_does_not_park_a_reused_entry(mariadb: MariaDB) -> None:
+    pool = connguard.Pool(**mariadb.connect_kwargs(), max_size=2, checkout_timeout=5)
+    try:
+        lock = pool._lock = _InterruptAfterReleaseLock(pool)
+        first = pool.connect()
+        lock.armed = True
+        with pytest.raises(Interrupt):
+            first.close()
+        assert lock.taken, "the interrupt never fired"
+        (other,) = lock.taken
+        entry = other._self_entry
+        assert entry is not None
+        # `other` holds the entry now: it must be counted in use only, never idle too.
+        assert entry in pool._in_use
+        assert entry not in pool._idle, "entry held by a caller is also idle"
+        again = pool.connect()
+        assert again._self_entry is not entry, "one connection checked out twice"
+        again.close()
+        other.close()
+        assert not pool._in_use and pool._opening == 0
+    finally:
+        pool.close()
