@@ -47,6 +47,10 @@ class _OfCurrentLock:
     def __get__(self, lock: Optional[ProcessLock], owner: type) -> Any:
         if lock is None:
             return self
+        if self.name == "__exit__":
+            # Looked up right after __enter__ (both before the body): the lock __enter__
+            # took, never one re-made in between by a patch in another thread.
+            return lock._lock.__exit__
         return getattr(lock.current(), self.name)
 
 

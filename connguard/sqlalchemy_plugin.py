@@ -520,8 +520,21 @@ _COUNTERS = ("checkouts", "peer_closed", "reaped", "idle_evicted", "connects",
              "connect_errors", "invalidated", "disconnects", "translated")
 
 
+#: The drivers' functions that talk to the server (PyMySQL's and aiomysql's connection and
+#: cursor, mysqlclient's cursor around its C calls): an Exception raised while one of them
+#: ran left a command half sent or a reply half read. One raised elsewhere in the driver
+#: (a TypeError of ``query % args`` in PyMySQL's mogrify, before anything is sent) did not.
+_IO_FRAMES = frozenset({
+    "_execute_command", "_read_packet", "_read_bytes", "_write_bytes", "_read_query_result",
+    "_read_ok_packet", "_read_result_packet", "_read_rowdata_packet", "_get_descriptions",
+    "_read_load_local_packet", "init_unbuffered_query", "_finish_unbuffered_query",
+    "read", "query", "_query", "_do_query", "_do_get_result", "_fetch_row", "_post_get_result",
+    "_get_result", "next_result", "nextset", "_nextset", "fetchone", "fetchmany", "fetchall",
+})
+
+
 def _raised_in_driver(ctx: Any, exc: BaseException) -> bool:
-    """Whether ``exc`` was raised while the DBAPI module's own code ran."""
+    """Whether ``exc`` was raised while the DBAPI module's code talked to the server."""
     dialect = ctx.dialect
     dbapi = getattr(dialect, "loaded_dbapi", None) or getattr(dialect, "dbapi", None)
     package = getattr(dbapi, "__name__", "").partition(".")[0]
@@ -529,8 +542,10 @@ def _raised_in_driver(ctx: Any, exc: BaseException) -> bool:
         return False
     tb = exc.__traceback__
     while tb is not None:
-        name = tb.tb_frame.f_globals.get("__name__", "")
-        if name == package or name.startswith(package + "."):
+        frame = tb.tb_frame
+        name = frame.f_globals.get("__name__", "")
+        if (name == package or name.startswith(package + ".")) and (
+                frame.f_code.co_name in _IO_FRAMES):
             return True
         tb = tb.tb_next
     return False

@@ -1501,3 +1501,18 @@ def test_the_guarded_pool_logs_no_more_than_queuepool_under_a_root_logger_at_inf
             engine.dispose()
     pool_lines = [r.getMessage() for r in caplog.records if "Pool" in r.getMessage()]
     assert pool_lines == [], pool_lines
+
+
+def test_a_programming_error_in_the_driver_before_sending_keeps_the_connection(
+        mariadb: MariaDB, make_engine: EngineFactory) -> None:
+    """PyMySQL's escaping raises TypeError for a dict parameter before anything is sent: the
+    connection's protocol state is intact, so it is no disconnect (an interrupt mid-reply
+    is)."""
+    engine = make_engine(pool_size=1, max_overflow=0)
+    with engine.connect() as conn:
+        first = int(conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar())
+        with pytest.raises(TypeError):  # SQLAlchemy passes a non-DBAPI error on as it is
+            conn.exec_driver_sql("SELECT %s", ({"a": 1},))
+        assert not conn.invalidated
+    assert _core_query(engine) == first  # the same server session, not a reconnect
+    assert stats(engine)["disconnects"] == 0
