@@ -194,7 +194,7 @@ class Pool(ConnectPath, ReturnPath, Upkeep, PoolReport):
             got: Any = None  # an entry or a connect slot: this caller's, until returned
             try:
                 got = self._take_or_reserve(started)
-                if got.__class__ is not Entry:  # a connect slot, reserved for this caller
+                if got.conn is None:  # a connect Slot (no connection yet), for this caller
                     # With no time to wait (drop-in pools), the server's refusal itself.
                     got = self._open_reserved(got, started + self._settings.checkout_timeout,
                                               may_wait=self._settings.checkout_timeout > 0,
@@ -228,7 +228,7 @@ class Pool(ConnectPath, ReturnPath, Upkeep, PoolReport):
     def _checkout_interrupted(self, got: Any) -> None:
         """What a checkout held when it was interrupted goes back: an entry to the idle set
         (nobody used it: no reset to do), a slot to the free ones (if still reserved)."""
-        if got.__class__ is Entry:
+        if got.conn is not None:  # an entry
             self._release(got, borrowed=False)
         else:
             self._free_slot(got)
@@ -237,7 +237,7 @@ class Pool(ConnectPath, ReturnPath, Upkeep, PoolReport):
         """An idle entry (now in use), a reserved connect Slot, or either one after waiting
         in line. Served at once only when nobody waits; otherwise in line behind the
         waiters, until ``checkout_timeout`` after ``started``."""
-        entry = slot = waiter = None
+        held: Any = None  # what this call took: an entry, a slot or a place in line
         try:
             # ``with self._lock`` rather than the Condition: same lock, without the
             # Python-level __enter__/__exit__ of threading.Condition on the hot path.
@@ -247,27 +247,28 @@ class Pool(ConnectPath, ReturnPath, Upkeep, PoolReport):
                 if not self._waiters:
                     idle = self._idle
                     if idle:
-                        entry = idle[-1]  # most recently used: warmest, least likely dead
-                        self._in_use.add(entry)  # named before it moves: see _untake
+                        held = idle[-1]  # most recently used: warmest, least likely dead
+                        self._in_use.add(held)  # named before it moves: see _untake
                         idle.pop()
-                        return entry
+                        return held
                     if self._may_open(self._clock()):
-                        slot = Slot()
+                        held = Slot()
                         self._opening += 1
-                        slot.reserved = True
-                        return slot
-                waiter = Waiter()
-                self._waiters.append(waiter)
+                        held.reserved = True
+                        return held
+                held = Waiter()
+                self._waiters.append(held)
                 self._stats["waits"] += 1
-            return self._wait_in_line(waiter, started + self._settings.checkout_timeout,
+            return self._wait_in_line(held, started + self._settings.checkout_timeout,
                                       started)
         except BaseException:
-            if entry is not None:
-                self._untake(entry)
-            elif slot is not None:
-                self._free_slot(slot)
-            elif waiter is not None:
-                self._give_back(waiter)
+            if held is not None:
+                if held.conn is not None:
+                    self._untake(held)
+                elif held.__class__ is Waiter:
+                    self._give_back(held)
+                else:
+                    self._free_slot(held)
             raise
 
     def _untake(self, entry: Entry) -> None:

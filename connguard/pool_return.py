@@ -282,8 +282,9 @@ class ReturnPath(PoolState):
                     entry = self._lost[0]
                     returns = entry.returns
                     self._lost.popleft()
-                log.warning("a pooled connection was garbage collected without close(); "
-                            "closing it (call close() or use `with`)")
+                # Logged by the reaper (Upkeep.reap), never here on the caller's thread: a
+                # signal handler's exception inside logging's Handler.acquire would leave
+                # the handler's lock held, and every other thread's logging stuck behind it.
                 entry.broken = True  # its session state is unknown: do not reuse it
                 self._stats["lost"] += 1
                 self._release(entry)

@@ -66,6 +66,7 @@ class Slot:
     from whichever cleanup an interrupt reached first, is a no-op."""
 
     __slots__ = ("reserved",)
+    conn = None  # what tells it from an Entry on the checkout path (one attribute read)
 
     def __init__(self) -> None:
         self.reserved = False

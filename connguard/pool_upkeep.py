@@ -26,6 +26,7 @@ class Upkeep(PoolState):
         """Close idle connections that are dead, expired or idle too long; flag leaks."""
         if self._lost:
             self._reclaim_lost()
+        self._report_lost()
         with self._lock:
             snapshot = [(entry, entry.uses) for entry in self._idle]
         now = self._clock()
@@ -73,6 +74,16 @@ class Upkeep(PoolState):
         """Under the lock: leases given back to pools below their share; hold at ``held``."""
         if self._admission.lease_ceiling is not None:
             self._admission.lease_ceiling.hit(held, now, coordination.LEASE_PROBE_MAX)
+
+    def _report_lost(self) -> None:
+        """Warn of handles reclaimed since the last pass (by a checkout or by this thread)."""
+        with self._metrics.lock:
+            lost = self._stats["lost"] - self._stats["lost_reported"]
+            self._stats["lost_reported"] += lost
+        if lost:
+            log.warning("%s garbage collected without close(); closed (call close() or use "
+                        "`with`)", "a pooled connection was" if lost == 1
+                        else f"{lost} pooled connections were")
 
     def _report_leaks(self, now: float) -> None:
         threshold = self._settings.leak_threshold

