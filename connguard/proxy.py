@@ -117,6 +117,7 @@ class PooledConnection(_ProxyBase):
             raise pymysql.err.NotSupportedError("connect(sock) on a pooled connection")
         if self._self_entry is not None:
             PooledConnection.close(self)  # PyMySQL drops the old session too
+            self.__wrapped__ = self._self_returned  # the driver's stand-in, if no new one
         entry = self._self_pool._checkout()
         try:
             self._self_entry = entry  # first: from here its close() or __del__ gives it back

@@ -1,13 +1,14 @@
 """Checkouts and returns interrupted at random by a signal handler that raises (#26).
 
 Celery's soft time limits, ``signal.alarm`` watchdogs and Ctrl-C raise from a signal handler,
-which CPython runs between two bytecodes of whatever the main thread is doing: inside the
-pool's bookkeeping, inside a ``with lock:`` block, in a ``finally:`` cleanup, half-way through
-reading a reply. Each test runs thousands of checkout/return cycles, each with a one-shot
-``SIGALRM`` timer set to a random fraction of a cycle (``random.Random`` with a fixed seed),
-against a real MariaDB, and then asserts on the final state only: nothing counted in use or
-opening, every connection of ``max_size`` can be checked out at once, the server holds exactly
-the sessions the pool counts, and no descriptor was left open.
+which CPython runs wherever the main thread is (at a function's entry, a loop's back edge,
+after any call): inside the pool's bookkeeping, inside a ``with lock:`` block, in a
+``finally:`` cleanup, half-way through reading a reply. Each test runs 20,000 checkout/return
+cycles back to back under one-shot ``SIGALRM`` timers set to random fractions of a few cycles
+(of a connect, when the next cycle must open one), drawn from ``random.Random`` with a fixed
+seed, against a real MariaDB, and then asserts on the final state only: nothing counted in use
+or opening, every connection of ``max_size`` can be checked out at once, the server holds
+exactly the sessions the pool counts, and no descriptor was left open.
 
 Half of the interrupts are a ``BaseException`` (as KeyboardInterrupt and SystemExit), half an
 ``Exception`` (as Celery's ``SoftTimeLimitExceeded``), which ``except Exception`` cleanup code
@@ -32,8 +33,6 @@ import pytest
 import connguard
 from connguard import driver
 from tests.mariadb import MariaDB, fd_count, wait_until
-
-sqlalchemy = pytest.importorskip("sqlalchemy")
 
 SEED = 26  # the issue's number: intervals and exception classes are drawn from it
 MAX_SIZE = 8
@@ -285,6 +284,7 @@ NO_TLS = {"ssl_disabled": True}
     "Handler.acquire on this thread (SQLAlchemy logs 'Exception during reset' here) leaves "
     "the handler's lock held: the plugin tests run after it in one process then failed"))
 def test_plugin_engine_connect_select(mariadb: MariaDB, baseline: Dict[str, int]) -> None:
+    sqlalchemy = pytest.importorskip("sqlalchemy")
     # Without TLS: PyMySQL >= 1.2 builds a new TLS context for each connect (~0.1 s here),
     # and nearly every interrupt costs the engine a connection (SQLAlchemy invalidates it).
     engine = sqlalchemy.create_engine(
