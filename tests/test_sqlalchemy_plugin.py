@@ -356,7 +356,7 @@ def test_stats_refuses_an_engine_without_the_plugin(make_engine: EngineFactory) 
 
 
 @pytest.mark.parametrize("url_query, kwargs, message", [
-    ("connguard_max_size=3", {}, "unknown connguard plugin option 'connguard_max_size'"),
+    ("connguard_reaper_pace=3", {}, "unknown connguard plugin option 'connguard_reaper_pace'"),
     ("", {"connguard_reaperr": True}, "unknown connguard plugin option 'connguard_reaperr' "
      "(did you mean 'connguard_reaper'?)"),
     ("connguard_reaper=maybe", {}, "connguard_reaper must be true or false"),
