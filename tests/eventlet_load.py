@@ -10,14 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-import traceback
 import warnings
 from typing import Any, Dict, List
-
-GREENLETS = 200
-ROUNDS = 5
-TICK = 0.005
 
 
 def main(order: str, front: str, url: str) -> Dict[str, Any]:
@@ -29,37 +23,15 @@ def main(order: str, front: str, url: str) -> Dict[str, Any]:
     import eventlet.patcher
 
     eventlet.monkey_patch()
-    from tests.gevent_load import _front
+    from tests.gevent_load import _front, hammer
 
-    checkout = _front(front, url)
-    checkout()  # first-use setup belongs to start-up, not to the load
-    lags: List[float] = []
-    done = [0]
-    errors: List[str] = []
+    def wait_all(threads: List[Any]) -> None:
+        for thread in threads:
+            thread.wait()
 
-    def ticker() -> None:
-        while True:
-            before = time.monotonic()
-            eventlet.sleep(TICK)
-            lags.append(time.monotonic() - before - TICK)
-
-    def worker() -> None:
-        for _ in range(ROUNDS):
-            try:
-                checkout()
-                done[0] += 1
-            except Exception:  # noqa: BLE001 - counted and shown, the test asserts none
-                errors.append(traceback.format_exc(limit=3))
-
-    tick = eventlet.spawn(ticker)
-    began = time.monotonic()
-    for thread in [eventlet.spawn(worker) for _ in range(GREENLETS)]:
-        thread.wait()
-    seconds = time.monotonic() - began
-    tick.kill()
-    return {"errors": len(errors), "first_error": errors[:1], "done": done[0],
-            "seconds": round(seconds, 3), "max_lag": round(max(lags, default=0.0), 4),
-            "patched": eventlet.patcher.is_monkey_patched("thread")}
+    result = hammer(_front(front, url), eventlet.spawn, eventlet.sleep, wait_all)
+    result["patched"] = eventlet.patcher.is_monkey_patched("thread")
+    return result
 
 
 if __name__ == "__main__":

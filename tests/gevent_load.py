@@ -46,7 +46,18 @@ def main(order: str, front: str, url: str) -> Dict[str, Any]:
         if isinstance(event, gevent.events.EventLoopBlocked) else None)
     gevent.get_hub().start_periodic_monitoring_thread()
 
-    checkout = _front(front, url)
+    result = hammer(_front(front, url), gevent.spawn, gevent.sleep, gevent.joinall)
+    result.update(blocked=len(blocked), first_block=blocked[:1],
+                  patched=monkey.is_module_patched("threading"))
+    return result
+
+
+def hammer(checkout: Callable[[], None], spawn: Callable[..., Any],
+           sleep: Callable[[float], None],
+           wait_all: Callable[[List[Any]], None]) -> Dict[str, Any]:
+    """GREENLETS green threads doing ROUNDS checkouts each, on the hub that ``spawn`` and
+    ``sleep`` belong to (gevent's or eventlet's), with a ticker measuring the hub's lag:
+    errors, checkouts done, seconds, the worst lag."""
     checkout()  # imports and first-use setup belong to start-up, not to the load
     lags: List[float] = []
     done = [0]
@@ -55,7 +66,7 @@ def main(order: str, front: str, url: str) -> Dict[str, Any]:
     def ticker() -> None:
         while True:
             before = time.monotonic()
-            gevent.sleep(TICK)
+            sleep(TICK)
             lags.append(time.monotonic() - before - TICK)
 
     def worker() -> None:
@@ -66,15 +77,13 @@ def main(order: str, front: str, url: str) -> Dict[str, Any]:
             except Exception:  # noqa: BLE001 - counted and shown, the test asserts none
                 errors.append(traceback.format_exc(limit=3))
 
-    tick = gevent.spawn(ticker)
+    tick = spawn(ticker)
     began = time.monotonic()
-    gevent.joinall([gevent.spawn(worker) for _ in range(GREENLETS)])
+    wait_all([spawn(worker) for _ in range(GREENLETS)])
     seconds = time.monotonic() - began
     tick.kill()
     return {"errors": len(errors), "first_error": errors[:1], "done": done[0],
-            "seconds": round(seconds, 3), "max_lag": round(max(lags, default=0.0), 4),
-            "blocked": len(blocked), "first_block": blocked[:1],
-            "patched": monkey.is_module_patched("threading")}
+            "seconds": round(seconds, 3), "max_lag": round(max(lags, default=0.0), 4)}
 
 
 def _front(front: str, url: str) -> Callable[[], None]:

@@ -40,22 +40,30 @@ def _env(**extra: str) -> Dict[str, str]:
     return env
 
 
+def _run_load(module: str, order: str, front: str, mariadb: MariaDB) -> Dict[str, Any]:
+    """Run a load script (tests.gevent_load, tests.eventlet_load) in a process of its own:
+    its JSON result, after what every hub must show: patched, no error, every checkout done,
+    no hang (a subprocess timeout fails the test)."""
+    try:
+        out = subprocess.run([sys.executable, "-m", module, order, front, mariadb.url()],
+                             capture_output=True, text=True, cwd=ROOT, env=_env(),
+                             timeout=DEADLINE)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{order} {front}: no answer in {DEADLINE} s (hung): {exc.stderr!r}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result: Dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["patched"]
+    assert result["errors"] == 0, result["first_error"]
+    assert result["done"] == 1000
+    return result
+
+
 @pytest.mark.parametrize("front", ["pool", "connect", "plugin"])
 @pytest.mark.parametrize("order", ORDERS)
 def test_greenlets_share_a_pool(mariadb: MariaDB, order: str, front: str) -> None:
     """200 greenlets, a pool of 10, five checkout + SELECT 1 + return each: no error, no
     hang, and no greenlet keeps the hub for 50 ms (gevent's monitor thread)."""
-    try:
-        out = subprocess.run([sys.executable, "-m", "tests.gevent_load", order, front,
-                              mariadb.url()], capture_output=True, text=True, cwd=ROOT,
-                             env=_env(), timeout=DEADLINE)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{order} {front}: no answer in {DEADLINE} s (hung): {exc.stderr!r}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["patched"]
-    assert result["errors"] == 0, result["first_error"]
-    assert result["done"] == 1000
+    result = _run_load("tests.gevent_load", order, front, mariadb)
     assert result["blocked"] == 0, result["first_block"]
 
 
@@ -68,17 +76,7 @@ def test_eventlet_green_threads_share_a_pool(mariadb: MariaDB, order: str, front
     machine delays a tick by tens of ms; a lock taken on the hub would stall it for good)."""
     if importlib.util.find_spec("eventlet") is None:  # not imported here: it is patched
         pytest.skip("optional module eventlet cannot be imported (pip install eventlet)")
-    try:
-        out = subprocess.run([sys.executable, "-m", "tests.eventlet_load", order, front,
-                              mariadb.url()], capture_output=True, text=True, cwd=ROOT,
-                             env=_env(), timeout=DEADLINE)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{order} {front}: no answer in {DEADLINE} s (hung): {exc.stderr!r}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["patched"]
-    assert result["errors"] == 0, result["first_error"]
-    assert result["done"] == 1000
+    result = _run_load("tests.eventlet_load", order, front, mariadb)
     assert result["max_lag"] < 2.0, result
 
 
